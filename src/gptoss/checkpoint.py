@@ -1,0 +1,288 @@
+"""The two GPT-oss checkpoint layouts, read and written with safetensors; experts stay MXFP4 throughout.
+
+- "original": OpenAI's `original/` folder — config.json (num_experts, experts_per_token, ...) and
+  *.safetensors with `block.N.attn.qkv.weight`, `block.N.mlp.mlp1_weight.blocks`, ... (our parameter names).
+- "hf": Hugging Face — config.json (model_type gpt_oss, MXFP4 quantization_config), sharded
+  model-0000i-of-0000n.safetensors + model.safetensors.index.json, q/k/v projections stored apart.
+The expert bytes are identical in both; only names differ, and q/k/v are concatenated/split along rows.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .config import ModelConfig
+from .errors import CheckpointError, ConfigError
+from .model import Transformer
+from .safetensors_io import SafetensorsFiles, save_file
+
+LAYOUTS = ("hf", "original")
+HF_INDEX = "model.safetensors.index.json"
+
+# original name → Hugging Face name; {i} is the layer. q/k/v are handled apart (one original tensor, three HF).
+GLOBAL_NAMES = {
+    "embedding.weight": "model.embed_tokens.weight",
+    "norm.scale": "model.norm.weight",
+    "unembedding.weight": "lm_head.weight",
+}
+LAYER_NAMES = {
+    "block.{i}.attn.norm.scale": "model.layers.{i}.input_layernorm.weight",
+    "block.{i}.attn.sinks": "model.layers.{i}.self_attn.sinks",
+    "block.{i}.attn.out.weight": "model.layers.{i}.self_attn.o_proj.weight",
+    "block.{i}.attn.out.bias": "model.layers.{i}.self_attn.o_proj.bias",
+    "block.{i}.mlp.norm.scale": "model.layers.{i}.post_attention_layernorm.weight",
+    "block.{i}.mlp.gate.weight": "model.layers.{i}.mlp.router.weight",
+    "block.{i}.mlp.gate.bias": "model.layers.{i}.mlp.router.bias",
+    "block.{i}.mlp.mlp1_weight.blocks": "model.layers.{i}.mlp.experts.gate_up_proj_blocks",
+    "block.{i}.mlp.mlp1_weight.scales": "model.layers.{i}.mlp.experts.gate_up_proj_scales",
+    "block.{i}.mlp.mlp1_bias": "model.layers.{i}.mlp.experts.gate_up_proj_bias",
+    "block.{i}.mlp.mlp2_weight.blocks": "model.layers.{i}.mlp.experts.down_proj_blocks",
+    "block.{i}.mlp.mlp2_weight.scales": "model.layers.{i}.mlp.experts.down_proj_scales",
+    "block.{i}.mlp.mlp2_bias": "model.layers.{i}.mlp.experts.down_proj_bias",
+}
+QKV = "block.{i}.attn.qkv.{kind}"  # kind: weight | bias
+HF_QKV = ("model.layers.{i}.self_attn.q_proj.{kind}", "model.layers.{i}.self_attn.k_proj.{kind}",
+          "model.layers.{i}.self_attn.v_proj.{kind}")
+
+
+def expected_tensors(config: ModelConfig) -> dict[str, tuple[tuple[int, ...], str]]:
+    """original name → (shape, "float" | "uint8") for every tensor a checkpoint of this config holds."""
+    c = config
+    E, D, I, V = c.num_experts, c.hidden_size, c.intermediate_size, c.vocab_size
+    spec = {"embedding.weight": ((V, D), "float"), "norm.scale": ((D,), "float"),
+            "unembedding.weight": ((V, D), "float")}
+    for i in range(c.num_hidden_layers):
+        layer = {
+            "attn.norm.scale": ((D,), "float"),
+            "attn.qkv.weight": ((c.qkv_dim, D), "float"),
+            "attn.qkv.bias": ((c.qkv_dim,), "float"),
+            "attn.sinks": ((c.num_attention_heads,), "float"),
+            "attn.out.weight": ((D, c.num_attention_heads * c.head_dim), "float"),
+            "attn.out.bias": ((D,), "float"),
+            "mlp.norm.scale": ((D,), "float"),
+            "mlp.gate.weight": ((E, D), "float"),
+            "mlp.gate.bias": ((E,), "float"),
+            "mlp.mlp1_weight.blocks": ((E, 2 * I, D // 32, 16), "uint8"),
+            "mlp.mlp1_weight.scales": ((E, 2 * I, D // 32), "uint8"),
+            "mlp.mlp1_bias": ((E, 2 * I), "float"),
+            "mlp.mlp2_weight.blocks": ((E, D, I // 32, 16), "uint8"),
+            "mlp.mlp2_weight.scales": ((E, D, I // 32), "uint8"),
+            "mlp.mlp2_bias": ((E, D), "float"),
+        }
+        spec.update({f"block.{i}.{k}": v for k, v in layer.items()})
+    return spec
+
+
+def qkv_split(config: ModelConfig) -> list[int]:
+    c = config
+    return [c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim, c.num_key_value_heads * c.head_dim]
+
+
+# ---------------------------------------------------------------- locating a checkpoint
+def detect_layout(path: Path) -> str:
+    """'hf' when config.json says model_type gpt_oss, 'original' for the OpenAI flavour."""
+    config_file = path / "config.json"
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint directory (expected a folder with config.json "
+                              "and .safetensors files)")
+    if not config_file.exists():
+        hint = " (it has an original/ folder: did you mean the folder above it?)" if (path / "original").is_dir() else ""
+        raise CheckpointError(f"{path}: no config.json{hint}")
+    try:
+        d = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{config_file}: not valid JSON ({e})") from None
+    return "hf" if isinstance(d, dict) and d.get("model_type") == "gpt_oss" else "original"
+
+
+def _safetensors_files(path: Path, layout: str) -> list[Path]:
+    index_file = path / HF_INDEX
+    if layout == "hf" and index_file.exists():
+        try:
+            weight_map = json.loads(index_file.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index_file}: malformed index ({e})") from None
+        files = sorted({path / f for f in weight_map.values()})
+        for f in files:
+            if not f.exists():
+                names = [n for n, v in weight_map.items() if path / v == f]
+                raise CheckpointError(f"{f}: missing shard listed in {index_file.name} (holds {names[0]}"
+                                      f"{f' and {len(names) - 1} more' if len(names) > 1 else ''})")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        others = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".gguf"))
+        extra = f"; found {', '.join(others)}, which gptoss does not read (never unpickles)" if others else ""
+        raise CheckpointError(f"{path}: no .safetensors files{extra}")
+    return files
+
+
+class CheckpointReader:
+    """A checkpoint on disk, presented under original names, tensors memory-mapped and in their stored dtype."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.layout = detect_layout(self.path)
+        self.config = ModelConfig.from_json(self.path / "config.json")
+        self.files = SafetensorsFiles(_safetensors_files(self.path, self.layout))
+        self._check()
+
+    def _stored_names(self, name: str) -> list[str]:
+        """The names under which the original-named tensor is stored in this layout."""
+        if self.layout == "original":
+            return [name]
+        m = re.fullmatch(r"block\.(\d+)\.attn\.qkv\.(weight|bias)", name)
+        if m:
+            return [t.format(i=m[1], kind=m[2]) for t in HF_QKV]
+        m = re.fullmatch(r"block\.(\d+)\.(.*)", name)
+        if m:
+            return [LAYER_NAMES["block.{i}." + m[2]].format(i=m[1])]
+        return [GLOBAL_NAMES[name]]
+
+    def _check(self) -> None:
+        """Every expected tensor present with the right shape and dtype, and nothing unexpected."""
+        spec = expected_tensors(self.config)
+        seen: set[str] = set()
+        for name, (shape, kind) in spec.items():
+            stored = self._stored_names(name)
+            parts = qkv_split(self.config) if len(stored) == 3 else [shape[0]]
+            for stored_name, rows in zip(stored, parts):
+                if stored_name not in self.files:
+                    raise CheckpointError(f"{self.path}: tensor '{stored_name}' is missing "
+                                          f"({self.layout} layout, config {self.path / 'config.json'})")
+                info = self.files.index[stored_name]
+                want = (rows, *shape[1:])
+                if info.shape != want:
+                    raise CheckpointError(f"{info.file}: tensor '{stored_name}' has shape {list(info.shape)}, "
+                                          f"expected {list(want)} from config.json")
+                ok = info.dtype == "U8" if kind == "uint8" else info.dtype in ("BF16", "F16", "F32")
+                if not ok:
+                    want_dtype = "U8" if kind == "uint8" else "BF16, F16 or F32"
+                    raise CheckpointError(f"{info.file}: tensor '{stored_name}' has dtype {info.dtype}, "
+                                          f"expected {want_dtype}")
+                seen.add(stored_name)
+        extra = sorted(set(self.files.names()) - seen)
+        if extra:
+            raise CheckpointError(f"{self.files.index[extra[0]].file}: unexpected tensor '{extra[0]}'"
+                                  f"{f' (and {len(extra) - 1} more)' if len(extra) > 1 else ''} for a "
+                                  f"{self.config.num_hidden_layers}-layer GPT-oss config")
+
+    def get(self, name: str) -> torch.Tensor:
+        stored = [self.files.get(n) for n in self._stored_names(name)]
+        return stored[0] if len(stored) == 1 else torch.cat(stored, dim=0)
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in expected_tensors(self.config):
+            yield name, self.get(name)
+
+
+# ---------------------------------------------------------------- load
+def load(path: str | Path, device: torch.device | str | None = None,
+         dtype: torch.dtype = torch.bfloat16, progress: bool = False) -> Transformer:
+    """Load a checkpoint in either layout. Expert weights stay MXFP4 (uint8), memory-mapped on CPU."""
+    reader = CheckpointReader(path)
+    with torch.device("meta"):
+        model = Transformer(reader.config, dtype=dtype)
+    state = model.state_dict()
+    names = list(expected_tensors(reader.config))
+    iterator = names
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(names, desc=f"loading {Path(path).name}", unit="tensor")
+    loaded = {}
+    for name in iterator:
+        tensor = reader.get(name)
+        target = state[name].dtype  # uint8 for MXFP4, fp32 for norms/sinks, `dtype` for the rest
+        if tensor.dtype != target:
+            tensor = tensor.to(target)
+        loaded[name] = tensor if device is None else tensor.to(device)
+    model.load_state_dict(loaded, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+# ---------------------------------------------------------------- save and convert
+def _shards(tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += n
+    return shards
+
+
+def write_checkpoint(tensors: dict[str, torch.Tensor], config: ModelConfig, path: str | Path, layout: str = "hf",
+                     max_shard_bytes: int = 5 * 2**30, progress: bool = False) -> None:
+    """Write original-named tensors (in their given dtypes) as a checkpoint folder in `layout`."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    if layout == "hf":
+        stored: dict[str, torch.Tensor] = {}
+        for name, t in tensors.items():
+            m = re.fullmatch(r"block\.(\d+)\.attn\.qkv\.(weight|bias)", name)
+            if m:
+                for template, part in zip(HF_QKV, t.split(qkv_split(config), dim=0)):
+                    stored[template.format(i=m[1], kind=m[2])] = part
+            elif name.startswith("block."):
+                i, rest = name.split(".", 2)[1:]
+                stored[LAYER_NAMES["block.{i}." + rest].format(i=i)] = t
+            else:
+                stored[GLOBAL_NAMES[name]] = t
+        config_dict = config.to_hf_dict()
+    else:
+        stored, config_dict = dict(tensors), config.to_original_dict()
+    shards = _shards(stored, max_shard_bytes)
+    n = len(shards)
+    file_names = [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)] if n > 1 else ["model.safetensors"]
+    for old in path.glob("*.safetensors"):  # a stale shard would be read as part of the new checkpoint
+        old.unlink()
+    items = list(zip(file_names, shards))
+    if progress:
+        from tqdm import tqdm
+
+        items = tqdm(items, desc=f"writing {path.name}", unit="shard")
+    for file_name, shard in items:
+        save_file(shard, path / file_name)
+    if layout == "hf":
+        total = sum(t.numel() * t.element_size() for t in stored.values())
+        weight_map = {name: f for f, shard in zip(file_names, shards) for name in shard}
+        (path / HF_INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                indent=2))
+    elif (path / HF_INDEX).exists():
+        (path / HF_INDEX).unlink()
+    (path / "config.json").write_text(json.dumps(config_dict, indent=2) + "\n")
+
+
+def save(model: Transformer, path: str | Path, layout: str = "hf", dtype: torch.dtype = torch.bfloat16,
+         max_shard_bytes: int = 5 * 2**30, progress: bool = False) -> None:
+    """Save a model; floating tensors are written in `dtype` (bf16 like the released checkpoints)."""
+    tensors = {name: (t.to(dtype) if t.is_floating_point() else t).detach().cpu()
+               for name, t in model.state_dict().items()}
+    write_checkpoint(tensors, model.config, path, layout, max_shard_bytes, progress)
+
+
+def convert(src: str | Path, dst: str | Path, layout: str, max_shard_bytes: int = 5 * 2**30,
+            progress: bool = False) -> None:
+    """Rewrite a checkpoint in another layout, tensor bytes unchanged (bit-exact, no dequantization)."""
+    if Path(src).resolve() == Path(dst).resolve():
+        raise CheckpointError(f"{dst}: output folder must differ from the input folder")
+    reader = CheckpointReader(src)
+    write_checkpoint(dict(reader.tensors()), reader.config, dst, layout, max_shard_bytes, progress)
+
+
+def expert_bytes_on_disk(path: str | Path) -> int:
+    """Bytes of the MXFP4 expert tensors (blocks + scales) in a checkpoint, from its headers."""
+    reader = CheckpointReader(path)
+    return sum(info.nbytes for name, info in reader.files.index.items() if re.search(r"(blocks|scales)$", name))
+

@@ -1,0 +1,242 @@
+"""The GPT-oss transformer, top to bottom in data-flow order.
+
+tokens → embedding → N × [RMSNorm → attention → residual → RMSNorm → MoE → residual] → RMSNorm → unembedding
+
+Shape letters: B batch, T query positions, S key positions, D hidden, H query heads, K kv heads,
+G query heads per kv head (H = K·G), Dh head dim, E experts, k experts per token, I expert width, V vocab.
+Parameter names equal the OpenAI `original/` checkpoint names (block.N.attn.qkv.weight, ...), so that layout
+loads with no renaming; checkpoint.py maps the Hugging Face names onto these.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import mxfp4
+from .config import ModelConfig
+
+
+# ---------------------------------------------------------------- RMSNorm
+class RMSNorm(nn.Module):
+    """Scale-only RMSNorm, computed in fp32 whatever the activation dtype (GPT-oss keeps norms in fp32)."""
+
+    def __init__(self, dim: int, eps: float, device: torch.device | str | None = None):
+        super().__init__()
+        self.eps = eps
+        self.scale = nn.Parameter(torch.ones(dim, dtype=torch.float32, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.float()
+        t = t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (t * self.scale).to(x.dtype)
+
+
+# ---------------------------------------------------------------- RoPE with YaRN
+def yarn_inv_freq(config: ModelConfig, device: torch.device | str | None = None) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [Dh/2] (fp32) and the attention concentration, per YaRN (Peng et al. 2023).
+
+    NTK-by-parts: dimensions rotating fast within the original context keep their frequency (extrapolation),
+    slow ones are divided by the scaling factor (interpolation), with a linear ramp between the correction
+    dims of β_fast and β_slow rotations. cos/sin are then scaled by 0.1·ln(factor) + 1.
+    """
+    dim, base, factor = config.head_dim, config.rope_theta, config.rope_scaling_factor
+    freq = base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim)
+    if factor <= 1:
+        return 1.0 / freq, 1.0
+
+    def correction_dim(rotations: float) -> float:  # the dim whose wavelength fits `rotations` times
+        return dim * math.log(config.initial_context_length / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(config.rope_ntk_beta), correction_dim(config.rope_ntk_alpha)
+    if config.rope_truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)  # only matters for tiny test shapes; 20b: 8.09 .. 17.40
+    high = high if high != low else high + 0.001  # avoid a zero-width ramp
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device=device) - low) / (high - low)).clamp(0, 1)
+    extrapolation = 1.0 - ramp  # 1 where the dimension keeps its original frequency
+    inv_freq = (1.0 / (factor * freq)) * (1 - extrapolation) + (1.0 / freq) * extrapolation
+    return inv_freq, 0.1 * math.log(factor) + 1.0
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, concentration: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions [B, T] → cos, sin [B, T, 1, Dh/2] in fp32, concentration applied."""
+    angles = positions.float()[..., None] * inv_freq  # (B, T, Dh/2)
+    return (angles.cos() * concentration)[:, :, None], (angles.sin() * concentration)[:, :, None]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, T, n, Dh] by half-split pairs (i, i + Dh/2), not interleaved pairs; fp32 math."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+# ---------------------------------------------------------------- attention
+def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
+    """Which keys each query sees: causal, and on sliding layers only q − window < k ≤ q. [B, T, S] bool.
+
+    Positions are explicit so the same mask serves a KV cache; a key position < 0 marks an empty slot.
+    """
+    q, k = q_pos[:, :, None], k_pos[:, None, :]
+    allowed = (k <= q) & (k >= 0)
+    if sliding_window is not None:
+        allowed &= k > q - sliding_window  # window counts the current token: 128 keys at most
+    return allowed
+
+
+def sdpa_with_sinks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
+                    mask: torch.Tensor) -> torch.Tensor:
+    """Grouped-query attention whose softmax denominator includes one learned sink logit per head.
+
+    q [B, T, K, G, Dh], k/v [B, S, K, Dh], sinks [H], mask [B, T, S] → [B, T, H·Dh].
+    The sink is an extra column of scores dropped after the softmax, so a head may attend to "nothing".
+    """
+    B, T, K, G, Dh = q.shape
+    scores = torch.einsum("btkgd,bskd->bkgts", q, k).float() / math.sqrt(Dh)  # (B, K, G, T, S)
+    scores = scores.masked_fill(~mask[:, None, None], float("-inf"))
+    sink = sinks.float().reshape(1, K, G, 1, 1).expand(B, K, G, T, 1)
+    weights = torch.softmax(torch.cat((scores, sink), dim=-1), dim=-1)[..., :-1]  # fp32 softmax
+    out = torch.einsum("bkgts,bskd->btkgd", weights.to(v.dtype), v)  # (B, T, K, G, Dh)
+    return out.reshape(B, T, K * G * Dh)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int, device=None, dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        self.config = config
+        self.sliding_window = config.sliding_window if config.is_sliding(layer) else None
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, device=device)
+        self.qkv = nn.Linear(config.hidden_size, config.qkv_dim, bias=True, device=device, dtype=dtype)
+        self.sinks = nn.Parameter(torch.zeros(config.num_attention_heads, dtype=torch.float32, device=device))
+        self.out = nn.Linear(config.num_attention_heads * config.head_dim, config.hidden_size, bias=True,
+                             device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache=None) -> torch.Tensor:
+        c = self.config
+        B, T, _ = x.shape
+        qkv = self.qkv(self.norm(x))
+        # Fused rows: all query heads, then key heads, then value heads; query head h uses kv head h // G.
+        q, k, v = qkv.split([c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim,
+                             c.num_key_value_heads * c.head_dim], dim=-1)
+        q = apply_rope(q.view(B, T, c.num_attention_heads, c.head_dim), cos, sin)
+        k = apply_rope(k.view(B, T, c.num_key_value_heads, c.head_dim), cos, sin)
+        v = v.view(B, T, c.num_key_value_heads, c.head_dim)
+        k_pos = positions
+        if cache is not None:  # the cache returns every key it holds for this layer, and their positions
+            k, v, k_pos = cache.update(k, v, positions)
+        mask = attention_mask(positions, k_pos, self.sliding_window)
+        q = q.view(B, T, c.num_key_value_heads, c.q_per_kv, c.head_dim)
+        return x + self.out(sdpa_with_sinks(q, k, v, self.sinks, mask))
+
+
+# ---------------------------------------------------------------- MoE
+def swiglu(h: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """Clamped SwiGLU of GPT-oss on interleaved columns: even = gate, odd = linear. [.., 2I] → [.., I]."""
+    gate, linear = h[..., ::2], h[..., 1::2]
+    gate = gate.clamp(max=limit)
+    linear = linear.clamp(min=-limit, max=limit)
+    return gate * torch.sigmoid(alpha * gate) * (linear + 1)
+
+
+class MXFP4Weight(nn.Module):
+    """A stack of E expert weights [E, out, in] kept as MXFP4 blocks and scales; dequantized one expert at a time."""
+
+    def __init__(self, num_experts: int, out_features: int, in_features: int, device=None):
+        super().__init__()
+        groups = in_features // mxfp4.BLOCK
+        self.register_buffer("blocks", torch.zeros(num_experts, out_features, groups, mxfp4.BYTES_PER_BLOCK,
+                                                   dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.full((num_experts, out_features, groups), mxfp4.SCALE_BIAS,
+                                                  dtype=torch.uint8, device=device))
+
+    def expert(self, e: int, dtype: torch.dtype) -> torch.Tensor:
+        """Dense [out, in] weight of expert e."""
+        return mxfp4.dequantize(self.blocks[e], self.scales[e], dtype)
+
+    def nbytes(self) -> int:
+        return mxfp4.nbytes(self.blocks, self.scales)
+
+
+class MoE(nn.Module):
+    def __init__(self, config: ModelConfig, device=None, dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        self.config = config
+        E, D, I = config.num_experts, config.hidden_size, config.intermediate_size
+        self.norm = RMSNorm(D, config.rms_norm_eps, device=device)
+        self.gate = nn.Linear(D, E, bias=True, device=device, dtype=dtype)  # the router
+        self.mlp1_weight = MXFP4Weight(E, 2 * I, D, device=device)
+        self.mlp1_bias = nn.Parameter(torch.zeros(E, 2 * I, device=device, dtype=dtype))
+        self.mlp2_weight = MXFP4Weight(E, D, I, device=device)
+        self.mlp2_bias = nn.Parameter(torch.zeros(E, D, device=device, dtype=dtype))
+
+    def route(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """t [N, D] → expert ids [N, k] and weights [N, k]: softmax over the top-k router logits only."""
+        logits = self.gate(t)  # (N, E)
+        top, experts = torch.topk(logits, self.config.experts_per_token, dim=-1, sorted=True)
+        return experts, torch.softmax(top.float(), dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        B, T, D = x.shape
+        t = self.norm(x).reshape(B * T, D)
+        experts, weights = self.route(t)
+        out = torch.zeros(B * T, D, dtype=torch.float32, device=x.device)
+        # Group tokens by expert: one matmul per active expert, each expert dequantized once per call.
+        for e in experts.unique().tolist():
+            token, slot = (experts == e).nonzero(as_tuple=True)
+            h = F.linear(t[token], self.mlp1_weight.expert(e, x.dtype), self.mlp1_bias[e])  # (n, 2I)
+            h = swiglu(h, c.swiglu_alpha, c.swiglu_limit)  # (n, I)
+            y = F.linear(h, self.mlp2_weight.expert(e, x.dtype), self.mlp2_bias[e])  # (n, D)
+            out.index_add_(0, token, y.float() * weights[token, slot, None])
+        return x + out.view(B, T, D).to(x.dtype)
+
+
+# ---------------------------------------------------------------- the model
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int, device=None, dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        self.attn = Attention(config, layer, device=device, dtype=dtype)  # norm + attention + residual
+        self.mlp = MoE(config, device=device, dtype=dtype)  # norm + MoE + residual
+
+    def forward(self, x, positions, cos, sin, cache=None) -> torch.Tensor:
+        return self.mlp(self.attn(x, positions, cos, sin, cache))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig, device: torch.device | str | None = None,
+                 dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        self.config = config
+        self.embedding = nn.Embedding(config.vocab_size, config.hidden_size, device=device, dtype=dtype)
+        self.block = nn.ModuleList(Block(config, i, device=device, dtype=dtype)
+                                   for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, device=device)
+        self.unembedding = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device=device, dtype=dtype)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embedding.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embedding.weight.device
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+        """tokens [B, T] (int) → logits [B, T, V] (fp32). positions [B, T] default to 0..T-1."""
+        B, T = tokens.shape
+        if positions is None:
+            positions = torch.arange(T, device=tokens.device).expand(B, T)
+        inv_freq, concentration = yarn_inv_freq(self.config, device=tokens.device)
+        cos, sin = rope_cos_sin(positions, inv_freq, concentration)
+        x = self.embedding(tokens)  # (B, T, D)
+        for i, block in enumerate(self.block):
+            x = block(x, positions, cos, sin, None if cache is None else cache.layer(i))
+        return self.unembedding(self.norm(x)).float()
+
+    def expert_nbytes(self) -> int:
+        """Bytes held by the MXFP4 expert weights (blocks + scales)."""
+        return sum(m.nbytes() for m in self.modules() if isinstance(m, MXFP4Weight))
