@@ -20,6 +20,11 @@ from . import mxfp4
 from .config import ModelConfig
 
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """Upcast bf16/fp16 to fp32 for sensitive math; float64 stays float64 (used by the float64 tests)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 # ---------------------------------------------------------------- RMSNorm
 class RMSNorm(nn.Module):
     """Scale-only RMSNorm, computed in fp32 whatever the activation dtype (GPT-oss keeps norms in fp32)."""
@@ -30,7 +35,7 @@ class RMSNorm(nn.Module):
         self.scale = nn.Parameter(torch.ones(dim, dtype=torch.float32, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        t = x.float()
+        t = at_least_fp32(x)
         t = t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + self.eps)
         return (t * self.scale).to(x.dtype)
 
@@ -70,7 +75,7 @@ def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, concentration:
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x [B, T, n, Dh] by half-split pairs (i, i + Dh/2), not interleaved pairs; fp32 math."""
-    x1, x2 = x.float().chunk(2, dim=-1)
+    x1, x2 = at_least_fp32(x).chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
 
@@ -95,9 +100,9 @@ def sdpa_with_sinks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: to
     The sink is an extra column of scores dropped after the softmax, so a head may attend to "nothing".
     """
     B, T, K, G, Dh = q.shape
-    scores = torch.einsum("btkgd,bskd->bkgts", q, k).float() / math.sqrt(Dh)  # (B, K, G, T, S)
+    scores = at_least_fp32(torch.einsum("btkgd,bskd->bkgts", q, k)) / math.sqrt(Dh)  # (B, K, G, T, S)
     scores = scores.masked_fill(~mask[:, None, None], float("-inf"))
-    sink = sinks.float().reshape(1, K, G, 1, 1).expand(B, K, G, T, 1)
+    sink = sinks.to(scores.dtype).reshape(1, K, G, 1, 1).expand(B, K, G, T, 1)
     weights = torch.softmax(torch.cat((scores, sink), dim=-1), dim=-1)[..., :-1]  # fp32 softmax
     out = torch.einsum("bkgts,bskd->btkgd", weights.to(v.dtype), v)  # (B, T, K, G, Dh)
     return out.reshape(B, T, K * G * Dh)

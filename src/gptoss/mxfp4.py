@@ -59,9 +59,7 @@ def quantize(w: torch.Tensor, name: str = "tensor") -> tuple[torch.Tensor, torch
     mant, p = torch.frexp(amax / FP4_MAX)
     exponent = torch.where(mant == 0.5, p - 1, p)
     exponent = torch.where(amax == 0, torch.full_like(exponent, -SCALE_BIAS), exponent)
-    if bool((exponent > 254 - SCALE_BIAS).any()):
-        raise MXFP4Error(f"{name}: values too large for MXFP4 (block max {amax.max().item():.3g})")
-    # Blocks so small they would need a scale below 2^-127 take the smallest scale (and flush toward zero).
+    # Finite fp32 values never need a scale above 2^126. Blocks so small they would need a scale below 2^-127 take the smallest scale (and flush toward zero).
     exponent = exponent.clamp(min=-SCALE_BIAS)
     scaled = torch.ldexp(x, -exponent.unsqueeze(-1).float()).abs()  # magnitudes in [0, 6]
     code = torch.zeros_like(scaled, dtype=torch.uint8)

@@ -1,0 +1,134 @@
+"""Pure functions of the model against their formulas (float64) and transformers, one test per known pitfall."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from gptoss.config import ModelConfig, preset
+from gptoss.model import (MoE, RMSNorm, apply_rope, attention_mask, rope_cos_sin, sdpa_with_sinks, swiglu,
+                          yarn_inv_freq)
+from hf_reference import hf_config
+
+
+@pytest.mark.parametrize("truncate", [False, True])
+def test_yarn_matches_transformers_on_real_config(truncate):
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    config = preset("gpt-oss-20b").replace(rope_truncate=truncate)
+    theirs, their_scale = ROPE_INIT_FUNCTIONS["yarn"](hf_config(config), "cpu")
+    ours, concentration = yarn_inv_freq(config)
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=0)
+    assert concentration == pytest.approx(0.1 * math.log(32) + 1) == their_scale
+
+
+def test_yarn_correction_range_is_not_rounded():
+    """low ≈ 8.09, high ≈ 17.40: dims below keep 1/θ^(2i/d), dims above are divided by 32, a ramp between."""
+    config = preset("gpt-oss-20b")
+    inv_freq, _ = yarn_inv_freq(config)
+    base = 1.0 / 150000 ** (torch.arange(0, 64, 2, dtype=torch.float64) / 64)
+    ratio = inv_freq.double() / base
+    torch.testing.assert_close(ratio[:9], torch.ones(9, dtype=torch.float64))
+    torch.testing.assert_close(ratio[18:], torch.full((14,), 1 / 32, dtype=torch.float64))
+    low = 64 * math.log(4096 / (32 * 2 * math.pi)) / (2 * math.log(150000))
+    high = 64 * math.log(4096 / (1 * 2 * math.pi)) / (2 * math.log(150000))
+    assert low == pytest.approx(8.09, abs=0.01) and high == pytest.approx(17.40, abs=0.01)
+    ramp = (12 - low) / (high - low)  # dim 12 sits inside the ramp, unrounded
+    assert ratio[12].item() == pytest.approx((1 - ramp) + ramp / 32, rel=1e-5)
+    rounded, _ = yarn_inv_freq(config.replace(rope_truncate=True))
+    assert (rounded - inv_freq).abs().max() > 1e-4
+
+
+def test_rope_is_half_split_as_transformers():
+    from transformers.models.gpt_oss.modeling_gpt_oss import apply_rotary_pos_emb
+
+    config = preset("gpt-oss-20b")
+    q = torch.randn(1, 50, 4, 64, dtype=torch.float64)
+    positions = torch.arange(50)[None] * 37
+    inv_freq, conc = yarn_inv_freq(config)
+    cos, sin = rope_cos_sin(positions, inv_freq.double(), conc)
+    assert cos.dtype == torch.float64
+    theirs, _ = apply_rotary_pos_emb(q.transpose(1, 2), q.transpose(1, 2), cos[:, :, 0], sin[:, :, 0])
+    torch.testing.assert_close(apply_rope(q, cos, sin), theirs.transpose(1, 2))
+    # Rotation by the same angle preserves dot products up to concentration²: relative position only.
+    k = torch.randn(1, 50, 4, 64, dtype=torch.float64)
+    shifted = rope_cos_sin(positions + 1000, inv_freq.double(), conc)
+    a = (apply_rope(q, cos, sin) * apply_rope(k, cos, sin)).sum(-1)
+    b = (apply_rope(q, *shifted) * apply_rope(k, *shifted)).sum(-1)
+    torch.testing.assert_close(a, b)
+
+
+def test_sliding_window_counts_the_current_token():
+    pos = torch.arange(300)[None]
+    mask = attention_mask(pos, pos, sliding_window=128)[0]
+    assert mask.sum(-1).tolist() == [min(i + 1, 128) for i in range(300)]
+    assert mask[200, 200] and mask[200, 73] and not mask[200, 72] and not mask[200, 201]
+    full = attention_mask(pos, pos, None)[0]
+    assert torch.equal(full, torch.ones(300, 300, dtype=torch.bool).tril())
+
+
+def reference_attention(q, k, v, sinks, mask):
+    """One head at a time, straight from the definition: softmax over [scores, sink], drop the sink column."""
+    B, T, K, G, Dh = q.shape
+    out = torch.zeros(B, T, K, G, Dh, dtype=q.dtype)
+    for b, kh, g in ((b, kh, g) for b in range(B) for kh in range(K) for g in range(G)):
+        s = q[b, :, kh, g] @ k[b, :, kh].T / math.sqrt(Dh)
+        s = s.masked_fill(~mask[b], float("-inf"))
+        s = torch.cat([s, sinks[kh * G + g].expand(T, 1)], dim=1)
+        out[b, :, kh, g] = torch.softmax(s, dim=1)[:, :-1] @ v[b, :, kh]
+    return out.reshape(B, T, -1)
+
+
+def test_attention_with_sinks_float64():
+    g = torch.Generator().manual_seed(0)
+    B, T, K, G, Dh = 2, 12, 2, 3, 8
+    q = torch.randn(B, T, K, G, Dh, dtype=torch.float64, generator=g)
+    k = torch.randn(B, T, K, Dh, dtype=torch.float64, generator=g)
+    v = torch.randn(B, T, K, Dh, dtype=torch.float64, generator=g)
+    sinks = torch.randn(K * G, dtype=torch.float64, generator=g, requires_grad=True)
+    pos = torch.arange(T).expand(B, T)
+    mask = attention_mask(pos, pos, sliding_window=4)
+    ours = sdpa_with_sinks(q, k, v, sinks, mask).double()
+    torch.testing.assert_close(ours, reference_attention(q, k, v, sinks, mask))
+    # The equivalent form out_without_sink · sigmoid(lse − sink).
+    no_sink = sdpa_with_sinks(q, k, v, torch.full_like(sinks, -torch.inf), mask).double()
+    scores = torch.einsum("btkgd,bskd->btkgs", q, k) / math.sqrt(Dh)
+    lse = scores.masked_fill(~mask[:, :, None, None], -torch.inf).logsumexp(-1)  # (B, T, K, G)
+    gate = torch.sigmoid(lse - sinks.view(K, G))
+    torch.testing.assert_close(ours, (no_sink.view(B, T, K, G, Dh) * gate[..., None]).reshape(B, T, -1))
+    torch.autograd.gradcheck(lambda s: sdpa_with_sinks(q, k, v, s, mask), (sinks,))
+
+
+def test_swiglu_interleaved_and_clamped():
+    gate = torch.tensor([-10.0, -1.0, 0.5, 3.0, 7.0, 20.0], dtype=torch.float64)
+    linear = torch.tensor([-20.0, -7.5, 0.0, 2.0, 6.9, 9.0], dtype=torch.float64)
+    h = torch.stack([gate, linear], dim=-1).flatten()  # even = gate, odd = linear
+    g, lin = gate.clamp(max=7), linear.clamp(-7, 7)
+    expected = g * torch.sigmoid(1.702 * g) * (lin + 1)
+    torch.testing.assert_close(swiglu(h, 1.702, 7.0), expected)
+
+
+def test_router_softmax_is_over_the_top_k_only():
+    config = ModelConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, head_dim=16, num_experts=8, experts_per_token=3,
+                         intermediate_size=32)
+    moe = MoE(config, dtype=torch.float64)
+    torch.nn.init.normal_(moe.gate.weight)
+    torch.nn.init.normal_(moe.gate.bias)  # the router has a bias
+    t = torch.randn(5, 32, dtype=torch.float64)
+    experts, weights = moe.route(t)
+    logits = t @ moe.gate.weight.T + moe.gate.bias
+    top = logits.topk(3, dim=-1)
+    assert torch.equal(experts, top.indices)
+    torch.testing.assert_close(weights.double(), torch.softmax(top.values, -1), rtol=1e-6, atol=1e-7)
+    full = torch.softmax(logits, -1).gather(-1, experts)
+    assert not torch.allclose(weights.double(), full)
+
+
+def test_rmsnorm_is_fp32_inside_bf16():
+    norm = RMSNorm(64, 1e-5)
+    x = torch.randn(3, 64) * 1000
+    expected = (x / (x.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt()).bfloat16()
+    torch.testing.assert_close(norm(x.bfloat16()), expected, rtol=0, atol=0.016)
