@@ -1,0 +1,127 @@
+"""Generation: prefill in one pass (chunked for long prompts), then one token per step with the KV cache.
+
+Several prompts of different lengths decode together: they are left-padded, pad slots get position −1
+(masked everywhere), and each row counts its own positions from 0, so a row's logits do not depend on
+what it is batched with. Each row samples from its own seeded generator, so batched sampling reproduces
+one-at-a-time sampling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+
+from .cache import KVCache
+from .model import Transformer
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int | None = None
+    top_p: float = 1.0
+    max_tokens: int = 256
+    seed: int | None = None
+    stop_tokens: Sequence[int] = field(default_factory=tuple)
+
+    def validate(self) -> None:
+        if not (self.temperature >= 0):
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if not (0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_tokens < 0:
+            raise ValueError(f"max_tokens must be >= 0, got {self.max_tokens}")
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> int:
+    """One token id from logits [V] (fp32): greedy at temperature 0, else top-k, then top-p (nucleus)."""
+    if params.temperature == 0:
+        return int(logits.argmax())
+    logits = logits.float() / params.temperature
+    if params.top_k is not None and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Keep the smallest prefix whose mass reaches top_p (the first token is always kept).
+        drop = probs.cumsum(-1) - probs >= params.top_p
+        logits = logits.scatter(0, order[drop], float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def left_pad(prompts: Sequence[Sequence[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids [B, T] left-padded with 0, and positions [B, T] (−1 on padding, 0.. on the prompt)."""
+    T = max(len(p) for p in prompts)
+    tokens = torch.zeros(len(prompts), T, dtype=torch.long, device=device)
+    positions = torch.full((len(prompts), T), -1, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        if len(p):
+            tokens[i, T - len(p):] = torch.tensor(list(p), device=device)
+            positions[i, T - len(p):] = torch.arange(len(p), device=device)
+    return tokens, positions
+
+
+@torch.no_grad()
+def prefill(model: Transformer, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+            chunk_size: int = 512) -> torch.Tensor:
+    """Run the prompt through the model in chunks; return the last position's logits [B, V]."""
+    logits = None
+    for start in range(0, tokens.shape[1], chunk_size):
+        end = start + chunk_size
+        logits = model(tokens[:, start:end], positions[:, start:end], cache)[:, -1]
+    return logits
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompts: Sequence[Sequence[int]], params: SamplingParams | None = None,
+             chunk_size: int = 512) -> Iterator[tuple[int, int]]:
+    """Stream (row, token id) pairs as they are sampled; a row stops at a stop token or max_tokens.
+
+    The stop token itself is yielded, so callers can tell a tool call (<|call|>) from an answer (<|return|>).
+    """
+    params = params or SamplingParams()
+    params.validate()
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    device = model.device
+    B = len(prompts)
+    longest = max(len(p) for p in prompts)
+    limit = model.config.max_position_embeddings
+    if longest + params.max_tokens > limit:
+        raise ValueError(f"prompt of {longest} tokens + max_tokens {params.max_tokens} exceeds the context "
+                         f"limit of {limit}")
+    tokens, positions = left_pad(prompts, device)
+    cache = KVCache(model.config, B, max_len=tokens.shape[1] + params.max_tokens, device=device, dtype=model.dtype)
+    generators = None
+    if params.seed is not None:
+        generators = [torch.Generator(device=device).manual_seed(params.seed + i) for i in range(B)]
+    logits = prefill(model, tokens, positions, cache, chunk_size)
+    next_pos = positions[:, -1] + 1
+    active = [True] * B
+    stop = set(params.stop_tokens)
+    for _ in range(params.max_tokens):
+        step = torch.zeros(B, dtype=torch.long, device=device)
+        for i in range(B):
+            if active[i]:
+                token = sample(logits[i], params, generators[i] if generators else None)
+                step[i] = token
+                yield i, token
+                if token in stop:
+                    active[i] = False
+        if not any(active):
+            return
+        # Finished rows keep stepping with a masked position so shapes stay fixed; their output is ignored.
+        pos = torch.where(torch.tensor(active, device=device), next_pos, torch.full_like(next_pos, -1))
+        logits = model(step[:, None], pos[:, None], cache)[:, -1]
+        next_pos = next_pos + 1
+
+
+def generate_tokens(model: Transformer, prompt: Sequence[int], params: SamplingParams | None = None) -> list[int]:
+    """Convenience: the generated ids for one prompt."""
+    return [t for _, t in generate(model, [prompt], params)]
