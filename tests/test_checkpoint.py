@@ -15,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import gptoss
+from gptoss import synthetic
 from gptoss.checkpoint import HF_INDEX, CheckpointReader, expected_tensors, write_checkpoint
 from gptoss.config import ModelConfig, preset
 from gptoss.errors import CheckpointError, ConfigError
@@ -23,17 +24,7 @@ TINY = preset("tiny")
 
 
 def random_tensors(config: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Original-named tensors of the right shapes: bf16 floats, random MXFP4 bytes with moderate scales."""
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for name, (shape, kind) in expected_tensors(config).items():
-        if name.endswith("scales"):
-            out[name] = torch.randint(118, 126, shape, dtype=torch.uint8, generator=g)
-        elif kind == "uint8":
-            out[name] = torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)
-        else:
-            out[name] = (0.1 * torch.randn(shape, generator=g)).bfloat16()
-    return out
+    return dict(synthetic.random_tensors(config, seed))
 
 
 def all_tensors(path: Path) -> dict[str, torch.Tensor]:

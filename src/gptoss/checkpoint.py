@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator, Mapping
 
 import torch
 
@@ -207,68 +207,84 @@ def load(path: str | Path, device: torch.device | str | None = None,
 
 
 # ---------------------------------------------------------------- save and convert
-def _shards(tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> list[dict[str, torch.Tensor]]:
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, t in tensors.items():
-        n = t.numel() * t.element_size()
-        if shards[-1] and size + n > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t
-        size += n
-    return shards
+def _stored_items(tensors: Iterable[tuple[str, torch.Tensor]], config: ModelConfig,
+                  layout: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """Original-named tensors → the names (and q/k/v split) of `layout`."""
+    for name, t in tensors:
+        m = re.fullmatch(r"block\.(\d+)\.attn\.qkv\.(weight|bias)", name)
+        if layout == "original":
+            yield name, t
+        elif m:
+            for template, part in zip(HF_QKV, t.split(qkv_split(config), dim=0)):
+                yield template.format(i=m[1], kind=m[2]), part
+        elif name.startswith("block."):
+            i, rest = name.split(".", 2)[1:]
+            yield LAYER_NAMES["block.{i}." + rest].format(i=i), t
+        else:
+            yield GLOBAL_NAMES[name], t
 
 
-def write_checkpoint(tensors: dict[str, torch.Tensor], config: ModelConfig, path: str | Path, layout: str = "hf",
+def write_checkpoint(tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+                     config: ModelConfig, path: str | Path, layout: str = "hf",
                      max_shard_bytes: int = 5 * 2**30, progress: bool = False) -> None:
-    """Write original-named tensors (in their given dtypes) as a checkpoint folder in `layout`."""
+    """Write original-named tensors (in their given dtypes) as a checkpoint folder in `layout`.
+
+    Tensors may come from a generator: each shard is written as soon as it is full, so at most one shard
+    is held in memory (a 12.8 GiB checkpoint can be generated on a 24 GiB machine).
+    """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    if layout == "hf":
-        stored: dict[str, torch.Tensor] = {}
-        for name, t in tensors.items():
-            m = re.fullmatch(r"block\.(\d+)\.attn\.qkv\.(weight|bias)", name)
-            if m:
-                for template, part in zip(HF_QKV, t.split(qkv_split(config), dim=0)):
-                    stored[template.format(i=m[1], kind=m[2])] = part
-            elif name.startswith("block."):
-                i, rest = name.split(".", 2)[1:]
-                stored[LAYER_NAMES["block.{i}." + rest].format(i=i)] = t
-            else:
-                stored[GLOBAL_NAMES[name]] = t
-        config_dict = config.to_hf_dict()
-    else:
-        stored, config_dict = dict(tensors), config.to_original_dict()
-    shards = _shards(stored, max_shard_bytes)
-    n = len(shards)
-    file_names = [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)] if n > 1 else ["model.safetensors"]
     for old in path.glob("*.safetensors"):  # a stale shard would be read as part of the new checkpoint
         old.unlink()
-    items = list(zip(file_names, shards))
+    items = tensors.items() if isinstance(tensors, Mapping) else tensors
+    bar = None
     if progress:
         from tqdm import tqdm
 
-        items = tqdm(items, desc=f"writing {path.name}", unit="shard")
-    for file_name, shard in items:
-        save_file(shard, path / file_name)
+        bar = tqdm(desc=f"writing {path.name}", unit="B", unit_scale=True)
+    parts: list[list[str]] = []  # tensor names per written shard
+    shard: dict[str, torch.Tensor] = {}
+    size = total = 0
+
+    def flush() -> None:
+        save_file(shard, path / f"part-{len(parts):05d}.safetensors")
+        parts.append(list(shard))
+        shard.clear()
+
+    for name, t in _stored_items(items, config, layout):
+        n = t.numel() * t.element_size()
+        if shard and size + n > max_shard_bytes:
+            flush()
+            size = 0
+        shard[name] = t
+        size, total = size + n, total + n
+        if bar is not None:
+            bar.update(n)
+    flush()
+    if bar is not None:
+        bar.close()
+    count = len(parts)
+    file_names = [f"model-{k + 1:05d}-of-{count:05d}.safetensors" for k in range(count)] if count > 1 \
+        else ["model.safetensors"]
+    for k, file_name in enumerate(file_names):
+        (path / f"part-{k:05d}.safetensors").rename(path / file_name)
     if layout == "hf":
-        total = sum(t.numel() * t.element_size() for t in stored.values())
-        weight_map = {name: f for f, shard in zip(file_names, shards) for name in shard}
+        weight_map = {name: f for f, names in zip(file_names, parts) for name in names}
         (path / HF_INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                 indent=2))
     elif (path / HF_INDEX).exists():
         (path / HF_INDEX).unlink()
+    config_dict = config.to_hf_dict() if layout == "hf" else config.to_original_dict()
     (path / "config.json").write_text(json.dumps(config_dict, indent=2) + "\n")
 
 
 def save(model: Transformer, path: str | Path, layout: str = "hf", dtype: torch.dtype = torch.bfloat16,
          max_shard_bytes: int = 5 * 2**30, progress: bool = False) -> None:
     """Save a model; floating tensors are written in `dtype` (bf16 like the released checkpoints)."""
-    tensors = {name: (t.to(dtype) if t.is_floating_point() else t).detach().cpu()
-               for name, t in model.state_dict().items()}
+    tensors = ((name, (t.to(dtype) if t.is_floating_point() else t).detach().cpu())
+               for name, t in model.state_dict().items())
     write_checkpoint(tensors, model.config, path, layout, max_shard_bytes, progress)
 
 
@@ -278,7 +294,7 @@ def convert(src: str | Path, dst: str | Path, layout: str, max_shard_bytes: int 
     if Path(src).resolve() == Path(dst).resolve():
         raise CheckpointError(f"{dst}: output folder must differ from the input folder")
     reader = CheckpointReader(src)
-    write_checkpoint(dict(reader.tensors()), reader.config, dst, layout, max_shard_bytes, progress)
+    write_checkpoint(reader.tensors(), reader.config, dst, layout, max_shard_bytes, progress)
 
 
 def expert_bytes_on_disk(path: str | Path) -> int:
