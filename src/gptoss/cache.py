@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from .config import ModelConfig
+from .errors import GenerationError
 
 
 class LayerCache:
@@ -36,7 +37,7 @@ class LayerCache:
         """Add k/v [B, T, K, Dh] at `positions` [B, T]; return the keys, values and positions to attend to."""
         T = k.shape[1]
         if self.length + T > self.max_len:
-            raise ValueError(f"context limit exceeded: {self.length} cached + {T} new tokens > {self.max_len}")
+            raise GenerationError(f"context limit exceeded: {self.length} cached + {T} new tokens > {self.max_len}")
         if self.ring:
             # Attend over the old ring plus all new keys (a long prefill chunk needs keys it will evict),
             # then keep only the newest `capacity` entries.

@@ -24,6 +24,75 @@ def cmd_convert(args: argparse.Namespace) -> None:
     print(f"wrote {args.to} checkpoint to {args.output}")
 
 
+def cmd_generate(args: argparse.Namespace) -> None:
+    """Raw text completion (no chat format), streamed to stdout as it is sampled."""
+    import codecs
+
+    from .generate import generate
+    from .tokenizer import get_tokenizer
+
+    tok = get_tokenizer()
+    params = sampling_params(args, stop_tokens=(tok.endoftext,))
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    ids = tok.encode(prompt, allowed_special="all")
+    if not ids:
+        raise GptOssError("the prompt is empty")
+    model = load_model(args)
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character may span tokens
+    if args.echo:
+        sys.stdout.write(prompt)
+    for _, token in generate(model, [ids], params):
+        sys.stdout.write(decoder.decode(tok.decode_bytes([token])))
+        sys.stdout.flush()
+    sys.stdout.write(decoder.decode(b"", final=True) + "\n")
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    """Chat in the Harmony format: reasoning effort, function tools, multi-turn; /help lists commands."""
+    from .chat import run_chat
+
+    run_chat(args)
+
+
+# ---------------------------------------------------------------- shared options
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-m", "--model", required=True, metavar="PATH",
+                   help="checkpoint folder (Hugging Face layout, or the OpenAI original/ folder)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                   help="activation and non-expert weight dtype (experts stay MXFP4)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    p.add_argument("--max-tokens", type=int, default=max_tokens, help=f"tokens to generate (default {max_tokens})")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0, as OpenAI advises)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+
+
+def sampling_params(args: argparse.Namespace, stop_tokens=()):
+    from .generate import SamplingParams
+
+    params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                            max_tokens=args.max_tokens, seed=args.seed, stop_tokens=tuple(stop_tokens))
+    try:
+        params.validate()
+    except ValueError as e:
+        raise GptOssError(f"bad sampling option: {e}") from None
+    return params
+
+
+def load_model(args: argparse.Namespace):
+    import torch
+
+    from .checkpoint import load
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return load(args.model, device=device, dtype=getattr(torch, args.dtype), progress=not args.quiet)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gptoss", description="OpenAI's GPT-oss, exact and fast on CPU.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -40,6 +109,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-gib", type=float, default=5.0, help="largest .safetensors shard (default 5 GiB)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("generate", help=cmd_generate.__doc__, description=cmd_generate.__doc__)
+    p.add_argument("prompt", nargs="?", help="prompt text (default: read stdin)")
+    add_model_args(p)
+    add_sampling_args(p, max_tokens=128)
+    p.add_argument("--echo", action="store_true", help="print the prompt before the completion")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help=cmd_chat.__doc__, description=cmd_chat.__doc__)
+    add_model_args(p)
+    add_sampling_args(p, max_tokens=2048)
+    p.add_argument("--reasoning-effort", default="medium", choices=["low", "medium", "high"])
+    p.add_argument("--system", default=None, help="model identity line of the system message")
+    p.add_argument("--developer", default=None, help="developer instructions (the 'system prompt' of OpenAI's API)")
+    p.add_argument("--tools", default=None, metavar="FILE", help="JSON file of function tools (OpenAI format)")
+    p.add_argument("--calculator", action="store_true", help="offer the built-in calculator function tool")
+    p.add_argument("--show-reasoning", action="store_true", help="print the analysis channel as it streams")
+    p.set_defaults(func=cmd_chat)
     return parser
 
 

@@ -15,3 +15,7 @@ class CheckpointError(GptOssError, ValueError):
 
 class MXFP4Error(GptOssError, ValueError):
     """Values that MXFP4 cannot represent (NaN, inf) or malformed blocks/scales."""
+
+
+class GenerationError(GptOssError, ValueError):
+    """A bad sampling parameter, an empty prompt, or a request beyond the context limit."""

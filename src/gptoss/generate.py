@@ -14,6 +14,7 @@ from typing import Iterator, Sequence
 import torch
 
 from .cache import KVCache
+from .errors import GenerationError
 from .model import Transformer
 
 
@@ -28,13 +29,13 @@ class SamplingParams:
 
     def validate(self) -> None:
         if not (self.temperature >= 0):
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+            raise GenerationError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+            raise GenerationError(f"top_k must be >= 1, got {self.top_k}")
         if not (0 < self.top_p <= 1):
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise GenerationError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.max_tokens < 0:
-            raise ValueError(f"max_tokens must be >= 0, got {self.max_tokens}")
+            raise GenerationError(f"max_tokens must be >= 0, got {self.max_tokens}")
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> int:
@@ -74,7 +75,7 @@ def prefill(model: Transformer, tokens: torch.Tensor, positions: torch.Tensor, c
     logits = None
     for start in range(0, tokens.shape[1], chunk_size):
         end = start + chunk_size
-        logits = model(tokens[:, start:end], positions[:, start:end], cache)[:, -1]
+        logits = model(tokens[:, start:end], positions[:, start:end], cache, last_only=True)[:, -1]
     return logits
 
 
@@ -88,13 +89,13 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], params: Sampl
     params = params or SamplingParams()
     params.validate()
     if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
+        raise GenerationError("every prompt needs at least one token")
     device = model.device
     B = len(prompts)
     longest = max(len(p) for p in prompts)
     limit = model.config.max_position_embeddings
     if longest + params.max_tokens > limit:
-        raise ValueError(f"prompt of {longest} tokens + max_tokens {params.max_tokens} exceeds the context "
+        raise GenerationError(f"prompt of {longest} tokens + max_tokens {params.max_tokens} exceeds the context "
                          f"limit of {limit}")
     tokens, positions = left_pad(prompts, device)
     cache = KVCache(model.config, B, max_len=tokens.shape[1] + params.max_tokens, device=device, dtype=model.dtype)

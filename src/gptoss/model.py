@@ -230,8 +230,15 @@ class Transformer(nn.Module):
     def device(self) -> torch.device:
         return self.embedding.weight.device
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache=None) -> torch.Tensor:
-        """tokens [B, T] (int) → logits [B, T, V] (fp32). positions [B, T] default to 0..T-1."""
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache=None,
+                last_only: bool = False) -> torch.Tensor:
+        """tokens [B, T] (int) → logits [B, T, V] (fp32), or [B, 1, V] for the last position only (prefill:
+        the unembedding is the largest matmul, no use computing it for every prompt token)."""
+        x = self.hidden_states(tokens, positions, cache)
+        return self.unembedding(x[:, -1:] if last_only else x).float()
+
+    def hidden_states(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+        """The final-normed hidden states [B, T, D]. positions [B, T] default to 0..T-1."""
         B, T = tokens.shape
         if positions is None:
             positions = torch.arange(T, device=tokens.device).expand(B, T)
@@ -240,7 +247,7 @@ class Transformer(nn.Module):
         x = self.embedding(tokens)  # (B, T, D)
         for i, block in enumerate(self.block):
             x = block(x, positions, cos, sin, None if cache is None else cache.layer(i))
-        return self.unembedding(self.norm(x)).float()
+        return self.norm(x)
 
     def expert_nbytes(self) -> int:
         """Bytes held by the MXFP4 expert weights (blocks + scales)."""

@@ -1,0 +1,179 @@
+"""A Harmony chat session and the terminal front end of `gptoss chat`.
+
+The session owns the conversation (system, developer with tools, then turns) and talks to the engine
+through one small interface, `Complete(prompt_ids, params) -> iterator of token ids`, so it runs the same
+on a real model, a tiny random one, or a scripted stub in tests. One user turn may take several model
+calls: the model stops at <|call|> when it calls a tool, the tool's result is appended as a `tool` message,
+and the model is called again until it stops at <|return|> (its final answer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+from . import harmony
+from .generate import SamplingParams
+from .tokenizer import Tokenizer, get_tokenizer
+from .tools import BUILTIN_TOOLS, Tool, load_tools, run_tool
+
+Complete = Callable[[Sequence[int], SamplingParams], Iterator[int]]
+
+
+@dataclass
+class ChatEvent:
+    kind: str  # "analysis" | "commentary" | "final" (text deltas), "tool_call", "tool_result", "done"
+    text: str = ""
+    name: str | None = None  # the tool, for tool_call / tool_result
+
+
+def model_completer(model) -> Complete:
+    from .generate import generate
+
+    def complete(prompt: Sequence[int], params: SamplingParams) -> Iterator[int]:
+        for _, token in generate(model, [list(prompt)], params):
+            yield token
+    return complete
+
+
+class ChatSession:
+    def __init__(self, complete: Complete, params: SamplingParams, tokenizer: Tokenizer | None = None,
+                 reasoning_effort: str = "medium", model_identity: str | None = None,
+                 instructions: str | None = None, tools: Sequence[Tool] = (),
+                 ask: Callable[[str], str] | None = None, max_tool_rounds: int = 8):
+        self.complete, self.params = complete, params
+        self.tok = tokenizer or get_tokenizer()
+        self.tools = {t.name: t for t in tools}
+        self.ask, self.max_tool_rounds = ask, max_tool_rounds
+        self.reasoning_effort, self.model_identity, self.instructions = reasoning_effort, model_identity, instructions
+        self.messages: list[harmony.Message] = []
+
+    # -------------------------------------------------------- the conversation
+    def header(self) -> list[harmony.Message]:
+        system = harmony.SystemContent(reasoning_effort=self.reasoning_effort)
+        if self.model_identity:
+            system.model_identity = self.model_identity
+        out = [harmony.Message.system(system)]
+        if self.instructions or self.tools:
+            defs = [harmony.ToolDefinition(t.name, t.description, t.parameters) for t in self.tools.values()]
+            out.append(harmony.Message.developer(harmony.DeveloperContent(self.instructions, defs)))
+        return out
+
+    def prompt(self) -> list[int]:
+        conversation = harmony.Conversation(self.header() + self.messages)
+        return harmony.render_conversation_for_completion(conversation, "assistant", self.tok)
+
+    def reset(self) -> None:
+        self.messages.clear()
+
+    # -------------------------------------------------------- one user turn
+    def send(self, text: str) -> Iterator[ChatEvent]:
+        self.messages.append(harmony.Message(role="user", content=text))
+        stops = harmony.stop_tokens_for_assistant_actions(self.tok)
+        params = SamplingParams(**{**vars(self.params), "stop_tokens": tuple(stops)})
+        for _ in range(self.max_tool_rounds + 1):
+            parser = harmony.StreamParser(self.tok, role="assistant")
+            for token in self.complete(self.prompt(), params):
+                delta = parser.process(token)
+                if delta is not None and delta.text and not delta.recipient:
+                    yield ChatEvent(delta.channel or "final", delta.text)
+            new = parser.finish()
+            self.messages.extend(new)
+            call = new[-1] if new and new[-1].recipient and new[-1].recipient.startswith("functions.") else None
+            if call is None:  # a final answer (or max_tokens reached): the turn is over
+                # Harmony: the chain of thought of finished turns is not shown to the model again
+                self.messages = [m for m in self.messages if m.channel != "analysis"]
+                yield ChatEvent("done")
+                return
+            name = call.recipient.removeprefix("functions.")
+            yield ChatEvent("tool_call", call.content, name)
+            tool = self.tools.get(name)
+            result = (run_tool(tool, call.content, self.ask) if tool
+                      else f'{{"error": "no tool named {name}; available: {", ".join(self.tools) or "none"}"}}')
+            yield ChatEvent("tool_result", result, name)
+            self.messages.append(harmony.Message.tool_result(call.recipient, result))
+        yield ChatEvent("done", "stopped: too many tool calls in one turn")
+
+
+# ---------------------------------------------------------------- terminal front end
+HELP = """commands: /reset (new conversation)  /effort low|medium|high  /reasoning (show/hide analysis)
+          /exit (or Ctrl-D)"""
+
+
+def run_chat(args: argparse.Namespace) -> None:
+    from .cli import load_model, sampling_params
+
+    tok = get_tokenizer()
+    params = sampling_params(args)
+    tools: list[Tool] = load_tools(args.tools) if args.tools else []
+    if args.calculator:
+        tools.append(BUILTIN_TOOLS["calculator"])
+    model = load_model(args)
+    interactive = sys.stdin.isatty()
+    out = sys.stdout
+
+    def read(prompt: str) -> str | None:
+        if interactive:
+            try:
+                return input(prompt)
+            except EOFError:
+                return None
+        line = sys.stdin.readline()
+        if not line:
+            return None
+        out.write(prompt + line)  # echo piped input so the transcript reads like a session
+        return line.rstrip("\n")
+
+    def ask_tool_result(call: str) -> str:
+        answer = read(f"[tool {call}] result> ")
+        return answer if answer is not None else '{"error": "no result given"}'
+
+    session = ChatSession(model_completer(model), params, tok, args.reasoning_effort, args.system,
+                          args.developer, tools, ask=ask_tool_result)
+    show_reasoning = args.show_reasoning
+    if interactive:
+        out.write(f"gptoss chat — {args.model} — reasoning {args.reasoning_effort}. /help for commands.\n")
+    while True:
+        line = read(">>> ")
+        if line is None:
+            out.write("\n" if interactive else "")
+            return
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            cmd, _, arg = line.partition(" ")
+            if cmd in ("/exit", "/quit", "/bye"):
+                return
+            if cmd == "/reset":
+                session.reset()
+                out.write("(new conversation)\n")
+            elif cmd == "/effort" and arg in ("low", "medium", "high"):
+                session.reasoning_effort = arg
+                out.write(f"(reasoning effort {arg})\n")
+            elif cmd == "/reasoning":
+                show_reasoning = not show_reasoning
+                out.write(f"(reasoning {'shown' if show_reasoning else 'hidden'})\n")
+            else:
+                out.write(HELP + "\n")
+            continue
+        channel = None
+        for event in session.send(line):
+            if event.kind in ("analysis", "commentary", "final"):
+                if event.kind != "final" and not show_reasoning:
+                    continue
+                if event.kind != channel:
+                    out.write({"analysis": "[thinking] ", "commentary": "[commentary] ", "final": ""}[event.kind]
+                              if channel is None else f"\n{'' if event.kind == 'final' else '[' + event.kind + '] '}")
+                    channel = event.kind
+                out.write(event.text)
+            elif event.kind == "tool_call":
+                out.write(f"{chr(10) if channel else ''}[tool call] {event.name}({event.text})\n")
+                channel = None
+            elif event.kind == "tool_result":
+                out.write(f"[tool result] {event.text}\n")
+            elif event.kind == "done":
+                out.write(f"{event.text}\n" if event.text else "\n")
+            out.flush()

@@ -1,0 +1,162 @@
+"""Chat: the session's tool loop on a scripted engine, and `gptoss chat` driven through piped stdin on a real
+(tiny, trained-to-script) GPT-oss checkpoint that answers with a calculator tool call."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import gptoss
+from gptoss import harmony as h
+from gptoss import synthetic
+from gptoss.chat import ChatSession
+from gptoss.checkpoint import write_checkpoint
+from gptoss.config import preset
+from gptoss.generate import SamplingParams
+from gptoss.tokenizer import get_tokenizer
+from gptoss.tools import BUILTIN_TOOLS, evaluate, load_tools, run_tool, ToolError
+
+TOK = get_tokenizer()
+SCRIPT = [  # (user turn, completions of the model for that turn: one per model call)
+    ("What is 12*34?", ['<|channel|>analysis<|message|>Use the calculator.<|end|>'
+                        '<|start|>assistant<|channel|>commentary to=functions.calculator <|constrain|>json'
+                        '<|message|>{"expression": "12*34"}<|call|>',
+                        '<|channel|>final<|message|>12 × 34 = 408.<|return|>']),
+    ("Thanks!", ["<|channel|>final<|message|>You're welcome.<|return|>"]),
+]
+
+
+class Scripted:
+    """An engine that replays fixed completions and records the prompts it was given."""
+
+    def __init__(self, completions: list[str]):
+        self.completions = [TOK.encode(c, allowed_special="all") for c in completions]
+        self.prompts: list[list[int]] = []
+
+    def __call__(self, prompt, params):
+        self.prompts.append(list(prompt))
+        completion = self.completions[len(self.prompts) - 1]
+        for t in completion[:params.max_tokens]:
+            yield t
+            if t in params.stop_tokens:
+                return
+
+
+def scripted_session():
+    engine = Scripted([c for _, cs in SCRIPT for c in cs])
+    session = ChatSession(engine, SamplingParams(temperature=0, max_tokens=100), TOK, "low",
+                          tools=[BUILTIN_TOOLS["calculator"]])
+    events = [[(e.kind, e.text, e.name) for e in session.send(user)] for user, _ in SCRIPT]
+    return engine, session, events
+
+
+def test_session_runs_the_tool_and_feeds_back_its_result():
+    engine, session, events = scripted_session()
+    first = events[0]
+    assert ("tool_call", '{"expression": "12*34"}', "calculator") in first
+    assert ("tool_result", '{"result": 408}', "calculator") in first
+    assert "".join(t for k, t, _ in first if k == "final") == "12 × 34 = 408."
+    assert [k for k, _, _ in first if k in ("tool_call", "tool_result", "done")] == ["tool_call", "tool_result", "done"]
+    # the second model call sees the call and the tool's result, rendered as Harmony prescribes
+    second_prompt = TOK.decode(engine.prompts[1])
+    assert second_prompt.endswith('<|start|>functions.calculator to=assistant<|channel|>commentary<|message|>'
+                                  '{"result": 408}<|end|><|start|>assistant')
+    assert "Use the calculator." in second_prompt  # this turn's reasoning is still visible mid-turn
+    # the next turn: previous reasoning dropped, the answer kept, the tool declared in the developer message
+    third_prompt = TOK.decode(engine.prompts[2])
+    assert "Use the calculator." not in third_prompt and "12 × 34 = 408." in third_prompt
+    assert "type calculator = (_: {" in third_prompt and "Reasoning: low" in third_prompt
+    assert [m.role for m in session.messages] == ["user", "assistant", "tool", "assistant", "user", "assistant"]
+
+
+def test_unknown_tool_and_bad_arguments_reach_the_model_as_errors():
+    assert json.loads(run_tool(BUILTIN_TOOLS["calculator"], '{"expression": "1/0"}'))["error"].startswith("cannot")
+    assert "not valid JSON" in json.loads(run_tool(BUILTIN_TOOLS["calculator"], '{"expression": '))["error"]
+    engine = Scripted(['<|channel|>commentary to=functions.nope <|constrain|>json<|message|>{}<|call|>',
+                       "<|channel|>final<|message|>Sorry.<|return|>"])
+    session = ChatSession(engine, SamplingParams(temperature=0), TOK, tools=[BUILTIN_TOOLS["calculator"]])
+    events = list(session.send("hi"))
+    assert any(e.kind == "tool_result" and "no tool named nope; available: calculator" in e.text for e in events)
+
+
+def test_calculator_is_arithmetic_only():
+    assert evaluate("1234 * 5678") == 7006652
+    assert evaluate("2^10 + sqrt(16)") == 1028.0
+    for bad in ["__import__('os')", "open('x')", "a.b", "9**9**9", "[1, 2]"]:
+        with pytest.raises(ToolError):
+            evaluate(bad)
+
+
+def test_tools_file_validation(tmp_path):
+    f = tmp_path / "tools.json"
+    f.write_text(json.dumps([{"type": "function", "function": {"name": "lookup", "parameters": {"type": "string"}}}]))
+    with pytest.raises(ToolError, match=r"tools.json\[0\].parameters: must be a JSON schema of type object"):
+        load_tools(f)
+    f.write_text(json.dumps({"tools": [{"name": "a b"}]}))
+    with pytest.raises(ToolError, match=r"\[0\].name"):
+        load_tools(f)
+    f.write_text(json.dumps([{"name": "echo", "description": "Echo.", "command": [sys.executable, "-c",
+                              "import sys, json; print(json.load(sys.stdin)['x'])"]}]))
+    (tool,) = load_tools(f)
+    assert run_tool(tool, '{"x": "hello"}') == "hello"
+
+
+# ---------------------------------------------------------------- the CLI, on a real checkpoint
+def train_to_script(prompts: list[list[int]], completions: list[list[int]], steps: int = 300):
+    """A tiny GPT-oss (real architecture, MXFP4 experts, full o200k vocabulary) fitted to answer each prompt
+    with its scripted completion under greedy decoding: a real model that plays the test's part."""
+    config = preset("tiny").replace(vocab_size=201_088, hidden_size=64, max_position_embeddings=4096)
+    model = gptoss.Transformer(config, dtype=torch.float32)
+    model.load_state_dict(dict(synthetic.random_tensors(config, seed=0, dtype=torch.float32)), strict=True)
+    torch.manual_seed(0)
+    opt = torch.optim.Adam([p for p in model.parameters()], lr=1e-2)
+    seqs = [torch.tensor(p + c) for p, c in zip(prompts, completions)]
+    for step in range(steps):
+        loss = 0
+        for seq, p in zip(seqs, prompts):
+            logits = model.unembedding(model.hidden_states(seq[None, :-1])[0, len(p) - 1:])
+            loss = loss + torch.nn.functional.cross_entropy(logits, seq[len(p):])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 20 == 0:
+            with torch.no_grad():
+                ok = all((model(s[None, :-1])[0, len(p) - 1:].argmax(-1) == s[len(p):]).all()
+                         for s, p in zip(seqs, prompts))
+            if ok:
+                break
+    assert ok, f"the script was not learned (loss {loss.item():.3f})"
+    print(f"script learned in {step} steps")
+    return model
+
+
+@pytest.fixture(scope="module")
+def scripted_checkpoint(tmp_path_factory):
+    engine, _, _ = scripted_session()
+    model = train_to_script(engine.prompts, engine.completions)
+    path = tmp_path_factory.mktemp("chat") / "scripted"
+    gptoss.save(model, path, dtype=torch.float32)
+    return path
+
+
+def test_chat_cli_multi_turn_with_tool_call(scripted_checkpoint):
+    stdin = "What is 12*34?\n/reasoning\nThanks!\n/exit\n"
+    done = subprocess.run([sys.executable, "-m", "gptoss", "chat", "-m", str(scripted_checkpoint), "--calculator",
+                           "--reasoning-effort", "low", "--temperature", "0", "--dtype", "float32", "-q"],
+                          input=stdin, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == (
+        ">>> What is 12*34?\n"
+        '[tool call] calculator({"expression": "12*34"})\n'
+        '[tool result] {"result": 408}\n'
+        "12 × 34 = 408.\n"
+        ">>> /reasoning\n"
+        "(reasoning shown)\n"
+        ">>> Thanks!\n"
+        "You're welcome.\n"
+        ">>> /exit\n"
+    )
