@@ -1,8 +1,10 @@
-"""Our Harmony layer against openai-harmony: the same tokens rendered, the same messages parsed (offline)."""
+"""gptoss.harmony against openai-harmony (the test oracle): the same tokens rendered, the same messages parsed;
+and our parser's leniency on malformed completions. Offline: openai-harmony reads the vocabulary we ship."""
 
 from __future__ import annotations
 
 import gzip
+import random
 import socket
 from importlib import resources
 
@@ -12,255 +14,649 @@ from gptoss import harmony as h
 from gptoss.tokenizer import VOCAB_FILE, get_tokenizer
 
 TOK = get_tokenizer()
+S = TOK.special_tokens
 
 
-@pytest.fixture(scope="module")
+def enc(text: str) -> list[int]:
+    return TOK.encode(text, allowed_special="all")
+
+
+def _refuse(*args, **kwargs):
+    raise AssertionError(f"network access attempted: {args}")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def offline():
+    """Every test here runs with Python's sockets refused."""
+    mp = pytest.MonkeyPatch()
+    mp.setattr(socket.socket, "connect", _refuse)
+    mp.setattr(socket, "create_connection", _refuse)
+    yield
+    mp.undo()
+
+
+@pytest.fixture(scope="session")
 def oh(tmp_path_factory):
-    """openai-harmony's GPT-oss encoding, reading the vocabulary we ship (it would download it otherwise)."""
+    """(openai_harmony, its GPT-oss encoding), loaded from the o200k_base ranks we ship.
+
+    openai-harmony (Rust) reads `$TIKTOKEN_ENCODINGS_BASE/o200k_base.tiktoken` (and checks its sha256) instead of
+    downloading; its HTTP client would go through the proxy variables, pointed here at a closed port, and Python's
+    sockets are refused too, so any download attempt fails the fixture."""
+    lib = pytest.importorskip("openai_harmony")
     vocab_dir = tmp_path_factory.mktemp("harmony-vocab")
     data = gzip.decompress(resources.files("gptoss.data").joinpath(VOCAB_FILE).read_bytes())
     (vocab_dir / "o200k_base.tiktoken").write_bytes(data)
     mp = pytest.MonkeyPatch()
     mp.setenv("TIKTOKEN_ENCODINGS_BASE", str(vocab_dir))
-    mp.setattr(socket.socket, "connect", lambda *a: (_ for _ in ()).throw(AssertionError("network used")))
-    import openai_harmony
+    mp.setenv("TIKTOKEN_RS_CACHE_DIR", str(tmp_path_factory.mktemp("empty-cache")))
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        mp.setenv(var, "http://127.0.0.1:9")
+    mp.delenv("NO_PROXY", raising=False)
+    mp.delenv("no_proxy", raising=False)
+    mp.setattr(socket.socket, "connect", _refuse)
+    mp.setattr(socket, "create_connection", _refuse)
+    try:
+        encoding = lib.load_harmony_encoding(lib.HarmonyEncodingName.HARMONY_GPT_OSS)
+    finally:
+        mp.undo()
+    yield lib, encoding
 
-    enc = openai_harmony.load_harmony_encoding(openai_harmony.HarmonyEncodingName.HARMONY_GPT_OSS)
-    yield openai_harmony, enc
-    mp.undo()
 
-
+# ---------------------------------------------------------------------------------------------- conversion
 def to_oh(lib, m: h.Message):
     """Our message → openai-harmony's."""
-    role = lib.Role(m.role)
-    if isinstance(m.content, h.SystemContent):
-        c = m.content
-        content = lib.SystemContent.new().with_model_identity(c.model_identity) \
-            .with_reasoning_effort(lib.ReasoningEffort(c.reasoning_effort.capitalize())) \
-            .with_knowledge_cutoff(c.knowledge_cutoff)
-        if c.conversation_start_date:
-            content = content.with_conversation_start_date(c.conversation_start_date)
-    elif isinstance(m.content, h.DeveloperContent):
-        content = lib.DeveloperContent.new()
-        if m.content.instructions is not None:
-            content = content.with_instructions(m.content.instructions)
-        if m.content.tools:
-            content = content.with_function_tools([lib.ToolDescription.new(t.name, t.description, parameters=t.parameters)
-                                                   for t in m.content.tools])
+    c = m.content
+    if isinstance(c, h.SystemContent):
+        effort = None if c.reasoning_effort is None else lib.ReasoningEffort(c.reasoning_effort.capitalize())
+        channels = (lib.ChannelConfig(valid_channels=list(c.valid_channels), channel_required=c.channel_required)
+                    if c.valid_channels else None)
+        content = lib.SystemContent(model_identity=c.model_identity, reasoning_effort=effort,
+                                    knowledge_cutoff=c.knowledge_cutoff,
+                                    conversation_start_date=c.conversation_start_date, channel_config=channels)
+    elif isinstance(c, h.DeveloperContent):
+        content = lib.DeveloperContent(instructions=c.instructions)
+        if c.tools:
+            content = content.with_function_tools(
+                [lib.ToolDescription.new(t.name, t.description, t.parameters) for t in c.tools])
     else:
-        content = m.content
-    if m.role == "tool":
-        msg = lib.Message.from_author_and_content(lib.Author.new(role, m.name), content)
-    else:
-        msg = lib.Message.from_role_and_content(role, content)
-    if m.channel:
-        msg = msg.with_channel(m.channel)
-    if m.recipient:
-        msg = msg.with_recipient(m.recipient)
-    if m.content_type:
-        msg = msg.with_content_type(m.content_type)
+        content = lib.TextContent(text=c)
+    msg = lib.Message.from_author_and_content(lib.Author(role=lib.Role(m.role), name=m.name), content)
+    msg.channel, msg.recipient = m.channel, m.recipient
+    msg.content_type = h.CONSTRAIN + "json" if m.content_type == "json" else m.content_type
     return msg
 
 
 def from_oh(m) -> tuple:
-    text = "".join(c.text for c in m.content)
-    return (m.author.role.value, m.author.name, m.channel, m.recipient, m.content_type, text)
+    ct = m.content_type
+    ct = "json" if ct == h.CONSTRAIN + "json" else ct  # our one normalization
+    return (m.author.role.value, m.author.name, m.channel, m.recipient, ct, "".join(c.text for c in m.content))
 
 
 def ours(m: h.Message) -> tuple:
     return (m.role, m.name, m.channel, m.recipient, m.content_type, m.content)
 
 
-WEATHER = h.ToolDefinition("get_weather", "Gets the current weather.\nUse for any city.", {
+def oh_conversation(lib, messages):
+    return lib.Conversation.from_messages([to_oh(lib, m) for m in messages])
+
+
+# ---------------------------------------------------------------------------------------------- fixtures: tools
+WEATHER = h.ToolDefinition("get_current_weather", "Gets the current weather in the provided location.", {
     "type": "object",
     "properties": {
-        "location": {"type": "string", "description": "City and country, e.g. Paris, France"},
-        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"], "default": "celsius"},
-        "days": {"type": "integer", "description": "Forecast days", "default": 1},
+        "location": {"type": "string", "description": "The city and state, e.g. San Francisco, CA"},
+        "format": {"type": "string", "enum": ["celsius", "fahrenheit"], "default": "celsius"},
     },
     "required": ["location"],
 })
-NOW = h.ToolDefinition("current_time", "The current time.")
-SCHEMAS = [
+LOCATION = h.ToolDefinition("get_location", "Gets the location of the user.")
+KITCHEN_SINK = h.ToolDefinition("kitchensink", "A function with various complex schemas.", {
+    "description": "params object",
+    "type": "object",
+    "properties": {
+        "string": {"type": "string", "title": "STRING", "description": "A string", "examples": ["hello", "world"]},
+        "string_nullable": {"type": "string", "nullable": True, "description": "A nullable string",
+                            "default": "the default"},
+        "string_enum": {"type": "string", "enum": ["a", "b", "c"]},
+        "oneof_string_or_number": {"oneOf": [{"type": "string", "default": "default_string_in_oneof"},
+                                             {"type": "number", "description": "numbers can happen too"}],
+                                   "description": "a oneof", "default": 20},
+    },
+})
+SCHEMAS = [  # varied JSON schemas, quirks of openai-harmony's TypeScript rendering included
     {"type": "object", "properties": {}},
-    {"type": "object", "description": "top", "properties": {
-        "a": {"type": "object", "description": "inner", "properties": {
-            "b": {"type": "integer", "description": "bee"}, "c": {"type": "array", "items": {"type": "string"}}},
-            "required": ["b"]},
-        "n": {"type": "number", "default": 1.5}, "flag": {"type": "boolean", "default": False},
-        "arr": {"type": "array", "items": {"type": "object", "properties": {"x": {"type": "number"}}}},
-        "bare_array": {"type": "array"}, "any": {}, "nul": {"type": ["string", "null"]},
-        "maybe": {"type": "string", "nullable": True}, "ints": {"type": "integer", "enum": [1, 2]},
-        "titled": {"type": "string", "title": "A title", "examples": ["x", "y"], "default": "x"},
-        "list_default": {"type": "array", "items": {"type": "number"}, "default": [1, 2]},
-    }, "required": ["a"]},
+    {"type": "object"},
+    {},
     {"type": "object", "properties": {
-        "one": {"oneOf": [{"type": "string", "description": "as text"}, {"type": "number", "default": 3}],
-                "description": "either"},
-        "same": {"oneOf": [{"type": "string", "description": "d"}, {"type": "number", "nullable": True}],
-                 "description": "d", "default": "q"},
-        "enum_default": {"oneOf": [{"type": "string", "enum": ["a", "b"], "default": "a"}]},
-    }, "required": ["one"]},
-    {"oneOf": [{"type": "object", "properties": {"k": {"type": "string"}}}, {"type": "string"}]},
-    {"type": "object", "properties": {"ünïcode": {"type": "string", "description": "naïve 😀"}}},
+        "query": {"type": "string", "description": "Search query"},
+        "limit": {"type": "integer", "minimum": 1, "default": 10},
+        "ratio": {"type": "number", "default": 0.5},
+        "tiny": {"type": "number", "default": 1e-05},
+        "tinier": {"type": "number", "default": 1e-7},
+        "huge": {"type": "number", "default": 1e20},
+        "whole": {"type": "number", "default": 2.0},
+        "big": {"type": "integer", "default": 2**70},
+        "exact": {"type": "boolean", "default": False},
+        "nothing": {"type": "string", "default": None},
+        "tags": {"type": "array", "items": {"type": "string"}, "default": ["a", "b"]},
+        "meta": {"type": "object", "default": {"k": "v", "n": [1, 2.5]}},
+        "quoted": {"type": "string", "default": 'say "hi"\n'},
+        "enum_default": {"type": "string", "enum": ["x", "y"], "default": "y"},
+    }, "required": ["query"]},
+    {"type": "object", "description": "Nested things.", "properties": {
+        "address": {"type": "object", "description": "Where", "properties": {
+            "street": {"type": "string"},
+            "geo": {"type": "object", "properties": {"lat": {"type": "number"}, "lon": {"type": "number"}},
+                    "required": ["lat", "lon"]},
+        }, "required": ["street"]},
+        "items": {"type": "array", "items": {"type": "object", "properties": {
+            "id": {"type": "integer"}, "qty": {"type": ["integer", "null"]}}, "required": ["id"]}},
+        "matrix": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}},
+        "anything": {"type": "array"},
+        "null_items": {"type": "array", "items": None},
+    }},
+    {"type": "object", "properties": {
+        "mode": {"oneOf": [{"type": "string", "enum": ["fast", "slow"], "description": "a preset"},
+                           {"type": "integer", "description": "a speed", "nullable": True}],
+                 "description": "a preset"},
+        "mode2": {"oneOf": [{"type": "string", "default": "x", "enum": ["x"]}, {"type": "boolean", "default": True}],
+                  "default": "x", "enum": ["x"]},
+        "mode3": {"oneOf": [{"type": "object", "properties": {"a": {"type": "string"}}}, {"type": "null"}]},
+        "mode4": {"oneOf": None, "description": "not rendered", "default": 3},
+        "kind": {"type": ["string", "integer"], "description": "either"},
+        "multi": {"anyOf": [{"type": "string"}, {"type": "number"}]},
+        "ref": {"$ref": "#/definitions/x"},
+        "enum_no_type": {"enum": ["a", "b"]},
+        "numbers_enum": {"type": "string", "enum": [1, 2]},
+        "nullable_num": {"type": "number", "nullable": True},
+        "nullable_union": {"type": ["string", "null"], "nullable": True},
+        "unknown": {"type": "date"},
+        "empty_types": {"type": []},
+        "titled": {"type": "string", "title": "The title"},
+        "examples_non_str": {"type": "integer", "examples": [1, 2]},
+        "unicode": {"type": "string", "description": "Température en °C — 東京 😀"},
+        "weird key-name": {"type": "string"},
+    }, "required": ["mode", "kind", "weird key-name", "not-a-property", 7]},
+    {"oneOf": [{"type": "object", "properties": {"a": {"type": "string"}}, "description": "by a"},
+               {"type": "object", "properties": {"b": {"type": "integer"}}, "default": {"b": 1}},
+               {"type": "string", "enum": ["c"], "default": "c"}]},
+    {"type": "array", "items": {"type": "string"}},
+    {"type": "string"},
 ]
+VARIED_TOOLS = [h.ToolDefinition(f"tool_{i}", desc, schema) for i, (schema, desc) in enumerate(zip(SCHEMAS, [
+    "Plain.", "Multi-line\r\ndescription\n\nwith a blank line.\n", "", "Many defaults.", "Nested objects.",
+    "Unions and odd types.", "Top-level oneOf.", "An array.", "A string."]))]
 
 
-def system(effort="medium", date=None):
-    return h.Message.system(h.SystemContent(reasoning_effort=effort, conversation_start_date=date))
+def system(**kw) -> h.Message:
+    return h.Message.system(h.SystemContent(**kw))
+
+
+def developer(instructions=None, tools=()) -> h.Message:
+    return h.Message.developer(h.DeveloperContent(instructions, list(tools)))
+
+
+# ---------------------------------------------------------------------------------------------- rendering
+@pytest.mark.parametrize("effort", ["low", "medium", "high"])
+@pytest.mark.parametrize("date", [None, "2025-06-28"])
+@pytest.mark.parametrize("function_tools", [False, True])
+def test_system_message_equals_openai_harmony(oh, effort, date, function_tools):
+    lib, encoding = oh
+    m = system(reasoning_effort=effort, conversation_start_date=date)
+    options = lib.RenderOptions(conversation_has_function_tools=function_tools)
+    ids = h.render_message(m, TOK, has_function_tools=function_tools)
+    assert ids == encoding.render(to_oh(lib, m), options)
+    text = TOK.decode(ids)
+    assert f"Reasoning: {effort}" in text and ("Current date: 2025-06-28" in text) == (date is not None)
+    assert ("Calls to these tools must go to the commentary channel: 'functions'." in text) == function_tools
+
+
+@pytest.mark.parametrize("fields", [
+    dict(model_identity=None, knowledge_cutoff=None, reasoning_effort=None),
+    dict(model_identity="You are a terse assistant.\nAnswer in French.", knowledge_cutoff="2023-10"),
+    dict(valid_channels=(), reasoning_effort="HIGH"),
+    dict(valid_channels=("analysis", "final"), channel_required=False),
+    dict(model_identity="", conversation_start_date=""),
+])
+def test_system_message_variants(oh, fields):
+    lib, encoding = oh
+    m = system(**fields)
+    for tools in (False, True):
+        assert h.render_message(m, TOK, has_function_tools=tools) == \
+            encoding.render(to_oh(lib, m), lib.RenderOptions(conversation_has_function_tools=tools))
+
+
+def test_system_message_text():
+    assert h.SystemContent(conversation_start_date="2025-06-28", reasoning_effort="high").render_text(True) == (
+        "You are ChatGPT, a large language model trained by OpenAI.\nKnowledge cutoff: 2024-06\n"
+        "Current date: 2025-06-28\n\nReasoning: high\n\n# Valid channels: analysis, commentary, final. "
+        "Channel must be included for every message.\n"
+        "Calls to these tools must go to the commentary channel: 'functions'.")
+    with pytest.raises(h.HarmonyError, match="reasoning_effort"):
+        h.SystemContent(reasoning_effort="extreme").render_text()
+
+
+@pytest.mark.parametrize("instructions", [None, "Always respond in riddles", "Line one.\n\nLine <|end|> two."])
+@pytest.mark.parametrize("tools", [[], [LOCATION, WEATHER, KITCHEN_SINK], VARIED_TOOLS], ids=["none", "doc", "varied"])
+def test_developer_message_equals_openai_harmony(oh, instructions, tools):
+    lib, encoding = oh
+    m = developer(instructions, tools)
+    assert h.render_message(m, TOK) == encoding.render(to_oh(lib, m))
+
+
+@pytest.mark.parametrize("schema", SCHEMAS, ids=range(len(SCHEMAS)))
+def test_each_schema_equals_openai_harmony(oh, schema):
+    lib, encoding = oh
+    m = developer(tools=[h.ToolDefinition("f", "d", schema)])
+    ours_text = TOK.decode(h.render_message(m, TOK))
+    assert ours_text == encoding.decode(encoding.render(to_oh(lib, m)))
+
+
+def test_developer_message_layout():
+    text = h.DeveloperContent("Be brief.", [LOCATION, WEATHER]).render_text()
+    assert text == """# Instructions
+
+Be brief.
+
+# Tools
+
+## functions
+
+namespace functions {
+
+// Gets the location of the user.
+type get_location = () => any;
+
+// Gets the current weather in the provided location.
+type get_current_weather = (_: {
+// The city and state, e.g. San Francisco, CA
+location: string,
+format?: "celsius" | "fahrenheit", // default: celsius
+}) => any;
+
+} // namespace functions"""
+
+
+def test_json_compact_matches_serde_json():
+    assert [h.json_compact(v) for v in (1e-05, 1e-7, 1e16, 1e15, 0.1, 2.0, -0.0, 123.456, 1.5e300, 2**64, -2**63)] == [
+        "0.00001", "1e-7", "1e16", "1000000000000000.0", "0.1", "2.0", "-0.0", "123.456", "1.5e300",
+        "1.8446744073709552e19", "-9223372036854775808"]
+    assert h.json_compact({"a": [1, None, True], "é": "\u0001\"x\""}) == '{"a":[1,null,true],"é":"\\u0001\\"x\\""}'
 
 
 def conversations():
-    dev_tools = h.Message.developer(h.DeveloperContent("Answer briefly.", [WEATHER, NOW]))
-    turn1 = [h.Message.user("What's the weather in Paris?"),
-             h.Message.assistant("Need to call the weather tool.", "analysis"),
-             h.Message.tool_call("get_weather", '{"location": "Paris, France"}'),
-             h.Message.tool_result("get_weather", '{"temperature": 21, "sky": "clear"}'),
-             h.Message.assistant("The user wants a summary.", "analysis"),
-             h.Message.assistant("It is 21 °C and clear in Paris.")]
-    turn2 = [h.Message.user("And tomorrow? Answer in 日本語 🌤"),
-             h.Message.assistant("Think about it.", "analysis"),
-             h.Message.assistant("明日も晴れです。")]
-    out = {}
-    for effort in ("low", "medium", "high"):
-        out[f"plain-{effort}"] = [system(effort), h.Message.user("Hi!")]
-        out[f"tools-{effort}"] = [system(effort, "2025-08-05"), dev_tools, *turn1, *turn2,
-                                  h.Message.user("Thanks")]
-    out["developer-only-instructions"] = [system(), h.Message.developer(h.DeveloperContent("Talk like a pirate.")),
-                                          h.Message.user("Hello")]
-    out["mid-tool-call"] = [system("high"), dev_tools, *turn1[:4]]
-    out["assistant-last-final"] = [system(), *turn1[:1], turn1[1], turn1[5]]
-    for i, schema in enumerate(SCHEMAS):
-        tool = h.ToolDefinition(f"tool_{i}", "A tool.", schema)
-        out[f"schema-{i}"] = [system(), h.Message.developer(h.DeveloperContent(None, [tool])), h.Message.user("go")]
-    return out
+    """Named conversations covering the Harmony features; each ends where a completion would start."""
+    sys_, dev = system(reasoning_effort="high", conversation_start_date="2025-06-28"), developer(
+        "Always respond in riddles", [LOCATION, WEATHER, KITCHEN_SINK])
+    call = h.Message.tool_call("functions.get_current_weather", '{"location": "San Francisco, CA"}')
+    result = h.Message.tool_result("functions.get_current_weather", '{"sunny": true, "temperature": 20}')
+    return {
+        "simple": [system(), h.Message.user("What is 2 + 2?")],
+        "multi_turn": [system(reasoning_effort="low"), developer("Be nice."),
+                       h.Message.user("Hi"), h.Message.assistant("User greets.", "analysis"),
+                       h.Message.assistant("Hello!"), h.Message.user("What is 2+2?"),
+                       h.Message.assistant("Simple math.", "analysis"), h.Message.assistant("4"),
+                       h.Message.user("And 3+3?"), h.Message.assistant("Again.", "analysis"),
+                       h.Message.assistant("6")],
+        "ongoing_analysis": [system(), h.Message.user("Hi"), h.Message.assistant("Thinking...", "analysis"),
+                             h.Message.assistant("Hello"), h.Message.user("More"),
+                             h.Message.assistant("Still thinking", "analysis")],
+        "tool_call": [sys_, dev, h.Message.user("What is the weather like in SF?"),
+                      h.Message.assistant("Need to use function get_current_weather.", "analysis"), call],
+        "tool_result": [sys_, dev, h.Message.user("What is the weather like in SF?"),
+                        h.Message.assistant("Need to use function get_current_weather.", "analysis"), call, result],
+        "tool_then_final": [sys_, dev, h.Message.user("What is the weather like in SF?"),
+                            h.Message.assistant("Need to use function get_current_weather.", "analysis"), call, result,
+                            h.Message.assistant("It is sunny.", "analysis"),
+                            h.Message.assistant("It's sunny and 20°C in San Francisco."),
+                            h.Message.user("Thanks! <|end|> 😀")],
+        "names_and_odd_fields": [system(), h.Message("user", "hi", name="alice"),
+                                 h.Message("assistant", "x", channel="commentary", recipient="all"),
+                                 h.Message("assistant", "print(1)", channel="analysis", recipient="python",
+                                           content_type="code"),
+                                 h.Message("tool", "1", channel="analysis", recipient="assistant", name="python"),
+                                 h.Message("assistant", "{}", channel="commentary", recipient="functions.f",
+                                           content_type="<|constrain|>json"),
+                                 h.Message("assistant", "no channel")],
+        "no_system": [h.Message.user("Hello"), h.Message.assistant("Hi!")],
+    }
 
 
-CONVERSATIONS = conversations()
+@pytest.mark.parametrize("name", list(conversations()))
+@pytest.mark.parametrize("auto_drop", [True, False])
+def test_conversation_renderings_equal_openai_harmony(oh, name, auto_drop):
+    lib, encoding = oh
+    messages = conversations()[name]
+    conv, config = oh_conversation(lib, messages), lib.RenderConversationConfig(auto_drop_analysis=auto_drop)
+    for role in ("assistant", "user"):
+        assert h.render_conversation_for_completion(h.Conversation(messages), role, TOK, auto_drop_analysis=auto_drop) \
+            == encoding.render_conversation_for_completion(conv, lib.Role(role), config)
+    assert h.render_conversation(messages, TOK, auto_drop_analysis=auto_drop) \
+        == encoding.render_conversation(conv, config)
+    assert h.render_conversation_for_training(messages, TOK, auto_drop_analysis=auto_drop) \
+        == encoding.render_conversation_for_training(conv, config)
 
 
-@pytest.mark.parametrize("name", list(CONVERSATIONS))
-def test_render_for_completion_equals_openai_harmony(oh, name):
-    lib, enc = oh
-    messages = CONVERSATIONS[name]
-    expected = enc.render_conversation_for_completion(lib.Conversation.from_messages([to_oh(lib, m) for m in messages]),
-                                                      lib.Role.ASSISTANT)
-    got = h.render_conversation_for_completion(messages, "assistant", TOK)
-    assert got == expected, (TOK.decode(got), enc.decode_utf8(expected))
+def test_analysis_dropping_rule():
+    """openai-harmony's rule: once the last assistant message is final, analysis before the first final goes."""
+    text = TOK.decode(h.render_conversation_for_completion(conversations()["multi_turn"], "assistant", TOK))
+    assert "User greets." not in text and "Simple math." in text and "Again." in text and "Hello!" in text
+    assert text.endswith("<|start|>assistant<|channel|>final<|message|>6<|end|><|start|>assistant")
+    ongoing = TOK.decode(h.render_conversation_for_completion(conversations()["ongoing_analysis"], "assistant", TOK))
+    assert "Thinking..." in ongoing and "Still thinking" in ongoing
 
 
-@pytest.mark.parametrize("name", ["tools-high", "assistant-last-final", "mid-tool-call", "plain-low"])
-def test_render_for_training_equals_openai_harmony(oh, name):
-    lib, enc = oh
-    messages = CONVERSATIONS[name]
-    expected = enc.render_conversation_for_training(lib.Conversation.from_messages([to_oh(lib, m) for m in messages]))
-    assert h.render_conversation_for_training(messages, TOK) == expected
+def test_tool_call_and_result_rendering():
+    text = TOK.decode(h.render_conversation(conversations()["tool_result"], TOK))
+    assert text.endswith('<|start|>assistant to=functions.get_current_weather<|channel|>commentary <|constrain|>json'
+                         '<|message|>{"location": "San Francisco, CA"}<|call|>'
+                         '<|start|>functions.get_current_weather to=assistant<|channel|>commentary<|message|>'
+                         '{"sunny": true, "temperature": 20}<|end|>')
+    ids = h.render_message(h.Message.tool_call("f", {"a": 1}), TOK)
+    assert ids[ids.index(S["<|constrain|>"]) - 1] == TOK.encode_ordinary(" ")[0]  # " " then the marker token
+    training = h.render_conversation_for_training(conversations()["multi_turn"], TOK)
+    assert training[-1] == TOK.return_ and training.count(TOK.return_) == 1
+    assert set(h.stop_tokens_for_assistant_actions(TOK)) == {TOK.return_, TOK.call}
 
 
-def test_previous_analysis_is_dropped_once_answered():
-    text = TOK.decode(h.render_conversation_for_completion(CONVERSATIONS["tools-medium"], "assistant", TOK))
-    assert "Need to call the weather tool." not in text and "The user wants a summary." not in text
-    assert "It is 21 °C" in text
-    mid = TOK.decode(h.render_conversation_for_completion(CONVERSATIONS["mid-tool-call"], "assistant", TOK))
-    assert "Need to call the weather tool." in mid  # the turn is not over: its reasoning stays
+def test_stop_tokens_equal_openai_harmony(oh):
+    _, encoding = oh
+    assert h.stop_tokens(TOK) == set(encoding.stop_tokens())
+    assert h.stop_tokens_for_assistant_actions(TOK) == set(encoding.stop_tokens_for_assistant_actions())
 
 
-def completion_tokens(messages: list[h.Message]) -> list[int]:
-    """What a model would emit after the prompt's `<|start|>assistant`: the rendered messages, minus the first
-    message's <|start|>assistant, ending in <|return|> or <|call|>."""
-    toks = h.render_conversation(messages, TOK, drop_analysis=False)
-    assert toks[:2] == [TOK.start] + TOK.encode_ordinary("assistant")
-    toks = toks[2:]
-    if messages[-1].channel == "final":
-        toks[-1] = TOK.return_
-    return toks
+def test_render_errors():
+    with pytest.raises(h.HarmonyError, match="tool's name"):
+        h.render_message(h.Message("tool", "result"), TOK)
+    with pytest.raises(h.HarmonyError, match="SystemContent"):
+        h.render_message(h.Message("user", h.SystemContent()), TOK)
+    with pytest.raises(h.HarmonyError, match="unknown role"):
+        h.render_message(h.Message("robot", "x"), TOK)
 
 
-COMPLETIONS = {
-    "analysis-final": [h.Message.assistant("Let me add 12 and 30: 42.", "analysis"), h.Message.assistant("42")],
-    "tool-call": [h.Message.assistant("I should check.", "analysis"),
-                  h.Message.tool_call("get_weather", '{"location":"Tōkyō"}')],
-    "commentary-preamble": [h.Message.assistant("Checking the weather now.", "commentary"),
-                            h.Message.tool_call("functions.lookup", "{}")],
-    "unicode": [h.Message.assistant("思考中… 🤔🤔", "analysis"), h.Message.assistant("答え: 👍🏽 naïve")],
-}
+# ---------------------------------------------------------------------------------------------- parsing
+COMPLETIONS = [  # completions as a model emits them (the tokens after the prompt's "<|start|>assistant")
+    "<|channel|>final<|message|>Hello there!<|return|>",
+    "<|channel|>analysis<|message|>User asks 2+2. Easy.<|end|><|start|>assistant<|channel|>final<|message|>4<|return|>",
+    '<|channel|>analysis<|message|>Need the weather.<|end|><|start|>assistant<|channel|>commentary '
+    'to=functions.get_current_weather <|constrain|>json<|message|>{"location": "San Francisco"}<|call|>',
+    '<|channel|>commentary to=functions.get_weather<|constrain|>json<|message|>{"a": 1}<|call|>',
+    ' to=functions.get_weather<|channel|>commentary <|constrain|>json<|message|>{"a": 1}<|call|>',
+    "<|channel|>commentary to=python code<|message|>print('héllo')<|call|>",
+    "<|channel|>final<|message|>Température: 20 °C à 東京 😀🎉 — naïve café<|return|>",
+    "<|channel|>final<|message|>no end token, truncated by max_tokens",
+    "<|channel|>analysis<|message|>thinking<|end|>",
+    "<|channel|>commentary<|message|>Working on it.<|end|><|start|>assistant<|channel|>final<|message|>Done.<|end|>",
+    "<|message|>no header at all<|return|>",
+    "assistant<|channel|>final<|message|>repeated role<|return|>",
+    "<|channel|>final to=user<|message|>odd recipient<|return|>",
+    "<|channel|>final<|message|><|return|>",
+]
+TOOL_SIDE = [  # role None: whole messages, as openai-harmony's test_tool_response_parsing
+    "<|start|>functions.get_weather to=assistant<|channel|>commentary<|message|>{\"sunny\": true}<|end|>",
+    "<|start|>user<|message|>hi<|end|><|start|>assistant<|channel|>final<|message|>hello<|return|>",
+    "<|start|>tool to=assistant<|channel|>commentary<|message|>x<|end|>",
+]
 
 
-@pytest.mark.parametrize("name", list(COMPLETIONS))
-def test_parse_equals_openai_harmony(oh, name):
-    lib, enc = oh
-    tokens = completion_tokens(COMPLETIONS[name])
-    expected = [from_oh(m) for m in enc.parse_messages_from_completion_tokens(tokens, lib.Role.ASSISTANT)]
+@pytest.mark.parametrize("text", COMPLETIONS)
+def test_parse_equals_openai_harmony(oh, text):
+    lib, encoding = oh
+    tokens = enc(text)
+    expected = [from_oh(m) for m in encoding.parse_messages_from_completion_tokens(tokens, lib.Role.ASSISTANT)]
     assert [ours(m) for m in h.parse_messages(tokens, "assistant", TOK)] == expected
-    assert [e[2:] for e in expected] == [(m.channel, m.recipient, m.content_type, m.content)
-                                         for m in COMPLETIONS[name]]
 
 
-def test_model_style_tool_call_header_parses_like_openai_harmony(oh):
-    """Models put the recipient after the channel: `<|channel|>commentary to=functions.x <|constrain|>json`."""
-    lib, enc = oh
-    tokens = TOK.encode("<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>"
-                        '{"location": "Oslo"}<|call|>', allowed_special="all")
-    expected = [from_oh(m) for m in enc.parse_messages_from_completion_tokens(tokens, lib.Role.ASSISTANT)]
-    got = [ours(m) for m in h.parse_messages(tokens, "assistant", TOK)]
-    assert got == expected
-    assert got[0][2:] == ("commentary", "functions.get_weather", "<|constrain|>json", '{"location": "Oslo"}')
+@pytest.mark.parametrize("text", TOOL_SIDE)
+def test_parse_without_role_equals_openai_harmony(oh, text):
+    _, encoding = oh
+    tokens = enc(text)
+    expected = [from_oh(m) for m in encoding.parse_messages_from_completion_tokens(tokens, None)]
+    assert [ours(m) for m in h.parse_messages(tokens, None, TOK)] == expected
 
 
-@pytest.mark.parametrize("name", list(COMPLETIONS))
-def test_stream_parser_deltas_match_openai_harmony(oh, name):
-    lib, enc = oh
-    tokens = completion_tokens(COMPLETIONS[name])
-    theirs = lib.StreamableParser(enc, role=lib.Role.ASSISTANT)
-    parser = h.StreamParser(TOK, "assistant")
-    our_deltas, their_deltas = [], []
+@pytest.mark.parametrize("name", list(conversations()))
+def test_rendered_conversation_parses_back(oh, name):
+    """Render with both, parse every message back with both (role None: the header names the author)."""
+    lib, encoding = oh
+    # (openai-harmony cannot parse back the "user:alice" it renders for a named author: tested below)
+    messages = [m for m in conversations()[name] if isinstance(m.content, str) and (m.role == "tool" or not m.name)]
+    tokens = h.render_conversation(messages, TOK, auto_drop_analysis=False)
+    assert tokens == encoding.render_conversation(oh_conversation(lib, messages),
+                                                  lib.RenderConversationConfig(auto_drop_analysis=False))
+    parsed = h.parse_messages(tokens, None, TOK)
+    assert [ours(m) for m in parsed] == [from_oh(m) for m in encoding.parse_messages_from_completion_tokens(tokens)]
+    canonical = [h.Message(m.role, m.content, m.channel, None if m.recipient == "all" else m.recipient,
+                           "json" if m.content_type == h.CONSTRAIN + "json" else m.content_type, m.name)
+                 for m in messages]
+    assert [ours(m) for m in parsed] == [ours(m) for m in canonical]
+    # round trip (but "to=all" is not rendered, so that message's <|call|> becomes <|end|>)
+    assert h.render_conversation(parsed, TOK, auto_drop_analysis=False) == \
+        h.render_conversation(canonical, TOK, auto_drop_analysis=False)
+
+
+def stream(tokens, role="assistant"):
+    parser = h.StreamParser(TOK, role=role)
+    deltas = parser.feed(tokens)
+    return parser, deltas, parser.finish()
+
+
+@pytest.mark.parametrize("text", COMPLETIONS)
+def test_stream_deltas_rebuild_the_messages(oh, text):
+    lib, encoding = oh
+    tokens = enc(text)
+    parser, deltas, messages = stream(tokens)
+    for i, m in enumerate(messages):
+        mine = [d for d in deltas if d.message_index == i]
+        assert "".join(d.text for d in mine) == m.content
+        assert all((d.role, d.channel, d.recipient, d.content_type) ==
+                   (m.role, m.channel, m.recipient, m.content_type) for d in mine)
+    # token by token: the same deltas and channel as openai-harmony's StreamableParser
+    theirs = lib.StreamableParser(encoding, lib.Role.ASSISTANT)
+    ours_p = h.StreamParser(TOK, role="assistant")
     for t in tokens:
         theirs.process(t)
-        if theirs.last_content_delta:
-            their_deltas.append((theirs.current_channel, theirs.last_content_delta))
-        d = parser.process(t)
-        if d is not None:
-            our_deltas.append((d.channel, d.text))
-    assert our_deltas == their_deltas
-    assert [ours(m) for m in parser.finish()] == [from_oh(m) for m in theirs.messages]
+        d = ours_p.process(t)
+        assert (d.text if d else None) == theirs.last_content_delta
+        assert ours_p.current_channel == theirs.current_channel
+        assert ours_p.current_recipient == theirs.current_recipient
+        assert ours_p.current_content == theirs.current_content
+        assert ours_p.current_role == (theirs.current_role.value if theirs.current_role else None)
+        assert [ours(m) for m in ours_p.messages] == [from_oh(m) for m in theirs.messages]
+
+
+def test_stream_state_and_multiple_messages():
+    tokens = enc(COMPLETIONS[2])
+    parser = h.StreamParser(TOK, role="assistant")
+    seen = []
+    for t in tokens:
+        if parser.process(t) is not None:
+            seen.append((parser.current_channel, parser.current_recipient, parser.current_content_type))
+        if t == S["<|end|>"]:
+            assert parser.state == "expect_start" and len(parser.messages) == 1
+            assert parser.messages[0].content == "Need the weather."
+    assert seen[0] == ("analysis", None, None)
+    assert seen[-1] == ("commentary", "functions.get_current_weather", "json")
+    (analysis, call) = parser.finish()
+    assert call.is_tool_call and call.json_content() == {"location": "San Francisco"}
+    assert parser.current is None and parser.state == "expect_start"
 
 
 def test_utf8_split_across_tokens_streams_whole_characters():
-    text = "🤖" * 3 + "é"
-    ids = TOK.encode(text)
-    assert any(not TOK.decode_bytes([i]).decode("utf-8", errors="ignore") for i in ids)  # some tokens are partial
-    parser = h.StreamParser(TOK, "assistant")
-    for t in TOK.encode("<|channel|>final<|message|>", allowed_special="all"):
-        parser.process(t)
-    deltas = [d.text for t in ids if (d := parser.process(t)) is not None]
-    assert "".join(deltas) == text and all("\ufffd" not in d for d in deltas)
+    text = "😀🎉 東京 naïve — ἀρχή 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 "
+    body = TOK.encode_ordinary(text)
+    assert any(not _is_utf8(TOK.decode_bytes([t])) for t in body)  # some tokens do split characters
+    parser, deltas, messages = stream([S["<|channel|>"], *TOK.encode_ordinary("final"), S["<|message|>"], *body,
+                                       S["<|return|>"]])
+    assert all("\ufffd" not in d.text for d in deltas) and "".join(d.text for d in deltas) == text
+    assert messages[0].content == text
 
 
-@pytest.mark.parametrize("completion, expected", [
-    # no <|message|>: the header words become the content, channel kept (as openai-harmony non-strict)
-    ("<|channel|>final Hello there<|return|>", [("assistant", "final", "Hello there")]),
-    # no header at all, cut off by max_tokens
-    ("just text", [("assistant", None, "just text")]),
-    # a message cut off by max_tokens
-    ("<|channel|>analysis<|message|>thinking about", [("assistant", "analysis", "thinking about")]),
-    # <|start|> without <|end|>: the open message is closed
-    ("<|channel|>analysis<|message|>a<|start|>assistant<|channel|>final<|message|>b<|return|>",
-     [("assistant", "analysis", "a"), ("assistant", "final", "b")]),
-    # unknown channel and stray special token in content are kept, not fatal
-    ("<|channel|>secret<|message|>x<|constrain|>y<|end|>", [("assistant", "secret", "x<|constrain|>y")]),
-    # empty completion
-    ("", []),
-    # only a stop token
-    ("<|return|>", []),
-])
-def test_lenient_parsing_of_malformed_output(completion, expected):
-    tokens = TOK.encode(completion, allowed_special="all")
-    got = [(m.role, m.channel, m.content) for m in h.parse_messages(tokens, "assistant", TOK)]
-    assert got == expected
+def _is_utf8(b: bytes) -> bool:
+    try:
+        b.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
 
 
-def test_tool_message_needs_a_name():
-    with pytest.raises(h.HarmonyError, match="tool's name"):
-        h.render_message(h.Message("tool", "x"), TOK)
-    with pytest.raises(h.HarmonyError, match="SystemContent may only appear in a system message"):
-        h.render_message(h.Message("user", h.SystemContent()), TOK)
+def test_invalid_utf8_becomes_replacement_like_openai_harmony(oh):
+    lib, encoding = oh
+    # a token whose bytes are not valid UTF-8 on their own, never completed (its continuation never comes)
+    lone = next(t for t in range(256, 5000) if not _is_utf8(TOK.decode_bytes([t])))
+    for tokens in ([*enc("<|channel|>final<|message|>a"), lone, *enc("b<|return|>")],
+                   [*enc("<|channel|>final<|message|>a"), lone],
+                   [*enc("<|channel|>final<|message|>"), lone, lone, *enc("<|end|>")]):
+        expected = [from_oh(m) for m in encoding.parse_messages_from_completion_tokens(tokens, lib.Role.ASSISTANT)]
+        assert [ours(m) for m in h.parse_messages(tokens, "assistant", TOK)] == expected
+
+
+def well_formed_completion(rng: random.Random) -> str:
+    """A random, well-formed completion: 1-3 messages of random channels, recipients and contents."""
+    words = ["hello", " world", " 😀", "東京", " naïve", "\n", "  ", '{"a": [1, 2]}', "é", "0.5", "🎉🎉",
+             " to=x"]
+    out = []
+    for i in range(rng.randint(1, 3)):
+        channel = rng.choice(["analysis", "commentary", "final"])
+        header = ("" if i == 0 else "<|start|>assistant") + f"<|channel|>{channel}"
+        if channel == "commentary" and rng.random() < 0.5:
+            header += rng.choice([" to=functions.f <|constrain|>json", " to=functions.get_weather",
+                                  "<|constrain|>json to=functions.x"])
+        body = "".join(rng.choice(words) for _ in range(rng.randint(0, 8)))
+        out.append(f"{header}<|message|>{body}" + rng.choice(["<|end|>", "<|return|>", "<|call|>"]))
+    return "".join(out)
+
+
+def test_random_well_formed_completions_equal_openai_harmony(oh):
+    lib, encoding = oh
+    rng = random.Random(0)
+    for _ in range(300):
+        text = well_formed_completion(rng)
+        tokens = enc(text)
+        cut = tokens[:rng.randint(1, len(tokens))] if rng.random() < 0.3 else tokens
+        try:
+            expected = [from_oh(m) for m in encoding.parse_messages_from_completion_tokens(cut, lib.Role.ASSISTANT)]
+        except Exception:  # openai-harmony gives up (e.g. cut inside a header); ours must not raise
+            h.parse_messages(cut, "assistant", TOK)
+            continue
+        assert [ours(m) for m in h.parse_messages(cut, "assistant", TOK)] == expected, text
+
+
+# ---------------------------------------------------------------------------------------------- leniency
+def parse_tokens(tokens: list[int], role="assistant") -> list[tuple]:
+    return [(m.role, m.channel, m.recipient, m.content_type, m.content) for m in h.parse_messages(tokens, role, TOK)]
+
+
+def parse(text: str, role="assistant") -> list[tuple]:
+    return parse_tokens(enc(text), role)
+
+
+def test_lenient_missing_message_token():
+    assert parse("<|channel|>final Hello there<|return|>") == [("assistant", "final", None, None, "Hello there")]
+    assert parse("<|channel|>commentary to=functions.f <|constrain|>json{\"x\": 1}<|call|>") == [
+        ("assistant", "commentary", "functions.f", "json", '{"x": 1}')]
+    assert parse("Just some text, no header.<|end|>") == [("assistant", None, None, None, "Just some text, no header.")]
+    assert parse("Just text, no end") == [("assistant", None, None, None, "Just text, no end")]
+    assert parse("<|channel|>analysis<|end|>") == [("assistant", "analysis", None, None, "")]
+
+
+def test_lenient_missing_message_token_like_openai_harmony_non_strict(oh):
+    lib, encoding = oh
+    tokens = enc("<|channel|>final Hello there<|return|>")
+    (theirs,) = encoding.parse_messages_from_completion_tokens(tokens, lib.Role.ASSISTANT, strict=False)
+    (mine,) = h.parse_messages(tokens, "assistant", TOK)
+    assert (mine.channel, mine.content) == (theirs.channel, theirs.content[0].text)
+
+
+def test_lenient_structure_inside_content():
+    # <|end|> forgotten: a <|start|> or a <|channel|> begins the next message
+    two = [("assistant", "analysis", None, None, "thinking"), ("assistant", "final", None, None, "answer")]
+    assert parse("<|channel|>analysis<|message|>thinking<|start|>assistant<|channel|>final<|message|>answer") == two
+    assert parse("<|channel|>analysis<|message|>thinking<|channel|>final<|message|>answer<|return|>") == two
+    # <|start|> forgotten between messages; stray special tokens dropped; <|endoftext|> ends a message
+    assert parse("<|channel|>analysis<|message|>thinking<|end|>assistant<|channel|>final<|message|>answer") == two
+    assert parse("<|channel|>analysis<|message|>think<|reserved_200100|>ing<|end|><|end|>"
+                 "<|channel|>final<|message|>ans<|message|>wer<|endoftext|>") == two
+    # the prompt's role repeated, or a whole <|start|>assistant at the beginning
+    assert parse("<|start|>assistant<|channel|>final<|message|>answer<|return|>") == two[1:]
+    # an unknown channel is kept as the model wrote it, an empty one is no channel
+    assert parse("<|channel|>thoughts<|message|>x<|end|><|channel|><|message|>y") == [
+        ("assistant", "thoughts", None, None, "x"), ("assistant", None, None, None, "y")]
+    # no end at all, and cut inside the header
+    assert parse("<|channel|>final<|message|>partial") == [("assistant", "final", None, None, "partial")]
+    assert parse("<|channel|>fin") == [("assistant", "fin", None, None, "")]
+    assert h.parse_messages([], "assistant", TOK) == []
+    assert h.parse_messages(enc("<|return|>"), "assistant", TOK) == []
+
+
+def test_truncated_tool_call_keeps_raw_arguments():
+    (analysis, call) = h.parse_messages(enc(
+        '<|channel|>analysis<|message|>Need weather.<|end|><|start|>assistant<|channel|>commentary '
+        'to=functions.get_weather <|constrain|>json<|message|>{"location": "San Fr'), "assistant", TOK)
+    assert (call.recipient, call.content_type) == ("functions.get_weather", "json")
+    assert call.content == '{"location": "San Fr'
+    assert call.is_tool_call and call.json_content() == {"location": "San Fr"}
+
+
+def test_lenient_headers():
+    # a lone "<|constrain|>json" is a content type (openai-harmony would call it the recipient)
+    assert parse("<|channel|>commentary<|constrain|>json<|message|>{}<|call|>") == [
+        ("assistant", "commentary", None, "json", "{}")]
+    # too many header words: the to= word is the recipient, the constrain word the content type
+    assert parse("<|channel|>commentary junk to=functions.f more <|constrain|>json<|message|>{}<|call|>") == [
+        ("assistant", "commentary", "functions.f", "json", "{}")]
+    # role None and an unknown author: a tool
+    (m,) = h.parse_messages(enc("<|start|>functions.lookup<|message|>42<|end|>"), None, TOK)
+    assert (m.role, m.name, m.content) == ("tool", "functions.lookup", "42")
+    # a named author, as rendered: "user:alice"
+    named = h.Message("user", "hi", name="alice")
+    assert h.parse_messages(h.render_message(named, TOK), None, TOK) == [named]
+
+
+def test_header_without_message_token_streams_after_the_limit():
+    """A model that writes plain text (no header at all) still streams, once the text cannot be a header."""
+    words = TOK.encode_ordinary(" word" * (h.StreamParser.MAX_HEADER_TOKENS + 20))
+    parser = h.StreamParser(TOK)
+    deltas = parser.feed(words)
+    assert deltas and parser.state == "content"
+    (m,) = parser.finish()
+    assert m.content == ("word" + " word" * (h.StreamParser.MAX_HEADER_TOKENS + 19))
+
+
+def test_random_tokens_never_raise():
+    rng = random.Random(1)
+    specials = [S[n] for n in ("<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|constrain|>",
+                               "<|return|>", "<|call|>", "<|endoftext|>")] + [200500, 201087]
+    text_ids = TOK.encode_ordinary("assistant final analysis commentary to=functions.f json 😀 東京 { } \" \n")
+    for _ in range(400):
+        tokens = [rng.choice(specials) if rng.random() < 0.3 else
+                  rng.choice(text_ids) if rng.random() < 0.7 else rng.randrange(0, 201088)
+                  for _ in range(rng.randint(0, 60))]
+        for role in ("assistant", None):
+            parser = h.StreamParser(TOK, role=role)
+            for t in tokens:
+                d = parser.process(t)
+                assert d is None or isinstance(d.text, str)
+            for m in parser.finish():
+                assert m.role in h.ROLES and isinstance(m.content, str)
+                h.render_message(m if m.role != "tool" or m.name else h.Message("tool", m.content, name="t"), TOK)
+
+
+def test_out_of_vocabulary_ids_are_ignored():
+    tokens = [*enc("<|channel|>final<|message|>a"), 10**9, -1, *enc("b")]
+    assert parse_tokens(tokens) == [("assistant", "final", None, None, "ab")]
+
+
+def test_loads_lenient():
+    assert h.loads_lenient('{"a": 1}') == {"a": 1}
+    assert h.loads_lenient('```json\n{"a": 1}\n```') == {"a": 1}
+    assert h.loads_lenient('{"a": 1} and then some') == {"a": 1}
+    assert h.loads_lenient('{"location": "San Fran') == {"location": "San Fran"}
+    assert h.loads_lenient('{"a": [1, 2, {"b": "c"') == {"a": [1, 2, {"b": "c"}]}
+    assert h.loads_lenient('{"a": 1, "b":') == {"a": 1}
+    assert h.loads_lenient('{"a": 1, "b": tr') == {"a": 1}
+    assert h.loads_lenient('{"a": "x\\') == {"a": "x"} == h.loads_lenient('{"a": "x\\u00')
+    assert h.loads_lenient('{"a": "\\u00e9t\\u00') == {"a": "ét"}
+    assert h.loads_lenient('[1, 2, 3') == [1, 2, 3]
+    assert h.loads_lenient("no json here") is None and h.loads_lenient("") is None
+    assert h.Message.tool_call("f", '{"x": "trunc').json_content() == {"x": "trunc"}
