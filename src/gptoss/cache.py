@@ -36,6 +36,7 @@ class LayerCache:
     def update(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
         """Add k/v [B, T, K, Dh] at `positions` [B, T]; return the keys, values and positions to attend to."""
         T = k.shape[1]
+        k, v = k.to(self.k.dtype), v.to(self.v.dtype)
         if self.length + T > self.max_len:
             raise GenerationError(f"context limit exceeded: {self.length} cached + {T} new tokens > {self.max_len}")
         if self.ring:
@@ -54,6 +55,12 @@ class LayerCache:
             keys, values, pos = self.k[:, :end], self.v[:, :end], self.pos[:, :end]
         self.length += T
         return keys, values, pos
+
+
+def default_cache_dtype(model_dtype: torch.dtype, device) -> torch.dtype:
+    """fp32 on CPU: attention runs in fp32, and converting a bf16 cache every step costs more (≈3× at 4k
+    context) than the doubled cache memory; the model's dtype elsewhere (GPUs have bf16 math and less memory)."""
+    return torch.float32 if torch.device(device or "cpu").type == "cpu" else model_dtype
 
 
 class KVCache:

@@ -13,7 +13,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .cache import KVCache
+from .cache import KVCache, default_cache_dtype
 from .errors import GenerationError
 from .model import Transformer
 
@@ -98,7 +98,8 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], params: Sampl
         raise GenerationError(f"prompt of {longest} tokens + max_tokens {params.max_tokens} exceeds the context "
                          f"limit of {limit}")
     tokens, positions = left_pad(prompts, device)
-    cache = KVCache(model.config, B, max_len=tokens.shape[1] + params.max_tokens, device=device, dtype=model.dtype)
+    cache = KVCache(model.config, B, max_len=tokens.shape[1] + params.max_tokens, device=device,
+                    dtype=default_cache_dtype(model.dtype, device))
     generators = None
     if params.seed is not None:
         generators = [torch.Generator(device=device).manual_seed(params.seed + i) for i in range(B)]

@@ -16,8 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import mxfp4
+from . import kernels, mxfp4
 from .config import ModelConfig
+
+# Up to this many (token, expert) rows the MoE runs the fused MXFP4 kernel (decode, small batches); beyond
+# it, tokens are grouped by expert and each expert is dequantized once for a GEMM (prefill).
+DECODE_MAX_ROWS = 64
 
 
 def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
@@ -100,12 +104,17 @@ def sdpa_with_sinks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: to
     The sink is an extra column of scores dropped after the softmax, so a head may attend to "nothing".
     """
     B, T, K, G, Dh = q.shape
-    scores = at_least_fp32(torch.einsum("btkgd,bskd->bkgts", q, k)) / math.sqrt(Dh)  # (B, K, G, T, S)
+    out_dtype = q.dtype  # the activations' dtype (the cache may hold fp32)
+    # fp32 throughout: exact softmax, and CPUs without bf16 arithmetic run fp32 matmuls ~10× faster.
+    q, k, v = at_least_fp32(q), at_least_fp32(k), at_least_fp32(v)
+    q = q.permute(0, 2, 3, 1, 4).reshape(B, K, G * T, Dh)  # (B, K, G·T, Dh): a query group is one matmul
+    scores = torch.matmul(q, k.permute(0, 2, 3, 1)).view(B, K, G, T, -1) / math.sqrt(Dh)  # (B, K, G, T, S)
     scores = scores.masked_fill(~mask[:, None, None], float("-inf"))
     sink = sinks.to(scores.dtype).reshape(1, K, G, 1, 1).expand(B, K, G, T, 1)
-    weights = torch.softmax(torch.cat((scores, sink), dim=-1), dim=-1)[..., :-1]  # fp32 softmax
-    out = torch.einsum("bkgts,bskd->btkgd", weights.to(v.dtype), v)  # (B, T, K, G, Dh)
-    return out.reshape(B, T, K * G * Dh)
+    weights = torch.softmax(torch.cat((scores, sink), dim=-1), dim=-1)[..., :-1]
+    out = torch.matmul(weights.reshape(B, K, G * T, -1), v.permute(0, 2, 1, 3))  # (B, K, G·T, Dh)
+    out = out.view(B, K, G, T, Dh).permute(0, 3, 1, 2, 4)  # (B, T, K, G, Dh)
+    return out.reshape(B, T, K * G * Dh).to(out_dtype)
 
 
 class Attention(nn.Module):
@@ -159,8 +168,8 @@ class MXFP4Weight(nn.Module):
                                                   dtype=torch.uint8, device=device))
 
     def expert(self, e: int, dtype: torch.dtype) -> torch.Tensor:
-        """Dense [out, in] weight of expert e."""
-        return mxfp4.dequantize(self.blocks[e], self.scales[e], dtype)
+        """Dense [out, in] weight of expert e (a transient copy of one expert, for a prefill GEMM)."""
+        return kernels.mxfp4_dequantize(self.blocks[e], self.scales[e], dtype)
 
     def nbytes(self) -> int:
         return mxfp4.nbytes(self.blocks, self.scales)
@@ -185,19 +194,36 @@ class MoE(nn.Module):
         return experts, torch.softmax(top.float(), dim=-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        c = self.config
         B, T, D = x.shape
         t = self.norm(x).reshape(B * T, D)
-        experts, weights = self.route(t)
-        out = torch.zeros(B * T, D, dtype=torch.float32, device=x.device)
-        # Group tokens by expert: one matmul per active expert, each expert dequantized once per call.
+        experts, weights = self.route(t)  # (N, k) each
+        if x.device.type == "cpu" and x.dtype != torch.float64 and experts.numel() <= DECODE_MAX_ROWS:
+            out = self._fused(t.to(x.dtype), experts, weights)
+        else:
+            out = self._grouped(t.to(x.dtype), experts, weights)
+        return x + out.view(B, T, D).to(x.dtype)
+
+    def _fused(self, t: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Decode: each (token, expert) pair is a row; the kernel reads only the chosen experts' MXFP4 bytes."""
+        c, (N, k) = self.config, experts.shape
+        rows = experts.reshape(N * k)
+        h = kernels.mxfp4_linear(t.repeat_interleave(k, dim=0), self.mlp1_weight.blocks, self.mlp1_weight.scales,
+                                 self.mlp1_bias, rows)  # (N·k, 2I) fp32
+        h = swiglu(h, c.swiglu_alpha, c.swiglu_limit).to(t.dtype)  # (N·k, I), rounded as the GEMM path does
+        y = kernels.mxfp4_linear(h, self.mlp2_weight.blocks, self.mlp2_weight.scales, self.mlp2_bias, rows)
+        return (y.view(N, k, -1) * weights[..., None]).sum(dim=1)  # (N, D) fp32
+
+    def _grouped(self, t: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Prefill: group tokens by expert, one matmul per active expert, each expert dequantized once."""
+        c = self.config
+        out = torch.zeros(t.shape[0], c.hidden_size, dtype=torch.float32, device=t.device)
         for e in experts.unique().tolist():
             token, slot = (experts == e).nonzero(as_tuple=True)
-            h = F.linear(t[token], self.mlp1_weight.expert(e, x.dtype), self.mlp1_bias[e])  # (n, 2I)
+            h = F.linear(t[token], self.mlp1_weight.expert(e, t.dtype), self.mlp1_bias[e])  # (n, 2I)
             h = swiglu(h, c.swiglu_alpha, c.swiglu_limit)  # (n, I)
-            y = F.linear(h, self.mlp2_weight.expert(e, x.dtype), self.mlp2_bias[e])  # (n, D)
+            y = F.linear(h, self.mlp2_weight.expert(e, t.dtype), self.mlp2_bias[e])  # (n, D)
             out.index_add_(0, token, y.float() * weights[token, slot, None])
-        return x + out.view(B, T, D).to(x.dtype)
+        return out
 
 
 # ---------------------------------------------------------------- the model

@@ -1,0 +1,177 @@
+"""Decode and prefill speed, memory, and the bandwidth limit, on a real-size checkpoint.
+
+    python benchmarks/make_checkpoint.py --preset gpt-oss-20b /data/gpt-oss-20b      # once, ≈ 4 min
+    python benchmarks/bench_decode.py /data/gpt-oss-20b --contexts 128 4096
+
+Decode at batch 1 is memory-bound: every token reads the attention weights, k of E experts per layer, the
+router and the unembedding. `bytes/token` counts exactly those (the KV cache aside); the limit is the
+machine's read bandwidth (a 1 GiB reduction, measured in the same run) divided by it. Contexts are set up
+by writing random keys/values into the cache (a 4096-token prefill would only measure prefill), so the
+decode cost can be read per layer type: sliding-window layers must not grow with the context.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import gptoss
+from gptoss.cache import KVCache, default_cache_dtype
+
+
+def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
+    """Bytes/s of a large reduction: what streaming weights from RAM can reach on this machine."""
+    a = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32)
+    a.sum()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a.sum()
+        times.append(time.perf_counter() - t)
+    return a.numel() * 4 / min(times)
+
+
+def bytes_per_token(model: gptoss.Transformer) -> int:
+    """Weight bytes one decode step reads: all but the embedding table and the unchosen experts."""
+    c = model.config
+    total = 0
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        n = t.numel() * t.element_size()
+        if name == "embedding.weight":
+            n = c.hidden_size * t.element_size()  # one row
+        elif ".mlp.mlp" in name:  # expert weights and biases: k of E
+            n = n * c.experts_per_token // c.num_experts
+        total += n
+    return total
+
+
+def rss_gib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def touch_weights(model: gptoss.Transformer) -> float:
+    """Read every weight page once (mmap faults them in), so decode timings show the steady state rather
+    than the first pass over 12.8 GB of page faults. Returns the seconds it took."""
+    t = time.perf_counter()
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        tensor.view(-1)[:: max(1, 4096 // tensor.element_size())].sum()  # one element per 4 KiB page
+    return time.perf_counter() - t
+
+
+def fill_cache(model: gptoss.Transformer, context: int) -> KVCache:
+    """A cache holding `context` positions of random keys/values (as after a prefill of that length)."""
+    c = model.config
+    cache = KVCache(c, 1, max_len=context + 64, device=model.device, dtype=default_cache_dtype(model.dtype, model.device))
+    g = torch.Generator().manual_seed(0)
+    for i, layer in enumerate(cache.layers):
+        n = min(context, c.sliding_window) if c.is_sliding(i) else context
+        k = torch.randn(1, n, c.num_key_value_heads, c.head_dim, generator=g)
+        layer.update(k, torch.randn_like(k),
+                     torch.arange(context - n, context)[None])
+        layer.length = context
+    return cache
+
+
+class LayerTimer:
+    """Wall time spent in attention of sliding vs full layers (forward pre/post hooks)."""
+
+    def __init__(self, model: gptoss.Transformer):
+        self.times = {"sliding": 0.0, "full": 0.0}
+        self._start = 0.0
+        for block in model.block:
+            kind = "sliding" if block.attn.sliding_window else "full"
+            block.attn.register_forward_pre_hook(self._pre)
+            block.attn.register_forward_hook(lambda m, a, o, kind=kind: self._post(kind))
+
+    def _pre(self, module, args):
+        self._start = time.perf_counter()
+
+    def _post(self, kind: str):
+        self.times[kind] += time.perf_counter() - self._start
+
+
+@torch.no_grad()
+def decode_speed(model, context: int, steps: int, timer: LayerTimer) -> dict:
+    cache = fill_cache(model, context)
+    token = torch.tensor([[1000]])
+    per_token = []
+    timer.times = {"sliding": 0.0, "full": 0.0}
+    for s in range(steps):
+        t = time.perf_counter()
+        logits = model(token, torch.tensor([[context + s]]), cache)
+        token = logits[:, -1].argmax(-1, keepdim=True)
+        per_token.append(time.perf_counter() - t)
+    per_token = per_token[1:]  # the first step pays page faults / kernel build
+    n_layers = {"sliding": sum(1 for b in model.block if b.attn.sliding_window),
+                "full": sum(1 for b in model.block if not b.attn.sliding_window)}
+    return {"context": context, "ms_per_token": 1e3 * statistics.median(per_token),
+            "tok_s": 1 / statistics.median(per_token),
+            "attn_ms_per_layer": {k: 1e3 * v / steps / max(n_layers[k], 1) for k, v in timer.times.items()}}
+
+
+@torch.no_grad()
+def prefill_speed(model, length: int) -> float:
+    cache = KVCache(model.config, 1, max_len=length + 1, device=model.device, dtype=default_cache_dtype(model.dtype, model.device))
+    tokens = torch.randint(0, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(1))
+    t = time.perf_counter()
+    model(tokens, None, cache, last_only=True)
+    return length / (time.perf_counter() - t)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model")
+    p.add_argument("--contexts", type=int, nargs="+", default=[128, 4096])
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--prefill", type=int, default=128, help="prefill length to time (0 = skip)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument("--cold", action="store_true", help="do not touch all weight pages before timing")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    bandwidth = read_bandwidth()
+    t = time.perf_counter()
+    model = gptoss.load(args.model, dtype=getattr(torch, args.dtype))
+    load_s = time.perf_counter() - t
+    rss_loaded = rss_gib()
+    warm_s = touch_weights(model) if not args.cold else 0.0
+    per_token_bytes = bytes_per_token(model)
+    checkpoint_bytes = sum(f.stat().st_size for f in Path(args.model).glob("*.safetensors"))
+    timer = LayerTimer(model)
+    results = {"model": str(args.model), "threads": torch.get_num_threads(), "dtype": args.dtype,
+               "read_bandwidth_GBs": bandwidth / 1e9, "load_s": load_s, "rss_after_load_GiB": rss_loaded,
+               "touch_all_pages_s": warm_s,
+               "checkpoint_GiB": checkpoint_bytes / 2**30, "bytes_per_token_GB": per_token_bytes / 1e9,
+               "limit_tok_s": bandwidth / per_token_bytes, "decode": []}
+    for context in args.contexts:
+        r = decode_speed(model, context, args.steps, timer)
+        r["fraction_of_limit"] = r["tok_s"] / results["limit_tok_s"]
+        results["decode"].append(r)
+        print(json.dumps(r), flush=True)
+    if args.prefill:
+        results["prefill_tok_s"] = prefill_speed(model, args.prefill)
+    results["peak_rss_GiB"] = peak_rss_gib()
+    print(json.dumps(results, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
