@@ -29,6 +29,20 @@ def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+class Linear(nn.Linear):
+    """nn.Linear whose few-row CPU calls with a bf16 weight (decode) use a streaming kernel: torch's generic
+    bf16 GEMM converts through slower paths on CPUs without bf16 arithmetic. Same parameters and results
+    up to the order of fp32 additions; anything else (training, prefill, GPUs) is plain F.linear."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1] if x.numel() else 0
+        if (x.device.type == "cpu" and self.weight.dtype == torch.bfloat16 and 1 <= rows <= kernels.BF16_MAX_ROWS
+                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
+            y = kernels.bf16_linear(x.reshape(rows, x.shape[-1]), self.weight, self.bias)
+            return y.view(*x.shape[:-1], -1).to(x.dtype)
+        return super().forward(x)
+
+
 # ---------------------------------------------------------------- RMSNorm
 class RMSNorm(nn.Module):
     """Scale-only RMSNorm, computed in fp32 whatever the activation dtype (GPT-oss keeps norms in fp32)."""
@@ -123,9 +137,9 @@ class Attention(nn.Module):
         self.config = config
         self.sliding_window = config.sliding_window if config.is_sliding(layer) else None
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, device=device)
-        self.qkv = nn.Linear(config.hidden_size, config.qkv_dim, bias=True, device=device, dtype=dtype)
+        self.qkv = Linear(config.hidden_size, config.qkv_dim, bias=True, device=device, dtype=dtype)
         self.sinks = nn.Parameter(torch.zeros(config.num_attention_heads, dtype=torch.float32, device=device))
-        self.out = nn.Linear(config.num_attention_heads * config.head_dim, config.hidden_size, bias=True,
+        self.out = Linear(config.num_attention_heads * config.head_dim, config.hidden_size, bias=True,
                              device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -181,7 +195,7 @@ class MoE(nn.Module):
         self.config = config
         E, D, I = config.num_experts, config.hidden_size, config.intermediate_size
         self.norm = RMSNorm(D, config.rms_norm_eps, device=device)
-        self.gate = nn.Linear(D, E, bias=True, device=device, dtype=dtype)  # the router
+        self.gate = Linear(D, E, bias=True, device=device, dtype=dtype)  # the router
         self.mlp1_weight = MXFP4Weight(E, 2 * I, D, device=device)
         self.mlp1_bias = nn.Parameter(torch.zeros(E, 2 * I, device=device, dtype=dtype))
         self.mlp2_weight = MXFP4Weight(E, D, I, device=device)
@@ -246,7 +260,7 @@ class Transformer(nn.Module):
         self.block = nn.ModuleList(Block(config, i, device=device, dtype=dtype)
                                    for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, device=device)
-        self.unembedding = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device=device, dtype=dtype)
+        self.unembedding = Linear(config.hidden_size, config.vocab_size, bias=False, device=device, dtype=dtype)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -1,16 +1,19 @@
-"""MXFP4 kernels: a C++ extension built on first use (torch cpp_extension + the machine's compiler, cached
-under ~/.cache/torch_extensions), with an exact pure-torch fallback when no compiler is available.
+"""MXFP4 CPU kernels: a C++ extension built on first use (torch.utils.cpp_extension + the machine's compiler,
+-O3 -march=native, cached under ~/.cache/torch_extensions), with an exact pure-torch fallback.
 
     mxfp4_linear(x, blocks, scales, bias, expert_ids)  row m of x times expert expert_ids[m] (decode path)
     mxfp4_dequantize(blocks, scales, dtype)            whole tensors (prefill path: one expert, then a GEMM)
+    bf16_linear(x, weight, bias)                       a bf16 nn.Linear for ≤ BF16_MAX_ROWS rows (decode)
 
-Set GPTOSS_KERNELS=0 to force the fallback.
+GPTOSS_KERNELS=0 forces the fallback (read on every call); GPTOSS_KERNELS_VERBOSE=1 shows the build.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
+import platform
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -21,6 +24,25 @@ from .. import mxfp4
 from ..errors import MXFP4Error
 
 _SOURCE = Path(__file__).with_name("mxfp4_cpu.cpp")
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}  # what the C++ side reads natively
+
+
+def _machine_tag() -> str:
+    """A short hash of the CPU and torch: -march=native code must not be reused on another machine."""
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = "".join(sorted({line for line in f if line.startswith(("model name", "flags"))}))
+    except OSError:
+        pass
+    return hashlib.sha1(f"{platform.machine()}|{cpu}|{torch.__version__}".encode()).hexdigest()[:10]
+
+
+def _short_reason(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower() or "not found" in line.lower()]
+    reason = (errors[-1] if errors else lines[0]) if lines else type(e).__name__
+    return reason[:200]
 
 
 @functools.lru_cache(maxsize=1)
@@ -28,83 +50,157 @@ def _build() -> ModuleType | None:
     try:
         from torch.utils import cpp_extension
 
-        # -fopenmp: at::parallel_for is inlined from ATen's headers and is serial without it
-        flags = ["-O3", "-march=native", "-fopenmp"]
-        return cpp_extension.load(name="gptoss_mxfp4_cpu", sources=[str(_SOURCE)], extra_cflags=flags,
-                                  extra_ldflags=["-fopenmp"], verbose=False)
+        # -fopenmp: at::parallel_for is inlined from ATen's headers and runs serially without it; the
+        # extension then shares torch's libgomp, so torch.set_num_threads applies.
+        return cpp_extension.load(name=f"gptoss_mxfp4_cpu_{_machine_tag()}", sources=[str(_SOURCE)],
+                                  extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                                  verbose=os.environ.get("GPTOSS_KERNELS_VERBOSE", "0") == "1")
     except Exception as e:  # no compiler, no headers, a build error: the fallback still gives exact results
-        reason = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
-        warnings.warn(f"gptoss: MXFP4 CPU kernels could not be built ({reason}); using the slower pure-torch "
-                      "path", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"gptoss: the MXFP4 CPU kernels could not be built ({_short_reason(e)}); using the "
+                      "slower pure-torch path", RuntimeWarning, stacklevel=4)
         return None
 
 
 def load_kernels() -> ModuleType | None:
-    """The compiled kernels, or None (GPTOSS_KERNELS=0, or the build failed)."""
-    if os.environ.get("GPTOSS_KERNELS", "1") == "0":
+    """The compiled kernels (built on the first call, then cached), or None when GPTOSS_KERNELS=0 or the
+    build failed (one warning)."""
+    if os.environ.get("GPTOSS_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
         return None
     return _build()
 
 
 def kernels_available() -> bool:
+    """Whether mxfp4_linear / mxfp4_dequantize run the compiled kernels here."""
     return load_kernels() is not None
 
 
-def _check(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
-           expert_ids: torch.Tensor) -> None:
+def _select(use_kernels: bool | None, device: torch.device, fn: str) -> ModuleType | None:
+    """use_kernels None: the kernels when available; False: pure torch; True: the kernels or an error."""
+    if use_kernels is False:
+        return None
+    lib = load_kernels() if device.type == "cpu" else None
+    if use_kernels and lib is None:
+        raise MXFP4Error(f"{fn}: the compiled kernels are not available (GPTOSS_KERNELS=0, a non-CPU tensor, "
+                         "or the build failed)")
+    return lib
+
+
+def _shape(t: torch.Tensor) -> str:
+    return f"{t.dtype} {list(t.shape)}"
+
+
+def _check_linear(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+                  expert_ids: torch.Tensor) -> None:
+    fn = "mxfp4_linear"
     if blocks.dtype != torch.uint8 or blocks.dim() != 4 or blocks.shape[-1] != mxfp4.BYTES_PER_BLOCK:
-        raise MXFP4Error(f"mxfp4_linear: blocks must be uint8 [E, N, K/32, 16], got {blocks.dtype} "
-                         f"{list(blocks.shape)}")
-    if scales.dtype != torch.uint8 or tuple(scales.shape) != tuple(blocks.shape[:3]):
-        raise MXFP4Error(f"mxfp4_linear: scales must be uint8 {list(blocks.shape[:3])} to match blocks, got "
-                         f"{scales.dtype} {list(scales.shape)}")
+        raise MXFP4Error(f"{fn}: blocks must be uint8 [E, N, K/32, {mxfp4.BYTES_PER_BLOCK}], got {_shape(blocks)}")
     E, N, G = blocks.shape[:3]
-    if x.dim() != 2 or x.shape[1] != G * mxfp4.BLOCK or not x.is_floating_point():
-        raise MXFP4Error(f"mxfp4_linear: x must be floating [M, {G * mxfp4.BLOCK}], got {x.dtype} {list(x.shape)}")
-    if bias is not None and tuple(bias.shape) != (E, N):
-        raise MXFP4Error(f"mxfp4_linear: bias must be [{E}, {N}], got {list(bias.shape)}")
-    if expert_ids.dim() != 1 or expert_ids.shape[0] != x.shape[0] or expert_ids.is_floating_point():
-        raise MXFP4Error(f"mxfp4_linear: expert_ids must be integer [{x.shape[0]}], got {expert_ids.dtype} "
-                         f"{list(expert_ids.shape)}")
-    if expert_ids.numel() and not (0 <= int(expert_ids.min()) and int(expert_ids.max()) < E):
-        raise MXFP4Error(f"mxfp4_linear: expert_ids must lie in [0, {E}), got {expert_ids.tolist()[:16]}")
+    if scales.dtype != torch.uint8 or scales.shape != blocks.shape[:3]:
+        raise MXFP4Error(f"{fn}: scales must be uint8 [E, N, K/32] = {[E, N, G]} to match blocks, got "
+                         f"{_shape(scales)}")
+    if x.dim() != 2 or not x.is_floating_point() or x.shape[1] != G * mxfp4.BLOCK:
+        raise MXFP4Error(f"{fn}: x must be floating-point [M, K] with K = 32 * {G} = {G * mxfp4.BLOCK} (the "
+                         f"blocks' K/32 = {G}), got {_shape(x)}")
+    if bias is not None and (not bias.is_floating_point() or bias.shape != (E, N)):
+        raise MXFP4Error(f"{fn}: bias must be floating-point [E, N] = {[E, N]} or None, got {_shape(bias)}")
+    if expert_ids.dim() != 1 or expert_ids.shape[0] != x.shape[0] or expert_ids.is_floating_point() \
+            or expert_ids.dtype == torch.bool or expert_ids.is_complex():
+        raise MXFP4Error(f"{fn}: expert_ids must be an integer tensor [M] = [{x.shape[0]}] (one per row of x), "
+                         f"got {_shape(expert_ids)}")
+    devices = {t.device for t in (x, blocks, scales, expert_ids, bias) if t is not None}
+    if len(devices) > 1:
+        raise MXFP4Error(f"{fn}: all tensors must be on one device, got {sorted(map(str, devices))}")
+    if expert_ids.numel():
+        if expert_ids.numel() <= 1024:  # decode-sized: a list is cheaper than two tensor reductions
+            ids = expert_ids.tolist()
+            lo, hi = min(ids), max(ids)
+        else:
+            lo, hi = map(int, torch.aminmax(expert_ids))
+        if lo < 0 or hi >= E:
+            raise MXFP4Error(f"{fn}: expert_ids must lie in [0, E) = [0, {E}), got values from {lo} to {hi}")
+
+
+@torch.no_grad()
+def _linear_torch(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+                  ids: torch.Tensor) -> torch.Tensor:
+    """The fallback: rows grouped by expert, one expert dequantized (fp32, exact) at a time, one matmul each."""
+    x32 = x.float()
+    out = torch.empty(x.shape[0], blocks.shape[1], dtype=torch.float32, device=x.device)
+    for e in ids.unique().tolist():
+        rows = (ids == e).nonzero(as_tuple=True)[0]
+        y = x32[rows] @ mxfp4.dequantize(blocks[e], scales[e], torch.float32).T
+        out[rows] = y + bias[e].float() if bias is not None else y
+    return out
 
 
 def mxfp4_linear(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
                  expert_ids: torch.Tensor, use_kernels: bool | None = None) -> torch.Tensor:
-    """out[m] = x[m] @ W[expert_ids[m]].T + bias[expert_ids[m]], fp32 [M, N], W = dequantize(blocks, scales).
+    """out[m] = x[m] @ W[expert_ids[m]].T + bias[expert_ids[m]] as fp32 [M, N], W = dequantize(blocks, scales).
 
-    The kernel reads each selected expert's 4-bit bytes once per call (rows sharing an expert share the
-    pass) and never writes a dequantized copy. Activations enter as 16-bit fixed point per 32-value block
-    (two parts for fp32 inputs: error ≈ 2^-30 of the block's max; one part for bf16/fp16 inputs: exact when a
-    block spans < 2^6, else ≤ 2^-15 of its max), weights exactly, with integer block sums.
-    use_kernels: None = when available, False = pure torch.
+    x [M, K] floating (fp32/bf16 natively), blocks [E, N, K/32, 16] uint8, scales [E, N, K/32] uint8,
+    bias [E, N] floating or None, expert_ids [M] integer. Accumulates in fp32 with fp32 activations, so it
+    matches `x.float() @ W.T + bias` up to summation order. The kernel reads each selected expert's 4-bit
+    bytes once per call (rows sharing an expert share the pass, up to 8 at a time) and never writes a
+    dequantized copy. A block scale of 255 (NaN in the OCP spec) gives NaN.
+    use_kernels: None = the kernels when available, False = the pure-torch path, True = the kernels or raise.
     """
-    _check(x, blocks, scales, bias, expert_ids)
-    lib = load_kernels() if use_kernels is not False and x.device.type == "cpu" else None
-    if use_kernels and lib is None:
-        raise MXFP4Error("mxfp4_linear: the compiled kernels are not available here")
-    x32 = x.float().contiguous()
-    ids = expert_ids.long().contiguous()
-    if lib is not None:
-        b = bias.float().contiguous() if bias is not None else torch.empty(0)
-        precise = x.dtype not in (torch.bfloat16, torch.float16)  # 16-bit inputs fit one int16 part
-        return lib.mxfp4_linear(x32, blocks.contiguous(), scales.contiguous(), b, ids, precise)
-    out = torch.empty(x.shape[0], blocks.shape[1], dtype=torch.float32, device=x.device)
-    for e in ids.unique().tolist():  # one expert dequantized at a time
-        rows = (ids == e).nonzero(as_tuple=True)[0]
-        w = mxfp4.dequantize(blocks[e], scales[e], torch.float32)
-        out[rows] = x32[rows] @ w.T + (bias[e].float() if bias is not None else 0)
+    _check_linear(x, blocks, scales, bias, expert_ids)
+    lib = _select(use_kernels, x.device, "mxfp4_linear")
+    if lib is None:
+        return _linear_torch(x, blocks, scales, bias, expert_ids)
+    M, K, (E, N) = x.shape[0], x.shape[1], blocks.shape[:2]
+    out = torch.empty(M, N, dtype=torch.float32)
+    if M == 0 or N == 0:
+        return out
+    x = (x if x.dtype in _DTYPE_CODES else x.float()).contiguous()
+    if bias is not None:
+        bias = (bias if bias.dtype in _DTYPE_CODES else bias.float()).contiguous()
+    blocks, scales = blocks.contiguous(), scales.contiguous()
+    ids = (expert_ids if expert_ids.dtype == torch.int64 else expert_ids.long()).contiguous()
+    lib.linear(x.data_ptr(), _DTYPE_CODES[x.dtype], M, K, blocks.data_ptr(), scales.data_ptr(), E, N,
+               0 if bias is None else bias.data_ptr(), 0 if bias is None else _DTYPE_CODES[bias.dtype],
+               ids.data_ptr(), out.data_ptr())
     return out
 
 
 def mxfp4_dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16,
                      use_kernels: bool | None = None) -> torch.Tensor:
-    """Equal, bit for bit, to gptoss.mxfp4.dequantize; much faster on CPU."""
-    lib = load_kernels() if use_kernels is not False and blocks.device.type == "cpu" else None
-    if lib is None or dtype not in (torch.float32, torch.bfloat16):
-        return mxfp4.dequantize(blocks, scales, dtype)
-    if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8 or blocks.shape[-1] != mxfp4.BYTES_PER_BLOCK \
-            or blocks.shape[:-1] != scales.shape:
-        return mxfp4.dequantize(blocks, scales, dtype)  # raises the descriptive error
-    return lib.mxfp4_dequantize(blocks.contiguous(), scales.contiguous(), dtype == torch.bfloat16)
+    """blocks [..., G, 16] uint8, scales [..., G] uint8 → [..., G*32] in `dtype`; equal, bit for bit, to
+    gptoss.mxfp4.dequantize (NaN payloads aside), several times faster on CPU for fp32 and bf16."""
+    lib = _select(use_kernels, blocks.device, "mxfp4_dequantize")
+    if lib is None or dtype not in _DTYPE_CODES or blocks.dtype != torch.uint8 or scales.dtype != torch.uint8 \
+            or blocks.dim() < 2 or blocks.shape[-1] != mxfp4.BYTES_PER_BLOCK or blocks.shape[:-1] != scales.shape:
+        return mxfp4.dequantize(blocks, scales, dtype)  # other dtypes, and the descriptive shape errors
+    out = torch.empty(*scales.shape[:-1], scales.shape[-1] * mxfp4.BLOCK, dtype=dtype)
+    if out.numel():
+        blocks, scales = blocks.contiguous(), scales.contiguous()
+        lib.dequantize(blocks.data_ptr(), scales.data_ptr(), scales.numel(), out.data_ptr(), _DTYPE_CODES[dtype])
+    return out
+
+
+BF16_MAX_ROWS = 4  # beyond a few rows torch's GEMM reuses each weight load better than this streaming kernel
+
+
+def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [M, K] floating, weight [N, K] bf16, bias [N] or None → fp32 [M, N] = x.float() @ weight.T + bias,
+    equal to F.linear in fp32 up to summation order. Streams the weight once for all M rows (decode); falls
+    back to torch off CPU, for more than BF16_MAX_ROWS rows, or without the compiled kernels."""
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"bf16_linear: x must be [M, K] and weight [N, K] with the same K, got "
+                         f"{_shape(x)} and {_shape(weight)}")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"bf16_linear: bias must be [N] = [{weight.shape[0]}], got {_shape(bias)}")
+    lib = load_kernels() if x.device.type == "cpu" and weight.device.type == "cpu" else None
+    if lib is None or weight.dtype != torch.bfloat16 or x.shape[0] > BF16_MAX_ROWS:
+        return torch.nn.functional.linear(x.float(), weight.float(), None if bias is None else bias.float())
+    M, K, N = x.shape[0], x.shape[1], weight.shape[0]
+    out = torch.empty(M, N, dtype=torch.float32)
+    if out.numel() == 0:
+        return out
+    x = x.float().contiguous()
+    weight = weight.contiguous()
+    if bias is not None:
+        bias = (bias if bias.dtype in _DTYPE_CODES else bias.float()).contiguous()
+    lib.bf16_linear(x.data_ptr(), M, K, weight.data_ptr(), N, 0 if bias is None else bias.data_ptr(),
+                    0 if bias is None else _DTYPE_CODES[bias.dtype], out.data_ptr())
+    return out
