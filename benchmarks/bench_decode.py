@@ -142,9 +142,14 @@ def main() -> None:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--cold", action="store_true", help="do not touch all weight pages before timing")
+    p.add_argument("--no-bf16-kernel", action="store_true", help="dense bf16 layers through F.linear (A/B)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.no_bf16_kernel:
+        from gptoss import kernels
+
+        kernels.BF16_MAX_ROWS = 0
 
     bandwidth = read_bandwidth()
     t = time.perf_counter()

@@ -71,7 +71,8 @@ class ChatSession:
     # -------------------------------------------------------- one user turn
     def send(self, text: str) -> Iterator[ChatEvent]:
         self.messages.append(harmony.Message(role="user", content=text))
-        stops = harmony.stop_tokens_for_assistant_actions(self.tok)
+        # <|endoftext|> is not a Harmony stop, but a model that emits it has nothing more to say
+        stops = set(harmony.stop_tokens_for_assistant_actions(self.tok)) | {self.tok.endoftext}
         params = SamplingParams(**{**vars(self.params), "stop_tokens": tuple(stops)})
         for _ in range(self.max_tool_rounds + 1):
             parser = harmony.StreamParser(self.tok, role="assistant")
