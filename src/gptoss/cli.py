@@ -54,6 +54,16 @@ def cmd_chat(args: argparse.Namespace) -> None:
     run_chat(args)
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    """OpenAI-compatible server (Chat Completions, Responses, streaming, tools) with a chat page at /."""
+    from .server import serve_command
+
+    try:
+        serve_command(args)
+    except KeyboardInterrupt:
+        pass
+
+
 # ---------------------------------------------------------------- shared options
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", required=True, metavar="PATH",
@@ -127,6 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calculator", action="store_true", help="offer the built-in calculator function tool")
     p.add_argument("--show-reasoning", action="store_true", help="print the analysis channel as it streams")
     p.set_defaults(func=cmd_chat)
+
+    from .server import add_serve_args  # argparse only: fastapi is imported when the server starts
+
+    p = sub.add_parser("serve", help=cmd_serve.__doc__, description=cmd_serve.__doc__)
+    add_model_args(p)
+    add_serve_args(p)
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -1,0 +1,515 @@
+"""Continuous batching: one background thread owns the model and generates for many requests at once.
+
+Each iteration the engine
+
+1. admits waiting requests into free rows (at most `max_concurrency` rows generate at a time) and prefills
+   them together: left-padded into a KVCache of their own, as `generate.generate` does, then each
+   request's keys/values are copied, by position, into its row of one batched `SlotCache`;
+2. runs one decode step for every active request in a single forward pass over rows 0..n-1.
+
+Why a SlotCache and not one KVCache per request: decoding is memory-bound (every step reads the weights
+once), so n requests stepped in one forward cost little more than one. KVCache shares one write index
+(`length`) across its rows, which only works for rows that started together; here every row is a request
+of its own age, so each row writes the key of position p at index p (full layers) or p % window (sliding
+layers, a ring), and positions, not indices, drive the attention mask (an empty slot has position −1).
+Active requests always occupy rows 0..n-1 (a finished request's row is refilled with the last row), so
+the forward takes a view of the cache, never a gathered copy, and empty rows cost nothing: they would
+route to experts and make the MoE read expert weights nobody needs.
+
+A request's logits never depend on its neighbours (rows only meet in matmuls), and each request samples
+with its own seeded generator, so its tokens equal a solo `generate_tokens` run up to fp32 summation order
+(a different batch size may change the last bits of a logit, which can flip a near-tie under greedy).
+
+Requests stream their tokens through an `outlet` callback run on the engine thread; `TokenStream` turns it
+into an async iterator for asyncio servers, `Engine.complete` into a plain iterator (chat.Complete).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import random
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from .cache import KVCache, LayerCache, default_cache_dtype
+from .config import ModelConfig
+from .errors import GenerationError, GptOssError
+from .generate import SamplingParams, left_pad, prefill, sample
+from .model import Transformer
+
+log = logging.getLogger("gptoss.engine")
+
+
+class EngineBusy(GptOssError):
+    """Every row is generating and the waiting queue is full: try again later (HTTP 503)."""
+
+
+class EngineClosed(GptOssError):
+    """The engine has been shut down."""
+
+
+class ContextLengthError(GenerationError):
+    """prompt + max_tokens exceeds the context limit."""
+
+    def __init__(self, prompt_tokens: int, max_tokens: int, limit: int):
+        self.prompt_tokens, self.max_tokens, self.limit = prompt_tokens, max_tokens, limit
+        super().__init__(f"the context limit is {limit} tokens, but {prompt_tokens + max_tokens} were requested "
+                         f"({prompt_tokens} in the prompt, {max_tokens} to generate)")
+
+
+# ---------------------------------------------------------------------------------------------- cache
+class SlotLayerCache:
+    """One layer's keys and values for `slots` independent rows: row r holds the key of position p at index
+    p % capacity on sliding layers (a ring of exactly the window) and at index p on full layers (grown on
+    demand, shared capacity). Entries are [slots, capacity, K, Dh]; `pos` [slots, capacity] is −1 when empty."""
+
+    def __init__(self, slots: int, num_kv_heads: int, head_dim: int, capacity: int, ring: bool, max_len: int,
+                 device, dtype: torch.dtype):
+        self.ring, self.max_len = ring, max_len
+        self.k = torch.zeros(slots, capacity, num_kv_heads, head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        self.pos = torch.full((slots, capacity), -1, dtype=torch.long, device=device)
+        self.span = capacity  # keys the next decode step attends to (full layers: highest position + 1)
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[1]
+
+    def reserve(self, needed: int) -> None:
+        """Full layers: make room for positions < needed (doubling, up to max_len)."""
+        if self.ring or needed <= self.capacity:
+            return
+        new = min(max(needed, 2 * self.capacity), self.max_len)
+        pad = new - self.capacity
+        self.k = torch.cat([self.k, self.k.new_zeros(self.k.shape[0], pad, *self.k.shape[2:])], dim=1)
+        self.v = torch.cat([self.v, self.v.new_zeros(self.v.shape[0], pad, *self.v.shape[2:])], dim=1)
+        self.pos = torch.cat([self.pos, self.pos.new_full((self.pos.shape[0], pad), -1)], dim=1)
+
+    def _index(self, positions: torch.Tensor) -> torch.Tensor:
+        return positions % self.capacity if self.ring else positions
+
+    def insert(self, row: int, source: LayerCache, source_row: int) -> None:
+        """Copy a prefilled request (row `source_row` of a KVCache layer, any padding) into `row`."""
+        pos = source.pos[source_row]
+        keep = pos >= 0  # pad slots and unused capacity hold position −1
+        p = pos[keep]
+        if p.numel():
+            self.reserve(int(p.max()) + 1)
+        self.pos[row].fill_(-1)  # the previous occupant's keys must not leak into this request
+        idx = self._index(p)
+        self.k[row, idx] = source.k[source_row, keep].to(self.k.dtype)
+        self.v[row, idx] = source.v[source_row, keep].to(self.v.dtype)
+        self.pos[row, idx] = p
+
+    def move(self, src: int, dst: int) -> None:
+        self.k[dst], self.v[dst], self.pos[dst] = self.k[src], self.v[src], self.pos[src]
+        self.pos[src].fill_(-1)
+
+    def clear(self) -> None:
+        self.pos.fill_(-1)
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
+        """Decode: k/v [n, 1, K, Dh] of rows 0..n-1 at `positions` [n, 1] (all ≥ 0); returns what they attend to."""
+        n, T = positions.shape
+        if T != 1:
+            raise GenerationError(f"SlotCache takes one token per row (decode), got {T}; prefill into a KVCache")
+        p = positions[:, 0]
+        rows = torch.arange(n, device=p.device)
+        idx = self._index(p)
+        self.k[rows, idx] = k[:, 0].to(self.k.dtype)
+        self.v[rows, idx] = v[:, 0].to(self.v.dtype)
+        self.pos[rows, idx] = p
+        end = self.capacity if self.ring else self.span
+        return self.k[:n, :end], self.v[:n, :end], self.pos[:n, :end]  # views: rows 0..n-1 are contiguous
+
+
+class SlotCache:
+    """Per-layer SlotLayerCaches: the batched cache of the engine's decode step (the model's `cache` argument)."""
+
+    def __init__(self, config: ModelConfig, slots: int, max_len: int, device=None,
+                 dtype: torch.dtype = torch.float32, initial_capacity: int = 256):
+        self.slots = slots
+        self.layers = [
+            SlotLayerCache(slots, config.num_key_value_heads, config.head_dim,
+                           config.sliding_window if config.is_sliding(i) else min(initial_capacity, max_len),
+                           config.is_sliding(i), max_len, device, dtype)
+            for i in range(config.num_hidden_layers)
+        ]
+
+    def layer(self, i: int) -> SlotLayerCache:
+        return self.layers[i]
+
+    def begin_step(self, max_position: int) -> None:
+        """Before a decode step whose highest query position is `max_position`: full layers attend to
+        indices 0..max_position only (shorter rows see −1 there), however long earlier requests were."""
+        for layer in self.layers:
+            layer.reserve(max_position + 1)
+            layer.span = max_position + 1
+
+    def insert(self, row: int, source: KVCache, source_row: int) -> None:
+        for mine, theirs in zip(self.layers, source.layers):
+            mine.insert(row, theirs, source_row)
+
+    def move(self, src: int, dst: int) -> None:
+        for layer in self.layers:
+            layer.move(src, dst)
+
+    def clear(self) -> None:
+        for layer in self.layers:
+            layer.clear()
+
+    def nbytes(self) -> int:
+        return sum(c.k.numel() * c.k.element_size() * 2 for c in self.layers)
+
+
+# ---------------------------------------------------------------------------------------------- requests
+@dataclass
+class Finish:
+    """The last event of a request. reason: "stop" (a stop token, included in the tokens), "length"
+    (max_tokens), "cancelled" or "error" (then `error` says what failed)."""
+    reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    queued_s: float = 0.0  # submit → prefill start
+    ttft_s: float = 0.0  # submit → first token
+    total_s: float = 0.0  # submit → finish
+    error: str | None = None
+
+    @property
+    def decode_tok_s(self) -> float:
+        """Tokens per second after the first one (the decode rate this request saw)."""
+        dt = self.total_s - self.ttft_s
+        return (self.completion_tokens - 1) / dt if self.completion_tokens > 1 and dt > 0 else 0.0
+
+
+Outlet = Callable[["int | Finish"], None]  # receives each token id, then one Finish; runs on the engine thread
+
+
+@dataclass(eq=False)
+class Request:
+    id: str
+    prompt: list[int]
+    params: SamplingParams
+    outlet: Outlet
+    tokens: list[int] = field(default_factory=list)
+    cancelled: bool = False  # set by any thread; the engine drops the request at its next step
+    admitted: bool = False  # left the waiting queue for a row
+    finished: bool = False
+    generator: torch.Generator | None = None
+    submitted: float = field(default_factory=time.perf_counter)
+    started: float = 0.0
+    first_token: float = 0.0
+
+    @property
+    def next_position(self) -> int:
+        """Position of the token to feed next (the last sampled one)."""
+        return len(self.prompt) + len(self.tokens) - 1
+
+
+# ---------------------------------------------------------------------------------------------- engine
+class Engine:
+    """Serves many generation requests at once from one model, on a background thread.
+
+    max_concurrency: requests decoding together (rows of the batch); max_queue: requests waiting beyond
+    those (submit raises EngineBusy past it); max_context: prompt + max_tokens limit (default: the model's);
+    max_prefill_tokens: padded prompt tokens prefilled in one iteration (long prompts then run alone);
+    prefill_chunk: chunk size within a prefill.
+    """
+
+    def __init__(self, model: Transformer, max_concurrency: int = 16, max_queue: int = 64,
+                 max_context: int | None = None, max_prefill_tokens: int = 4096, prefill_chunk: int = 512):
+        if max_concurrency < 1 or max_queue < 0:
+            raise GenerationError(f"max_concurrency must be >= 1 and max_queue >= 0, got {max_concurrency}, "
+                                  f"{max_queue}")
+        self.model = model
+        self.config = model.config
+        self.device = model.device
+        self.max_concurrency, self.max_queue = max_concurrency, max_queue
+        limit = self.config.max_position_embeddings
+        self.max_context = min(max_context or limit, limit)
+        self.max_prefill_tokens, self.prefill_chunk = max_prefill_tokens, prefill_chunk
+        self.cache_dtype = default_cache_dtype(model.dtype, self.device)
+        self.cache = SlotCache(self.config, max_concurrency, self.max_context, self.device, self.cache_dtype)
+        self._cond = threading.Condition()
+        self._waiting: deque[Request] = deque()
+        self._active: list[Request] = []  # row i of the cache belongs to _active[i]
+        self._prefilling: list[Request] = []
+        self._running_count = 0  # admitted, not finished (read under the lock by submit)
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._ids = itertools.count()
+        self.steps = 0  # decode steps run (for tests and benchmarks)
+        self.max_batch = 0  # the most rows seen in one decode step
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> Engine:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="gptoss-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def close(self, timeout: float | None = 30) -> None:
+        """Stop the thread; requests still waiting or running end with Finish("cancelled")."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def __enter__(self) -> Engine:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def load(self) -> tuple[int, int]:
+        """(requests generating or being prefilled, requests waiting)."""
+        with self._cond:
+            return self._running_count, len(self._waiting)
+
+    # ------------------------------------------------------------------ submitting
+    def check(self, prompt: Sequence[int], params: SamplingParams) -> None:
+        """Raise GenerationError (ContextLengthError for a too-long request) if it cannot be served."""
+        params.validate()
+        if not prompt:
+            raise GenerationError("the prompt is empty")
+        bad = next((t for t in prompt if not 0 <= t < self.config.vocab_size), None)
+        if bad is not None:
+            raise GenerationError(f"token id {bad} is outside the vocabulary (0 ≤ id < {self.config.vocab_size})")
+        if len(prompt) + params.max_tokens > self.max_context:
+            raise ContextLengthError(len(prompt), params.max_tokens, self.max_context)
+
+    def submit(self, prompt: Sequence[int], params: SamplingParams, outlet: Outlet,
+               request_id: str | None = None) -> Request:
+        """Queue a request; its tokens go to `outlet` from the engine thread. Raises EngineBusy, EngineClosed
+        or GenerationError at once, never later."""
+        self.check(prompt, params)
+        if params.temperature > 0:
+            seed = params.seed if params.seed is not None else random.randrange(2**63)
+            generator = torch.Generator(device=self.device).manual_seed(seed)  # as generate(): row 0 gets seed + 0
+        else:
+            generator = None
+        request = Request(request_id or f"req-{next(self._ids)}", list(prompt), params, outlet, generator=generator)
+        with self._cond:
+            if self._closed or self._thread is None:
+                raise EngineClosed("the engine is not running")
+            if self._running_count + len(self._waiting) >= self.max_concurrency + self.max_queue:
+                raise EngineBusy(f"server busy: {self._running_count} requests generating and {len(self._waiting)} "
+                                 f"waiting (max_concurrency {self.max_concurrency}, max_queue {self.max_queue}); "
+                                 "retry later")
+            self._waiting.append(request)
+            self._cond.notify_all()
+        return request
+
+    def cancel(self, request: Request) -> None:
+        """Stop a request (a client went away); safe from any thread, a no-op once it has finished."""
+        with self._cond:
+            if request.finished:
+                return
+            request.cancelled = True
+            if request in self._waiting:
+                self._waiting.remove(request)
+                self._finish(request, "cancelled")
+            self._cond.notify_all()
+
+    def complete(self, prompt: Sequence[int], params: SamplingParams) -> Iterator[int]:
+        """The generated token ids, blocking (chat.Complete). Closing the iterator early cancels the request."""
+        q: queue.SimpleQueue = queue.SimpleQueue()
+        request = self.submit(prompt, params, q.put)
+        try:
+            while not isinstance(item := q.get(), Finish):
+                yield item
+            if item.reason == "error":
+                raise GenerationError(f"generation failed: {item.error}")
+        finally:
+            self.cancel(request)
+
+    def generate(self, prompt: Sequence[int], params: SamplingParams) -> tuple[list[int], Finish]:
+        """All tokens and the Finish of one request (blocking)."""
+        q: queue.SimpleQueue = queue.SimpleQueue()
+        self.submit(prompt, params, q.put)
+        tokens = []
+        while not isinstance(item := q.get(), Finish):
+            tokens.append(item)
+        return tokens, item
+
+    # ------------------------------------------------------------------ the engine thread
+    def _run(self) -> None:
+        # Grad mode is per thread: turn autograd off here, where the model runs.
+        with torch.inference_mode():
+            while self._iteration():
+                pass
+        with self._cond:  # closed: nobody is left waiting for an answer
+            for r in [*self._waiting, *self._prefilling, *self._active]:
+                self._finish(r, "cancelled")
+            self._waiting.clear()
+            self._active.clear()
+
+    def _iteration(self) -> bool:
+        """Admit, prefill, decode once. False when closed."""
+        with self._cond:
+            while not self._closed and not self._waiting and not self._active:
+                self._cond.wait()
+            if self._closed:
+                return False
+            new = self._admit()
+        try:
+            if new:
+                self._prefill(new)
+            if self._active:
+                self._decode()
+        except Exception as e:  # a failed forward (out of memory, a bug) fails its requests, not the server
+            log.exception("engine step failed")
+            with self._cond:
+                for r in [*self._prefilling, *self._active]:
+                    self._finish(r, "error", error=f"{type(e).__name__}: {e}")
+                self._prefilling, self._active = [], []
+                self.cache.clear()
+        return True
+
+    def _admit(self) -> list[Request]:
+        """Under the lock: waiting requests that fit in free rows and the prefill token budget (FIFO)."""
+        new: list[Request] = []
+        longest = 0
+        while self._waiting and len(self._active) + len(new) < self.max_concurrency:
+            r = self._waiting[0]
+            longest_if = max(longest, len(r.prompt))
+            if new and longest_if * (len(new) + 1) > self.max_prefill_tokens:  # left padding counts too
+                break
+            self._waiting.popleft()
+            new.append(r)
+            longest = longest_if
+            r.admitted = True
+            self._running_count += 1
+        self._prefilling = new
+        return new
+
+    def _prefill(self, new: list[Request]) -> None:
+        now = time.perf_counter()
+        for r in new:
+            r.started = now
+        tokens, positions = left_pad([r.prompt for r in new], self.device)
+        cache = KVCache(self.config, len(new), max_len=tokens.shape[1], device=self.device, dtype=self.cache_dtype)
+        logits = prefill(self.model, tokens, positions, cache, self.prefill_chunk)  # (B, V)
+        greedy = logits.argmax(-1).tolist()
+        with self._cond:
+            for i, r in enumerate(new):
+                if r.cancelled:
+                    self._finish(r, "cancelled")
+                    continue
+                if r.params.max_tokens == 0:
+                    self._finish(r, "length")
+                    continue
+                if self._emit(r, greedy[i] if r.generator is None else sample(logits[i], r.params, r.generator)):
+                    continue
+                self.cache.insert(len(self._active), cache, i)
+                self._active.append(r)
+            self._prefilling = []  # only now: should anything above fail, the error path finishes them all
+
+    def _decode(self) -> None:
+        with self._cond:  # drop cancelled requests before paying for their step
+            for i in reversed(range(len(self._active))):
+                if self._active[i].cancelled:
+                    self._remove(i, "cancelled")
+            active = list(self._active)
+        if not active:
+            return
+        n = len(active)
+        tokens = torch.tensor([[r.tokens[-1]] for r in active], device=self.device)  # (n, 1)
+        positions = torch.tensor([[r.next_position] for r in active], device=self.device)  # (n, 1)
+        self.cache.begin_step(int(positions.max()))
+        logits = self.model(tokens, positions, self.cache)[:, -1]  # (n, V)
+        greedy = logits.argmax(-1).tolist()
+        self.steps += 1
+        self.max_batch = max(self.max_batch, n)
+        with self._cond:
+            done = [i for i, r in enumerate(active)
+                    if self._emit(r, greedy[i] if r.generator is None else sample(logits[i], r.params, r.generator))]
+            for i in reversed(done):  # from the end, so earlier rows keep their index while we compact
+                self._remove(i, None)
+
+    # ------------------------------------------------------------------ bookkeeping (under the lock)
+    def _emit(self, r: Request, token: int) -> bool:
+        """Hand a token to the request's outlet; True if the request is now finished."""
+        if not r.tokens:
+            r.first_token = time.perf_counter()
+        r.tokens.append(token)
+        self._send(r, token)
+        if token in r.params.stop_tokens:
+            self._finish(r, "stop")
+        elif len(r.tokens) >= r.params.max_tokens or len(r.prompt) + len(r.tokens) >= self.max_context:
+            self._finish(r, "length")
+        elif r.cancelled:
+            self._finish(r, "cancelled")
+        return r.finished
+
+    def _remove(self, i: int, reason: str | None) -> None:
+        """Free row i: the last active row moves into it, so rows 0..n-1 stay the active ones."""
+        r = self._active[i]
+        if reason is not None:
+            self._finish(r, reason)
+        last = len(self._active) - 1
+        if i != last:
+            self.cache.move(last, i)
+            self._active[i] = self._active[last]
+        self._active.pop()
+
+    def _finish(self, r: Request, reason: str, error: str | None = None) -> None:
+        if r.finished:
+            return
+        r.finished = True
+        if r.admitted:
+            self._running_count -= 1
+        now = time.perf_counter()
+        first = r.first_token or now
+        self._send(r, Finish(reason, len(r.prompt), len(r.tokens), queued_s=(r.started or now) - r.submitted,
+                             ttft_s=first - r.submitted, total_s=now - r.submitted, error=error))
+
+    def _send(self, r: Request, item: int | Finish) -> None:
+        try:
+            r.outlet(item)
+        except Exception:  # a consumer that went away (its event loop closed) must not stop the engine
+            log.debug("outlet of %s failed; cancelling it", r.id, exc_info=True)
+            r.cancelled = True
+
+
+class TokenStream:
+    """A request's token ids as an async iterator, for asyncio servers; `finish` is set once it ends.
+
+    Create it inside the event loop; the engine thread hands tokens over with call_soon_threadsafe.
+    Call `cancel()` when the consumer stops early (a client disconnected)."""
+
+    def __init__(self, engine: Engine, prompt: Sequence[int], params: SamplingParams, request_id: str | None = None):
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[int | Finish] = asyncio.Queue()
+        self.engine = engine
+        self.finish: Finish | None = None
+        self.request = engine.submit(prompt, params, self._put, request_id)
+
+    def _put(self, item: int | Finish) -> None:
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+    def __aiter__(self) -> TokenStream:
+        return self
+
+    async def __anext__(self) -> int:
+        if self.finish is not None:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if isinstance(item, Finish):
+            self.finish = item
+            raise StopAsyncIteration
+        return item
+
+    def cancel(self) -> None:
+        self.engine.cancel(self.request)

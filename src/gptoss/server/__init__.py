@@ -1,0 +1,93 @@
+"""`gptoss serve`: an OpenAI-compatible HTTP server (fastapi + uvicorn) over the continuous-batching engine.
+
+    gptoss serve --model M [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--max-concurrency 16]
+
+Routes: POST /v1/chat/completions, POST /v1/responses (GET /v1/responses/{id}), GET /v1/models, GET /health,
+and GET / — a chat page served by the package itself (no CDN, no build step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+__all__ = ["create_app", "serve_command", "add_serve_args", "main"]
+
+
+def create_app(*args, **kwargs):
+    """See gptoss.server.app.create_app (imported lazily: fastapi is only needed to serve)."""
+    from .app import create_app as _create_app
+
+    return _create_app(*args, **kwargs)
+
+
+def model_name_for(path: str | Path) -> str:
+    """The served model id: the checkpoint folder's name (its parent's for an OpenAI `original/` folder)."""
+    p = Path(path).resolve()
+    return p.parent.name if p.name == "original" and p.parent.name else p.name
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """One stderr line per request (gptoss.server) and engine errors (gptoss.engine)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    for name in ("gptoss.server", "gptoss.engine"):
+        logger = logging.getLogger(name)
+        logger.addHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = False
+
+
+def serve_command(args: argparse.Namespace) -> None:
+    """Load the model, start the engine and serve until Ctrl-C. `args`: model, host, port, api_key,
+    max_concurrency, dtype, device, quiet (and optionally max_queue, max_context, served_model_name)."""
+    import uvicorn
+
+    from ..cli import load_model
+    from ..engine import Engine
+
+    configure_logging()
+    model = load_model(args)
+    name = getattr(args, "served_model_name", None) or model_name_for(args.model)
+    engine = Engine(model, max_concurrency=args.max_concurrency, max_queue=getattr(args, "max_queue", 64),
+                    max_context=getattr(args, "max_context", None)).start()
+    try:
+        app = create_app(engine, name, api_key=args.api_key)
+        print(f"gptoss serve: {name} on http://{args.host}:{args.port} (chat page at /, API at /v1, "
+              f"{args.max_concurrency} concurrent requests, context {engine.max_context})", file=sys.stderr)
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info",
+                    access_log=not args.quiet, timeout_graceful_shutdown=5)
+    finally:
+        engine.close()
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    """The options of `gptoss serve` beyond the model options (cli.add_model_args)."""
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    p.add_argument("--max-concurrency", type=int, default=16, help="requests generated together (default 16)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond those; more get 503 (default 64)")
+    p.add_argument("--max-context", type=int, default=None, help="prompt + max_tokens limit (default: the model's)")
+    p.add_argument("--served-model-name", default=None, help="model id clients use (default: the folder's name)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -c "from gptoss.server import main; main()" --model M ...` (what `gptoss serve` runs)."""
+    from ..cli import add_model_args
+    from ..errors import GptOssError
+
+    p = argparse.ArgumentParser(prog="gptoss serve", description=__doc__.split("\n")[0])
+    add_model_args(p)
+    add_serve_args(p)
+    args = p.parse_args(argv)
+    try:
+        serve_command(args)
+    except GptOssError as e:
+        print(f"gptoss serve: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        pass
+    return 0
