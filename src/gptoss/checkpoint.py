@@ -173,8 +173,17 @@ class CheckpointReader:
                                   f"{self.config.num_hidden_layers}-layer GPT-oss config")
 
     def get(self, name: str) -> torch.Tensor:
-        stored = [self.files.get(n) for n in self._stored_names(name)]
-        return stored[0] if len(stored) == 1 else torch.cat(stored, dim=0)
+        names = self._stored_names(name)
+        if len(names) == 1:
+            return self.files.get(names[0])
+        # fused (HF q/k/v → qkv): read the parts into one buffer with file reads, not via the mmap
+        parts = [self.files.get(n) for n in names]  # mmap'd views: only their shapes and dtypes are used here
+        out = torch.empty(sum(p.shape[0] for p in parts), *parts[0].shape[1:], dtype=parts[0].dtype)
+        row = 0
+        for n, part in zip(names, parts):
+            self.files.read_into(n, out[row:row + part.shape[0]])
+            row += part.shape[0]
+        return out
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name in expected_tensors(self.config):

@@ -32,6 +32,7 @@ class TensorInfo:
     dtype: str  # safetensors dtype tag, e.g. "BF16", "U8"
     shape: tuple[int, ...]
     nbytes: int
+    offset: int = 0  # of the tensor's first byte in the file
 
     @property
     def numel(self) -> int:
@@ -78,7 +79,7 @@ def read_header(path: str | Path) -> dict[str, TensorInfo]:
         if end > data_size:
             raise CheckpointError(f"{path}: truncated — tensor '{name}' ends at byte {end} of the data section, "
                                   f"which has only {data_size} bytes")
-        infos[name] = TensorInfo(path, dtype, shape, expected)
+        infos[name] = TensorInfo(path, dtype, shape, expected, 8 + n + start)
     return infos
 
 
@@ -106,6 +107,22 @@ class SafetensorsFiles:
         """The tensor, backed by the mmap'd file (no copy until it is written or converted)."""
         info = self.index[name]
         return self._handles[info.file].get_tensor(name)
+
+
+    def read_into(self, name: str, out: torch.Tensor) -> None:
+        """Copy the tensor's bytes into `out` (contiguous CPU, same byte size) with file reads, not through
+        the mmap: pages read this way sit in the page cache but never in this process's resident set, so
+        fusing separate tensors (q/k/v) does not count the checkpoint's bytes twice in peak RSS."""
+        info = self.index[name]
+        if not out.is_contiguous() or out.device.type != "cpu" or out.numel() * out.element_size() != info.nbytes:
+            raise CheckpointError(f"{info.file}: cannot read tensor '{name}' ({info.nbytes} bytes) into "
+                                  f"{out.dtype} {list(out.shape)}")
+        buffer = memoryview(out.view(torch.uint8).reshape(-1).numpy())
+        with open(info.file, "rb") as f:
+            f.seek(info.offset)
+            done = f.readinto(buffer)
+        if done != info.nbytes:
+            raise CheckpointError(f"{info.file}: truncated — tensor '{name}' has {done} of {info.nbytes} bytes")
 
 
 def save_file(tensors: dict[str, torch.Tensor], path: str | Path) -> None:
