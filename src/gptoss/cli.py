@@ -64,6 +64,19 @@ def cmd_serve(args: argparse.Namespace) -> None:
         pass
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    """Pretrain or fine-tune from a TOML config (see examples/train_tiny.toml); logs to OUT_DIR/metrics.jsonl."""
+    from .train import load_config, train
+
+    cfg = load_config(args.config)
+    if args.resume:
+        cfg.train.resume = True
+    result = train(cfg, progress=not args.quiet)
+    if result.checkpoint is not None:
+        print(f"saved {result.checkpoint / 'model'} (final loss {result.losses[-1]:.4f})" if result.losses
+              else f"nothing to do: {result.checkpoint} is already at step {cfg.train.steps}")
+
+
 # ---------------------------------------------------------------- shared options
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", required=True, metavar="PATH",
@@ -144,6 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     add_serve_args(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("train", help=cmd_train.__doc__, description=cmd_train.__doc__)
+    p.add_argument("config", help="training config (.toml)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
     return parser
 
 

@@ -98,15 +98,20 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 # ---------------------------------------------------------------- attention
-def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
+def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, sliding_window: int | None,
+                   segments: torch.Tensor | None = None) -> torch.Tensor:
     """Which keys each query sees: causal, and on sliding layers only q − window < k ≤ q. [B, T, S] bool.
 
     Positions are explicit so the same mask serves a KV cache; a key position < 0 marks an empty slot.
+    `segments` [B, T] (training on packed sequences, no cache): a token sees only keys of its own document;
+    positions then restart at 0 in each document, so the causal test alone would let documents mix.
     """
     q, k = q_pos[:, :, None], k_pos[:, None, :]
     allowed = (k <= q) & (k >= 0)
     if sliding_window is not None:
         allowed &= k > q - sliding_window  # window counts the current token: 128 keys at most
+    if segments is not None:
+        allowed &= segments[:, :, None] == segments[:, None, :]
     return allowed
 
 
@@ -143,7 +148,7 @@ class Attention(nn.Module):
                              device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache=None) -> torch.Tensor:
+                cache=None, segments: torch.Tensor | None = None) -> torch.Tensor:
         c = self.config
         B, T, _ = x.shape
         qkv = self.qkv(self.norm(x))
@@ -156,7 +161,7 @@ class Attention(nn.Module):
         k_pos = positions
         if cache is not None:  # the cache returns every key it holds for this layer, and their positions
             k, v, k_pos = cache.update(k, v, positions)
-        mask = attention_mask(positions, k_pos, self.sliding_window)
+        mask = attention_mask(positions, k_pos, self.sliding_window, segments)
         q = q.view(B, T, c.num_key_value_heads, c.q_per_kv, c.head_dim)
         return x + self.out(sdpa_with_sinks(q, k, v, self.sinks, mask))
 
@@ -189,6 +194,24 @@ class MXFP4Weight(nn.Module):
         return mxfp4.nbytes(self.blocks, self.scales)
 
 
+class DenseExpertWeight(nn.Module):
+    """The same stack [E, out, in] as a trainable dense parameter (training; quantized to MXFP4 on save)."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+
+    @classmethod
+    def from_mxfp4(cls, w: MXFP4Weight, dtype: torch.dtype = torch.float32) -> "DenseExpertWeight":
+        return cls(mxfp4.dequantize(w.blocks, w.scales, dtype))
+
+    def expert(self, e: int, dtype: torch.dtype) -> torch.Tensor:
+        return self.weight[e].to(dtype)
+
+    def nbytes(self) -> int:
+        return self.weight.numel() * self.weight.element_size()
+
+
 class MoE(nn.Module):
     def __init__(self, config: ModelConfig, device=None, dtype: torch.dtype = torch.bfloat16):
         super().__init__()
@@ -211,7 +234,8 @@ class MoE(nn.Module):
         B, T, D = x.shape
         t = self.norm(x).reshape(B * T, D)
         experts, weights = self.route(t)  # (N, k) each
-        if x.device.type == "cpu" and x.dtype != torch.float64 and experts.numel() <= DECODE_MAX_ROWS:
+        if (x.device.type == "cpu" and x.dtype != torch.float64 and experts.numel() <= DECODE_MAX_ROWS
+                and isinstance(self.mlp1_weight, MXFP4Weight)):
             out = self._fused(t.to(x.dtype), experts, weights)
         else:
             out = self._grouped(t.to(x.dtype), experts, weights)
@@ -247,8 +271,8 @@ class Block(nn.Module):
         self.attn = Attention(config, layer, device=device, dtype=dtype)  # norm + attention + residual
         self.mlp = MoE(config, device=device, dtype=dtype)  # norm + MoE + residual
 
-    def forward(self, x, positions, cos, sin, cache=None) -> torch.Tensor:
-        return self.mlp(self.attn(x, positions, cos, sin, cache))
+    def forward(self, x, positions, cos, sin, cache=None, segments=None) -> torch.Tensor:
+        return self.mlp(self.attn(x, positions, cos, sin, cache, segments))
 
 
 class Transformer(nn.Module):
@@ -271,13 +295,15 @@ class Transformer(nn.Module):
         return self.embedding.weight.device
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache=None,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, segments: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [B, T] (int) → logits [B, T, V] (fp32), or [B, 1, V] for the last position only (prefill:
-        the unembedding is the largest matmul, no use computing it for every prompt token)."""
-        x = self.hidden_states(tokens, positions, cache)
+        the unembedding is the largest matmul, no use computing it for every prompt token).
+        segments [B, T]: document ids of a packed training sequence (attention stays within a document)."""
+        x = self.hidden_states(tokens, positions, cache, segments)
         return self.unembedding(x[:, -1:] if last_only else x).float()
 
-    def hidden_states(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+    def hidden_states(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache=None,
+                      segments: torch.Tensor | None = None) -> torch.Tensor:
         """The final-normed hidden states [B, T, D]. positions [B, T] default to 0..T-1."""
         B, T = tokens.shape
         if positions is None:
@@ -286,9 +312,18 @@ class Transformer(nn.Module):
         cos, sin = rope_cos_sin(positions, inv_freq, concentration)
         x = self.embedding(tokens)  # (B, T, D)
         for i, block in enumerate(self.block):
-            x = block(x, positions, cos, sin, None if cache is None else cache.layer(i))
+            x = block(x, positions, cos, sin, None if cache is None else cache.layer(i), segments)
         return self.norm(x)
 
     def expert_nbytes(self) -> int:
         """Bytes held by the MXFP4 expert weights (blocks + scales)."""
         return sum(m.nbytes() for m in self.modules() if isinstance(m, MXFP4Weight))
+
+    def dense_experts(self, dtype: torch.dtype = torch.float32) -> "Transformer":
+        """Swap every MXFP4 expert stack for a trainable dense one (exact: MXFP4 values fit in bf16/fp32)."""
+        for block in self.block:
+            for name in ("mlp1_weight", "mlp2_weight"):
+                w = getattr(block.mlp, name)
+                if isinstance(w, MXFP4Weight):
+                    setattr(block.mlp, name, DenseExpertWeight.from_mxfp4(w, dtype))
+        return self

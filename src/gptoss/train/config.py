@@ -1,0 +1,212 @@
+"""The training config: a TOML file with sections [model], [data], [optim], [train] (and [moe]).
+
+    [model]
+    preset = "tiny"            # a gptoss preset; every ModelConfig field may override it (vocab_size = 1024)
+    # init_from = "ckpt/dir"   # fine-tune: start from a checkpoint (either layout) instead of random weights
+    [data]
+    files = ["corpus/*.txt", "chats.jsonl"]   # .txt, or .jsonl lines with "text", "messages" or "tokens"
+    seq_len = 256
+    batch_size = 8             # sequences per micro-batch
+    [optim]
+    lr = 3e-3
+    min_lr = 3e-4              # cosine decays lr to min_lr at the last step, after warmup_steps of linear warmup
+    [train]
+    steps = 500
+    out_dir = "runs/tiny"
+
+Relative paths (data files, out_dir, init_from) are relative to the TOML file's folder. Unknown fields and
+wrong types are errors that name the field and the file.
+"""
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config import ModelConfig, preset
+from ..errors import ConfigError
+
+
+@dataclass
+class ModelSection:
+    preset: str | None = "tiny"  # None: start from ModelConfig's defaults (gpt-oss-20b's shape)
+    init_from: str | None = None  # checkpoint folder to fine-tune
+    overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields given in [model]
+
+
+@dataclass
+class DataSection:
+    files: list[str] = field(default_factory=list)
+    seq_len: int = 256
+    batch_size: int = 8  # sequences per micro-batch (per process)
+    txt_split: str = "file"  # a .txt file is one document ("file"), one per blank-line paragraph, or per line
+    append_eot: bool = True  # end each text document with <|endoftext|> (a learned document boundary)
+    shuffle: bool = True  # shuffle documents once (seeded) and sequences every epoch
+
+
+@dataclass
+class OptimSection:
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.1  # on matrices only (nanoGPT): not on biases, norm scales or sinks
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # global L2 norm; 0 disables clipping (the norm is still logged)
+
+
+@dataclass
+class TrainSection:
+    steps: int = 1000
+    grad_accum: int = 1  # micro-batches per optimizer step
+    seed: int = 0
+    out_dir: str = "runs/train"
+    save_every: int = 0  # also save every N steps (0: only at the end)
+    device: str = "auto"  # auto = cuda if available, else cpu
+    dtype: str = "bfloat16"  # autocast dtype of the forward; "float32" = no autocast. Weights stay fp32.
+    save_layout: str = "hf"  # layout of the saved inference checkpoint: "hf" or "original"
+    save_dtype: str = "bfloat16"  # dtype of its dense tensors (experts are always MXFP4)
+    resume: bool = False  # continue from the newest step-* folder in out_dir
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    source: str = "config"  # the file it came from, for error messages
+    base_dir: str = "."  # relative paths are resolved against this folder
+
+    def path(self, p: str) -> Path:
+        q = Path(p).expanduser()
+        return q if q.is_absolute() else Path(self.base_dir) / q
+
+    def model_config(self) -> ModelConfig:
+        """The model shape: the preset with [model] overrides applied (not used with init_from)."""
+        base = preset(self.model.preset) if self.model.preset else ModelConfig()
+        kw = dict(self.model.overrides)
+        if "layer_types" in kw:
+            kw["layer_types"] = tuple(kw["layer_types"])
+        elif "num_hidden_layers" in kw:
+            kw["layer_types"] = ()  # re-derive the alternation for the new depth
+        try:
+            return base.replace(**kw)
+        except ConfigError as e:
+            raise ConfigError(f"{self.source}: [model] {str(e).removeprefix('config: ')}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+        overrides = d["model"].pop("overrides")
+        d["model"].update(overrides)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config", base_dir: str | Path = ".") -> "TrainConfig":
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: expected a table of sections")
+        unknown = sorted(set(d) - set(SECTIONS))
+        if unknown:
+            raise ConfigError(f"{source}: unknown section [{unknown[0]}]; known sections: {', '.join(SECTIONS)}")
+        model = dict(d.get("model", {}))
+        model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+        overrides = {k: model.pop(k) for k in list(model) if k in model_fields}
+        sections = {name: _section(SECTIONS[name], d.get(name, {}), source, name) for name in SECTIONS if name != "model"}
+        sections["model"] = _section(ModelSection, model, source, "model", extra_known=model_fields)
+        sections["model"].overrides = overrides
+        cfg = cls(**sections, source=source, base_dir=str(base_dir))
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        def bad(section: str, name: str, why: str) -> ConfigError:
+            value = getattr(getattr(self, section), name)
+            return ConfigError(f"{self.source}: [{section}] field '{name}' = {value!r} {why}")
+
+        if self.model.init_from is not None and self.model.overrides:
+            raise ConfigError(f"{self.source}: [model] field '{next(iter(self.model.overrides))}' cannot be "
+                              "combined with init_from (the checkpoint's config.json fixes the shape)")
+        if self.model.init_from is None:
+            self.model_config()  # shape errors surface now, naming the field
+        for section, name in (("data", "seq_len"), ("data", "batch_size"), ("train", "steps"),
+                              ("train", "grad_accum")):
+            if getattr(getattr(self, section), name) <= 0:
+                raise bad(section, name, "must be a positive integer")
+        for name in ("warmup_steps",):
+            if self.optim.warmup_steps < 0:
+                raise bad("optim", name, "must be >= 0")
+        for name in ("lr", "beta1", "beta2", "eps"):
+            if not getattr(self.optim, name) > 0:
+                raise bad("optim", name, "must be > 0")
+        for name in ("min_lr", "weight_decay", "grad_clip"):
+            if getattr(self.optim, name) < 0:
+                raise bad("optim", name, "must be >= 0")
+        if self.optim.min_lr > self.optim.lr:
+            raise bad("optim", "min_lr", f"must be <= lr = {self.optim.lr}")
+        if self.train.save_every < 0:
+            raise bad("train", "save_every", "must be >= 0")
+        choices = {("data", "txt_split"): ("file", "paragraph", "line"),
+                   ("train", "dtype"): ("bfloat16", "float32"),
+                   ("train", "save_layout"): ("hf", "original"),
+                   ("train", "save_dtype"): ("bfloat16", "float32")}
+        for (section, name), allowed in choices.items():
+            if getattr(getattr(self, section), name) not in allowed:
+                raise bad(section, name, f"must be one of {', '.join(map(repr, allowed))}")
+        if self.model.preset is not None:
+            try:
+                preset(self.model.preset)
+            except ConfigError as e:
+                raise ConfigError(f"{self.source}: [model] field 'preset': {e}") from None
+
+
+SECTIONS: dict[str, type] = {"model": ModelSection, "data": DataSection, "optim": OptimSection,
+                             "train": TrainSection}
+
+
+def _check_type(value: Any, hint: Any) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType")):
+        return any(_check_type(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if origin is list:
+        return isinstance(value, list) and all(_check_type(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _section(cls: type, d: Any, source: str, name: str, extra_known: set[str] = frozenset()):
+    """Build one section's dataclass, refusing unknown fields and wrong types by name."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{source}: [{name}] must be a table")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls) if f.name != "overrides"}
+    for key, value in d.items():
+        if key not in known:
+            extra = " or a ModelConfig field" if extra_known else ""
+            raise ConfigError(f"{source}: [{name}] unknown field '{key}' (known: {', '.join(sorted(known))}{extra})")
+        if not _check_type(value, hints[key]):
+            raise ConfigError(f"{source}: [{name}] field '{key}' = {value!r} must be of type "
+                              f"{getattr(hints[key], '__name__', None) or str(hints[key])}")
+    kw = {k: float(v) if hints[k] is float else v for k, v in d.items()}
+    return cls(**kw)
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    """Read a training config TOML; errors name the field and the file."""
+    path = Path(path)
+    try:
+        d = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    return TrainConfig.from_dict(d, source=str(path), base_dir=path.parent)

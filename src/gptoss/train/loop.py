@@ -1,0 +1,272 @@
+"""The training loop: AdamW, warmup + cosine, clipping, accumulation, autocast, checkpoints, exact resume.
+
+One optimizer step = `grad_accum` micro-batches of `batch_size` packed sequences. The loss is the sum of
+token cross-entropies divided by the number of target tokens of the whole step, so accumulation (and later
+data parallelism) gives the same gradient as one big batch. Weights are fp32 (the optimizer's master copy);
+the forward may run under bf16 autocast.
+
+On disk, out_dir/step-NNNNNN/ holds
+  model/                      an inference checkpoint (gptoss.load reads it; experts quantized to MXFP4)
+  train_state.safetensors     fp32 weights, AdamW moments, RNG state: everything exact resume needs
+  train_state.json            step, optimizer hyper-parameters, the resolved training config
+and out_dir/metrics.jsonl gets one line per step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .. import mxfp4
+from ..checkpoint import load, write_checkpoint
+from ..errors import ConfigError
+from ..model import DenseExpertWeight, MXFP4Weight, Transformer
+from .config import TrainConfig
+from .data import Batch, Document, PackedDataset, TokenMap, read_documents
+
+STATE_FILE = "train_state.safetensors"
+STATE_JSON = "train_state.json"
+
+
+def get_lr(step: int, lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
+    """Linear warmup to lr over warmup_steps, then cosine decay to min_lr at the last step (nanoGPT)."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    span = max(1, total_steps - 1 - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
+# ---------------------------------------------------------------- model
+def init_weights(model: Transformer, seed: int) -> None:
+    """GPT-2-style init: N(0, 0.02) matrices, residual output projections scaled by 1/√(2·layers), zero
+    biases and sinks, unit norm scales. Deterministic in `seed`, independent of the global RNG."""
+    g = torch.Generator().manual_seed(seed)
+    std = 0.02
+    out_std = std / math.sqrt(2 * model.config.num_hidden_layers)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.scale"):
+                p.fill_(1.0)
+            elif p.dim() == 1 or name.endswith("_bias") or name.endswith("sinks"):
+                p.zero_()
+            else:
+                s = out_std if name.endswith(("attn.out.weight", "mlp2_weight.weight")) else std
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32) * s)
+
+
+def build_model(cfg: TrainConfig, device: torch.device) -> Transformer:
+    """A trainable model: fp32 weights, dense experts. From a checkpoint (init_from) or freshly initialised."""
+    if cfg.model.init_from is not None:
+        model = load(cfg.path(cfg.model.init_from), dtype=torch.float32)
+    else:
+        model = Transformer(cfg.model_config(), device="meta", dtype=torch.float32)
+        model = model.to_empty(device="cpu")
+    model.dense_experts(torch.float32)
+    if cfg.model.init_from is None:
+        init_weights(model, cfg.train.seed)
+    return model.to(device).train().requires_grad_(True)
+
+
+def export_tensors(model: Transformer, dtype: torch.dtype):
+    """(original name, tensor) of an inference checkpoint: dense experts quantized to MXFP4 blocks/scales."""
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu()
+        m = re.fullmatch(r"(.*_weight)\.weight", name)
+        if m:
+            blocks, scales = mxfp4.quantize(t, name)
+            yield m[1] + ".blocks", blocks
+            yield m[1] + ".scales", scales
+        else:
+            yield name, t.to(dtype) if t.is_floating_point() else t
+
+
+def save_model(model: Transformer, path: str | Path, layout: str = "hf", dtype: torch.dtype = torch.bfloat16) -> None:
+    """Write a trained model as a gptoss/transformers checkpoint (experts MXFP4, other tensors in `dtype`)."""
+    write_checkpoint(export_tensors(model, dtype), model.config, path, layout)
+
+
+# ---------------------------------------------------------------- loss
+def lm_loss_sum(model: Transformer, batch: Batch) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over the batch's target tokens, and their count.
+
+    Only the target positions go through the unembedding (the largest matmul, and with a 200k vocabulary
+    the largest activation): assistant-only masks skip most of it."""
+    h = model.hidden_states(batch.tokens, batch.positions, segments=batch.segments)  # (B, L, D)
+    h = h[batch.mask]  # (n, D)
+    logits = model.unembedding(h).float()  # (n, V)
+    return F.cross_entropy(logits, batch.targets[batch.mask], reduction="sum"), int(batch.mask.sum())
+
+
+def param_groups(model: Transformer, weight_decay: float) -> list[dict]:
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# ---------------------------------------------------------------- save / resume
+def save_train_state(path: Path, model: Transformer, opt: torch.optim.Optimizer, step: int, cfg: TrainConfig) -> None:
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    sd = opt.state_dict()
+    for i, state in sd["state"].items():
+        for k, v in state.items():
+            tensors[f"optim.{i}.{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    save_file(tensors, str(path / STATE_FILE))
+    groups = [{k: v for k, v in g.items()} for g in sd["param_groups"]]
+    meta = {"step": step, "param_groups": groups, "config": cfg.to_dict(), "model_config": model.config.to_original_dict()}
+    (path / STATE_JSON).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def load_train_state(path: Path, model: Transformer, opt: torch.optim.Optimizer) -> int:
+    """Restore weights, optimizer and RNG saved by save_train_state; returns the step to continue from."""
+    from safetensors.torch import load_file
+
+    meta = json.loads((path / STATE_JSON).read_text())
+    tensors = load_file(str(path / STATE_FILE))
+    weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as e:
+        raise ConfigError(f"{path / STATE_FILE}: does not fit the configured model ({e})") from None
+    state: dict[int, dict] = {}
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            _, i, name = k.split(".", 2)
+            state.setdefault(int(i), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    return int(meta["step"])
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    steps = sorted(p for p in out_dir.glob("step-*") if (p / STATE_JSON).exists())
+    return steps[-1] if steps else None
+
+
+# ---------------------------------------------------------------- the loop
+@dataclass
+class TrainResult:
+    model: Transformer
+    losses: list[float] = field(default_factory=list)  # per step run in this call
+    metrics: list[dict] = field(default_factory=list)
+    checkpoint: Path | None = None  # the last saved step folder (its model/ is the inference checkpoint)
+    dataset: PackedDataset | None = None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def train(cfg: TrainConfig, documents: Sequence[Document] | None = None, token_map: TokenMap | None = None,
+          progress: bool = True, max_steps: int | None = None,
+          on_step: Callable[[dict], None] | None = None) -> TrainResult:
+    """Run (or resume) the training described by `cfg`.
+
+    documents: in-memory documents instead of cfg.data.files; token_map: full o200k_harmony ids → model ids,
+    applied after tokenization; max_steps: stop after this step number (the schedule still spans
+    cfg.train.steps — for tests of resume); on_step: called with each step's metrics dict.
+    """
+    t = cfg.train
+    device = resolve_device(t.device)
+    out_dir = cfg.path(t.out_dir)
+    torch.manual_seed(t.seed)
+    model = build_model(cfg, device)
+    if documents is None:
+        if not cfg.data.files:
+            raise ConfigError(f"{cfg.source}: [data] field 'files' is empty (give .txt/.jsonl files)")
+        documents = read_documents([cfg.path(f) for f in cfg.data.files], txt_split=cfg.data.txt_split,
+                                   append_eot=cfg.data.append_eot)
+    data = PackedDataset(documents, cfg.data.seq_len, model.config.vocab_size, seed=t.seed,
+                         shuffle=cfg.data.shuffle, token_map=token_map, source=cfg.source)
+    o = cfg.optim
+    fused = {"fused": False} if device.type == "cpu" else {}
+    opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                            **fused)
+    start, resumed_from = 0, None
+    if t.resume:
+        resumed_from = latest_checkpoint(out_dir)
+        if resumed_from is not None:
+            start = load_train_state(resumed_from, model, opt)
+    metrics_file = out_dir / "metrics.jsonl"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    kept = []
+    if start and metrics_file.exists():  # drop lines of steps after the checkpoint (they will be redone)
+        kept = [line for line in metrics_file.read_text().splitlines() if line and json.loads(line)["step"] <= start]
+    metrics_file.write_text("".join(line + "\n" for line in kept))
+
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.dtype == "bfloat16")
+    per_step = cfg.data.batch_size * t.grad_accum
+    end = min(t.steps, max_steps) if max_steps is not None else t.steps
+    result = TrainResult(model, dataset=data, checkpoint=resumed_from)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=t.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    with metrics_file.open("a") as log:
+        for step in range(start, end):
+            t0 = time.perf_counter()
+            lr = get_lr(step, o.lr, o.min_lr, o.warmup_steps, t.steps)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            ids = data.indices(step * per_step, per_step)
+            micro = [data.batch(ids[k:k + cfg.data.batch_size]) for k in range(0, per_step, cfg.data.batch_size)]
+            n_targets = sum(int(b.mask.sum()) for b in micro)
+            loss_sum = 0.0
+            for b in micro:
+                b = b.to(device)
+                with amp:
+                    loss, _ = lm_loss_sum(model, b)
+                (loss / max(1, n_targets)).backward()
+                loss_sum += loss.item()
+            clip = o.grad_clip if o.grad_clip > 0 else float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            dt = time.perf_counter() - t0
+            loss_value = loss_sum / max(1, n_targets)
+            row = {"step": step + 1, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
+                   "targets": n_targets, "tokens": per_step * cfg.data.seq_len,
+                   "tokens_per_s": per_step * cfg.data.seq_len / dt, "time_s": dt}
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+            result.losses.append(loss_value)
+            result.metrics.append(row)
+            if on_step is not None:
+                on_step(row)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+            done = step + 1
+            if done == t.steps or (t.save_every and done % t.save_every == 0):
+                result.checkpoint = save_checkpoint(out_dir, model, opt, done, cfg)
+    if bar is not None:
+        bar.close()
+    return result
+
+
+def save_checkpoint(out_dir: Path, model: Transformer, opt: torch.optim.Optimizer, step: int,
+                    cfg: TrainConfig) -> Path:
+    path = out_dir / f"step-{step:06d}"
+    save_model(model, path / "model", cfg.train.save_layout, getattr(torch, cfg.train.save_dtype))
+    save_train_state(path, model, opt, step, cfg)
+    return path
