@@ -15,6 +15,7 @@ from typing import Any
 
 from .errors import ConfigError
 
+VARIANTS = ("norm_placement", "qk_norm")  # architecture options of the training stack (GPT-oss: pre, off)
 SLIDING = "sliding_attention"
 FULL = "full_attention"
 MXFP4_BLOCK = 32  # values per MXFP4 block (OCP Microscaling spec)
@@ -48,6 +49,9 @@ class ModelConfig:
     rope_truncate: bool = False  # the real checkpoints do not round the YaRN correction range
     rms_norm_eps: float = 1e-5
     layer_types: tuple[str, ...] = field(default=())  # empty = alternating, sliding first
+    # Training variants (not in GPT-oss; written to config.json only when they differ from it):
+    norm_placement: str = "pre"  # "pre" (GPT-oss) or "post" (OLMo-2: norm on each sublayer's output)
+    qk_norm: bool = False  # RMSNorm of each query and key head before RoPE (OLMo-2)
 
     def __post_init__(self) -> None:
         if not self.layer_types:
@@ -105,6 +109,10 @@ class ModelConfig:
         if len(self.layer_types) != self.num_hidden_layers:
             raise ConfigError(f"{source}: field 'layer_types' has {len(self.layer_types)} entries, "
                               f"num_hidden_layers is {self.num_hidden_layers}")
+        if self.norm_placement not in ("pre", "post"):
+            raise bad("norm_placement", "must be 'pre' or 'post'")
+        if not isinstance(self.qk_norm, bool):
+            raise bad("qk_norm", "must be true or false")
         for i, kind in enumerate(self.layer_types):
             if kind not in (SLIDING, FULL):
                 raise ConfigError(f"{source}: field 'layer_types[{i}]' = {kind!r} must be '{SLIDING}' or '{FULL}'")
@@ -123,7 +131,7 @@ class ModelConfig:
             "rope_ntk_alpha": self.rope_ntk_alpha, "rope_ntk_beta": self.rope_ntk_beta,
         }
         # Fields the original format does not carry are written only when they differ from GPT-oss.
-        for name in ("swiglu_alpha", "rms_norm_eps", "max_position_embeddings", "rope_truncate"):
+        for name in ("swiglu_alpha", "rms_norm_eps", "max_position_embeddings", "rope_truncate", *VARIANTS):
             if getattr(self, name) != getattr(ModelConfig, name):
                 d[name] = getattr(self, name)
         if self.layer_types != alternating_layer_types(self.num_hidden_layers):
@@ -172,6 +180,7 @@ class ModelConfig:
                                            "model.embed_tokens", "lm_head"],
             },
         }
+        d |= {name: getattr(self, name) for name in VARIANTS if getattr(self, name) != getattr(ModelConfig, name)}
         if self.vocab_size > 200002:  # the o200k_harmony ids of <|return|> and <|endoftext|>
             d |= {"eos_token_id": 200002, "pad_token_id": 199999}
         return d

@@ -11,6 +11,7 @@ loads with no renaming; checkpoint.py maps the Hugging Face names onto these.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -146,24 +147,31 @@ class Attention(nn.Module):
         self.sinks = nn.Parameter(torch.zeros(config.num_attention_heads, dtype=torch.float32, device=device))
         self.out = Linear(config.num_attention_heads * config.head_dim, config.hidden_size, bias=True,
                              device=device, dtype=dtype)
+        if config.qk_norm:  # per-head RMSNorm of queries and keys before RoPE (OLMo-2, Qwen3); off in GPT-oss
+            self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps, device=device)
+            self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps, device=device)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache=None, segments: torch.Tensor | None = None) -> torch.Tensor:
         c = self.config
         B, T, _ = x.shape
-        qkv = self.qkv(self.norm(x))
+        post = c.norm_placement == "post"  # OLMo-2: normalize the sublayer's output instead of its input
+        qkv = self.qkv(x if post else self.norm(x))
         # Fused rows: all query heads, then key heads, then value heads; query head h uses kv head h // G.
         q, k, v = qkv.split([c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim,
                              c.num_key_value_heads * c.head_dim], dim=-1)
-        q = apply_rope(q.view(B, T, c.num_attention_heads, c.head_dim), cos, sin)
-        k = apply_rope(k.view(B, T, c.num_key_value_heads, c.head_dim), cos, sin)
+        q, k = q.view(B, T, c.num_attention_heads, c.head_dim), k.view(B, T, c.num_key_value_heads, c.head_dim)
+        if c.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         v = v.view(B, T, c.num_key_value_heads, c.head_dim)
         k_pos = positions
         if cache is not None:  # the cache returns every key it holds for this layer, and their positions
             k, v, k_pos = cache.update(k, v, positions)
         mask = attention_mask(positions, k_pos, self.sliding_window, segments)
         q = q.view(B, T, c.num_key_value_heads, c.q_per_kv, c.head_dim)
-        return x + self.out(sdpa_with_sinks(q, k, v, self.sinks, mask))
+        h = self.out(sdpa_with_sinks(q, k, v, self.sinks, mask))
+        return x + (self.norm(h) if post else h)
 
 
 # ---------------------------------------------------------------- MoE
@@ -212,6 +220,25 @@ class DenseExpertWeight(nn.Module):
         return self.weight.numel() * self.weight.element_size()
 
 
+class Routing(NamedTuple):
+    """What a MoE layer decided (kept while `record_routing` is on, for router losses and load metrics)."""
+    logits: torch.Tensor  # (N, E) router logits
+    selected: torch.Tensor  # (N, k) the top-k experts chosen
+    experts: torch.Tensor  # (N, k) the same after the capacity limit: −1 where the assignment was dropped
+
+
+def capacity_drop(experts: torch.Tensor, num_experts: int, capacity_factor: float) -> torch.Tensor:
+    """Expert capacity (Switch Transformer): each expert takes at most ⌈N·k/E · factor⌉ assignments; the rest
+    become −1 (dropped: that slot adds nothing, the token keeps its residual). Queue order: every token's
+    first choice before any second choice (GShard), tokens in order within a slot."""
+    N, k = experts.shape
+    capacity = math.ceil(round(N * k / num_experts * capacity_factor, 9))
+    order = experts.t().reshape(-1)  # (k·N,) slot-major
+    onehot = F.one_hot(order, num_experts)  # (k·N, E)
+    place = (onehot.cumsum(0) * onehot).sum(-1) - 1  # position of each assignment in its expert's queue
+    return torch.where((place < capacity).view(k, N).t(), experts, -1)
+
+
 class MoE(nn.Module):
     def __init__(self, config: ModelConfig, device=None, dtype: torch.dtype = torch.bfloat16):
         super().__init__()
@@ -223,23 +250,41 @@ class MoE(nn.Module):
         self.mlp1_bias = nn.Parameter(torch.zeros(E, 2 * I, device=device, dtype=dtype))
         self.mlp2_weight = MXFP4Weight(E, D, I, device=device)
         self.mlp2_bias = nn.Parameter(torch.zeros(E, D, device=device, dtype=dtype))
+        # Training options, off for GPT-oss: expert capacity, a selection-only bias (DeepSeek-V3), recording.
+        self.capacity_factor: float | None = None
+        self.register_buffer("expert_bias", None, persistent=False)  # (E,) when bias balancing is on
+        self.record_routing = False
+        self.routing: Routing | None = None
 
-    def route(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def route(self, t: torch.Tensor, logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """t [N, D] → expert ids [N, k] and weights [N, k]: softmax over the top-k router logits only."""
-        logits = self.gate(t)  # (N, E)
-        top, experts = torch.topk(logits, self.config.experts_per_token, dim=-1, sorted=True)
+        logits = self.gate(t) if logits is None else logits  # (N, E)
+        k = self.config.experts_per_token
+        if self.expert_bias is None:
+            top, experts = torch.topk(logits, k, dim=-1, sorted=True)
+        else:  # the bias picks the experts but never weighs them
+            experts = torch.topk(logits + self.expert_bias, k, dim=-1, sorted=True).indices
+            top = logits.gather(-1, experts)
         return experts, torch.softmax(top.float(), dim=-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
-        t = self.norm(x).reshape(B * T, D)
-        experts, weights = self.route(t)  # (N, k) each
+        post = self.config.norm_placement == "post"
+        t = (x if post else self.norm(x)).reshape(B * T, D)
+        logits = self.gate(t)  # (N, E)
+        experts, weights = self.route(t, logits)  # (N, k) each
+        selected = experts
+        if self.capacity_factor is not None:
+            experts = capacity_drop(experts, self.config.num_experts, self.capacity_factor)
+        if self.record_routing:
+            self.routing = Routing(logits, selected, experts)
         if (x.device.type == "cpu" and x.dtype != torch.float64 and experts.numel() <= DECODE_MAX_ROWS
-                and isinstance(self.mlp1_weight, MXFP4Weight)):
+                and isinstance(self.mlp1_weight, MXFP4Weight) and self.capacity_factor is None):
             out = self._fused(t.to(x.dtype), experts, weights)
         else:
             out = self._grouped(t.to(x.dtype), experts, weights)
-        return x + out.view(B, T, D).to(x.dtype)
+        out = out.view(B, T, D).to(x.dtype)
+        return x + (self.norm(out) if post else out)
 
     def _fused(self, t: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Decode: each (token, expert) pair is a row; the kernel reads only the chosen experts' MXFP4 bytes."""
@@ -256,6 +301,8 @@ class MoE(nn.Module):
         c = self.config
         out = torch.zeros(t.shape[0], c.hidden_size, dtype=torch.float32, device=t.device)
         for e in experts.unique().tolist():
+            if e < 0:  # assignments dropped for capacity
+                continue
             token, slot = (experts == e).nonzero(as_tuple=True)
             h = F.linear(t[token], self.mlp1_weight.expert(e, t.dtype), self.mlp1_bias[e])  # (n, 2I)
             h = swiglu(h, c.swiglu_alpha, c.swiglu_limit)  # (n, I)

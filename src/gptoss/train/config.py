@@ -59,6 +59,15 @@ class OptimSection:
 
 
 @dataclass
+class MoESection:
+    """MoE training options; every default leaves routing exactly as GPT-oss does it (see train/moe.py)."""
+    aux_loss_coef: float = 0.0  # Switch load-balancing loss (transformers' form); 0.01 is Switch's choice
+    z_loss_coef: float = 0.0  # ST-MoE router z-loss; 1e-3 is ST-MoE's choice
+    bias_update_rate: float = 0.0  # DeepSeek-V3 selection-bias step γ per optimizer step (0: off; 1e-3 theirs)
+    capacity_factor: float = 0.0  # expert capacity ⌈tokens·k/E · factor⌉, overflow dropped (0: unlimited)
+
+
+@dataclass
 class TrainSection:
     steps: int = 1000
     grad_accum: int = 1  # micro-batches per optimizer step
@@ -70,6 +79,7 @@ class TrainSection:
     save_layout: str = "hf"  # layout of the saved inference checkpoint: "hf" or "original"
     save_dtype: str = "bfloat16"  # dtype of its dense tensors (experts are always MXFP4)
     resume: bool = False  # continue from the newest step-* folder in out_dir
+    spike_window: int = 1000  # trailing window of the OLMo-2 spike score (steps)
 
 
 @dataclass
@@ -77,6 +87,7 @@ class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
+    moe: MoESection = field(default_factory=MoESection)
     train: TrainSection = field(default_factory=TrainSection)
     source: str = "config"  # the file it came from, for error messages
     base_dir: str = "."  # relative paths are resolved against this folder
@@ -132,7 +143,7 @@ class TrainConfig:
         if self.model.init_from is None:
             self.model_config()  # shape errors surface now, naming the field
         for section, name in (("data", "seq_len"), ("data", "batch_size"), ("train", "steps"),
-                              ("train", "grad_accum")):
+                              ("train", "grad_accum"), ("train", "spike_window")):
             if getattr(getattr(self, section), name) <= 0:
                 raise bad(section, name, "must be a positive integer")
         for name in ("warmup_steps",):
@@ -144,6 +155,9 @@ class TrainConfig:
         for name in ("min_lr", "weight_decay", "grad_clip"):
             if getattr(self.optim, name) < 0:
                 raise bad("optim", name, "must be >= 0")
+        for name in ("aux_loss_coef", "z_loss_coef", "bias_update_rate", "capacity_factor"):
+            if getattr(self.moe, name) < 0:
+                raise bad("moe", name, "must be >= 0")
         if self.optim.min_lr > self.optim.lr:
             raise bad("optim", "min_lr", f"must be <= lr = {self.optim.lr}")
         if self.train.save_every < 0:
@@ -163,7 +177,7 @@ class TrainConfig:
 
 
 SECTIONS: dict[str, type] = {"model": ModelSection, "data": DataSection, "optim": OptimSection,
-                             "train": TrainSection}
+                             "moe": MoESection, "train": TrainSection}
 
 
 def _check_type(value: Any, hint: Any) -> bool:

@@ -31,6 +31,8 @@ from ..errors import ConfigError
 from ..model import DenseExpertWeight, MXFP4Weight, Transformer
 from .config import TrainConfig
 from .data import Batch, Document, PackedDataset, TokenMap, read_documents
+from .moe import LoadMeter, moe_layers, record_routing, router_losses, update_expert_bias
+from .stability import SpikeMeter
 
 STATE_FILE = "train_state.safetensors"
 STATE_JSON = "train_state.json"
@@ -73,6 +75,11 @@ def build_model(cfg: TrainConfig, device: torch.device) -> Transformer:
     model.dense_experts(torch.float32)
     if cfg.model.init_from is None:
         init_weights(model, cfg.train.seed)
+    for m in moe_layers(model):
+        m.capacity_factor = cfg.moe.capacity_factor or None
+        if cfg.moe.bias_update_rate > 0:
+            m.expert_bias = torch.zeros(model.config.num_experts)
+    record_routing(model, True)  # for the router losses and the load metrics
     return model.to(device).train().requires_grad_(True)
 
 
@@ -91,6 +98,9 @@ def export_tensors(model: Transformer, dtype: torch.dtype):
 
 def save_model(model: Transformer, path: str | Path, layout: str = "hf", dtype: torch.dtype = torch.bfloat16) -> None:
     """Write a trained model as a gptoss/transformers checkpoint (experts MXFP4, other tensors in `dtype`)."""
+    if model.config.qk_norm:
+        raise ConfigError("a model with qk_norm cannot be written as a GPT-oss checkpoint (the layouts have no "
+                          "q/k norm tensors); its weights are in the step folder's train_state.safetensors")
     write_checkpoint(export_tensors(model, dtype), model.config, path, layout)
 
 
@@ -122,6 +132,9 @@ def save_train_state(path: Path, model: Transformer, opt: torch.optim.Optimizer,
     for i, state in sd["state"].items():
         for k, v in state.items():
             tensors[f"optim.{i}.{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
+    for i, m in enumerate(moe_layers(model)):
+        if m.expert_bias is not None:  # a buffer outside state_dict (no slot for it in GPT-oss checkpoints)
+            tensors[f"expert_bias.{i}"] = m.expert_bias.detach().cpu()
     tensors["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
@@ -148,6 +161,9 @@ def load_train_state(path: Path, model: Transformer, opt: torch.optim.Optimizer)
             _, i, name = k.split(".", 2)
             state.setdefault(int(i), {})[name] = v
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    for i, m in enumerate(moe_layers(model)):
+        if f"expert_bias.{i}" in tensors and m.expert_bias is not None:
+            m.expert_bias.copy_(tensors[f"expert_bias.{i}"])
     torch.set_rng_state(tensors["rng.torch"])
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
@@ -177,18 +193,22 @@ def resolve_device(name: str) -> torch.device:
 
 def train(cfg: TrainConfig, documents: Sequence[Document] | None = None, token_map: TokenMap | None = None,
           progress: bool = True, max_steps: int | None = None,
-          on_step: Callable[[dict], None] | None = None) -> TrainResult:
+          on_step: Callable[[dict], None] | None = None,
+          prepare: Callable[[Transformer], None] | None = None) -> TrainResult:
     """Run (or resume) the training described by `cfg`.
 
     documents: in-memory documents instead of cfg.data.files; token_map: full o200k_harmony ids → model ids,
     applied after tokenization; max_steps: stop after this step number (the schedule still spans
-    cfg.train.steps — for tests of resume); on_step: called with each step's metrics dict.
+    cfg.train.steps — for tests of resume); on_step: called with each step's metrics dict; prepare: called
+    with the freshly built model before training (e.g. a special initialisation; not re-run state on resume).
     """
     t = cfg.train
     device = resolve_device(t.device)
     out_dir = cfg.path(t.out_dir)
     torch.manual_seed(t.seed)
     model = build_model(cfg, device)
+    if prepare is not None:
+        prepare(model)
     if documents is None:
         if not cfg.data.files:
             raise ConfigError(f"{cfg.source}: [data] field 'files' is empty (give .txt/.jsonl files)")
@@ -196,7 +216,7 @@ def train(cfg: TrainConfig, documents: Sequence[Document] | None = None, token_m
                                    append_eot=cfg.data.append_eot)
     data = PackedDataset(documents, cfg.data.seq_len, model.config.vocab_size, seed=t.seed,
                          shuffle=cfg.data.shuffle, token_map=token_map, source=cfg.source)
-    o = cfg.optim
+    o, m_cfg = cfg.optim, cfg.moe
     fused = {"fused": False} if device.type == "cpu" else {}
     opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                             **fused)
@@ -211,6 +231,11 @@ def train(cfg: TrainConfig, documents: Sequence[Document] | None = None, token_m
     if start and metrics_file.exists():  # drop lines of steps after the checkpoint (they will be redone)
         kept = [line for line in metrics_file.read_text().splitlines() if line and json.loads(line)["step"] <= start]
     metrics_file.write_text("".join(line + "\n" for line in kept))
+    spikes = {"grad_norm": SpikeMeter(t.spike_window), "loss": SpikeMeter(t.spike_window)}
+    for line in kept:  # the spike score's history continues across a resume
+        row = json.loads(line)
+        for key, meter in spikes.items():
+            meter.add(row[key])
 
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.dtype == "bfloat16")
     per_step = cfg.data.batch_size * t.grad_accum
@@ -231,22 +256,37 @@ def train(cfg: TrainConfig, documents: Sequence[Document] | None = None, token_m
             ids = data.indices(step * per_step, per_step)
             micro = [data.batch(ids[k:k + cfg.data.batch_size]) for k in range(0, per_step, cfg.data.batch_size)]
             n_targets = sum(int(b.mask.sum()) for b in micro)
-            loss_sum = 0.0
+            loss_sum = aux_sum = z_sum = 0.0
+            meter = LoadMeter(model.config.num_hidden_layers, model.config.num_experts)
             for b in micro:
                 b = b.to(device)
                 with amp:
                     loss, _ = lm_loss_sum(model, b)
-                (loss / max(1, n_targets)).backward()
+                    aux, z = router_losses(model)
+                total = loss / max(1, n_targets)
+                if m_cfg.aux_loss_coef:  # router losses are per-micro-batch means, averaged over the step
+                    total = total + m_cfg.aux_loss_coef * aux / len(micro)
+                if m_cfg.z_loss_coef:
+                    total = total + m_cfg.z_loss_coef * z / len(micro)
+                total.backward()
+                meter.add(model)
                 loss_sum += loss.item()
+                aux_sum += aux.item() / len(micro)
+                z_sum += z.item() / len(micro)
             clip = o.grad_clip if o.grad_clip > 0 else float("inf")
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
             opt.step()
             opt.zero_grad(set_to_none=True)
+            if m_cfg.bias_update_rate:
+                update_expert_bias(model, meter.selected, m_cfg.bias_update_rate)
             dt = time.perf_counter() - t0
             loss_value = loss_sum / max(1, n_targets)
             row = {"step": step + 1, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
                    "targets": n_targets, "tokens": per_step * cfg.data.seq_len,
-                   "tokens_per_s": per_step * cfg.data.seq_len / dt, "time_s": dt}
+                   "tokens_per_s": per_step * cfg.data.seq_len / dt, "time_s": dt,
+                   "aux_loss": aux_sum, "z_loss": z_sum, **meter.metrics()}
+            row["spike_score_grad_norm"] = spikes["grad_norm"].add(grad_norm)
+            row["spike_score_loss"] = spikes["loss"].add(loss_value)
             log.write(json.dumps(row) + "\n")
             log.flush()
             result.losses.append(loss_value)
@@ -267,6 +307,7 @@ def train(cfg: TrainConfig, documents: Sequence[Document] | None = None, token_m
 def save_checkpoint(out_dir: Path, model: Transformer, opt: torch.optim.Optimizer, step: int,
                     cfg: TrainConfig) -> Path:
     path = out_dir / f"step-{step:06d}"
-    save_model(model, path / "model", cfg.train.save_layout, getattr(torch, cfg.train.save_dtype))
+    if not model.config.qk_norm:  # no slot for q/k norms in GPT-oss checkpoints: train state only
+        save_model(model, path / "model", cfg.train.save_layout, getattr(torch, cfg.train.save_dtype))
     save_train_state(path, model, opt, step, cfg)
     return path
