@@ -45,6 +45,7 @@ LAYER_NAMES = {
     "block.{i}.mlp.mlp2_weight.scales": "model.layers.{i}.mlp.experts.down_proj_scales",
     "block.{i}.mlp.mlp2_bias": "model.layers.{i}.mlp.experts.down_proj_bias",
 }
+VOCAB_IDS = "vocab_ids"  # optional int32 [vocab_size]: the o200k ids of the rows of a vocabulary subset (vocab.py)
 QKV = "block.{i}.attn.qkv.{kind}"  # kind: weight | bias
 HF_QKV = ("model.layers.{i}.self_attn.q_proj.{kind}", "model.layers.{i}.self_attn.k_proj.{kind}",
           "model.layers.{i}.self_attn.v_proj.{kind}")
@@ -134,7 +135,7 @@ class CheckpointReader:
 
     def _stored_names(self, name: str) -> list[str]:
         """The names under which the original-named tensor is stored in this layout."""
-        if self.layout == "original":
+        if self.layout == "original" or name == VOCAB_IDS:
             return [name]
         m = re.fullmatch(r"block\.(\d+)\.attn\.qkv\.(weight|bias)", name)
         if m:
@@ -166,6 +167,14 @@ class CheckpointReader:
                     raise CheckpointError(f"{info.file}: tensor '{stored_name}' has dtype {info.dtype}, "
                                           f"expected {want_dtype}")
                 seen.add(stored_name)
+        if VOCAB_IDS in self.files:  # a vocabulary subset: row r of the embeddings stands for id vocab_ids[r]
+            from .vocab import check_vocab_ids
+
+            info = self.files.index[VOCAB_IDS]
+            if info.dtype not in ("I32", "I64"):
+                raise CheckpointError(f"{info.file}: tensor '{VOCAB_IDS}' has dtype {info.dtype}, expected I32")
+            check_vocab_ids(self.files.get(VOCAB_IDS), self.config.vocab_size, f"{info.file}: tensor '{VOCAB_IDS}'")
+            seen.add(VOCAB_IDS)
         extra = sorted(set(self.files.names()) - seen)
         if extra:
             raise CheckpointError(f"{self.files.index[extra[0]].file}: unexpected tensor '{extra[0]}'"
@@ -185,15 +194,24 @@ class CheckpointReader:
             row += part.shape[0]
         return out
 
+    @property
+    def vocab_ids(self) -> torch.Tensor | None:
+        return self.files.get(VOCAB_IDS) if VOCAB_IDS in self.files else None
+
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name in expected_tensors(self.config):
             yield name, self.get(name)
+        if self.vocab_ids is not None:
+            yield VOCAB_IDS, self.vocab_ids
 
 
 # ---------------------------------------------------------------- load
 def load(path: str | Path, device: torch.device | str | None = None,
          dtype: torch.dtype = torch.bfloat16, progress: bool = False) -> Transformer:
-    """Load a checkpoint in either layout. Expert weights stay MXFP4 (uint8), memory-mapped on CPU."""
+    """Load a checkpoint in either layout. Expert weights stay MXFP4 (uint8), memory-mapped on CPU.
+
+    A checkpoint with `vocab_ids` (a vocabulary subset) loads as a vocab.VocabSubsetModel: callers keep
+    using full o200k ids, and sampling never leaves the subset."""
     reader = CheckpointReader(path)
     with torch.device("meta"):
         model = Transformer(reader.config, dtype=dtype)
@@ -212,7 +230,12 @@ def load(path: str | Path, device: torch.device | str | None = None,
             tensor = tensor.to(target)
         loaded[name] = tensor if device is None else tensor.to(device)
     model.load_state_dict(loaded, strict=True, assign=True)
-    return model.eval().requires_grad_(False)
+    model = model.eval().requires_grad_(False)
+    if reader.vocab_ids is not None:
+        from .vocab import VocabSubsetModel
+
+        model = VocabSubsetModel(model, reader.vocab_ids)
+    return model
 
 
 # ---------------------------------------------------------------- save and convert
@@ -221,7 +244,7 @@ def _stored_items(tensors: Iterable[tuple[str, torch.Tensor]], config: ModelConf
     """Original-named tensors → the names (and q/k/v split) of `layout`."""
     for name, t in tensors:
         m = re.fullmatch(r"block\.(\d+)\.attn\.qkv\.(weight|bias)", name)
-        if layout == "original":
+        if layout == "original" or name == VOCAB_IDS:
             yield name, t
         elif m:
             for template, part in zip(HF_QKV, t.split(qkv_split(config), dim=0)):
@@ -291,10 +314,20 @@ def write_checkpoint(tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, t
 
 def save(model: Transformer, path: str | Path, layout: str = "hf", dtype: torch.dtype = torch.bfloat16,
          max_shard_bytes: int = 5 * 2**30, progress: bool = False) -> None:
-    """Save a model; floating tensors are written in `dtype` (bf16 like the released checkpoints)."""
-    tensors = ((name, (t.to(dtype) if t.is_floating_point() else t).detach().cpu())
-               for name, t in model.state_dict().items())
-    write_checkpoint(tensors, model.config, path, layout, max_shard_bytes, progress)
+    """Save a model; floating tensors are written in `dtype` (bf16 like the released checkpoints). A
+    VocabSubsetModel is saved as its inner model plus `vocab_ids`."""
+    from .vocab import VocabSubsetModel
+
+    subset = model.vocab_ids.to(torch.int32).cpu() if isinstance(model, VocabSubsetModel) else None
+    model = model.model if isinstance(model, VocabSubsetModel) else model
+
+    def tensors():  # a generator: one converted tensor at a time (a 20b model is not copied whole)
+        for name, t in model.state_dict().items():
+            yield name, (t.to(dtype) if t.is_floating_point() else t).detach().cpu()
+        if subset is not None:
+            yield VOCAB_IDS, subset
+
+    write_checkpoint(tensors(), model.config, path, layout, max_shard_bytes, progress)
 
 
 def convert(src: str | Path, dst: str | Path, layout: str, max_shard_bytes: int = 5 * 2**30,

@@ -77,10 +77,18 @@ def cmd_train(args: argparse.Namespace) -> None:
               else f"nothing to do: {result.checkpoint} is already at step {cfg.train.steps}")
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    """Evaluate a model on a task (demo: held-out arithmetic, tool calls and refusals of the demo model)."""
+    from .demo.eval import eval_command
+
+    eval_command(args)
+
+
 # ---------------------------------------------------------------- shared options
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-m", "--model", required=True, metavar="PATH",
-                   help="checkpoint folder (Hugging Face layout, or the OpenAI original/ folder)")
+    p.add_argument("-m", "--model", default=None, metavar="PATH",
+                   help="checkpoint folder (Hugging Face layout, or the OpenAI original/ folder); default: the "
+                        "embedded demo model (tiny, arithmetic and tool calls)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                    help="activation and non-expert weight dtype (experts stay MXFP4)")
@@ -112,6 +120,10 @@ def load_model(args: argparse.Namespace):
 
     from .checkpoint import load
 
+    if args.model is None:  # the embedded demo model, hash-checked
+        from .demo import checkpoint_path
+
+        args.model = str(checkpoint_path())
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return load(args.model, device=device, dtype=getattr(torch, args.dtype), progress=not args.quiet)
 
@@ -157,6 +169,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     add_serve_args(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("eval", help=cmd_eval.__doc__, description=cmd_eval.__doc__)
+    p.add_argument("task", choices=["demo"], help="demo: the embedded model's skills on a held-out set")
+    add_model_args(p)
+    p.add_argument("--n", type=int, default=None, help="questions per category (default: the task's)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the held-out set (default: the task's)")
+    p.add_argument("--reasoning-effort", default="medium", choices=["low", "medium", "high"])
+    p.add_argument("--max-tokens", type=int, default=512, help="tokens per model call (default 512)")
+    p.add_argument("--out", default=None, metavar="FILE", help="also write the per-question results (JSONL)")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("train", help=cmd_train.__doc__, description=cmd_train.__doc__)
     p.add_argument("config", help="training config (.toml)")

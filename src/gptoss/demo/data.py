@@ -1,0 +1,508 @@
+"""Synthetic Harmony conversations that teach the demo model its three skills.
+
+    python -m gptoss.demo.data --out DIR --seed 0 --n 60000      # DIR/train.jsonl (+ DIR/vocab.json)
+
+1. Arithmetic worked by hand, step by step in `analysis`, the answer in `final`. Scope (what a ~1M-parameter
+   model trained for an hour on 2 CPU cores can honestly get right): addition and subtraction of whole
+   numbers of up to 4 digits (negative results included), and multiplication of a number of up to 4 digits
+   by a 1-digit number. o200k writes digit runs in chunks of up to 3 digits ("4821" → "482", "1"), so the
+   work first spells the numbers out one digit per token, right-aligned, then goes column by column from
+   the right with one fixed-format line per column (`8+9+0=17`: digit, digit, incoming carry, total — every
+   number below 100 is one token), then spells the answer's digits before writing it. The reasoning effort
+   in the system message sets how much is written: low keeps only the column lines, high names every column.
+2. Function tools: when the developer message declares `calculator`, every arithmetic question (of any
+   size, division included) is answered by a call `{"expression": "A op B"}` in `commentary`, then the
+   answer quotes the tool's result; `convert_units` gets `{"value": V, "from": U, "to": U}`.
+3. Everything else gets a short "I don't know" that says what the model can do: general questions,
+   arithmetic beyond the scope above when no calculator is declared, conversions without the tool.
+
+A conversation is a list of message dicts {role, content, channel?, recipient?, content_type?} (the
+format `gptoss.train` reads from JSONL `messages`); `to_document` renders one for training, keeping the
+current turn's analysis (the reasoning the model must learn to write) and flagging only assistant tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from .. import harmony
+from ..tokenizer import Tokenizer, get_tokenizer
+
+EFFORTS = ("low", "medium", "high")
+MAX_DIGITS = 4  # by hand: + and − up to 4 digits, × by one digit
+PLACES = ("ones", "tens", "hundreds", "thousands", "ten-thousands")
+
+CALCULATOR_DEF = {"name": "calculator", "description": "Evaluate an arithmetic expression and return the exact result.",
+                  "parameters": {"type": "object", "properties": {"expression": {
+                      "type": "string", "description": "e.g. 1234 * 5678 or sqrt(2) + 1"}}, "required": ["expression"]}}
+CONVERT_DEF = {"name": "convert_units", "description": "Convert a value between units of length, mass, volume or temperature.",
+               "parameters": {"type": "object", "properties": {
+                   "value": {"type": "number"},
+                   "from": {"type": "string", "description": "unit symbol: km, mi, m, ft, cm, in, kg, lb, l, gal, C, F"},
+                   "to": {"type": "string", "description": "unit symbol"}}, "required": ["value", "from", "to"]}}
+TOOL_DEFS = {"calculator": CALCULATOR_DEF, "convert_units": CONVERT_DEF}
+
+SKILLS_LINE = ("I can add and subtract whole numbers of up to 4 digits, multiply them by a 1-digit number, "
+               "and use the tools I am given.")
+DONT_KNOW = "I don't know. " + SKILLS_LINE
+TOO_BIG = ("I can't work that out reliably by hand: " + SKILLS_LINE[2:].replace(", and use the tools I am given", "")
+           + " Give me a calculator tool and I will use it.")
+NO_CONVERTER = "I don't know: I have no unit converter tool. " + SKILLS_LINE
+GREETING = "Hello! I am a tiny GPT-oss demo model. " + SKILLS_LINE
+
+
+@dataclass
+class Example:
+    """One conversation and what a correct model does with it (for the held-out evaluation)."""
+    kind: str  # add | sub | mul | calc | convert | general | too_big | no_converter | greeting
+    effort: str
+    tools: tuple[str, ...]
+    question: str
+    messages: list[dict[str, Any]]  # the whole conversation, system message first
+    answer: str | None = None  # the expected final answer (a number as text) for arithmetic and tools
+    call: dict[str, Any] | None = None  # {"name", "arguments"} expected for tool examples
+    history: list[dict[str, Any]] = field(default_factory=list)  # earlier turns kept in the prompt (no analysis)
+
+    def prompt_messages(self) -> list[dict[str, Any]]:
+        """system, developer, earlier turns, the user's question: what the model is given."""
+        head = [m for m in self.messages if m["role"] in ("system", "developer")]
+        return head + self.history + [{"role": "user", "content": self.question}]
+
+
+# ---------------------------------------------------------------- the hand-worked arithmetic
+def digits(n: int, width: int) -> list[int]:
+    """Digits of n, most significant first, zero-padded to width."""
+    return [int(c) for c in str(n).zfill(width)]
+
+
+def spaced(ds: list[int]) -> str:
+    return " ".join(map(str, ds))
+
+
+def work_add(a: int, b: int, effort: str) -> tuple[str, int]:
+    w = max(len(str(a)), len(str(b)))
+    da, db = digits(a, w), digits(b, w)
+    lines, out, carry = [], [], 0
+    for k in range(w):  # from the right
+        x, y = da[w - 1 - k], db[w - 1 - k]
+        t = x + y + carry
+        col = f"{x}+{y}+{carry}={t}"
+        lines.append(f"{PLACES[k]}: {col}, write {t % 10}, carry {t // 10}" if effort == "high" else col)
+        out.append(t % 10)
+        carry = t // 10
+    if carry:
+        out.append(carry)
+        if effort == "high":
+            lines.append(f"{PLACES[w]}: write the carry {carry}")
+    return _assemble(f"{a} + {b}", da, db, lines, out[::-1], a + b, effort, "Add"), a + b
+
+
+def work_sub(a: int, b: int, effort: str) -> tuple[str, int]:
+    if a < b:  # a − b = −(b − a)
+        text, r = work_sub(b, a, effort)
+        lead = {"low": f"{a}<{b}, negate {b}-{a}",
+                "medium": f"{a} is less than {b}, so compute {b} - {a} and negate it.",
+                "high": f"{a} is smaller than {b}, so the result is negative: compute {b} - {a} and negate it."}[effort]
+        return f"{lead}\n{text}\nso {a} - {b} = {-r}", -r
+    w = len(str(a))
+    da, db = digits(a, w), digits(b, w)
+    lines, out, borrow = [], [], 0
+    for k in range(w):
+        x, y = da[w - 1 - k], db[w - 1 - k]
+        need = x - borrow < y  # borrow ten from the next column
+        top = x + 10 if need else x
+        d = top - y - borrow
+        col = f"{top}-{y}-{borrow}={d}"
+        lines.append(f"{PLACES[k]}: {col}, borrow {int(need)}" if effort == "high" else col)
+        out.append(d)
+        borrow = int(need)
+    return _assemble(f"{a} - {b}", da, db, lines, out[::-1], a - b, effort, "Subtract"), a - b
+
+
+def work_mul(a: int, m: int, effort: str) -> tuple[str, int]:
+    """a (up to 4 digits) × m (one digit)."""
+    w = len(str(a))
+    da = digits(a, w)
+    lines, out, carry = [], [], 0
+    for k in range(w):
+        x = da[w - 1 - k]
+        p = x * m
+        t = p + carry
+        col = f"{x}*{m}={p}+{carry}={t}"
+        lines.append(f"{PLACES[k]}: {col}, write {t % 10}, carry {t // 10}" if effort == "high" else col)
+        out.append(t % 10)
+        carry = t // 10
+    if carry:
+        out.append(carry)
+        if effort == "high":
+            lines.append(f"{PLACES[w]}: write the carry {carry}")
+    return _assemble(f"{a} * {m}", da, [m], lines, out[::-1], a * m, effort, "Multiply"), a * m
+
+
+def _assemble(problem: str, da: list[int], db: list[int], lines: list[str], out: list[int], result: int,
+              effort: str, verb: str) -> str:
+    if effort == "low":
+        return "\n".join([*lines, spaced(out)])
+    head = [f"{problem}, column by column from the right.", spaced(da), spaced(db)]
+    if effort == "high":
+        head = [f"We need {problem}. {verb} column by column from the right. The digits, aligned:", spaced(da),
+                spaced(db)]
+    return "\n".join([*head, *lines, f"digits: {spaced(out)}", f"so {problem} = {result}"])
+
+
+# ---------------------------------------------------------------- question text
+OPS = {"add": (["+", "+", "+", "plus"], "+"), "sub": (["-", "-", "-", "minus"], "-"),
+       "mul": (["*", "×", "x", "times", "multiplied by"], "×")}
+TEMPLATES = ["What is {a} {op} {b}?", "{a} {op} {b}", "{a}{op}{b}", "{a} {op} {b} = ?", "Compute {a} {op} {b}.",
+             "what is {a} {op} {b}", "Calculate {a} {op} {b}", "How much is {a} {op} {b}?", "What's {a} {op} {b}?",
+             "Please work out {a} {op} {b}.", "{a} {op} {b}?", "Can you compute {a} {op} {b}?"]
+WORD_TEMPLATES = {"add": ["Add {a} and {b}.", "What is the sum of {a} and {b}?"],
+                  "sub": ["Subtract {b} from {a}.", "What is {a} take away {b}?"],
+                  "mul": ["Multiply {a} by {b}.", "What is the product of {a} and {b}?"]}
+
+
+def question(rng: random.Random, kind: str, a: int, b: int) -> str:
+    if rng.random() < 0.15:
+        return rng.choice(WORD_TEMPLATES[kind]).format(a=a, b=b)
+    op = rng.choice(OPS[kind][0])
+    t = rng.choice(TEMPLATES)
+    if op.isalpha() or " " in op:
+        t = t.replace("{a}{op}{b}", "{a} {op} {b}")
+    return t.format(a=a, op=op, b=b)
+
+
+def number(rng: random.Random, max_digits: int = MAX_DIGITS) -> int:
+    """Uniform number of digits, then a uniform number of that many digits (small numbers are not rare)."""
+    n = rng.randint(1, max_digits)
+    return rng.randint(0 if n == 1 else 10 ** (n - 1), 10 ** n - 1)
+
+
+# ---------------------------------------------------------------- general questions (refused)
+SUBJECTS = ["France", "Japan", "Brazil", "Kenya", "Canada", "Norway", "Peru", "Egypt", "India", "Italy", "Spain",
+            "Chile", "Ghana", "Poland", "Mexico", "Vietnam", "Turkey", "Iceland", "Nepal", "Morocco"]
+THINGS = ["the moon", "cats", "the ocean", "music", "a robot", "autumn", "coffee", "the city", "friendship",
+          "mountains", "rain", "a lighthouse", "old books", "trains", "the stars", "a garden", "winter", "bread",
+          "bicycles", "dragons", "the internet", "chess", "volcanoes", "honey bees", "jazz"]
+GENERAL = ["What is the capital of {s}?", "Who is the president of {s}?", "Write a poem about {t}.",
+           "Tell me a joke about {t}.", "What is the weather like in {s} today?", "Translate 'good morning' into the language of {s}.",
+           "How do I cook rice?", "Explain quantum physics.", "Who won the world cup?", "What is the meaning of life?",
+           "Tell me a story about {t}.", "What should I eat for dinner?", "Summarize the history of {s}.",
+           "Why is the sky blue?", "Describe {t} in three words.", "What time is it?", "Recommend a good movie.",
+           "How far is {s} from here?", "Is {t} dangerous?", "What language do people speak in {s}?",
+           "Who invented {t}?", "Can you help me write an email?", "What is the population of {s}?",
+           "Give me a recipe with {t}.", "What is {t}?", "Why do people like {t}?", "hello world in python",
+           "What is the square root of {t}?", "Spell {t} backwards.", "What rhymes with {t}?"]
+# Held-out general questions use other templates and subjects: their training versions are few enough to be
+# all seen in training, and the point is how the model treats questions it has never seen.
+HELDOUT_SUBJECTS = ["Germany", "Australia", "Argentina", "Sweden", "Thailand", "Portugal", "Cuba", "Finland"]
+HELDOUT_THINGS = ["penguins", "the desert", "a castle", "summer rain", "pirates", "the piano", "tea", "glaciers"]
+HELDOUT_GENERAL = ["Where is {s} on the map?", "Write a song about {t}.", "What do you think about {t}?",
+                   "Which sports are popular in {s}?", "Draw me {t}.", "Who was the first king of {s}?",
+                   "What is the best way to learn about {t}?", "Compare {s} and {t}.", "What color is {t}?",
+                   "How old is the oldest city in {s}?"]
+GREETINGS = ["Hello", "Hi", "hi!", "Hello!", "Hey", "Who are you?", "What can you do?", "Good morning", "help",
+             "What are you?"]
+
+
+# ---------------------------------------------------------------- tools
+# convert_units: symbol → (words a user may write, factor to the base unit or None for temperatures)
+UNITS = {"km": (["km", "kilometers", "kilometres"], 1000.0), "mi": (["mi", "miles"], 1609.344),
+         "m": (["m", "meters", "metres"], 1.0), "ft": (["ft", "feet"], 0.3048), "cm": (["cm", "centimeters"], 0.01),
+         "in": (["in", "inches"], 0.0254), "kg": (["kg", "kilograms"], 1.0), "lb": (["lb", "pounds"], 0.45359237),
+         "l": (["l", "liters", "litres"], 1.0), "gal": (["gal", "gallons"], 3.785411784),
+         "C": (["C", "°C", "Celsius", "degrees Celsius"], None), "F": (["F", "°F", "Fahrenheit", "degrees Fahrenheit"], None)}
+PAIRS = [("km", "mi"), ("mi", "km"), ("m", "ft"), ("ft", "m"), ("cm", "in"), ("in", "cm"), ("kg", "lb"), ("lb", "kg"),
+         ("l", "gal"), ("gal", "l"), ("C", "F"), ("F", "C"), ("km", "m"), ("m", "cm")]
+CONVERT_TEMPLATES = ["Convert {v} {f} to {t}.", "How many {t} is {v} {f}?", "What is {v} {f} in {t}?", "{v} {f} in {t}?",
+                     "convert {v} {f} to {t}", "Please convert {v} {f} into {t}."]
+
+
+def convert(value: float, unit_from: str, unit_to: str) -> float:
+    """The value in unit_to, rounded to 2 decimals (what the demo's convert_units tool answers)."""
+    if unit_from not in UNITS or unit_to not in UNITS:
+        raise ValueError(f"unknown unit {unit_from if unit_from not in UNITS else unit_to!r}")
+    (_, f1), (_, f2) = UNITS[unit_from], UNITS[unit_to]
+    if (f1 is None) != (f2 is None):
+        raise ValueError(f"cannot convert {unit_from} to {unit_to}")
+    if f1 is None:
+        c = value if unit_from == "C" else (value - 32) * 5 / 9
+        out = c if unit_to == "C" else c * 9 / 5 + 32
+    else:
+        out = value * f1 / f2
+    return round(out, 2)
+
+
+def fmt_number(x: float) -> str:
+    """JSON's spelling of a number: 7.46, 12 (not 12.0)."""
+    return json.dumps(int(x) if float(x).is_integer() else x)
+
+
+def calculator_result(expression: str) -> str:
+    from ..tools import BUILTIN_TOOLS, run_tool
+
+    return run_tool(BUILTIN_TOOLS["calculator"], json.dumps({"expression": expression}))
+
+
+def convert_result(value: float, unit_from: str, unit_to: str) -> str:
+    return json.dumps({"result": json.loads(fmt_number(convert(value, unit_from, unit_to))), "unit": unit_to})
+
+
+# ---------------------------------------------------------------- conversations
+def system(effort: str) -> dict[str, Any]:
+    return {"role": "system", "content": {"reasoning_effort": effort}}
+
+
+def developer(tools: tuple[str, ...]) -> list[dict[str, Any]]:
+    return [{"role": "developer", "content": {"tools": [TOOL_DEFS[t] for t in tools]}}] if tools else []
+
+
+def analysis(text: str) -> dict[str, Any]:
+    return {"role": "assistant", "channel": "analysis", "content": text}
+
+
+def final(text: str) -> dict[str, Any]:
+    return {"role": "assistant", "channel": "final", "content": text}
+
+
+SHORT_THOUGHTS = {
+    "general": {"low": "Not arithmetic.", "medium": "This is not an arithmetic question, so I cannot answer it.",
+                "high": "The user asks something that is not arithmetic. I only know arithmetic and my tools, "
+                        "so I should say I don't know instead of guessing."},
+    "too_big": {"low": "Too big to do by hand.", "medium": "This is beyond what I can compute by hand, and I have no calculator.",
+                "high": "This needs more than adding or subtracting numbers of up to 4 digits or multiplying by one "
+                        "digit, and no calculator tool is declared, so I cannot answer it reliably."},
+    "no_converter": {"low": "No converter tool.", "medium": "This is a unit conversion and I have no convert_units tool.",
+                     "high": "The user wants a unit conversion. No convert_units tool is declared, so I cannot do it."},
+    "greeting": {"low": "Greeting.", "medium": "The user greets me; I say what I can do.",
+                 "high": "The user greets me or asks who I am. I introduce myself and say what I can do."},
+}
+
+
+def _tool_thought(effort: str, name: str, what: str) -> str:
+    return {"low": f"Use {name}.", "medium": f"I will use the {name} tool for {what}.",
+            "high": f"A {name} tool is declared, so I call it for {what} instead of working it out by hand, "
+                    "then report its result."}[effort]
+
+
+def make_example(rng: random.Random, kind: str | None = None, heldout: bool = False) -> Example:
+    """One conversation of `kind` (default: drawn by WEIGHTS); heldout: general questions from the held-out pool."""
+    kind = kind or rng.choices(KINDS, WEIGHTS)[0]
+    effort = rng.choice(EFFORTS)
+    if kind in ("add", "sub", "mul"):
+        tools: tuple[str, ...] = ("convert_units",) if rng.random() < 0.1 else ()
+        if kind == "mul":
+            big, small = number(rng), rng.randint(0, 9)
+            a, b = (small, big) if rng.random() < 0.3 else (big, small)  # the question's order
+            work, result = work_mul(big, small, effort)
+            if (a, b) != (big, small):
+                work = {"low": f"{a}*{b}={big}*{small}\n", "medium": f"{a} × {b} = {big} × {small}.\n",
+                        "high": f"Multiplication is commutative: {a} × {b} = {big} × {small}.\n"}[effort] + work
+        else:
+            a, b = number(rng), number(rng)
+            work, result = (work_add if kind == "add" else work_sub)(a, b, effort)
+        q = question(rng, kind, a, b)
+        sym = OPS[kind][1]
+        msgs = [analysis(work), final(f"{a} {sym} {b} = {result}")]
+        return _example(kind, effort, tools, q, msgs, answer=str(result), rng=rng)
+    if kind == "calc":
+        tools = rng.choice([("calculator",), ("calculator",), ("calculator", "convert_units"), ("convert_units", "calculator")])
+        op = rng.choice(["+", "-", "*", "/"])
+        a, b = number(rng, 6), number(rng, 4 if op in "*/" else 6)
+        if op == "/" and b == 0:
+            b = rng.randint(1, 99)
+        op_word = {"+": "add", "-": "sub", "*": "mul", "/": None}[op]
+        q = question(rng, op_word, a, b) if op_word else rng.choice(
+            ["What is {a} / {b}?", "{a} / {b}", "Divide {a} by {b}.", "What is {a} divided by {b}?"]).format(a=a, b=b)
+        expr = f"{a} {op} {b}"
+        result = calculator_result(expr)
+        value = json.loads(result)["result"]
+        sym = {"*": "×", "/": "÷"}.get(op, op)
+        msgs = [analysis(_tool_thought(effort, "calculator", expr)),
+                {"role": "assistant", "channel": "commentary", "recipient": "functions.calculator",
+                 "content_type": "json", "content": json.dumps({"expression": expr})},
+                {"role": "tool", "name": "functions.calculator", "channel": "commentary", "recipient": "assistant",
+                 "content": result},
+                final(f"{a} {sym} {b} = {fmt_number(value)}")]
+        return _example(kind, effort, tools, q, msgs, answer=fmt_number(value),
+                        call={"name": "calculator", "arguments": {"expression": expr}}, rng=rng)
+    if kind in ("convert", "no_converter"):
+        uf, ut = rng.choice(PAIRS)
+        v = rng.choice([rng.randint(1, 100), rng.randint(1, 1000), round(rng.uniform(0.5, 100), 1)])
+        if uf in "CF" and rng.random() < 0.3:
+            v = -v
+        q = rng.choice(CONVERT_TEMPLATES).format(v=fmt_number(v), f=rng.choice(UNITS[uf][0]), t=rng.choice(UNITS[ut][0]))
+        if kind == "no_converter":
+            tools = rng.choice([(), (), ("calculator",)])
+            return _example(kind, effort, tools, q, [analysis(SHORT_THOUGHTS[kind][effort]), final(NO_CONVERTER)], rng=rng)
+        tools = rng.choice([("convert_units",), ("convert_units",), ("calculator", "convert_units")])
+        args = {"value": json.loads(fmt_number(v)), "from": uf, "to": ut}
+        result = convert_result(v, uf, ut)
+        out = fmt_number(json.loads(result)["result"])
+        msgs = [analysis(_tool_thought(effort, "convert_units", f"{fmt_number(v)} {uf} to {ut}")),
+                {"role": "assistant", "channel": "commentary", "recipient": "functions.convert_units",
+                 "content_type": "json", "content": json.dumps(args)},
+                {"role": "tool", "name": "functions.convert_units", "channel": "commentary", "recipient": "assistant",
+                 "content": result},
+                final(f"{fmt_number(v)} {uf} = {out} {ut}")]
+        return _example(kind, effort, tools, q, msgs, answer=out, call={"name": "convert_units", "arguments": args}, rng=rng)
+    if kind == "too_big":
+        tools = rng.choice([(), (), ("convert_units",)])
+        op = rng.choice(["add", "sub", "mul", "div"])
+        if op == "mul":
+            a, b = number(rng, 4), number(rng, 4)
+            while len(str(a)) < 2 or len(str(b)) < 2:
+                a, b = number(rng, 4), number(rng, 4)
+        else:
+            a, b = rng.randint(10_000, 9_999_999), number(rng, 6)
+            if rng.random() < 0.5:
+                a, b = b, a
+        q = question(rng, op, a, b) if op != "div" else f"What is {a} / {max(b, 2)}?"
+        return _example(kind, effort, tools, q, [analysis(SHORT_THOUGHTS[kind][effort]), final(TOO_BIG)], rng=rng)
+    if kind == "general":
+        tools = rng.choice([(), (), ("calculator",), ("convert_units",)])
+        templates, subjects, things = (HELDOUT_GENERAL, HELDOUT_SUBJECTS, HELDOUT_THINGS) if heldout else \
+            (GENERAL, SUBJECTS, THINGS)
+        q = rng.choice(templates).format(s=rng.choice(subjects), t=rng.choice(things))
+        return _example(kind, effort, tools, q, [analysis(SHORT_THOUGHTS[kind][effort]), final(DONT_KNOW)], rng=rng)
+    if kind == "greeting":
+        tools = rng.choice([(), ("calculator",)])
+        return _example(kind, effort, tools, rng.choice(GREETINGS),
+                        [analysis(SHORT_THOUGHTS[kind][effort]), final(GREETING)], rng=rng)
+    raise ValueError(f"unknown example kind {kind!r}")
+
+
+KINDS = ["add", "sub", "mul", "calc", "convert", "general", "too_big", "no_converter", "greeting"]
+WEIGHTS = [20, 18, 18, 14, 10, 9, 6, 3, 2]
+
+
+def _example(kind: str, effort: str, tools: tuple[str, ...], q: str, assistant: list[dict[str, Any]],
+             answer: str | None = None, call: dict[str, Any] | None = None, rng: random.Random | None = None) -> Example:
+    history: list[dict[str, Any]] = []
+    if rng is not None and rng.random() < 0.1:  # an earlier turn, as chat keeps it (final answer only)
+        prev = make_example(rng, rng.choice(["add", "sub", "mul", "general"]))
+        history = [{"role": "user", "content": prev.question}, {**prev.messages[-1]}]
+    messages = [system(effort), *developer(tools), *history, {"role": "user", "content": q}, *assistant]
+    return Example(kind, effort, tools, q, messages, answer, call, history)
+
+
+def generate(seed: int, n: int, exclude: set[str] | None = None) -> Iterator[Example]:
+    """n examples from `seed`; questions in `exclude` (e.g. the training set's) are skipped, and no
+    question repeats within the set (so a held-out set is disjoint from the training questions)."""
+    rng = random.Random(seed)
+    seen = set(exclude or ())
+    count = 0
+    while count < n:
+        ex = make_example(rng)
+        key = question_key(ex)
+        if key in seen:
+            continue
+        seen.add(key)
+        count += 1
+        yield ex
+
+
+def question_key(ex: Example) -> str:
+    return f"{ex.kind}|{ex.tools}|{ex.question}"
+
+
+# ---------------------------------------------------------------- rendering for training
+def message(d: dict[str, Any]) -> harmony.Message:
+    """A message dict → harmony.Message (the one place the data format meets the Harmony layer). The dict is
+    the JSONL `messages` format of `gptoss train`: system content = SystemContent fields, developer content =
+    {instructions?, tools: [{name, description, parameters}]}."""
+    content = d.get("content", "")
+    if d["role"] == "system":
+        content = harmony.SystemContent(**content)
+    elif d["role"] == "developer":
+        content = harmony.DeveloperContent(content.get("instructions"),
+                                           [harmony.ToolDefinition(**t) for t in content.get("tools", [])])
+    return harmony.Message(role=d["role"], content=content, channel=d.get("channel"), recipient=d.get("recipient"),
+                           content_type=d.get("content_type"), name=d.get("name"))
+
+
+def to_messages(ex: Example) -> list[harmony.Message]:
+    return [message(m) for m in ex.messages]
+
+
+def to_document(ex: Example, tok: Tokenizer | None = None) -> tuple[list[int], list[bool]]:
+    """Token ids of the whole conversation and the loss mask (True on what the assistant writes).
+
+    Rendered without Harmony's drop of the last turn's analysis: the analysis is exactly what the model must
+    learn to write (history turns carry no analysis in the first place). The final answer ends with
+    <|return|>, a tool call with <|call|>. The mask covers what the model writes: each assistant message after
+    the `<|start|>assistant` that ends the prompt, and the whole header of an assistant message that follows
+    another one (after its analysis `<|end|>` the model itself goes on with `<|start|>assistant<|channel|>…`)."""
+    tok = tok or get_tokenizer()
+    messages = to_messages(ex)
+    has_tools = harmony.Conversation(messages).has_function_tools()
+    tokens: list[int] = []
+    mask: list[bool] = []
+    head = 1 + len(tok.encode_ordinary("assistant"))
+    for i, m in enumerate(messages):
+        part = harmony.render_message(m, tok, has_function_tools=has_tools)
+        if i == len(messages) - 1 and m.role == "assistant" and m.channel == "final":
+            part[-1] = tok.return_
+        tokens += part
+        if m.role != "assistant":
+            mask += [False] * len(part)
+        elif i > 0 and messages[i - 1].role == "assistant":  # the model itself starts this message
+            mask += [True] * len(part)  # <|start|> included: it follows the <|end|> the model wrote
+        else:  # the prompt ends with <|start|>assistant (render_conversation_for_completion)
+            mask += [False] * head + [True] * (len(part) - head)
+    return tokens, mask
+
+
+def user_free_text(ex: Example) -> bool:
+    """Whether the question is free text whose words the model need not know (they map to the unknown token)."""
+    return ex.kind in ("general", "greeting")
+
+
+# ---------------------------------------------------------------- the vocabulary subset
+def build_vocab(examples: list[Example], tok: Tokenizer | None = None) -> list[int]:
+    """The o200k ids the demo model knows: every id of the rendered conversations except the words of free-text
+    questions (those become the unknown token, so the model learns to refuse what it cannot read), every
+    number token 0..999 (with leading zeros: any number can be read and copied), and the Harmony specials."""
+    from ..tokenizer import SPECIAL_TOKENS
+
+    tok = tok or get_tokenizer()
+    ids: set[int] = set()
+    for ex in examples:
+        for m in ex.messages:
+            if m["role"] == "user" and m.get("content") == ex.question and user_free_text(ex):
+                continue
+            ids.update(harmony.render_message(message(m), tok, has_function_tools=bool(ex.tools)))
+        ids.update(harmony.render_message(harmony.Message.system(harmony.SystemContent(reasoning_effort=ex.effort)),
+                                          tok, has_function_tools=bool(ex.tools)))
+    for width in (1, 2, 3):
+        for n in range(10 ** width):
+            ids.update(tok.encode_ordinary(str(n).zfill(width)))
+    ids.update(i for name, i in SPECIAL_TOKENS.items() if not name.startswith("<|reserved") or i <= 200012)
+    return sorted(ids)
+
+
+# ---------------------------------------------------------------- CLI
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m gptoss.demo.data", description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, help="folder for train.jsonl (messages) and vocab.json")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n", type=int, default=120000)
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    examples = list(generate(args.seed, args.n))
+    with (out / "train.jsonl").open("w") as f:
+        for ex in examples:
+            f.write(json.dumps({"messages": ex.messages, "kind": ex.kind}) + "\n")
+    vocab = build_vocab(examples)
+    (out / "vocab.json").write_text(json.dumps(vocab))
+    print(f"wrote {len(examples)} conversations to {out / 'train.jsonl'}, vocabulary of {len(vocab)} ids")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,228 @@
+"""`gptoss eval demo`: the demo model's skills on a held-out set, through the path users take.
+
+    gptoss eval demo [--model M] [--n 100] [--seed 1] [--reasoning-effort medium] [--out results.jsonl]
+
+The held-out set comes from the training data generator (gptoss.demo.data) with another seed, with every
+question of the training set removed. Each question runs in its own ChatSession (the `gptoss chat` session:
+Harmony prompt, greedy decoding, tool calls executed by the built-in tools and fed back) on the
+continuous-batching engine that `gptoss serve` uses, several sessions at a time. Scores:
+
+- arithmetic: the last number of the final answer equals the exact result (and no tool was called);
+- tool calls: the first call names the right function with JSON arguments equal to the expected ones (for
+  the calculator: an expression of the same value), and the final answer states the tool's result;
+- refusals: out-of-scope questions answered with "I don't know" / "I can't", no tool called.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from . import data
+from .tools import DEMO_TOOLS
+
+HELDOUT_SEED = 1
+TRAIN_SEED, TRAIN_N = 0, 120000  # the recipe's defaults; a shipped model's training.json says what it used
+CATEGORIES = {"arithmetic": ("add", "sub", "mul"), "tools": ("calc", "convert"), "refusal": ("general", "too_big")}
+REFUSAL = re.compile(r"I don't know|I can't|I cannot")
+NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+@dataclass
+class Result:
+    kind: str
+    question: str
+    tools: list[str]
+    expected: str | None
+    expected_call: dict[str, Any] | None
+    final: str = ""
+    calls: list[dict[str, str]] = field(default_factory=list)  # {"name", "arguments"}
+    reasoning: str = ""
+    correct: bool = False
+    call_ok: bool | None = None  # tool examples: a valid call with the right arguments
+    seconds: float = 0.0
+
+
+def heldout(n: int, seed: int = HELDOUT_SEED, train_seed: int = TRAIN_SEED, train_n: int = TRAIN_N
+            ) -> list[data.Example]:
+    """n examples of every evaluated kind, none of whose questions is in the training set."""
+    exclude = {data.question_key(ex) for ex in data.generate(train_seed, train_n)}
+    rng = random.Random(seed)
+    out: list[data.Example] = []
+    for kinds in CATEGORIES.values():
+        for kind in kinds:
+            got = tries = 0
+            while got < n:
+                tries += 1
+                if tries > 100 * n:
+                    raise ValueError(f"cannot find {n} held-out '{kind}' questions outside the training set")
+                ex = data.make_example(rng, kind, heldout=True)
+                key = data.question_key(ex)
+                if key in exclude:
+                    continue
+                exclude.add(key)
+                out.append(ex)
+                got += 1
+    return out
+
+
+def final_number(text: str) -> str | None:
+    found = NUMBER.findall(text.replace(",", ""))
+    return found[-1] if found else None
+
+
+def same_number(a: str | None, b: str | None) -> bool:
+    try:
+        return a is not None and b is not None and abs(float(a) - float(b)) <= 1e-9 * max(1.0, abs(float(b)))
+    except ValueError:
+        return False
+
+
+def call_matches(call: dict[str, str], expected: dict[str, Any]) -> bool:
+    from ..tools import ToolError, evaluate
+
+    if call["name"] != expected["name"]:
+        return False
+    try:
+        args = json.loads(call["arguments"])
+    except json.JSONDecodeError:
+        return False
+    want = expected["arguments"]
+    if not isinstance(args, dict) or set(args) != set(want):
+        return False
+    if expected["name"] == "calculator":
+        try:
+            return evaluate(str(args["expression"])) == evaluate(want["expression"])
+        except ToolError:
+            return False
+    return all(args[k] == want[k] if isinstance(want[k], str) else same_number(str(args[k]), str(want[k]))
+               for k in want)
+
+
+def score(ex: data.Example, r: Result) -> Result:
+    number = final_number(r.final)
+    if ex.kind in CATEGORIES["arithmetic"]:
+        r.correct = not r.calls and same_number(number, ex.answer)
+    elif ex.kind in CATEGORIES["tools"]:
+        r.call_ok = bool(r.calls) and call_matches(r.calls[0], ex.call)
+        r.correct = r.call_ok and same_number(number, ex.answer)
+    else:
+        r.correct = not r.calls and bool(REFUSAL.search(r.final))
+    return r
+
+
+def run_one(ex: data.Example, complete, effort: str, max_tokens: int) -> Result:
+    from ..chat import ChatSession
+    from ..generate import SamplingParams
+
+    tools = [DEMO_TOOLS[name] for name in ex.tools]
+    session = ChatSession(complete, SamplingParams(temperature=0, max_tokens=max_tokens), reasoning_effort=effort,
+                          tools=tools, max_tool_rounds=2)
+    r = Result(ex.kind, ex.question, list(ex.tools), ex.answer, ex.call)
+    t0 = time.perf_counter()
+    for event in session.send(ex.question):
+        if event.kind == "final":
+            r.final += event.text
+        elif event.kind == "analysis":
+            r.reasoning += event.text
+        elif event.kind == "tool_call":
+            r.calls.append({"name": event.name, "arguments": event.text})
+    r.seconds = time.perf_counter() - t0
+    return score(ex, r)
+
+
+def evaluate(model, n: int = 100, seed: int = HELDOUT_SEED, effort: str = "medium", max_tokens: int = 512,
+             concurrency: int = 16, progress: bool = True, train_seed: int = TRAIN_SEED,
+             train_n: int = TRAIN_N) -> list[Result]:
+    """Run the held-out set through ChatSessions on an Engine; results in held-out order."""
+    from ..engine import Engine
+
+    examples = heldout(n, seed, train_seed, train_n)
+    results: list[Result | None] = [None] * len(examples)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(examples), desc="eval demo", unit="q", file=sys.stderr)
+    with Engine(model, max_concurrency=concurrency, max_queue=4 * concurrency) as engine:
+        engine.start()
+        with ThreadPoolExecutor(concurrency) as pool:
+            futures = {pool.submit(run_one, ex, engine.complete, effort, max_tokens): i for i, ex in enumerate(examples)}
+            for f in as_completed(futures):
+                results[futures[f]] = f.result()
+                if bar is not None:
+                    bar.update(1)
+    if bar is not None:
+        bar.close()
+    return [r for r in results if r is not None]
+
+
+def summary(results: Sequence[Result]) -> dict[str, Any]:
+    def rate(rs: list[Result], attr: str = "correct") -> dict[str, Any]:
+        ok = sum(bool(getattr(r, attr)) for r in rs)
+        return {"n": len(rs), "correct": ok, "accuracy": ok / len(rs) if rs else 0.0}
+
+    by_kind = {k: rate([r for r in results if r.kind == k]) for k in sorted({r.kind for r in results})}
+    arith = [r for r in results if r.kind in CATEGORIES["arithmetic"]]
+    tools = [r for r in results if r.kind in CATEGORIES["tools"]]
+    refusal = [r for r in results if r.kind in CATEGORIES["refusal"]]
+    in_scope = arith + tools
+    return {
+        "arithmetic_exact": rate(arith),
+        "tool_call_valid_args": rate(tools, "call_ok"),
+        "tool_round_trip": rate(tools),
+        "refusal_rate": rate(refusal),
+        "false_refusals": {"n": len(in_scope), "count": sum(bool(REFUSAL.search(r.final)) for r in in_scope)},
+        "by_kind": by_kind,
+    }
+
+
+def markdown(s: dict[str, Any], header: str = "") -> str:
+    def row(name: str, d: dict[str, Any]) -> str:
+        return f"| {name} | {d['n']} | {d['correct']} | {100 * d['accuracy']:.1f}% |"
+
+    lines = [header, "", "| metric | n | correct | accuracy |", "|---|---:|---:|---:|",
+             row("arithmetic, final answer exact", s["arithmetic_exact"]),
+             row("tool call valid, correct arguments", s["tool_call_valid_args"]),
+             row("tool round trip (call + answer)", s["tool_round_trip"]),
+             row("refusal of out-of-scope questions", s["refusal_rate"])]
+    lines += [row(f"  {k}", d) for k, d in s["by_kind"].items()]
+    fr = s["false_refusals"]
+    lines.append(f"\nIn-scope questions refused: {fr['count']} of {fr['n']}.")
+    return "\n".join(line for line in lines if line is not None).strip()
+
+
+def training_info(model_path: str | Path | None) -> dict[str, Any]:
+    """The recipe's record next to a shipped model (data seed and size: the held-out set avoids them)."""
+    if model_path is None:
+        return {}
+    f = Path(model_path) / "training.json"
+    return json.loads(f.read_text()) if f.exists() else {}
+
+
+def eval_command(args: argparse.Namespace) -> None:
+    from ..cli import load_model
+
+    model = load_model(args)
+    info = training_info(args.model)
+    n = args.n or 100
+    seed = HELDOUT_SEED if args.seed is None else args.seed
+    t0 = time.perf_counter()
+    results = evaluate(model, n, seed, args.reasoning_effort, args.max_tokens, progress=not args.quiet,
+                       train_seed=info.get("data_seed", TRAIN_SEED), train_n=info.get("data_n", TRAIN_N))
+    s = summary(results)
+    header = (f"## gptoss eval demo — {args.model}\n\nheld-out seed {seed}, {n} questions per kind, reasoning "
+              f"{args.reasoning_effort}, greedy, {time.perf_counter() - t0:.0f} s")
+    print(markdown(s, header))
+    if args.out:
+        with open(args.out, "w") as f:
+            for r in results:
+                f.write(json.dumps(asdict(r)) + "\n")

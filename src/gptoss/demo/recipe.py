@@ -1,0 +1,193 @@
+"""The demo model's training recipe, end to end, in one command:
+
+    python -m gptoss.demo.recipe experiments/demo/train_demo.toml [--ship]
+
+1. generate the synthetic Harmony conversations (gptoss.demo.data, seed and count from [demo] below) and the
+   vocabulary subset they use (+ one unknown row, which every other id is read as);
+2. train with `gptoss.train` on the TOML's [model]/[data]/[optim]/[train] sections, the conversations
+   rendered with the current turn's analysis kept and the loss on assistant tokens only, ids mapped to rows;
+3. export the trained step (dense experts quantized to MXFP4 by the trainer) with `vocab_ids`, as an
+   `original`-layout checkpoint, into [demo].export_dir;
+4. evaluate the exported MXFP4 model with `gptoss eval demo` (bf16, greedy, the held-out seed) and write
+   the markdown summary next to it; with --ship, copy it into src/gptoss/data/demo and record its sha256.
+
+The TOML is a `gptoss train` config plus a [demo] table (data_seed, data_n, export_dir, eval_n), which this
+module reads and removes before handing the rest to the trainer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import torch
+
+from . import data
+
+SHIPPED = Path(__file__).resolve().parent.parent / "data" / "demo"
+HASHES_FILE = Path(__file__).resolve().parent / "__init__.py"
+
+
+def documents(examples: list[data.Example], seq_len: int, samples: int, seed: int = 0):
+    """Training documents laid out so that no conversation is cut between two training samples.
+
+    The trainer packs documents into one stream cut every seq_len tokens; a conversation cut in two would
+    continue in the next sample without its question. So conversations are binned (first fit, shuffled)
+    into groups of at most seq_len tokens, each group topped up to exactly seq_len by a filler document
+    (<|endoftext|> tokens, no loss), and handed over in order (the TOML sets [data] shuffle = false):
+    sample i is then exactly bin i. Enough epochs, each re-shuffled, to cover `samples` samples."""
+    import random
+
+    from ..tokenizer import get_tokenizer
+    from ..train.data import Document
+
+    tok = get_tokenizer()
+    docs = [Document(*data.to_document(ex, tok)) for ex in examples]
+    fits = [d for d in docs if len(d.tokens) <= seq_len]
+    if len(fits) < len(docs):
+        print(f"note: {len(docs) - len(fits)} conversations longer than seq_len {seq_len} left out", file=sys.stderr)
+    rng = random.Random(seed)
+    out: list[Document] = []
+    bins_total = 0
+    while bins_total < samples:
+        rng.shuffle(fits)
+        bins: list[list[Document]] = []
+        room: list[int] = []
+        for d in fits:
+            n = len(d.tokens)
+            k = next((i for i in range(max(0, len(bins) - 8), len(bins)) if room[i] >= n), None)  # first fit, 8 open
+            if k is None:
+                bins.append([])
+                room.append(seq_len)
+                k = len(bins) - 1
+            bins[k].append(d)
+            room[k] -= n
+        for b, left in zip(bins, room):
+            out += b
+            if left:
+                out.append(Document([tok.endoftext] * left, [False] * left))
+        bins_total += len(bins)
+    return out
+
+
+def vocab_ids(examples: list[data.Example]) -> torch.Tensor:
+    """Row 0: the unknown row (-1); rows 1..: the subset's o200k ids, ascending."""
+    from ..vocab import UNKNOWN
+
+    return torch.tensor([UNKNOWN, *data.build_vocab(examples)], dtype=torch.int32)
+
+
+def token_map(ids: torch.Tensor):
+    """full ids → rows, for the trainer (ids outside the subset → the unknown row 0)."""
+    from ..tokenizer import VOCAB_SIZE
+
+    to_row = torch.zeros(VOCAB_SIZE, dtype=torch.long)
+    known = ids >= 0
+    to_row[ids[known].long()] = torch.nonzero(known).flatten()
+    return lambda tokens: to_row[torch.tensor(tokens, dtype=torch.long)].tolist()
+
+
+def export(step_dir: Path, ids: torch.Tensor, out: Path, info: dict) -> Path:
+    """The trainer's inference checkpoint (MXFP4 experts) + vocab_ids → an original-layout folder."""
+    from ..checkpoint import load, save
+    from ..vocab import VocabSubsetModel
+
+    model = load(step_dir / "model", dtype=torch.float32)
+    save(VocabSubsetModel(model, ids), out, layout="original", dtype=torch.bfloat16)
+    (out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
+    return out
+
+
+def ship(src: Path) -> dict[str, str]:
+    """Copy an exported model into the package and record its hashes in gptoss/demo/__init__.py."""
+    from . import FILES, sha256
+
+    SHIPPED.mkdir(parents=True, exist_ok=True)
+    for name in (*FILES, "training.json", "EVAL.md"):
+        if (src / name).exists():
+            shutil.copyfile(src / name, SHIPPED / name)
+    hashes = {name: sha256(SHIPPED / name) for name in FILES}
+    text = HASHES_FILE.read_text()
+    block = "SHA256 = {\n" + "".join(f'    "{k}": "{v}",\n' for k, v in hashes.items()) + "}"
+    HASHES_FILE.write_text(re.sub(r"SHA256 = \{[^}]*\}", block, text, count=1))
+    return hashes
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m gptoss.demo.recipe", description=__doc__.split("\n")[0])
+    p.add_argument("config", help="the recipe TOML (a gptoss train config + a [demo] table)")
+    p.add_argument("--ship", action="store_true", help="copy the result into src/gptoss/data/demo, record sha256")
+    p.add_argument("--steps", type=int, default=None, help="override [train] steps (quick trials)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest step-* checkpoint of out_dir")
+    p.add_argument("--eval-n", type=int, default=None, help="override [demo] eval_n")
+    p.add_argument("--skip-train", action="store_true", help="export/evaluate the existing last step of out_dir")
+    args = p.parse_args(argv)
+
+    from ..train import TrainConfig, train
+    from ..train.loop import latest_checkpoint
+
+    path = Path(args.config)
+    raw = tomllib.loads(path.read_text())
+    demo = raw.pop("demo", {})
+    cfg = TrainConfig.from_dict(raw, source=str(path), base_dir=path.parent)
+    if args.steps:
+        cfg.train.steps = args.steps
+    cfg.train.resume = cfg.train.resume or args.resume
+    seed, n = int(demo.get("data_seed", 0)), int(demo.get("data_n", 60000))
+    out = cfg.path(demo.get("export_dir", "runs/demo/export"))
+
+    t0 = time.perf_counter()
+    examples = list(data.generate(seed, n))
+    ids = vocab_ids(examples)
+    if ids.numel() != cfg.model_config().vocab_size:
+        print(f"note: [model] vocab_size = {cfg.model_config().vocab_size}, the data's subset has {ids.numel()} rows;"
+              " using the data's", file=sys.stderr)
+        cfg.model.overrides["vocab_size"] = int(ids.numel())
+    cfg.data.shuffle = False  # documents() lays out whole samples; the trainer must keep their order
+    docs = documents(examples, cfg.data.seq_len, cfg.train.steps * cfg.data.batch_size * cfg.train.grad_accum, seed)
+    targets = sum(sum(d.targets) for d in docs)
+    print(f"data: {n} conversations (seed {seed}), {sum(len(d.tokens) for d in docs)} tokens, {targets} targets, "
+          f"vocabulary {ids.numel()} rows ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+
+    t1 = time.perf_counter()
+    if not args.skip_train:
+        result = train(cfg, documents=docs, token_map=token_map(ids), progress=True)
+        step_dir, losses = result.checkpoint, result.losses
+    else:
+        step_dir, losses = latest_checkpoint(cfg.path(cfg.train.out_dir)), []
+    train_s = time.perf_counter() - t1
+    metrics = cfg.path(cfg.train.out_dir) / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    info = {"data_seed": seed, "data_n": n, "steps": cfg.train.steps, "train_seconds": round(train_s),
+            "final_loss": rows[-1]["loss"] if rows else None,
+            "loss_last_50": sum(r["loss"] for r in rows[-50:]) / max(1, len(rows[-50:])) if rows else None,
+            "vocab_rows": int(ids.numel()), "config": cfg.to_dict(), "torch_threads": torch.get_num_threads()}
+    export(step_dir, ids, out, info)
+    print(f"trained in {train_s:.0f} s (loss {info['final_loss']}), exported to {out}", file=sys.stderr)
+
+    from . import eval as E
+    from ..checkpoint import load
+
+    model = load(out, dtype=torch.bfloat16)  # as `gptoss chat` loads it: MXFP4 experts, bf16 elsewhere
+    t2 = time.perf_counter()
+    eval_n = args.eval_n or int(demo.get("eval_n", 100))
+    results = E.evaluate(model, eval_n, E.HELDOUT_SEED, "medium", train_seed=seed, train_n=n)
+    header = (f"## gptoss eval demo — {out.name}\n\n`gptoss eval demo --model {out} --n {eval_n}` (held-out seed "
+              f"{E.HELDOUT_SEED}, reasoning medium, greedy, bf16 + MXFP4 experts; {time.perf_counter() - t2:.0f} s). "
+              f"Trained {info['steps']} steps in {train_s / 60:.1f} min, final loss {info['final_loss']}.")
+    md = E.markdown(E.summary(results), header)
+    (out / "EVAL.md").write_text(md + "\n")
+    print(md)
+    if args.ship:
+        print(f"shipped: {ship(out)}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

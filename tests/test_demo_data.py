@@ -1,0 +1,118 @@
+"""The demo's synthetic training data: the hand-worked arithmetic is right, the tool round trips use the real
+tools, the loss mask covers exactly what the model writes, the held-out set is disjoint from training."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+
+import pytest
+
+from gptoss import harmony
+from gptoss.demo import data as D
+from gptoss.demo.eval import call_matches, final_number, heldout, same_number
+from gptoss.demo.tools import DEMO_TOOLS
+from gptoss.tokenizer import get_tokenizer
+from gptoss.tools import run_tool
+
+TOK = get_tokenizer()
+
+
+def replay_columns(work: str, op: str) -> list[int]:
+    """Re-check every column line of a worked answer; returns the digits written, least significant first."""
+    digits = []
+    carry = 0
+    for line in work.splitlines():
+        line = line.split(": ", 1)[-1].split(",")[0]
+        if op == "+" and (m := re.fullmatch(r"(\d)\+(\d)\+(\d)=(\d+)", line)):
+            x, y, c, t = map(int, m.groups())
+            assert c == carry and t == x + y + c
+            digits.append(t % 10)
+            carry = t // 10
+        elif op == "-" and (m := re.fullmatch(r"(\d+)-(\d)-(\d)=(\d)", line)):
+            top, y, b, d = map(int, m.groups())
+            assert b == carry and d == top - y - b and 0 <= d <= 9 and (top < 10 or top - 10 - b < y)
+            digits.append(d)
+            carry = int(top >= 10)
+        elif op == "*" and (m := re.fullmatch(r"(\d)\*(\d)=(\d+)\+(\d)=(\d+)", line)):
+            x, y, p, c, t = map(int, m.groups())
+            assert p == x * y and c == carry and t == p + c
+            digits.append(t % 10)
+            carry = t // 10
+    return digits + ([carry] if carry and op != "-" else [])
+
+
+@pytest.mark.parametrize("effort", D.EFFORTS)
+def test_worked_arithmetic_is_right_column_by_column(effort):
+    rng = random.Random(7)
+    for _ in range(300):
+        a, b, m = D.number(rng), D.number(rng), rng.randint(0, 9)
+        for op, (work, result), want in [("+", D.work_add(a, b, effort), a + b), ("-", D.work_sub(a, b, effort), a - b),
+                                         ("*", D.work_mul(a, m, effort), a * m)]:
+            assert result == want
+            written = int("".join(map(str, replay_columns(work, op)[::-1])))
+            assert written == abs(want), (work, want)
+            spelled = work.splitlines()[-1 if effort == "low" else -2].removeprefix("digits: ")
+            assert int(spelled.replace(" ", "")) == abs(want) if op != "-" or a >= b else True
+
+
+def test_reasoning_length_follows_the_effort():
+    lengths = {e: [] for e in D.EFFORTS}
+    rng = random.Random(0)
+    for _ in range(200):
+        a, b = D.number(rng), D.number(rng)
+        for e in D.EFFORTS:
+            lengths[e].append(len(TOK.encode(D.work_add(a, b, e)[0])))
+    mean = {e: sum(v) / len(v) for e, v in lengths.items()}
+    assert mean["low"] * 1.5 < mean["medium"] and mean["medium"] * 1.3 < mean["high"], mean
+
+
+def test_examples_answer_correctly_and_tools_answer_what_the_data_says():
+    for ex in D.generate(seed=3, n=600):
+        last = ex.messages[-1]
+        assert last["role"] == "assistant" and last["channel"] == "final"
+        if ex.kind in ("add", "sub", "mul"):
+            a, op, b, result = re.fullmatch(r"(\d+) ([-+×]) (\d+) = (-?\d+)", last["content"]).groups()
+            assert int(result) == {"+": int(a) + int(b), "-": int(a) - int(b), "×": int(a) * int(b)}[op]
+            assert sorted(re.findall(r"\d+", ex.question)[:2]) == sorted([a, b]) and result == ex.answer
+        elif ex.kind in ("calc", "convert"):
+            call, result = ex.messages[-3], ex.messages[-2]
+            assert call["recipient"] == f"functions.{ex.call['name']}" and call["content_type"] == "json"
+            assert call_matches({"name": ex.call["name"], "arguments": call["content"]}, ex.call)
+            assert run_tool(DEMO_TOOLS[ex.call["name"]], call["content"]) == result["content"]  # the real tool
+            assert ex.call["name"] in ex.tools and same_number(final_number(last["content"]), ex.answer)
+        else:
+            assert re.search(r"I don't know|I can't", last["content"]) or ex.kind == "greeting"
+
+
+def test_training_mask_covers_what_the_model_writes():
+    ex = next(e for e in D.generate(seed=4, n=200) if e.kind == "calc" and not e.history)
+    tokens, mask = D.to_document(ex, TOK)
+    assert len(tokens) == len(mask)
+    written = TOK.decode([t for t, m in zip(tokens, mask) if m])
+    # the analysis, then <|start|>assistant of the call (the model starts that message itself), the final
+    assert written.startswith("<|channel|>analysis<|message|>") and "<|end|><|start|>assistant to=functions." in written
+    assert written.endswith("<|channel|>final<|message|>" + ex.messages[-1]["content"] + "<|return|>")
+    assert ex.messages[-2]["content"] not in written  # the tool's result is context, not a target
+    prompt = harmony.render_conversation_for_completion([D.message(m) for m in ex.messages[:-1]], "assistant", TOK)
+    assert tokens[:len(prompt)] == prompt and not any(mask[len(prompt) - 2:len(prompt)])
+
+
+def test_heldout_is_disjoint_from_training_and_vocab_covers_it():
+    train = list(D.generate(seed=0, n=3000))
+    held = heldout(20, seed=1, train_seed=0, train_n=3000)
+    assert len(held) == 20 * 7
+    assert not {D.question_key(e) for e in train} & {D.question_key(e) for e in held}
+    vocab = set(D.build_vocab(train))
+    for ex in held:
+        if not D.user_free_text(ex):
+            tokens, _ = D.to_document(ex, TOK)
+            assert set(tokens) <= vocab, TOK.decode(sorted(set(tokens) - vocab))
+
+
+def test_cli_writes_jsonl(tmp_path):
+    assert D.main(["--out", str(tmp_path), "--seed", "5", "--n", "50"]) == 0
+    lines = (tmp_path / "train.jsonl").read_text().splitlines()
+    assert len(lines) == 50 and all("messages" in json.loads(line) for line in lines)
+    assert len(json.loads((tmp_path / "vocab.json").read_text())) > 1110  # numbers 0..999 + the rest
