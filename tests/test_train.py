@@ -110,6 +110,25 @@ def test_document_masking_equals_running_documents_separately():
     assert data.num_samples == 1  # 41 tokens = one sample of 40 inputs and 40 targets
 
 
+def test_training_render_drops_only_earlier_turns_analysis():
+    tok = get_tokenizer()
+    messages = [
+        harmony.Message.user("1+1?"),
+        harmony.Message.assistant("Add them.", channel="analysis"),
+        harmony.Message.assistant("2", channel="final"),
+        harmony.Message.user("2+2?"),
+        harmony.Message.assistant("Add again.", channel="analysis"),
+        harmony.Message.assistant("4", channel="final"),
+    ]
+    doc = render_for_training(messages, tok)
+    text = tok.decode(doc.tokens)
+    assert "Add them." not in text and "Add again." in text  # the finished turn's reasoning is gone
+    trained = tok.decode([t for t, f in zip(doc.tokens, doc.targets) if f])
+    assert trained == ("<|channel|>final<|message|>2<|end|>"  # an earlier answer is still an assistant output
+                       "<|channel|>analysis<|message|>Add again.<|end|><|start|>assistant"
+                       "<|channel|>final<|message|>4<|return|>")
+
+
 def test_assistant_only_loss_mask_on_a_rendered_conversation():
     tok = get_tokenizer()
     tools = [harmony.ToolDefinition("calculator", "Evaluate.", {"type": "object", "properties": {
@@ -124,7 +143,8 @@ def test_assistant_only_loss_mask_on_a_rendered_conversation():
         harmony.Message.assistant("408.", channel="final"),
     ]
     doc = render_for_training(messages, tok)
-    assert doc.tokens == harmony.render_conversation_for_training(messages, tok)
+    # the turn being trained keeps its analysis (openai-harmony's own rendering would drop it)
+    assert doc.tokens == harmony.render_conversation_for_training(messages, tok, auto_drop_analysis=False)
     runs, current = [], []
     for t, flag in zip(doc.tokens, doc.targets):
         if flag:
@@ -134,8 +154,10 @@ def test_assistant_only_loss_mask_on_a_rendered_conversation():
             current = []
     if current:
         runs.append(current)
-    # the analysis message is dropped by the rendering (a final answer follows), so two assistant runs remain
+    # the analysis and the tool call are one run: after its analysis <|end|> the model itself opens the next
+    # message with <|start|>assistant; after the tool result the prompt supplies it
     assert [tok.decode(r) for r in runs] == [
+        "<|channel|>analysis<|message|>Need the calculator.<|end|><|start|>assistant"
         ' to=functions.calculator<|channel|>commentary <|constrain|>json<|message|>{"expression": "12*34"}<|call|>',
         "<|channel|>final<|message|>408.<|return|>",
     ]

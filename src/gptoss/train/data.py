@@ -69,24 +69,32 @@ def message_from_dict(d: Any, where: str) -> harmony.Message:
 
 
 def render_for_training(messages: Sequence[harmony.Message], tokenizer: Tokenizer | None = None) -> Document:
-    """Harmony tokens of a conversation (as `render_conversation_for_training`) and its loss mask: true on
-    what the assistant produces — after `<|start|>assistant` comes everything up to and including the
-    message's end token (`<|channel|>`, the channel, ` to=…`, `<|message|>`, content, `<|end|>`/`<|call|>`/
-    `<|return|>`). Prompt-side tokens (system, developer, user, tool messages, and `<|start|>assistant`,
-    which the prompt supplies at inference) are context only."""
+    """Harmony tokens of a conversation and its loss mask: true on what the assistant produces.
+
+    What the model writes is everything after `<|start|>assistant` up to and including the message's end
+    token (`<|channel|>`, the channel, ` to=…`, `<|message|>`, content, `<|end|>`/`<|call|>`/`<|return|>`),
+    and also `<|start|>assistant` itself when it follows another assistant message (after its analysis
+    `<|end|>` the model opens its next message; after a user or tool message the prompt supplies it).
+    The chain of thought of the turn being trained is kept (it is what the model must learn to write);
+    analysis messages of earlier, finished turns (before the last user message) are dropped, as they
+    would be from a prompt — unlike openai-harmony's rendering, which also drops the last turn's."""
     tok = tokenizer or get_tokenizer()
-    tokens = harmony.render_conversation_for_training(messages, tok)
+    last_user = max((i for i, m in enumerate(messages) if m.role == "user"), default=-1)
+    kept = [m for i, m in enumerate(messages) if not (i < last_user and m.role == "assistant" and m.channel == "analysis")]
+    tokens = harmony.render_conversation_for_training(kept, tok, auto_drop_analysis=False)
     targets = [False] * len(tokens)
-    has_tools = harmony.Conversation(list(messages)).has_function_tools()
-    pos = 0
+    has_tools = harmony.Conversation(kept).has_function_tools()
     head = 1 + len(tok.encode_ordinary("assistant"))  # <|start|> + role
-    for m in messages:  # walk the rendering; messages it dropped (old analysis) are simply not found
+    pos = 0
+    for i, m in enumerate(kept):
         part = harmony.render_message(m, tok, has_function_tools=has_tools)
-        here = tokens[pos:pos + len(part)]
-        if len(here) == len(part) and here[:-1] == part[:-1]:  # the last end token may have become <|return|>
-            if m.role == "assistant" and m.name is None:
-                targets[pos + head:pos + len(part)] = [True] * (len(part) - head)
-            pos += len(part)
+        if tokens[pos:pos + len(part) - 1] != part[:-1]:  # the last end token may have become <|return|>
+            raise harmony.HarmonyError("internal: could not align the rendered conversation with its messages")
+        if m.role == "assistant" and m.name is None:
+            follows_assistant = i > 0 and kept[i - 1].role == "assistant" and kept[i - 1].name is None
+            start = pos if follows_assistant else pos + head
+            targets[start:pos + len(part)] = [True] * (pos + len(part) - start)
+        pos += len(part)
     if pos != len(tokens):
         raise harmony.HarmonyError("internal: could not align the rendered conversation with its messages")
     return Document(tokens, targets)
