@@ -246,3 +246,54 @@ def test_healthbench_without_a_grader_is_a_clear_error(tmp_path):
         with pytest.raises(Exception, match="grader"):
             runner.run("healthbench", EXAMPLES / "healthbench.jsonl", runner.Endpoint(server.url, None), tmp_path,
                        ("low",), 1, 1, runner.Settings("healthbench"), progress=False)
+
+
+# ---------------------------------------------------------------- the command line
+def test_cli_against_an_endpoint_with_several_efforts(tmp_path, capsys):
+    from gptoss.cli import main
+
+    with Scripted(gpqa_script(3, 0)) as server:
+        code = main(["eval", "gpqa", "--data", str(EXAMPLES / "gpqa.jsonl"), "--base-url", server.url,
+                     "--reasoning-effort", "low,high", "--seed", "3", "--out", str(tmp_path), "-q"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "| low | 4 | 0.250 |" in out and "| high | 4 | 0.250 |" in out
+    assert (tmp_path / "summary.md").exists() and (tmp_path / "accuracy_vs_effort.png").stat().st_size > 1000
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 8
+
+
+def test_cli_with_a_local_checkpoint(tmp_path):
+    """--model serves the checkpoint in-process (the server of `gptoss serve`) and evaluates through it."""
+    import torch
+
+    from gptoss import synthetic
+    from gptoss.checkpoint import write_checkpoint
+    from gptoss.cli import main
+    from gptoss.config import preset
+
+    config = preset("tiny").replace(vocab_size=201_088)
+    write_checkpoint(dict(synthetic.random_tensors(config, seed=5, dtype=torch.float32)), config,
+                     tmp_path / "ckpt", "hf")
+    code = main(["eval", "aime", "--data", str(EXAMPLES / "aime.jsonl"), "--model", str(tmp_path / "ckpt"),
+                 "--dtype", "float32", "--max-tokens", "4", "--limit", "2", "--temperature", "0",
+                 "--out", str(tmp_path / "out"), "-q"])
+    assert code == 0
+    rows = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in sorted(rows, key=lambda r: r["id"])] == ["a1", "a2"]
+    assert all(r["completion_tokens"] <= 4 and r["score"] == 0.0 for r in rows)  # a random model: no answer
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["eval", "aime"], "needs --data"),
+    (["eval", "aime", "--data", str(EXAMPLES / "aime.jsonl"), "--reasoning-effort", "low,extreme",
+      "--base-url", "http://127.0.0.1:9/v1"], "extreme"),
+    (["eval", "healthbench", "--data", str(EXAMPLES / "healthbench.jsonl"), "--base-url", "http://127.0.0.1:9/v1"],
+     "grader-base-url"),
+    (["eval", "gpqa", "--data", str(EXAMPLES / "aime.jsonl"), "--base-url", "http://127.0.0.1:9/v1"],
+     "missing field 'question'"),
+])
+def test_cli_errors(argv, message, capsys):
+    from gptoss.cli import main
+
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err

@@ -78,9 +78,18 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    """Evaluate a model on a task (demo: held-out arithmetic, tool calls and refusals of the demo model)."""
-    from .demo.eval import eval_command
+    """Evaluate a model: demo (the embedded model's held-out skills), or aime / gpqa / healthbench from your
+    own JSONL files, against the local engine (--model) or any OpenAI-compatible endpoint (--base-url)."""
+    if args.task == "demo":
+        from .demo.eval import eval_command
 
+        if args.reasoning_effort not in ("low", "medium", "high"):
+            raise GptOssError("gptoss eval demo: --reasoning-effort must be one of low, medium, high")
+        args.max_tokens = args.max_tokens or 512
+    else:
+        from .evals.runner import eval_command
+
+        args.max_tokens = args.max_tokens or 4096
     eval_command(args)
 
 
@@ -170,14 +179,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_args(p)
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("eval", help=cmd_eval.__doc__, description=cmd_eval.__doc__)
-    p.add_argument("task", choices=["demo"], help="demo: the embedded model's skills on a held-out set")
+    p = sub.add_parser("eval", help=cmd_eval.__doc__.split(":")[0], description=cmd_eval.__doc__)
+    p.add_argument("task", choices=["demo", "aime", "gpqa", "healthbench"],
+                   help="demo: the embedded model's skills on a held-out set; aime, gpqa, healthbench: --data FILE")
     add_model_args(p)
-    p.add_argument("--n", type=int, default=None, help="questions per category (default: the task's)")
-    p.add_argument("--seed", type=int, default=None, help="seed of the held-out set (default: the task's)")
-    p.add_argument("--reasoning-effort", default="medium", choices=["low", "medium", "high"])
-    p.add_argument("--max-tokens", type=int, default=512, help="tokens per model call (default 512)")
-    p.add_argument("--out", default=None, metavar="FILE", help="also write the per-question results (JSONL)")
+    p.add_argument("--n", type=int, default=None, help="demo: questions per category (default 100)")
+    p.add_argument("--seed", type=int, default=None, help="demo: held-out set seed; others: sampling/shuffle seed")
+    p.add_argument("--reasoning-effort", default="medium",
+                   help="low, medium or high; aime/gpqa/healthbench take a list, e.g. low,medium,high")
+    p.add_argument("--max-tokens", type=int, default=None, help="tokens per model call (default: demo 512, else 4096)")
+    p.add_argument("--out", default=None, help="demo: write per-question results (JSONL) here; other tasks: "
+                                               "the output folder (default eval-TASK; rerunning resumes)")
+    from .evals.runner import add_eval_args
+
+    add_eval_args(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("train", help=cmd_train.__doc__, description=cmd_train.__doc__)

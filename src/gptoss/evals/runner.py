@@ -290,7 +290,6 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--limit", type=int, default=None, help="only the first N items")
-    p.add_argument("--out", default=None, help="output folder (default eval-TASK); rerunning resumes")
     p.add_argument("--grader-base-url", default=None, help="healthbench: the grader model's endpoint")
     p.add_argument("--grader-model", default=None)
     p.add_argument("--grader-api-key", default="unused")
