@@ -15,7 +15,9 @@ from typing import Any
 
 from .errors import ConfigError
 
-VARIANTS = ("norm_placement", "qk_norm")  # architecture options of the training stack (GPT-oss: pre, off)
+# Architecture options of the training stack; GPT-oss is every default. The first two keep the checkpoint's
+# tensor list (post-norm, dropout); the others add or remove tensors the GPT-oss layouts have no slot for.
+VARIANTS = ("norm_placement", "dropout", "qk_norm", "norm_type", "position_embedding", "mlp_type", "attention_sinks")
 SLIDING = "sliding_attention"
 FULL = "full_attention"
 MXFP4_BLOCK = 32  # values per MXFP4 block (OCP Microscaling spec)
@@ -52,6 +54,13 @@ class ModelConfig:
     # Training variants (not in GPT-oss; written to config.json only when they differ from it):
     norm_placement: str = "pre"  # "pre" (GPT-oss) or "post" (OLMo-2: norm on each sublayer's output)
     qk_norm: bool = False  # RMSNorm of each query and key head before RoPE (OLMo-2)
+    # GPT-2-style ablations (one code path from GPT-2 to GPT-oss; MHA is num_key_value_heads =
+    # num_attention_heads, all-global attention is layer_types of "full_attention" only):
+    dropout: float = 0.0  # on attention weights, each residual branch and the embeddings, in training (GPT-2: 0.1)
+    norm_type: str = "rms"  # "rms" (GPT-oss) or "layer" (LayerNorm: centred, with a bias; GPT-2)
+    position_embedding: str = "rope"  # "rope" (YaRN RoPE, GPT-oss) or "learned" (absolute, GPT-2)
+    mlp_type: str = "moe"  # "moe" (GPT-oss), "swiglu" (one dense clamped-SwiGLU FFN) or "gelu" (dense, GPT-2)
+    attention_sinks: bool = True  # GPT-oss's learned per-head sink logit; false = plain softmax
 
     def __post_init__(self) -> None:
         if not self.layer_types:
@@ -68,6 +77,11 @@ class ModelConfig:
     @property
     def qkv_dim(self) -> int:
         return (self.num_attention_heads + 2 * self.num_key_value_heads) * self.head_dim
+
+    @property
+    def checkpoint_compatible(self) -> bool:
+        """Whether the GPT-oss checkpoint layouts hold every tensor of this model (see VARIANTS)."""
+        return all(getattr(self, name) == getattr(ModelConfig, name) for name in VARIANTS[2:])
 
     def is_sliding(self, layer: int) -> bool:
         return self.layer_types[layer] == SLIDING
@@ -111,8 +125,15 @@ class ModelConfig:
                               f"num_hidden_layers is {self.num_hidden_layers}")
         if self.norm_placement not in ("pre", "post"):
             raise bad("norm_placement", "must be 'pre' or 'post'")
-        if not isinstance(self.qk_norm, bool):
-            raise bad("qk_norm", "must be true or false")
+        for name in ("qk_norm", "attention_sinks"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "must be true or false")
+        for name, allowed in (("norm_type", ("rms", "layer")), ("position_embedding", ("rope", "learned")),
+                              ("mlp_type", ("moe", "swiglu", "gelu"))):
+            if getattr(self, name) not in allowed:
+                raise bad(name, f"must be one of {', '.join(map(repr, allowed))}")
+        if not (isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1):
+            raise bad("dropout", "must be in [0, 1)")
         for i, kind in enumerate(self.layer_types):
             if kind not in (SLIDING, FULL):
                 raise ConfigError(f"{source}: field 'layer_types[{i}]' = {kind!r} must be '{SLIDING}' or '{FULL}'")
@@ -250,6 +271,13 @@ PRESETS: dict[str, ModelConfig] = {
                         num_key_value_heads=2, head_dim=16, num_experts=8, experts_per_token=4,
                         intermediate_size=64, sliding_window=8, initial_context_length=64,
                         max_position_embeddings=2048),
+    # GPT-2's architecture on the same code path (LayerNorm, learned positions, dense GELU FFN of width 4D,
+    # multi-head attention, every layer global, no sinks, dropout 0.1); trainable, saved in the train state only.
+    "tiny-gpt2": ModelConfig(vocab_size=512, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                             num_key_value_heads=4, head_dim=16, intermediate_size=256, sliding_window=8,
+                             initial_context_length=64, max_position_embeddings=1024,
+                             layer_types=("full_attention",) * 4, dropout=0.1, norm_type="layer",
+                             position_embedding="learned", mlp_type="gelu", attention_sinks=False),
     "small": ModelConfig(vocab_size=4096, hidden_size=256, num_hidden_layers=6, num_attention_heads=8,
                          num_key_value_heads=2, head_dim=32, num_experts=8, experts_per_token=2,
                          intermediate_size=256, sliding_window=32, initial_context_length=256,

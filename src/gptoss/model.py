@@ -2,6 +2,9 @@
 
 tokens → embedding → N × [RMSNorm → attention → residual → RMSNorm → MoE → residual] → RMSNorm → unembedding
 
+Training ablations (config.py, all off for GPT-oss) turn the same modules into GPT-2's: LayerNorm, learned
+absolute positions instead of RoPE, a dense GELU (or SwiGLU) FFN instead of the MoE, no sinks, dropout.
+
 Shape letters: B batch, T query positions, S key positions, D hidden, H query heads, K kv heads,
 G query heads per kv head (H = K·G), Dh head dim, E experts, k experts per token, I expert width, V vocab.
 Parameter names equal the OpenAI `original/` checkpoint names (block.N.attn.qkv.weight, ...), so that layout
@@ -46,17 +49,26 @@ class Linear(nn.Linear):
 
 # ---------------------------------------------------------------- RMSNorm
 class RMSNorm(nn.Module):
-    """Scale-only RMSNorm, computed in fp32 whatever the activation dtype (GPT-oss keeps norms in fp32)."""
+    """Scale-only RMSNorm, computed in fp32 whatever the activation dtype (GPT-oss keeps norms in fp32).
+    centered=True: LayerNorm instead (subtract the mean, then add a bias; GPT-2)."""
 
-    def __init__(self, dim: int, eps: float, device: torch.device | str | None = None):
+    def __init__(self, dim: int, eps: float, device: torch.device | str | None = None, centered: bool = False):
         super().__init__()
-        self.eps = eps
+        self.eps, self.centered = eps, centered
         self.scale = nn.Parameter(torch.ones(dim, dtype=torch.float32, device=device))
+        if centered:
+            self.bias = nn.Parameter(torch.zeros(dim, dtype=torch.float32, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t = at_least_fp32(x)
+        if self.centered:
+            t = t - t.mean(-1, keepdim=True)
         t = t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (t * self.scale).to(x.dtype)
+        return (t * self.scale + self.bias if self.centered else t * self.scale).to(x.dtype)
+
+
+def make_norm(config: ModelConfig, dim: int, device=None) -> RMSNorm:
+    return RMSNorm(dim, config.rms_norm_eps, device=device, centered=config.norm_type == "layer")
 
 
 # ---------------------------------------------------------------- RoPE with YaRN
@@ -116,12 +128,13 @@ def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, sliding_window: int
     return allowed
 
 
-def sdpa_with_sinks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
-                    mask: torch.Tensor) -> torch.Tensor:
+def sdpa_with_sinks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor | None,
+                    mask: torch.Tensor, dropout: float = 0.0) -> torch.Tensor:
     """Grouped-query attention whose softmax denominator includes one learned sink logit per head.
 
     q [B, T, K, G, Dh], k/v [B, S, K, Dh], sinks [H], mask [B, T, S] → [B, T, H·Dh].
     The sink is an extra column of scores dropped after the softmax, so a head may attend to "nothing".
+    sinks None: plain softmax attention. dropout: on the attention weights (GPT-2; training only).
     """
     B, T, K, G, Dh = q.shape
     out_dtype = q.dtype  # the activations' dtype (the cache may hold fp32)
@@ -130,8 +143,13 @@ def sdpa_with_sinks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: to
     q = q.permute(0, 2, 3, 1, 4).reshape(B, K, G * T, Dh)  # (B, K, G·T, Dh): a query group is one matmul
     scores = torch.matmul(q, k.permute(0, 2, 3, 1)).view(B, K, G, T, -1) / math.sqrt(Dh)  # (B, K, G, T, S)
     scores = scores.masked_fill(~mask[:, None, None], float("-inf"))
-    sink = sinks.to(scores.dtype).reshape(1, K, G, 1, 1).expand(B, K, G, T, 1)
-    weights = torch.softmax(torch.cat((scores, sink), dim=-1), dim=-1)[..., :-1]
+    if sinks is None:
+        weights = torch.softmax(scores, dim=-1)
+    else:
+        sink = sinks.to(scores.dtype).reshape(1, K, G, 1, 1).expand(B, K, G, T, 1)
+        weights = torch.softmax(torch.cat((scores, sink), dim=-1), dim=-1)[..., :-1]
+    if dropout:
+        weights = F.dropout(weights, dropout)
     out = torch.matmul(weights.reshape(B, K, G * T, -1), v.permute(0, 2, 1, 3))  # (B, K, G·T, Dh)
     out = out.view(B, K, G, T, Dh).permute(0, 3, 1, 2, 4)  # (B, T, K, G, Dh)
     return out.reshape(B, T, K * G * Dh).to(out_dtype)
@@ -142,9 +160,11 @@ class Attention(nn.Module):
         super().__init__()
         self.config = config
         self.sliding_window = config.sliding_window if config.is_sliding(layer) else None
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, device=device)
+        self.norm = make_norm(config, config.hidden_size, device=device)
         self.qkv = Linear(config.hidden_size, config.qkv_dim, bias=True, device=device, dtype=dtype)
-        self.sinks = nn.Parameter(torch.zeros(config.num_attention_heads, dtype=torch.float32, device=device))
+        self.sinks = None
+        if config.attention_sinks:
+            self.sinks = nn.Parameter(torch.zeros(config.num_attention_heads, dtype=torch.float32, device=device))
         self.out = Linear(config.num_attention_heads * config.head_dim, config.hidden_size, bias=True,
                              device=device, dtype=dtype)
         if config.qk_norm:  # per-head RMSNorm of queries and keys before RoPE (OLMo-2, Qwen3); off in GPT-oss
@@ -163,15 +183,18 @@ class Attention(nn.Module):
         q, k = q.view(B, T, c.num_attention_heads, c.head_dim), k.view(B, T, c.num_key_value_heads, c.head_dim)
         if c.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if c.position_embedding == "rope":
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         v = v.view(B, T, c.num_key_value_heads, c.head_dim)
         k_pos = positions
         if cache is not None:  # the cache returns every key it holds for this layer, and their positions
             k, v, k_pos = cache.update(k, v, positions)
         mask = attention_mask(positions, k_pos, self.sliding_window, segments)
         q = q.view(B, T, c.num_key_value_heads, c.q_per_kv, c.head_dim)
-        h = self.out(sdpa_with_sinks(q, k, v, self.sinks, mask))
-        return x + (self.norm(h) if post else h)
+        p = c.dropout if self.training else 0.0
+        h = self.out(sdpa_with_sinks(q, k, v, self.sinks, mask, p))
+        h = self.norm(h) if post else h
+        return x + (F.dropout(h, p) if p else h)  # residual dropout (GPT-2)
 
 
 # ---------------------------------------------------------------- MoE
@@ -181,6 +204,25 @@ def swiglu(h: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
     gate = gate.clamp(max=limit)
     linear = linear.clamp(min=-limit, max=limit)
     return gate * torch.sigmoid(alpha * gate) * (linear + 1)
+
+
+class _MXFP4Linear(torch.autograd.Function):
+    """x @ W_eᵀ + b with W_e dequantized from MXFP4 in the forward and again in the backward: autograd keeps
+    only the uint8 blocks/scales, never a dense expert (LoRA fine-tuning through frozen MXFP4 experts)."""
+
+    @staticmethod
+    def forward(ctx, x, blocks, scales, bias):
+        ctx.save_for_backward(blocks, scales)
+        ctx.x_dtype = x.dtype
+        return F.linear(x, kernels.mxfp4_dequantize(blocks, scales, x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        blocks, scales = ctx.saved_tensors
+        w = kernels.mxfp4_dequantize(blocks, scales, torch.float32)  # (out, in)
+        grad_x = (grad.float() @ w).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
+        grad_b = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.needs_input_grad[3] else None
+        return grad_x, None, None, grad_b
 
 
 class MXFP4Weight(nn.Module):
@@ -197,6 +239,12 @@ class MXFP4Weight(nn.Module):
     def expert(self, e: int, dtype: torch.dtype) -> torch.Tensor:
         """Dense [out, in] weight of expert e (a transient copy of one expert, for a prefill GEMM)."""
         return kernels.mxfp4_dequantize(self.blocks[e], self.scales[e], dtype)
+
+    def linear(self, x: torch.Tensor, e: int, bias: torch.Tensor) -> torch.Tensor:
+        """x [n, in] → [n, out] through expert e; differentiable in x and bias without keeping dense weights."""
+        if torch.is_grad_enabled() and (x.requires_grad or bias.requires_grad):
+            return _MXFP4Linear.apply(x, self.blocks[e], self.scales[e], bias)
+        return F.linear(x, self.expert(e, x.dtype), bias)
 
     def nbytes(self) -> int:
         return mxfp4.nbytes(self.blocks, self.scales)
@@ -215,6 +263,9 @@ class DenseExpertWeight(nn.Module):
 
     def expert(self, e: int, dtype: torch.dtype) -> torch.Tensor:
         return self.weight[e].to(dtype)
+
+    def linear(self, x: torch.Tensor, e: int, bias: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.expert(e, x.dtype), bias)
 
     def nbytes(self) -> int:
         return self.weight.numel() * self.weight.element_size()
@@ -244,17 +295,22 @@ class MoE(nn.Module):
         super().__init__()
         self.config = config
         E, D, I = config.num_experts, config.hidden_size, config.intermediate_size
-        self.norm = RMSNorm(D, config.rms_norm_eps, device=device)
+        self.norm = make_norm(config, D, device=device)
+        self.capacity_factor: float | None = None
+        self.register_buffer("expert_bias", None, persistent=False)
+        self.record_routing = False
+        self.routing: Routing | None = None
+        if config.mlp_type != "moe":  # one dense FFN (GPT-2: GELU, width I; "swiglu": GPT-oss's, width 2I → I)
+            self.mlp1 = Linear(D, I * (2 if config.mlp_type == "swiglu" else 1), bias=True, device=device, dtype=dtype)
+            self.mlp2 = Linear(I, D, bias=True, device=device, dtype=dtype)
+            return
         self.gate = Linear(D, E, bias=True, device=device, dtype=dtype)  # the router
         self.mlp1_weight = MXFP4Weight(E, 2 * I, D, device=device)
         self.mlp1_bias = nn.Parameter(torch.zeros(E, 2 * I, device=device, dtype=dtype))
         self.mlp2_weight = MXFP4Weight(E, D, I, device=device)
         self.mlp2_bias = nn.Parameter(torch.zeros(E, D, device=device, dtype=dtype))
-        # Training options, off for GPT-oss: expert capacity, a selection-only bias (DeepSeek-V3), recording.
-        self.capacity_factor: float | None = None
-        self.register_buffer("expert_bias", None, persistent=False)  # (E,) when bias balancing is on
-        self.record_routing = False
-        self.routing: Routing | None = None
+        # Training options, set above, off for GPT-oss: expert capacity, a selection-only bias (DeepSeek-V3,
+        # expert_bias (E,) when bias balancing is on), routing recorded for router losses.
 
     def route(self, t: torch.Tensor, logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """t [N, D] → expert ids [N, k] and weights [N, k]: softmax over the top-k router logits only."""
@@ -269,8 +325,16 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
-        post = self.config.norm_placement == "post"
+        c = self.config
+        post = c.norm_placement == "post"
         t = (x if post else self.norm(x)).reshape(B * T, D)
+        if c.mlp_type != "moe":
+            h = self.mlp1(t)  # (N, I) or (N, 2I)
+            h = F.gelu(h, approximate="tanh") if c.mlp_type == "gelu" else swiglu(h, c.swiglu_alpha, c.swiglu_limit)
+            out = self.mlp2(h).view(B, T, D)
+            out = self.norm(out) if post else out
+            p = c.dropout if self.training else 0.0
+            return x + (F.dropout(out, p) if p else out)
         logits = self.gate(t)  # (N, E)
         experts, weights = self.route(t, logits)  # (N, k) each
         selected = experts
@@ -279,12 +343,15 @@ class MoE(nn.Module):
         if self.record_routing:
             self.routing = Routing(logits, selected, experts)
         if (x.device.type == "cpu" and x.dtype != torch.float64 and experts.numel() <= DECODE_MAX_ROWS
-                and isinstance(self.mlp1_weight, MXFP4Weight) and self.capacity_factor is None):
+                and isinstance(self.mlp1_weight, MXFP4Weight) and self.capacity_factor is None
+                and not (torch.is_grad_enabled() and t.requires_grad)):  # the fused kernel has no backward
             out = self._fused(t.to(x.dtype), experts, weights)
         else:
             out = self._grouped(t.to(x.dtype), experts, weights)
         out = out.view(B, T, D).to(x.dtype)
-        return x + (self.norm(out) if post else out)
+        out = self.norm(out) if post else out
+        p = c.dropout if self.training else 0.0
+        return x + (F.dropout(out, p) if p else out)
 
     def _fused(self, t: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Decode: each (token, expert) pair is a row; the kernel reads only the chosen experts' MXFP4 bytes."""
@@ -304,9 +371,9 @@ class MoE(nn.Module):
             if e < 0:  # assignments dropped for capacity
                 continue
             token, slot = (experts == e).nonzero(as_tuple=True)
-            h = F.linear(t[token], self.mlp1_weight.expert(e, t.dtype), self.mlp1_bias[e])  # (n, 2I)
+            h = self.mlp1_weight.linear(t[token], e, self.mlp1_bias[e])  # (n, 2I)
             h = swiglu(h, c.swiglu_alpha, c.swiglu_limit)  # (n, I)
-            y = F.linear(h, self.mlp2_weight.expert(e, t.dtype), self.mlp2_bias[e])  # (n, D)
+            y = self.mlp2_weight.linear(h, e, self.mlp2_bias[e])  # (n, D)
             out.index_add_(0, token, y.float() * weights[token, slot, None])
         return out
 
@@ -328,9 +395,12 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         self.embedding = nn.Embedding(config.vocab_size, config.hidden_size, device=device, dtype=dtype)
+        if config.position_embedding == "learned":  # GPT-2's absolute positions, in place of RoPE
+            self.position = nn.Embedding(config.max_position_embeddings, config.hidden_size, device=device,
+                                         dtype=dtype)
         self.block = nn.ModuleList(Block(config, i, device=device, dtype=dtype)
                                    for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, device=device)
+        self.norm = make_norm(config, config.hidden_size, device=device)
         self.unembedding = Linear(config.hidden_size, config.vocab_size, bias=False, device=device, dtype=dtype)
 
     @property
@@ -358,6 +428,10 @@ class Transformer(nn.Module):
         inv_freq, concentration = yarn_inv_freq(self.config, device=tokens.device)
         cos, sin = rope_cos_sin(positions, inv_freq, concentration)
         x = self.embedding(tokens)  # (B, T, D)
+        if self.config.position_embedding == "learned":
+            x = x + self.position(positions)
+        if self.config.dropout and self.training:
+            x = F.dropout(x, self.config.dropout)
         for i, block in enumerate(self.block):
             x = block(x, positions, cos, sin, None if cache is None else cache.layer(i), segments)
         return self.norm(x)
@@ -370,7 +444,7 @@ class Transformer(nn.Module):
         """Swap every MXFP4 expert stack for a trainable dense one (exact: MXFP4 values fit in bf16/fp32)."""
         for block in self.block:
             for name in ("mlp1_weight", "mlp2_weight"):
-                w = getattr(block.mlp, name)
+                w = getattr(block.mlp, name, None)
                 if isinstance(w, MXFP4Weight):
                     setattr(block.mlp, name, DenseExpertWeight.from_mxfp4(w, dtype))
         return self

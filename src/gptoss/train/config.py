@@ -13,6 +13,8 @@
     [train]
     steps = 500
     out_dir = "runs/tiny"
+    [lora]                     # optional: LoRA fine-tuning of an init_from checkpoint
+    rank = 8
 
 Relative paths (data files, out_dir, init_from) are relative to the TOML file's folder. Unknown fields and
 wrong types are errors that name the field and the file.
@@ -40,7 +42,7 @@ class ModelSection:
 class DataSection:
     files: list[str] = field(default_factory=list)
     seq_len: int = 256
-    batch_size: int = 8  # sequences per micro-batch (per process)
+    batch_size: int = 8  # sequences per micro-batch, all processes together (each rank takes its slice)
     txt_split: str = "file"  # a .txt file is one document ("file"), one per blank-line paragraph, or per line
     append_eot: bool = True  # end each text document with <|endoftext|> (a learned document boundary)
     shuffle: bool = True  # shuffle documents once (seeded) and sequences every epoch
@@ -68,6 +70,15 @@ class MoESection:
 
 
 @dataclass
+class LoRASection:
+    """LoRA fine-tuning (train/lora.py): rank 0 = off. Needs [model] init_from; experts stay MXFP4, frozen."""
+    rank: int = 0
+    alpha: float = 16.0  # the update is scaled by alpha / rank
+    targets: list[str] = field(default_factory=lambda: ["qkv", "out"])  # also "gate" (the router)
+    dropout: float = 0.0  # on the adapter's input only
+
+
+@dataclass
 class TrainSection:
     steps: int = 1000
     grad_accum: int = 1  # micro-batches per optimizer step
@@ -80,6 +91,7 @@ class TrainSection:
     save_dtype: str = "bfloat16"  # dtype of its dense tensors (experts are always MXFP4)
     resume: bool = False  # continue from the newest step-* folder in out_dir
     spike_window: int = 1000  # trailing window of the OLMo-2 spike score (steps)
+    parallel: str = "ddp"  # under torchrun (world size > 1): "ddp" (replicated) or "fsdp" (sharded, FSDP2)
 
 
 @dataclass
@@ -88,6 +100,7 @@ class TrainConfig:
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
     moe: MoESection = field(default_factory=MoESection)
+    lora: LoRASection = field(default_factory=LoRASection)
     train: TrainSection = field(default_factory=TrainSection)
     source: str = "config"  # the file it came from, for error messages
     base_dir: str = "."  # relative paths are resolved against this folder
@@ -102,8 +115,9 @@ class TrainConfig:
         kw = dict(self.model.overrides)
         if "layer_types" in kw:
             kw["layer_types"] = tuple(kw["layer_types"])
-        elif "num_hidden_layers" in kw:
-            kw["layer_types"] = ()  # re-derive the alternation for the new depth
+        elif "num_hidden_layers" in kw:  # re-derive for the new depth: all-global stays all-global
+            n, kinds = kw["num_hidden_layers"], set(base.layer_types)
+            kw["layer_types"] = (base.layer_types[0],) * n if len(kinds) == 1 and isinstance(n, int) else ()
         try:
             return base.replace(**kw)
         except ConfigError as e:
@@ -158,6 +172,19 @@ class TrainConfig:
         for name in ("aux_loss_coef", "z_loss_coef", "bias_update_rate", "capacity_factor"):
             if getattr(self.moe, name) < 0:
                 raise bad("moe", name, "must be >= 0")
+        if self.lora.rank < 0:
+            raise bad("lora", "rank", "must be >= 0 (0: no LoRA)")
+        if self.lora.rank:
+            from .lora import TARGETS
+
+            if self.model.init_from is None:
+                raise ConfigError(f"{self.source}: [lora] needs [model] init_from (a checkpoint to adapt)")
+            if not self.lora.targets or any(t not in TARGETS for t in self.lora.targets):
+                raise bad("lora", "targets", f"must be a non-empty list of {', '.join(map(repr, TARGETS))}")
+            if not self.lora.alpha > 0:
+                raise bad("lora", "alpha", "must be > 0")
+            if not 0 <= self.lora.dropout < 1:
+                raise bad("lora", "dropout", "must be in [0, 1)")
         if self.optim.min_lr > self.optim.lr:
             raise bad("optim", "min_lr", f"must be <= lr = {self.optim.lr}")
         if self.train.save_every < 0:
@@ -165,7 +192,8 @@ class TrainConfig:
         choices = {("data", "txt_split"): ("file", "paragraph", "line"),
                    ("train", "dtype"): ("bfloat16", "float32"),
                    ("train", "save_layout"): ("hf", "original"),
-                   ("train", "save_dtype"): ("bfloat16", "float32")}
+                   ("train", "save_dtype"): ("bfloat16", "float32"),
+                   ("train", "parallel"): ("ddp", "fsdp")}
         for (section, name), allowed in choices.items():
             if getattr(getattr(self, section), name) not in allowed:
                 raise bad(section, name, f"must be one of {', '.join(map(repr, allowed))}")
@@ -177,7 +205,7 @@ class TrainConfig:
 
 
 SECTIONS: dict[str, type] = {"model": ModelSection, "data": DataSection, "optim": OptimSection,
-                             "moe": MoESection, "train": TrainSection}
+                             "moe": MoESection, "lora": LoRASection, "train": TrainSection}
 
 
 def _check_type(value: Any, hint: Any) -> bool:

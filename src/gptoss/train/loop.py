@@ -10,12 +10,16 @@ On disk, out_dir/step-NNNNNN/ holds
   train_state.safetensors     fp32 weights, AdamW moments, RNG state: everything exact resume needs
   train_state.json            step, optimizer hyper-parameters, the resolved training config
 and out_dir/metrics.jsonl gets one line per step.
+
+With [lora], only the adapters train (train/lora.py) and the saved model/ has them merged; under torchrun the
+step is split across ranks (train/distributed.py) and only rank 0 writes.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -30,7 +34,10 @@ from ..checkpoint import load, write_checkpoint
 from ..errors import ConfigError
 from ..model import DenseExpertWeight, MXFP4Weight, Transformer
 from .config import TrainConfig
+from . import distributed
 from .data import Batch, Document, PackedDataset, TokenMap, read_documents
+from .distributed import DistInfo, full_tensor
+from .lora import add_lora, lora_modules
 from .moe import LoadMeter, moe_layers, record_routing, router_losses, update_expert_bias
 from .stability import SpikeMeter
 
@@ -61,18 +68,22 @@ def init_weights(model: Transformer, seed: int) -> None:
             elif p.dim() == 1 or name.endswith("_bias") or name.endswith("sinks"):
                 p.zero_()
             else:
-                s = out_std if name.endswith(("attn.out.weight", "mlp2_weight.weight")) else std
+                s = out_std if name.endswith(("attn.out.weight", "mlp2_weight.weight", "mlp.mlp2.weight")) else std
                 p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32) * s)
 
 
 def build_model(cfg: TrainConfig, device: torch.device) -> Transformer:
-    """A trainable model: fp32 weights, dense experts. From a checkpoint (init_from) or freshly initialised."""
+    """A trainable model: fp32 weights, dense experts. From a checkpoint (init_from) or freshly initialised.
+    With [lora]: the checkpoint frozen as loaded (experts stay MXFP4) plus trainable adapters."""
     if cfg.model.init_from is not None:
         model = load(cfg.path(cfg.model.init_from), dtype=torch.float32)
     else:
         model = Transformer(cfg.model_config(), device="meta", dtype=torch.float32)
         model = model.to_empty(device="cpu")
-    model.dense_experts(torch.float32)
+    if cfg.lora.rank:
+        add_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, cfg.lora.dropout, seed=cfg.train.seed)
+    else:
+        model.dense_experts(torch.float32).requires_grad_(True)
     if cfg.model.init_from is None:
         init_weights(model, cfg.train.seed)
     for m in moe_layers(model):
@@ -80,13 +91,23 @@ def build_model(cfg: TrainConfig, device: torch.device) -> Transformer:
         if cfg.moe.bias_update_rate > 0:
             m.expert_bias = torch.zeros(model.config.num_experts)
     record_routing(model, True)  # for the router losses and the load metrics
-    return model.to(device).train().requires_grad_(True)
+    return model.to(device).train()
 
 
-def export_tensors(model: Transformer, dtype: torch.dtype):
-    """(original name, tensor) of an inference checkpoint: dense experts quantized to MXFP4 blocks/scales."""
-    for name, t in model.state_dict().items():
+def export_tensors(model: Transformer, dtype: torch.dtype, state: dict[str, torch.Tensor] | None = None):
+    """(original name, tensor) of an inference checkpoint: dense experts quantized to MXFP4 blocks/scales,
+    LoRA adapters merged into their base weights (as lora.merge_lora), MXFP4 experts passed through as they
+    are. `state`: the model's full state dict when it is not the model's own (gathered FSDP shards)."""
+    state = model.state_dict() if state is None else state
+    scaling = {name: m.scaling for name, m in lora_modules(model).items()}
+    for name, t in state.items():
+        owner, leaf = name.rsplit(".", 1)
+        if leaf in ("lora_A", "lora_B"):
+            continue
         t = t.detach().cpu()
+        if owner in scaling and leaf == "weight":  # W + (alpha/rank)·B·A, fp32 math, as LoRALinear.merged_weight
+            B, A = state[owner + ".lora_B"].detach().cpu(), state[owner + ".lora_A"].detach().cpu()
+            t = (t.float() + scaling[owner] * (B @ A)).to(t.dtype)
         m = re.fullmatch(r"(.*_weight)\.weight", name)
         if m:
             blocks, scales = mxfp4.quantize(t, name)
@@ -96,12 +117,15 @@ def export_tensors(model: Transformer, dtype: torch.dtype):
             yield name, t.to(dtype) if t.is_floating_point() else t
 
 
-def save_model(model: Transformer, path: str | Path, layout: str = "hf", dtype: torch.dtype = torch.bfloat16) -> None:
-    """Write a trained model as a gptoss/transformers checkpoint (experts MXFP4, other tensors in `dtype`)."""
-    if model.config.qk_norm:
-        raise ConfigError("a model with qk_norm cannot be written as a GPT-oss checkpoint (the layouts have no "
-                          "q/k norm tensors); its weights are in the step folder's train_state.safetensors")
-    write_checkpoint(export_tensors(model, dtype), model.config, path, layout)
+def save_model(model: Transformer, path: str | Path, layout: str = "hf", dtype: torch.dtype = torch.bfloat16,
+               state: dict[str, torch.Tensor] | None = None) -> None:
+    """Write a trained model as a gptoss/transformers checkpoint (experts MXFP4, other tensors in `dtype`,
+    LoRA adapters merged)."""
+    if not model.config.checkpoint_compatible:
+        raise ConfigError("a model with qk_norm, LayerNorm, learned positions, a dense FFN or no sinks cannot be "
+                          "written as a GPT-oss checkpoint (the layouts have no slot for those tensors); its "
+                          "weights are in the step folder's train_state.safetensors")
+    write_checkpoint(export_tensors(model, dtype, state), model.config, path, layout)
 
 
 # ---------------------------------------------------------------- loss
@@ -116,6 +140,17 @@ def lm_loss_sum(model: Transformer, batch: Batch) -> tuple[torch.Tensor, int]:
     return F.cross_entropy(logits, batch.targets[batch.mask], reduction="sum"), int(batch.mask.sum())
 
 
+class LMLoss(torch.nn.Module):
+    """lm_loss_sum as a module: what DDP/FSDP wrap (their hooks run on a module's forward)."""
+
+    def __init__(self, model: Transformer):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens, targets, mask, positions, segments) -> torch.Tensor:
+        return lm_loss_sum(self.model, Batch(tokens, targets, mask, positions, segments))[0]
+
+
 def param_groups(model: Transformer, weight_decay: float) -> list[dict]:
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
@@ -123,15 +158,21 @@ def param_groups(model: Transformer, weight_decay: float) -> list[dict]:
 
 
 # ---------------------------------------------------------------- save / resume
-def save_train_state(path: Path, model: Transformer, opt: torch.optim.Optimizer, step: int, cfg: TrainConfig) -> None:
+def save_train_state(path: Path, model: Transformer, opt: torch.optim.Optimizer, step: int, cfg: TrainConfig,
+                     weights: dict[str, torch.Tensor] | None = None, write: bool = True) -> None:
+    """weights: the full state dict if not the model's own (FSDP); FSDP's AdamW moments are gathered here,
+    so every rank calls this and only the one with `write` writes."""
     from safetensors.torch import save_file
 
-    path.mkdir(parents=True, exist_ok=True)
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    weights = model.state_dict() if weights is None else weights
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in weights.items()}
     sd = opt.state_dict()
     for i, state in sd["state"].items():
         for k, v in state.items():
-            tensors[f"optim.{i}.{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
+            tensors[f"optim.{i}.{k}"] = full_tensor(torch.as_tensor(v)).detach().cpu().contiguous()
+    if not write:
+        return
+    path.mkdir(parents=True, exist_ok=True)
     for i, m in enumerate(moe_layers(model)):
         if m.expert_bias is not None:  # a buffer outside state_dict (no slot for it in GPT-oss checkpoints)
             tensors[f"expert_bias.{i}"] = m.expert_bias.detach().cpu()
@@ -194,16 +235,30 @@ def resolve_device(name: str) -> torch.device:
 def train(cfg: TrainConfig, documents: Sequence[Document] | None = None, token_map: TokenMap | None = None,
           progress: bool = True, max_steps: int | None = None,
           on_step: Callable[[dict], None] | None = None,
-          prepare: Callable[[Transformer], None] | None = None) -> TrainResult:
+          prepare: Callable[[Transformer], None] | None = None, dist: DistInfo | None = None) -> TrainResult:
     """Run (or resume) the training described by `cfg`.
 
     documents: in-memory documents instead of cfg.data.files; token_map: full o200k_harmony ids → model ids,
     applied after tokenization; max_steps: stop after this step number (the schedule still spans
     cfg.train.steps — for tests of resume); on_step: called with each step's metrics dict; prepare: called
-    with the freshly built model before training (e.g. a special initialisation; not re-run state on resume).
+    with the freshly built model before training (e.g. a special initialisation; not re-run state on resume);
+    dist: rank and world size (default: read from torchrun's environment, here and only here).
     """
+    info = distributed.from_env() if dist is None else dist
     t = cfg.train
-    device = resolve_device(t.device)
+    device = distributed.local_device(info, resolve_device(t.device))
+    joined = info.enabled and not torch.distributed.is_initialized()
+    distributed.init(info, device)
+    try:
+        return _train(cfg, documents, token_map, progress, max_steps, on_step, prepare, info, device)
+    finally:
+        if joined:
+            distributed.shutdown(info)
+
+
+def _train(cfg, documents, token_map, progress, max_steps, on_step, prepare, info: DistInfo,
+           device: torch.device) -> TrainResult:
+    t = cfg.train
     out_dir = cfg.path(t.out_dir)
     torch.manual_seed(t.seed)
     model = build_model(cfg, device)
@@ -217,6 +272,10 @@ def train(cfg: TrainConfig, documents: Sequence[Document] | None = None, token_m
     data = PackedDataset(documents, cfg.data.seq_len, model.config.vocab_size, seed=t.seed,
                          shuffle=cfg.data.shuffle, token_map=token_map, source=cfg.source)
     o, m_cfg = cfg.optim, cfg.moe
+    if info.enabled and t.parallel == "fsdp" and t.resume:
+        raise ConfigError(f"{cfg.source}: [train] resume with parallel = 'fsdp' is not supported yet (the step "
+                          "folder holds full tensors: resume it with parallel = 'ddp' or one process)")
+    step_loss = distributed.wrap(LMLoss(model), model.block, t.parallel, info, device)
     fused = {"fused": False} if device.type == "cpu" else {}
     opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                             **fused)
@@ -226,11 +285,12 @@ def train(cfg: TrainConfig, documents: Sequence[Document] | None = None, token_m
         if resumed_from is not None:
             start = load_train_state(resumed_from, model, opt)
     metrics_file = out_dir / "metrics.jsonl"
-    out_dir.mkdir(parents=True, exist_ok=True)
     kept = []
     if start and metrics_file.exists():  # drop lines of steps after the checkpoint (they will be redone)
         kept = [line for line in metrics_file.read_text().splitlines() if line and json.loads(line)["step"] <= start]
-    metrics_file.write_text("".join(line + "\n" for line in kept))
+    if info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        metrics_file.write_text("".join(line + "\n" for line in kept))
     spikes = {"grad_norm": SpikeMeter(t.spike_window), "loss": SpikeMeter(t.spike_window)}
     for line in kept:  # the spike score's history continues across a resume
         row = json.loads(line)
@@ -242,12 +302,13 @@ def train(cfg: TrainConfig, documents: Sequence[Document] | None = None, token_m
     end = min(t.steps, max_steps) if max_steps is not None else t.steps
     result = TrainResult(model, dataset=data, checkpoint=resumed_from)
     bar = None
-    if progress:
+    if progress and info.is_main:
         from tqdm import tqdm
 
         bar = tqdm(total=t.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
     params = [p for p in model.parameters() if p.requires_grad]
-    with metrics_file.open("a") as log:
+    W = info.world_size
+    with (metrics_file.open("a") if info.is_main else open(os.devnull, "w")) as log:
         for step in range(start, end):
             t0 = time.perf_counter()
             lr = get_lr(step, o.lr, o.min_lr, o.warmup_steps, t.steps)
@@ -259,11 +320,12 @@ def train(cfg: TrainConfig, documents: Sequence[Document] | None = None, token_m
             loss_sum = aux_sum = z_sum = 0.0
             meter = LoadMeter(model.config.num_hidden_layers, model.config.num_experts)
             for b in micro:
-                b = b.to(device)
+                b = distributed.rank_slice(b, info, cfg.source).to(device)
                 with amp:
-                    loss, _ = lm_loss_sum(model, b)
+                    loss = step_loss(b.tokens, b.targets, b.mask, b.positions, b.segments)
                     aux, z = router_losses(model)
-                total = loss / max(1, n_targets)
+                # × W: DDP/FSDP average the ranks' gradients, the one-process gradient is their sum
+                total = loss * W / max(1, n_targets)
                 if m_cfg.aux_loss_coef:  # router losses are per-micro-batch means, averaged over the step
                     total = total + m_cfg.aux_loss_coef * aux / len(micro)
                 if m_cfg.z_loss_coef:
@@ -273,8 +335,13 @@ def train(cfg: TrainConfig, documents: Sequence[Document] | None = None, token_m
                 loss_sum += loss.item()
                 aux_sum += aux.item() / len(micro)
                 z_sum += z.item() / len(micro)
+            if info.enabled:  # the step's loss over all ranks; router losses and load counts too
+                sums = distributed.all_reduce_sum(torch.tensor([loss_sum, aux_sum / W, z_sum / W]), info)
+                loss_sum, aux_sum, z_sum = sums.tolist()
+                meter.selected = distributed.all_reduce_sum(meter.selected, info)
+                meter.dropped = distributed.all_reduce_sum(meter.dropped, info)
             clip = o.grad_clip if o.grad_clip > 0 else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+            grad_norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(params, clip)))
             opt.step()
             opt.zero_grad(set_to_none=True)
             if m_cfg.bias_update_rate:
@@ -291,23 +358,25 @@ def train(cfg: TrainConfig, documents: Sequence[Document] | None = None, token_m
             log.flush()
             result.losses.append(loss_value)
             result.metrics.append(row)
-            if on_step is not None:
+            if on_step is not None and info.is_main:
                 on_step(row)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
             done = step + 1
             if done == t.steps or (t.save_every and done % t.save_every == 0):
-                result.checkpoint = save_checkpoint(out_dir, model, opt, done, cfg)
+                result.checkpoint = save_checkpoint(out_dir, model, opt, done, cfg, info)
     if bar is not None:
         bar.close()
     return result
 
 
 def save_checkpoint(out_dir: Path, model: Transformer, opt: torch.optim.Optimizer, step: int,
-                    cfg: TrainConfig) -> Path:
+                    cfg: TrainConfig, info: DistInfo = DistInfo()) -> Path:
+    """Every rank calls this (FSDP shards are gathered); only rank 0 writes."""
     path = out_dir / f"step-{step:06d}"
-    if not model.config.qk_norm:  # no slot for q/k norms in GPT-oss checkpoints: train state only
-        save_model(model, path / "model", cfg.train.save_layout, getattr(torch, cfg.train.save_dtype))
-    save_train_state(path, model, opt, step, cfg)
+    weights = {k: full_tensor(v) for k, v in model.state_dict().items()}
+    if model.config.checkpoint_compatible and info.is_main:  # else: train state only
+        save_model(model, path / "model", cfg.train.save_layout, getattr(torch, cfg.train.save_dtype), weights)
+    save_train_state(path, model, opt, step, cfg, weights, write=info.is_main)
     return path

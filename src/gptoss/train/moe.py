@@ -51,6 +51,9 @@ def z_loss(router_logits: list[torch.Tensor]) -> torch.Tensor:
 def router_losses(model: Transformer) -> tuple[torch.Tensor, torch.Tensor]:
     """(load-balancing loss, z-loss) of the forward just run with routing recorded."""
     layers = [m for m in moe_layers(model) if m.routing is not None]
+    if not layers:  # a dense FFN (mlp_type = "gelu"/"swiglu"): no router
+        zero = torch.zeros((), device=model.device)
+        return zero, zero
     logits = [m.routing.logits for m in layers]
     chosen = [m.routing.selected for m in layers]
     E = model.config.num_experts
