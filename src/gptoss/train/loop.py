@@ -308,6 +308,7 @@ def _train(cfg, documents, token_map, progress, max_steps, on_step, prepare, inf
         bar = tqdm(total=t.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
     params = [p for p in model.parameters() if p.requires_grad]
     W = info.world_size
+    reduce = (lambda x: distributed.all_reduce_sum(x, info)) if info.enabled else None
     with (metrics_file.open("a") if info.is_main else open(os.devnull, "w")) as log:
         for step in range(start, end):
             t0 = time.perf_counter()
@@ -323,11 +324,12 @@ def _train(cfg, documents, token_map, progress, max_steps, on_step, prepare, inf
                 b = distributed.rank_slice(b, info, cfg.source).to(device)
                 with amp:
                     loss = step_loss(b.tokens, b.targets, b.mask, b.positions, b.segments)
-                    aux, z = router_losses(model)
-                # × W: DDP/FSDP average the ranks' gradients, the one-process gradient is their sum
+                    aux, z = router_losses(model, reduce)
+                # × W: DDP/FSDP average the ranks' gradients, the one-process gradient is their sum (the
+                # ranks' aux losses add up to the global one; the z-loss is a mean, the ranks' average)
                 total = loss * W / max(1, n_targets)
                 if m_cfg.aux_loss_coef:  # router losses are per-micro-batch means, averaged over the step
-                    total = total + m_cfg.aux_loss_coef * aux / len(micro)
+                    total = total + m_cfg.aux_loss_coef * aux * W / len(micro)
                 if m_cfg.z_loss_coef:
                     total = total + m_cfg.z_loss_coef * z / len(micro)
                 total.backward()
@@ -336,7 +338,7 @@ def _train(cfg, documents, token_map, progress, max_steps, on_step, prepare, inf
                 aux_sum += aux.item() / len(micro)
                 z_sum += z.item() / len(micro)
             if info.enabled:  # the step's loss over all ranks; router losses and load counts too
-                sums = distributed.all_reduce_sum(torch.tensor([loss_sum, aux_sum / W, z_sum / W]), info)
+                sums = distributed.all_reduce_sum(torch.tensor([loss_sum, aux_sum, z_sum / W]), info)
                 loss_sum, aux_sum, z_sum = sums.tolist()
                 meter.selected = distributed.all_reduce_sum(meter.selected, info)
                 meter.dropped = distributed.all_reduce_sum(meter.dropped, info)

@@ -14,6 +14,7 @@ and the chosen experts [N, k], −1 where an assignment was dropped for capacity
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
@@ -31,9 +32,13 @@ def record_routing(model: Transformer, on: bool = True) -> None:
 
 
 def load_balancing_loss(router_logits: list[torch.Tensor], experts: list[torch.Tensor],
-                        num_experts: int) -> torch.Tensor:
+                        num_experts: int, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """transformers' `load_balancing_loss_func` (no attention mask): logits [N, E] and top-k choices [N, k]
-    per layer (choices made before any capacity drop)."""
+    per layer (choices made before any capacity drop).
+
+    reduce (data parallel: a sum over ranks): f_e and the token count then cover the whole global micro-batch
+    and P_e is this rank's share of the probability sum, so the ranks' losses add up to the one-process loss
+    (gradients included: f_e carries none)."""
     counts = torch.zeros(num_experts, dtype=torch.float32, device=router_logits[0].device)
     prob_sum = torch.zeros(num_experts, dtype=torch.float32, device=router_logits[0].device)
     rows = 0
@@ -41,6 +46,9 @@ def load_balancing_loss(router_logits: list[torch.Tensor], experts: list[torch.T
         counts = counts + torch.bincount(chosen.reshape(-1), minlength=num_experts).float()
         prob_sum = prob_sum + torch.softmax(logits.float(), dim=-1).sum(0)
         rows += logits.shape[0]
+    if reduce is not None:
+        counts = reduce(counts)
+        rows = reduce(torch.tensor(float(rows), device=counts.device))
     return num_experts * (counts / rows * prob_sum / rows).sum()
 
 
@@ -48,8 +56,10 @@ def z_loss(router_logits: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([torch.logsumexp(x.float(), dim=-1).pow(2).mean() for x in router_logits]).mean()
 
 
-def router_losses(model: Transformer) -> tuple[torch.Tensor, torch.Tensor]:
-    """(load-balancing loss, z-loss) of the forward just run with routing recorded."""
+def router_losses(model: Transformer, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(load-balancing loss, z-loss) of the forward just run with routing recorded; `reduce`: see
+    load_balancing_loss (the z-loss is a per-token mean: the ranks' mean equals the global one)."""
     layers = [m for m in moe_layers(model) if m.routing is not None]
     if not layers:  # a dense FFN (mlp_type = "gelu"/"swiglu"): no router
         zero = torch.zeros((), device=model.device)
@@ -57,7 +67,7 @@ def router_losses(model: Transformer) -> tuple[torch.Tensor, torch.Tensor]:
     logits = [m.routing.logits for m in layers]
     chosen = [m.routing.selected for m in layers]
     E = model.config.num_experts
-    return load_balancing_loss(logits, chosen, E), z_loss(logits)
+    return load_balancing_loss(logits, chosen, E, reduce), z_loss(logits)
 
 
 class LoadMeter:
