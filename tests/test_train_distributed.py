@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -44,9 +45,16 @@ grad_accum = 2
 device = "cpu"
 dtype = "float32"
 save_dtype = "float32"
+save_every = 2
 parallel = "{parallel}"
 out_dir = "out-{parallel}"
 """)
+
+
+def torchrun(tmp_path, parallel: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "gptoss", "train", str(tmp_path / f"{parallel}.toml"), "-q", *args],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
 
 
 def metrics(path) -> list[dict]:
@@ -59,9 +67,7 @@ def test_two_processes_follow_the_one_process_loss_curve(tmp_path, parallel, lor
     cfg = load_config(tmp_path / f"{parallel}.toml")
     cfg.train.out_dir = "out-one"
     one = train(cfg, progress=False, dist=DistInfo())  # same global batch (4 × 2 sequences per step), 1 process
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "-m", "gptoss", "train", str(tmp_path / f"{parallel}.toml"), "-q"],
-                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    done = torchrun(tmp_path, parallel)
     assert done.returncode == 0, done.stderr[-3000:]
     ref, two = metrics(tmp_path / "out-one" / "metrics.jsonl"), metrics(tmp_path / f"out-{parallel}" / "metrics.jsonl")
     assert [r["step"] for r in two] == [1, 2, 3, 4]  # rank 0 alone wrote the metrics
@@ -89,3 +95,19 @@ def test_rank_slices_partition_the_global_batch():
     with pytest.raises(ConfigError, match=r"'batch_size' = 6 must be a multiple of the world size 4"):
         rank_slice(batch, DistInfo(0, 4))
     assert from_env({"RANK": "1", "WORLD_SIZE": "2"}) == DistInfo(1, 2) and from_env({}) == DistInfo(0, 1)
+
+
+def test_fsdp_resume_continues_exactly(tmp_path):
+    """A 2-rank FSDP2 run resumed from its step-2 folder (full tensors, re-sharded on load) redoes steps 3-4
+    with the losses of the uninterrupted run."""
+    write_run(tmp_path, "fsdp", lora=False)
+    assert torchrun(tmp_path, "fsdp").returncode == 0
+    full = tmp_path / "out-fsdp"
+    full.rename(tmp_path / "full")
+    full.mkdir()
+    shutil.copytree(tmp_path / "full" / "step-000002", full / "step-000002")
+    done = torchrun(tmp_path, "fsdp", "--resume")
+    assert done.returncode == 0, done.stderr[-3000:]
+    again, ref = metrics(full / "metrics.jsonl"), metrics(tmp_path / "full" / "metrics.jsonl")
+    assert [r["step"] for r in again] == [3, 4]
+    assert [r["loss"] for r in again] == [r["loss"] for r in ref[2:]]

@@ -104,3 +104,28 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
         t = t.clone()
         dist.all_reduce(t)
     return t
+
+
+def shard_like(full: dict[str, torch.Tensor], like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Full tensors (a saved state) → shards placed as the DTensors of `like` (a FSDP2 model's state dict);
+    plain tensors pass through. A collective where `like` holds DTensors."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    out = {}
+    for name, t in full.items():
+        ref = like.get(name)
+        out[name] = distribute_tensor(t.to(ref.dtype), ref.device_mesh, ref.placements) \
+            if isinstance(ref, DTensor) else t
+    return out
+
+
+def shard_optimizer_state(opt: torch.optim.Optimizer) -> None:
+    """After loading full AdamW moments: shard each like its parameter (FSDP2); nothing to do otherwise."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    for group in opt.param_groups:
+        for p in group["params"]:
+            state = opt.state.get(p, {})
+            for k, v in state.items():
+                if isinstance(p, DTensor) and torch.is_tensor(v) and not isinstance(v, DTensor) and v.shape == p.shape:
+                    state[k] = distribute_tensor(v.to(p.dtype), p.device_mesh, p.placements)

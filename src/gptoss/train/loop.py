@@ -193,7 +193,7 @@ def load_train_state(path: Path, model: Transformer, opt: torch.optim.Optimizer)
     tensors = load_file(str(path / STATE_FILE))
     weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     try:
-        model.load_state_dict(weights, strict=True)
+        model.load_state_dict(distributed.shard_like(weights, model.state_dict()), strict=True)
     except RuntimeError as e:
         raise ConfigError(f"{path / STATE_FILE}: does not fit the configured model ({e})") from None
     state: dict[int, dict] = {}
@@ -202,6 +202,7 @@ def load_train_state(path: Path, model: Transformer, opt: torch.optim.Optimizer)
             _, i, name = k.split(".", 2)
             state.setdefault(int(i), {})[name] = v
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    distributed.shard_optimizer_state(opt)
     for i, m in enumerate(moe_layers(model)):
         if f"expert_bias.{i}" in tensors and m.expert_bias is not None:
             m.expert_bias.copy_(tensors[f"expert_bias.{i}"])
@@ -272,9 +273,6 @@ def _train(cfg, documents, token_map, progress, max_steps, on_step, prepare, inf
     data = PackedDataset(documents, cfg.data.seq_len, model.config.vocab_size, seed=t.seed,
                          shuffle=cfg.data.shuffle, token_map=token_map, source=cfg.source)
     o, m_cfg = cfg.optim, cfg.moe
-    if info.enabled and t.parallel == "fsdp" and t.resume:
-        raise ConfigError(f"{cfg.source}: [train] resume with parallel = 'fsdp' is not supported yet (the step "
-                          "folder holds full tensors: resume it with parallel = 'ddp' or one process)")
     step_loss = distributed.wrap(LMLoss(model), model.block, t.parallel, info, device)
     fused = {"fused": False} if device.type == "cpu" else {}
     opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
