@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 import gptoss
 from gptoss import synthetic
@@ -14,6 +15,7 @@ from gptoss.errors import ConfigError
 from gptoss.model import MXFP4Weight
 from gptoss.train import TrainConfig, train
 from gptoss.train.lora import LoRALinear, merge_lora
+from gptoss.train.loop import save_model
 from test_train import V, permutation_task
 
 
@@ -54,6 +56,10 @@ def test_lora_trains_only_adapters_and_merges_exactly(tmp_path):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.endswith(("lora_A", "lora_B")) for n in trainable)
     assert len(trainable) == 2 * 3 * 2  # (A, B) × 3 targets × 2 blocks
+    state = load_file(str(result.checkpoint / "train_state.safetensors"))  # AdamW moments: adapters only
+    assert {k.split(".")[1] for k in state if k.startswith("optim.")} == {str(i) for i in range(12)}
+    shapes = {tuple(state[f"optim.{i}.exp_avg"].shape) for i in range(12)}
+    assert shapes == {(4, 64), ((4 + 2 * 2) * 16, 4), (64, 4), (8, 4)}  # A; B of qkv, out, gate
     # every base tensor, parameters and MXFP4 buffers alike, is bit-identical after training
     trained = model.state_dict()
     for name, t in base.state_dict().items():
@@ -75,6 +81,12 @@ def test_lora_trains_only_adapters_and_merges_exactly(tmp_path):
         torch.testing.assert_close(reloaded(tokens), merged, rtol=1e-5, atol=1e-5 * merged.abs().max().item())
     ours, theirs = expert_tensors(saved), expert_tensors(ckpt)
     assert len(theirs) == 8 and ours == theirs
+    # the other layout (names differ, bytes do not)
+    save_model(model, tmp_path / "original", layout="original", dtype=torch.float32)
+    with torch.no_grad():
+        again = gptoss.load(tmp_path / "original", dtype=torch.float32)(tokens)
+    torch.testing.assert_close(again, merged, rtol=1e-5, atol=1e-5 * merged.abs().max().item())
+    assert sorted(expert_tensors(tmp_path / "original").values()) == sorted(theirs.values())
 
 
 def test_mxfp4_expert_gradients_equal_dense_expert_gradients():

@@ -301,7 +301,8 @@ class MoE(nn.Module):
         self.record_routing = False
         self.routing: Routing | None = None
         if config.mlp_type != "moe":  # one dense FFN (GPT-2: GELU, width I; "swiglu": GPT-oss's, width 2I → I)
-            self.mlp1 = Linear(D, I * (2 if config.mlp_type == "swiglu" else 1), bias=True, device=device, dtype=dtype)
+            width = 2 * I if config.mlp_type == "swiglu" else I
+            self.mlp1 = Linear(D, width, bias=True, device=device, dtype=dtype)
             self.mlp2 = Linear(I, D, bias=True, device=device, dtype=dtype)
             return
         self.gate = Linear(D, E, bias=True, device=device, dtype=dtype)  # the router
@@ -328,13 +329,21 @@ class MoE(nn.Module):
         c = self.config
         post = c.norm_placement == "post"
         t = (x if post else self.norm(x)).reshape(B * T, D)
-        if c.mlp_type != "moe":
-            h = self.mlp1(t)  # (N, I) or (N, 2I)
-            h = F.gelu(h, approximate="tanh") if c.mlp_type == "gelu" else swiglu(h, c.swiglu_alpha, c.swiglu_limit)
-            out = self.mlp2(h).view(B, T, D)
-            out = self.norm(out) if post else out
-            p = c.dropout if self.training else 0.0
-            return x + (F.dropout(out, p) if p else out)
+        out = self._experts(t.to(x.dtype)) if c.mlp_type == "moe" else self._dense(t)  # (N, D)
+        out = out.view(B, T, D).to(x.dtype)
+        out = self.norm(out) if post else out
+        p = c.dropout if self.training else 0.0
+        return x + (F.dropout(out, p) if p else out)  # residual dropout (GPT-2)
+
+    def _dense(self, t: torch.Tensor) -> torch.Tensor:
+        """One dense FFN for every token: GELU (tanh approximation, GPT-2) or GPT-oss's clamped SwiGLU."""
+        c = self.config
+        h = self.mlp1(t)  # (N, I) or (N, 2I)
+        h = F.gelu(h, approximate="tanh") if c.mlp_type == "gelu" else swiglu(h, c.swiglu_alpha, c.swiglu_limit)
+        return self.mlp2(h)
+
+    def _experts(self, t: torch.Tensor) -> torch.Tensor:
+        """Route t [N, D] to the top-k experts and mix their outputs → [N, D] (fp32)."""
         logits = self.gate(t)  # (N, E)
         experts, weights = self.route(t, logits)  # (N, k) each
         selected = experts
@@ -342,16 +351,11 @@ class MoE(nn.Module):
             experts = capacity_drop(experts, self.config.num_experts, self.capacity_factor)
         if self.record_routing:
             self.routing = Routing(logits, selected, experts)
-        if (x.device.type == "cpu" and x.dtype != torch.float64 and experts.numel() <= DECODE_MAX_ROWS
+        if (t.device.type == "cpu" and t.dtype != torch.float64 and experts.numel() <= DECODE_MAX_ROWS
                 and isinstance(self.mlp1_weight, MXFP4Weight) and self.capacity_factor is None
                 and not (torch.is_grad_enabled() and t.requires_grad)):  # the fused kernel has no backward
-            out = self._fused(t.to(x.dtype), experts, weights)
-        else:
-            out = self._grouped(t.to(x.dtype), experts, weights)
-        out = out.view(B, T, D).to(x.dtype)
-        out = self.norm(out) if post else out
-        p = c.dropout if self.training else 0.0
-        return x + (F.dropout(out, p) if p else out)
+            return self._fused(t, experts, weights)
+        return self._grouped(t, experts, weights)
 
     def _fused(self, t: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Decode: each (token, expert) pair is a row; the kernel reads only the chosen experts' MXFP4 bytes."""
