@@ -67,12 +67,14 @@ def cmd_serve(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     """Pretrain or fine-tune from a TOML config (see examples/train_tiny.toml); logs to OUT_DIR/metrics.jsonl."""
     from .train import load_config, train
+    from .train.distributed import from_env
 
     cfg = load_config(args.config)
     if args.resume:
         cfg.train.resume = True
-    result = train(cfg, progress=not args.quiet)
-    if result.checkpoint is not None:
+    dist = from_env()  # torchrun sets RANK / WORLD_SIZE; read here once and passed down
+    result = train(cfg, progress=not args.quiet, dist=dist)
+    if result.checkpoint is not None and dist.is_main:
         print(f"saved {result.checkpoint / 'model'} (final loss {result.losses[-1]:.4f})" if result.losses
               else f"nothing to do: {result.checkpoint} is already at step {cfg.train.steps}")
 
