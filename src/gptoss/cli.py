@@ -95,6 +95,18 @@ def cmd_eval(args: argparse.Namespace) -> None:
     eval_command(args)
 
 
+def cmd_experiment(args: argparse.Namespace) -> None:
+    """Run a small seeded training experiment (routing, capacity) and write a markdown table and PNG plots."""
+    from .experiments import run_experiment
+
+    budget = 5.0 if args.quick else args.budget_minutes
+    out = args.out or f"experiments/{args.name}"
+    command = "gptoss " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["experiment"] else ""
+    path = run_experiment(args.name, out, budget_minutes=budget, seeds=tuple(args.seeds), steps=args.steps,
+                          start=args.start, progress=not args.quiet, command=command, threads=args.threads)
+    print(f"wrote {path}")
+
+
 # ---------------------------------------------------------------- shared options
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", default=None, metavar="PATH",
@@ -202,6 +214,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
+
+    from .experiments import EXPERIMENTS  # a dict of names: no torch import
+
+    p = sub.add_parser("experiment", help=cmd_experiment.__doc__, description=cmd_experiment.__doc__)
+    p.add_argument("name", choices=list(EXPERIMENTS))
+    p.add_argument("--budget-minutes", type=float, default=30.0, help="wall-clock budget (default 30)")
+    p.add_argument("--quick", action="store_true", help="a 5-minute budget")
+    p.add_argument("--out", default=None, help="output folder (default experiments/NAME)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (default 0 1 2)")
+    p.add_argument("--steps", type=int, default=None, help="steps per run (default: from the budget)")
+    p.add_argument("--start", default="natural", choices=["natural", "collapsed"],
+                   help="router init: natural (default) or collapsed onto experts 0 and 1")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: tiny models)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no per-run log lines")
+    p.set_defaults(func=cmd_experiment)
     return parser
 
 

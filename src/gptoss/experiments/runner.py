@@ -1,0 +1,164 @@
+"""What the experiments share: a synthetic task where routing matters, a small GPT-oss MoE config, a step
+budget from a measured step time, one training run through `gptoss.train.train`, and markdown/PNG output.
+
+The task ("clustered Markov"): 8 clusters of 16 token ids each (vocabulary 128). A document picks a cluster,
+then walks that cluster's own random successor table (each token has 2 successors, chosen with probability
+1/2), so the best achievable loss is log 2 ≈ 0.693 nats once a model knows the cluster tables, and a token's
+cluster is a feature a router can specialise on. Generated in code from a fixed seed (TASK_SEED).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+TASK_SEED = 1234
+CLUSTERS, CLUSTER_VOCAB = 8, 16
+VOCAB = CLUSTERS * CLUSTER_VOCAB
+BEST_LOSS = math.log(2)  # two equally likely successors
+
+
+def clustered_markov(n_docs: int = 600, length: int = 65, seed: int = TASK_SEED):
+    """Documents of the clustered Markov task (see the module docstring)."""
+    from ..train.data import Document
+
+    r = random.Random(seed)
+    succ = [[r.sample(range(CLUSTER_VOCAB), 2) for _ in range(CLUSTER_VOCAB)] for _ in range(CLUSTERS)]
+    docs = []
+    for _ in range(n_docs):
+        c = r.randrange(CLUSTERS)
+        x = [r.randrange(CLUSTER_VOCAB)]
+        for _ in range(length - 1):
+            x.append(succ[c][x[-1]][r.randrange(2)])
+        docs.append(Document([c * CLUSTER_VOCAB + t for t in x]))
+    return docs
+
+
+def base_config(out_dir: Path, seed: int, steps: int, moe: dict | None = None, size: str = "default") -> dict:
+    """A 2-layer, hidden-64, 8-expert top-2 GPT-oss (the `tiny` preset's attention, sinks and window);
+    size "test" is smaller still, for the unit tests. bf16 autocast as `gptoss train` runs by default."""
+    model = {"preset": "tiny", "vocab_size": VOCAB, "num_hidden_layers": 2, "num_experts": 8,
+             "experts_per_token": 2}
+    if size == "test":
+        model.update(hidden_size=32, num_attention_heads=2, num_key_value_heads=1, intermediate_size=32)
+    return {"model": model,
+            "data": {"seq_len": 64, "batch_size": 8},
+            "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": max(1, steps // 20), "weight_decay": 0.1},
+            "moe": dict(moe or {}),
+            "train": {"steps": steps + 1, "seed": seed, "out_dir": str(out_dir), "device": "cpu"}}
+
+
+def collapse_router(model) -> None:
+    """Every token prefers experts 0 and 1 by a wide margin (router bias 2 vs 0), as tests/test_train_moe.py."""
+    import torch
+
+    from ..model import MoE
+
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, MoE):
+                m.gate.bias.zero_()
+                m.gate.bias[:2] = 2.0
+
+
+STARTS: dict[str, Callable | None] = {"natural": None, "collapsed": collapse_router}
+
+
+@dataclass
+class Context:
+    """One invocation: where to write, how long it may take, which seeds, how big."""
+    out: Path
+    budget_minutes: float = 30.0
+    seeds: tuple[int, ...] = (0, 1, 2)
+    steps: int | None = None  # fixed steps per run (else: from the budget)
+    size: str = "default"  # "test": a smaller model for the unit tests
+    start: str = "natural"  # router initialisation: "natural" (GPT-2-style init) or "collapsed"
+    progress: bool = True
+    runs: list[dict] = field(default_factory=list)  # every run's record, written to runs.json
+
+    def log(self, msg: str) -> None:
+        if self.progress:
+            print(msg, flush=True)
+
+
+def steps_for(ctx: Context, runs: int) -> int:
+    """Steps per run so that `runs` runs fit 85% of the budget: a 20-step probe run measures the median step
+    time (the trainer's per-step time_s) and the per-run overhead (model build, data packing)."""
+    if ctx.steps is not None:
+        return ctx.steps
+    probe = 20
+    t0 = time.perf_counter()
+    metrics = train_run(ctx, "probe", seed=0, steps=probe, moe={}, keep=False)["metrics"]
+    wall = time.perf_counter() - t0
+    per_step = statistics.median(m["time_s"] for m in metrics)
+    overhead = max(0.0, wall - sum(m["time_s"] for m in metrics))
+    budget_s = 0.85 * (ctx.budget_minutes * 60 - wall) - runs * overhead
+    steps = int(budget_s / (runs * per_step))
+    ctx.log(f"probe: {per_step:.3f} s/step, {overhead:.1f} s overhead per run → {steps} steps per run for "
+            f"{runs} runs in {ctx.budget_minutes} min")
+    return max(5, steps)
+
+
+def train_run(ctx: Context, label: str, seed: int, steps: int, moe: dict, keep: bool = True) -> dict:
+    """One training run on the clustered Markov task; returns {label, seed, moe, steps, wall_s, metrics}.
+
+    The trainer saves a checkpoint at its last scheduled step; the schedule is set one step longer and
+    stopped with max_steps so no checkpoint is written (experiments keep metrics only)."""
+    from ..train import TrainConfig, train
+
+    out_dir = ctx.out / "work" / f"{label}-seed{seed}"
+    d = base_config(out_dir, seed, steps, moe, ctx.size)
+    cfg = TrainConfig.from_dict(d, source=f"experiment {label}")
+    t0 = time.perf_counter()
+    result = train(cfg, documents=clustered_markov(), progress=False, max_steps=steps,
+                   prepare=STARTS[ctx.start])
+    wall = time.perf_counter() - t0
+    run = {"label": label, "seed": seed, "moe": moe, "steps": steps, "wall_s": wall, "start": ctx.start,
+           "metrics": result.metrics}
+    if keep:
+        ctx.runs.append(run)
+        last = result.metrics[-1]
+        ctx.log(f"{label:>12} seed {seed}: loss {last['loss']:.4f}, entropy {last['load_entropy']}, "
+                f"dropped {last['dropped_pct']} ({wall:.0f} s)")
+    return run
+
+
+# ---------------------------------------------------------------- summaries and output
+def tail_mean(values: list[float], n: int = 10) -> float:
+    """Mean of the last n values (per-step metrics are noisy; one step is 512 tokens)."""
+    tail = values[-n:]
+    return sum(tail) / len(tail)
+
+
+def mean_sd(xs: list[float]) -> str:
+    return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(ctx: Context, name: str, summary: str, command: str) -> None:
+    ctx.out.mkdir(parents=True, exist_ok=True)
+    total = sum(r["wall_s"] for r in ctx.runs)
+    head = (f"# Experiment `{name}`\n\nCommand: `{command}`  \nstart: {ctx.start}, seeds {list(ctx.seeds)}, "
+            f"{ctx.runs[0]['steps'] if ctx.runs else 0} steps per run, training wall time {total:.0f} s\n\n")
+    (ctx.out / "results.md").write_text(head + summary)
+    (ctx.out / "runs.json").write_text(json.dumps(ctx.runs) + "\n")
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display
+    import matplotlib.pyplot as plt
+
+    return plt
