@@ -89,12 +89,14 @@ class Context:
 
 def steps_for(ctx: Context, runs: int) -> int:
     """Steps per run so that `runs` runs fit 85% of the budget: a 20-step probe run measures the median step
-    time (the trainer's per-step time_s) and the per-run overhead (model build, data packing)."""
+    time (the trainer's per-step time_s) and the per-run overhead (model build, data packing). The probe always
+    starts from the natural init: a collapsed router keeps only 2 experts busy, so probing it under-estimates
+    the step time of runs that rebalance (it made a 4-minute collapsed-start budget run ≈ 6 minutes)."""
     if ctx.steps is not None:
         return ctx.steps
     probe = 20
     t0 = time.perf_counter()
-    metrics = train_run(ctx, "probe", seed=0, steps=probe, moe={}, keep=False)["metrics"]
+    metrics = train_run(ctx, "probe", seed=0, steps=probe, moe={}, keep=False, start="natural")["metrics"]
     wall = time.perf_counter() - t0
     per_step = statistics.median(m["time_s"] for m in metrics)
     overhead = max(0.0, wall - sum(m["time_s"] for m in metrics))
@@ -105,7 +107,8 @@ def steps_for(ctx: Context, runs: int) -> int:
     return max(5, steps)
 
 
-def train_run(ctx: Context, label: str, seed: int, steps: int, moe: dict, keep: bool = True) -> dict:
+def train_run(ctx: Context, label: str, seed: int, steps: int, moe: dict, keep: bool = True,
+              start: str | None = None) -> dict:
     """One training run on the clustered Markov task; returns {label, seed, moe, steps, wall_s, metrics}.
 
     The trainer saves a checkpoint at its last scheduled step; the schedule is set one step longer and
@@ -116,10 +119,10 @@ def train_run(ctx: Context, label: str, seed: int, steps: int, moe: dict, keep: 
     d = base_config(out_dir, seed, steps, moe, ctx.size)
     cfg = TrainConfig.from_dict(d, source=f"experiment {label}")
     t0 = time.perf_counter()
-    result = train(cfg, documents=clustered_markov(), progress=False, max_steps=steps,
-                   prepare=STARTS[ctx.start])
+    start = start or ctx.start
+    result = train(cfg, documents=clustered_markov(), progress=False, max_steps=steps, prepare=STARTS[start])
     wall = time.perf_counter() - t0
-    run = {"label": label, "seed": seed, "moe": moe, "steps": steps, "wall_s": wall, "start": ctx.start,
+    run = {"label": label, "seed": seed, "moe": moe, "steps": steps, "wall_s": wall, "start": start,
            "metrics": result.metrics}
     if keep:
         ctx.runs.append(run)
