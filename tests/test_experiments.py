@@ -7,7 +7,7 @@ import math
 
 from gptoss.cli import main
 from gptoss.experiments import EXPERIMENTS, run_experiment
-from gptoss.experiments.runner import BEST_LOSS, VOCAB, clustered_markov
+from gptoss.experiments.runner import BEST_LOSS, N_TRAIN, VOCAB, clustered_markov
 
 
 def test_the_task_is_seeded_and_clustered():
@@ -16,6 +16,8 @@ def test_the_task_is_seeded_and_clustered():
     for d in a:  # one cluster of 16 ids per document
         assert len({t // 16 for t in d.tokens}) == 1 and max(d.tokens) < VOCAB
     assert 0.69 < BEST_LOSS < 0.70
+    # the held-out documents continue the stream: the training documents are the first N_TRAIN of a longer draw
+    assert [d.tokens for d in clustered_markov(N_TRAIN + 5)[:N_TRAIN]] == [d.tokens for d in clustered_markov()]
 
 
 def test_routing_from_a_collapsed_router_via_the_cli(tmp_path, capsys):
@@ -27,11 +29,11 @@ def test_routing_from_a_collapsed_router_via_the_cli(tmp_path, capsys):
         assert (out / f).stat().st_size > 0, f
     assert not (out / "work").exists()
     text = (out / "results.md").read_text()
-    assert "| none |" in text and "| aux 0.01 |" in text and "| bias 1e-3 |" in text
+    assert "held-out loss" in text and "| none |" in text and "| aux 0.01 |" in text and "| bias 1e-3 |" in text
     runs = json.loads((out / "runs.json").read_text())
     assert len(runs) == 6 and {r["seed"] for r in runs} == {0, 1}
     for r in runs:
-        assert len(r["metrics"]) == 3
+        assert len(r["metrics"]) == 3 and 0 < r["heldout_loss"] < math.log(VOCAB) + 1
         first = r["metrics"][0]
         assert max(first["load_entropy"]) < 0.75  # collapsed onto experts 0 and 1: ≈ log 2
         for m in r["metrics"]:

@@ -31,11 +31,13 @@ def run(ctx: Context) -> str:
         drop_all = [statistics.mean(layer_mean(m["dropped_pct"]) for m in r["metrics"]) for r in runs]
         drop_end = [tail_mean([layer_mean(m["dropped_pct"]) for m in r["metrics"]]) for r in runs]
         loss = [tail_mean([m["loss"] for m in r["metrics"]]) for r in runs]
+        held = [r["heldout_loss"] for r in runs]
         # median over steps after the first (the first step includes one-off allocation and thread start-up)
         tps = [statistics.median(m["tokens_per_s"] for m in r["metrics"][1:]) for r in runs]
-        rows.append([label, mean_sd(drop_all), mean_sd(drop_end), mean_sd(loss), f"{statistics.mean(tps):.0f}"])
+        rows.append([label, mean_sd(drop_all), mean_sd(drop_end), mean_sd(loss), mean_sd(held),
+                     f"{statistics.mean(tps):.0f}"])
     table = markdown_table(["capacity factor", "dropped % (whole run)", "dropped % (last 10 steps)",
-                            "final loss", "tokens/s (median step)"], rows)
+                            "final loss", "held-out loss", "tokens/s (median step)"], rows)
     plot(ctx, by)
     return (f"Mean ± sd over {len(ctx.seeds)} seeds; dropped % = assignments dropped / assignments, layer mean; "
             "'final'/'last 10' = mean of the last 10 steps. tokens/s is wall-clock on a shared 2-core CPU: "

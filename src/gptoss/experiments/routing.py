@@ -32,13 +32,14 @@ def run(ctx: Context) -> str:
     rows = []
     for label, runs in by.items():
         loss = [tail_mean([m["loss"] for m in r["metrics"]]) for r in runs]
+        held = [r["heldout_loss"] for r in runs]
         ent = [tail_mean([layer_mean_entropy(m) for m in r["metrics"]]) for r in runs]
         min_ent = [min(layer_mean_entropy(m) for m in r["metrics"]) for r in runs]
         peak = [tail_mean([max(m["load_max_over_mean"]) for m in r["metrics"]]) for r in runs]
-        rows.append([label, mean_sd(loss), mean_sd(ent), mean_sd(min_ent), mean_sd(peak)])
+        rows.append([label, mean_sd(loss), mean_sd(held), mean_sd(ent), mean_sd(min_ent), mean_sd(peak)])
     table = markdown_table(
-        ["method", "final loss", f"final load entropy (max {math.log(E):.3f})", "lowest entropy in the run",
-         "final max/mean load (worst layer)"], rows)
+        ["method", "final loss", "held-out loss", f"final load entropy (max {math.log(E):.3f})",
+         "lowest entropy in the run", "final max/mean load (worst layer)"], rows)
     per_seed = markdown_table(
         ["method"] + [f"seed {s}: loss / entropy" for s in ctx.seeds],
         [[label] + [f"{tail_mean([m['loss'] for m in r['metrics']]):.4f} / "

@@ -24,7 +24,10 @@ VOCAB = CLUSTERS * CLUSTER_VOCAB
 BEST_LOSS = math.log(2)  # two equally likely successors
 
 
-def clustered_markov(n_docs: int = 600, length: int = 65, seed: int = TASK_SEED):
+N_TRAIN, N_HELDOUT = 600, 100  # documents; the held-out ones continue the same random stream
+
+
+def clustered_markov(n_docs: int = N_TRAIN, length: int = 65, seed: int = TASK_SEED):
     """Documents of the clustered Markov task (see the module docstring)."""
     from ..train.data import Document
 
@@ -38,6 +41,24 @@ def clustered_markov(n_docs: int = 600, length: int = 65, seed: int = TASK_SEED)
             x.append(succ[c][x[-1]][r.randrange(2)])
         docs.append(Document([c * CLUSTER_VOCAB + t for t in x]))
     return docs
+
+
+def heldout_loss(model, seq_len: int = 64) -> float:
+    """Mean next-token loss (fp32, no grad) on N_HELDOUT documents of the same clusters and successor tables
+    that the model never trained on: training losses here fall below log 2 by memorising the 600 documents."""
+    import torch
+
+    from ..train.data import PackedDataset
+    from ..train.loop import lm_loss_sum
+
+    docs = clustered_markov(N_TRAIN + N_HELDOUT)[N_TRAIN:]  # the first N_TRAIN are the training documents
+    data = PackedDataset(docs, seq_len, VOCAB, shuffle=False)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, data.num_samples, 16):
+            s, n = lm_loss_sum(model, data.batch(list(range(i, min(i + 16, data.num_samples)))))
+            total, count = total + float(s), count + n
+    return total / max(1, count)
 
 
 def base_config(out_dir: Path, seed: int, steps: int, moe: dict | None = None, size: str = "default") -> dict:
@@ -122,13 +143,14 @@ def train_run(ctx: Context, label: str, seed: int, steps: int, moe: dict, keep: 
     start = start or ctx.start
     result = train(cfg, documents=clustered_markov(), progress=False, max_steps=steps, prepare=STARTS[start])
     wall = time.perf_counter() - t0
+    held = heldout_loss(result.model.eval(), d["data"]["seq_len"]) if keep else None
     run = {"label": label, "seed": seed, "moe": moe, "steps": steps, "wall_s": wall, "start": start,
-           "metrics": result.metrics}
+           "heldout_loss": held, "metrics": result.metrics}
     if keep:
         ctx.runs.append(run)
         last = result.metrics[-1]
-        ctx.log(f"{label:>12} seed {seed}: loss {last['loss']:.4f}, entropy {last['load_entropy']}, "
-                f"dropped {last['dropped_pct']} ({wall:.0f} s)")
+        ctx.log(f"{label:>12} seed {seed}: loss {last['loss']:.4f} (held-out {held:.4f}), "
+                f"entropy {last['load_entropy']}, dropped {last['dropped_pct']} ({wall:.0f} s)")
     return run
 
 
