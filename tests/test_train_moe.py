@@ -12,6 +12,7 @@ from gptoss.checkpoint import GLOBAL_NAMES, LAYER_NAMES
 from gptoss.config import ModelConfig, preset
 from gptoss.model import MoE, capacity_drop, swiglu
 from gptoss.train import TrainConfig, train
+from gptoss.train.moe import collapse_router
 from gptoss.train.loop import lm_loss_sum
 from gptoss.train.moe import record_routing, router_losses
 from hf_reference import make_reference
@@ -108,15 +109,6 @@ def test_large_capacity_equals_no_capacity_on_a_random_model():
 
 
 # ---------------------------------------------------------------- balancing
-def collapse_router(model) -> None:
-    """Every token prefers experts 0 and 1 by a wide margin (router bias 2 vs 0, small weights)."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, MoE):
-                m.gate.bias.zero_()
-                m.gate.bias[:2] = 2.0
-
-
 def balance_run(tmp_path, **moe) -> list[float]:
     """Per layer, the entropy of the expert load summed over the last 5 of 20 steps."""
     cfg = TrainConfig.from_dict({

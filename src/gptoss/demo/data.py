@@ -84,21 +84,27 @@ def spaced(ds: list[int]) -> str:
     return " ".join(map(str, ds))
 
 
-def work_add(a: int, b: int, effort: str) -> tuple[str, int]:
-    w = max(len(str(a)), len(str(b)))
-    da, db = digits(a, w), digits(b, w)
+def _carried_columns(columns: list[tuple[int, str]], effort: str) -> tuple[list[str], list[int]]:
+    """Columns from the right, each (its sum before the carry, the text of that sum): one worked line per
+    column with the carry added, the result digits (ones first), and a final carry digit if any."""
     lines, out, carry = [], [], 0
-    for k in range(w):  # from the right
-        x, y = da[w - 1 - k], db[w - 1 - k]
-        t = x + y + carry
-        col = f"{x}+{y}+{carry}={t}"
+    for k, (value, text) in enumerate(columns):
+        t = value + carry
+        col = f"{text}+{carry}={t}"
         lines.append(f"{PLACES[k]}: {col}, write {t % 10}, carry {t // 10}" if effort == "high" else col)
         out.append(t % 10)
         carry = t // 10
     if carry:
         out.append(carry)
         if effort == "high":
-            lines.append(f"{PLACES[w]}: write the carry {carry}")
+            lines.append(f"{PLACES[len(columns)]}: write the carry {carry}")
+    return lines, out
+
+
+def work_add(a: int, b: int, effort: str) -> tuple[str, int]:
+    w = max(len(str(a)), len(str(b)))
+    da, db = digits(a, w), digits(b, w)
+    lines, out = _carried_columns([(x + y, f"{x}+{y}") for x, y in zip(da[::-1], db[::-1])], effort)
     return _assemble(f"{a} + {b}", da, db, lines, out[::-1], a + b, effort, "Add"), a + b
 
 
@@ -126,21 +132,8 @@ def work_sub(a: int, b: int, effort: str) -> tuple[str, int]:
 
 def work_mul(a: int, m: int, effort: str) -> tuple[str, int]:
     """a (up to 4 digits) × m (one digit)."""
-    w = len(str(a))
-    da = digits(a, w)
-    lines, out, carry = [], [], 0
-    for k in range(w):
-        x = da[w - 1 - k]
-        p = x * m
-        t = p + carry
-        col = f"{x}*{m}={p}+{carry}={t}"
-        lines.append(f"{PLACES[k]}: {col}, write {t % 10}, carry {t // 10}" if effort == "high" else col)
-        out.append(t % 10)
-        carry = t // 10
-    if carry:
-        out.append(carry)
-        if effort == "high":
-            lines.append(f"{PLACES[w]}: write the carry {carry}")
+    da = digits(a, len(str(a)))
+    lines, out = _carried_columns([(x * m, f"{x}*{m}={x * m}") for x in da[::-1]], effort)
     return _assemble(f"{a} * {m}", da, [m], lines, out[::-1], a * m, effort, "Multiply"), a * m
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import statistics
 
-from .runner import Context, markdown_table, mean_sd, pyplot, steps_for, tail_mean, train_run
+from .runner import Context, finish_plot, markdown_table, mean_sd, pyplot, steps_for, tail_mean, train_run
 
 NAME = "capacity"
 DESCRIPTION = "capacity factor 1.0 / 1.25 / 2.0 / ∞: dropped-token %, loss, tokens/s"
@@ -59,9 +59,4 @@ def plot(ctx: Context, by: dict[str, list[dict]]) -> None:
             ax.plot(x, ys.mean(0), color=f"C{c}", lw=1.5, label=f"capacity {label} (mean of {len(runs)} seeds)")
         if key == "loss":
             ax.set_yscale("log")
-        ax.set_xlabel("step")
-        ax.set_ylabel(ylabel)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(ctx.out / fname, dpi=80)
-        plt.close(fig)
+        finish_plot(plt, fig, ax, ctx.out / fname, ylabel)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-from .runner import Context, markdown_table, mean_sd, pyplot, steps_for, tail_mean, train_run
+from .runner import Context, finish_plot, markdown_table, mean_sd, pyplot, steps_for, tail_mean, train_run
 
 NAME = "routing"
 DESCRIPTION = "router collapse: none vs Switch aux loss vs DeepSeek-V3 aux-free bias (same init)"
@@ -88,9 +88,4 @@ def plot(ctx: Context, by: dict[str, list[dict]]) -> None:
 
             ax.axhline(BEST_LOSS, color="gray", ls="--", lw=0.8, label="task optimum (log 2)")
             ax.set_yscale("log")
-        ax.set_xlabel("step")
-        ax.set_ylabel(ylabel)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(ctx.out / fname, dpi=80)
-        plt.close(fig)
+        finish_plot(plt, fig, ax, ctx.out / fname, ylabel)

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from ..train.moe import collapse_router
+
 TASK_SEED = 1234
 CLUSTERS, CLUSTER_VOCAB = 8, 16
 VOCAB = CLUSTERS * CLUSTER_VOCAB
@@ -73,19 +75,6 @@ def base_config(out_dir: Path, seed: int, steps: int, moe: dict | None = None, s
             "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": max(1, steps // 20), "weight_decay": 0.1},
             "moe": dict(moe or {}),
             "train": {"steps": steps + 1, "seed": seed, "out_dir": str(out_dir), "device": "cpu"}}
-
-
-def collapse_router(model) -> None:
-    """Every token prefers experts 0 and 1 by a wide margin (router bias 2 vs 0), as tests/test_train_moe.py."""
-    import torch
-
-    from ..model import MoE
-
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, MoE):
-                m.gate.bias.zero_()
-                m.gate.bias[:2] = 2.0
 
 
 STARTS: dict[str, Callable | None] = {"natural": None, "collapsed": collapse_router}
@@ -178,6 +167,16 @@ def write_outputs(ctx: Context, name: str, summary: str, command: str) -> None:
             f"{ctx.runs[0]['steps'] if ctx.runs else 0} steps per run, training wall time {total:.0f} s\n\n")
     (ctx.out / "results.md").write_text(head + summary)
     (ctx.out / "runs.json").write_text(json.dumps(ctx.runs) + "\n")
+
+
+def finish_plot(plt, fig, ax, path: Path, ylabel: str) -> None:
+    """Label, legend and save a one-axes step plot, then free it."""
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
 
 
 def pyplot():

@@ -25,6 +25,15 @@ def moe_layers(model: Transformer) -> list[MoE]:
     return [m for m in model.modules() if isinstance(m, MoE)]
 
 
+def collapse_router(model: Transformer) -> None:
+    """Make every token prefer experts 0 and 1 by a wide margin (router bias 2 vs 0): the collapsed start of
+    the balancing tests and of `gptoss experiment routing --start collapsed`."""
+    with torch.no_grad():
+        for m in moe_layers(model):
+            m.gate.bias.zero_()
+            m.gate.bias[:2] = 2.0
+
+
 def record_routing(model: Transformer, on: bool = True) -> None:
     for m in moe_layers(model):
         m.record_routing = on
