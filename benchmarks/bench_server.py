@@ -11,21 +11,18 @@ Greedy decoding, so both runs produce the same tokens (checked): the ratio compa
 from __future__ import annotations
 
 import argparse
-import socket
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import torch
-import uvicorn
 
 import gptoss
 from gptoss import synthetic
 from gptoss.config import preset
 from gptoss.engine import Engine
-from gptoss.server import create_app
+from gptoss.server import create_app, serve_in_thread
 
 
 def build_model(args: argparse.Namespace) -> tuple[gptoss.Transformer, str]:
@@ -64,15 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     model, name = build_model(args)
-    with Engine(model, max_concurrency=args.clients, max_queue=args.clients) as engine:
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
-        server = uvicorn.Server(uvicorn.Config(create_app(engine, "bench"), log_level="warning"))
-        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-        thread.start()
-        while not server.started:
-            time.sleep(0.02)
+    with Engine(model, max_concurrency=args.clients, max_queue=args.clients) as engine, \
+            serve_in_thread(create_app(engine, "bench")) as base:
+        url = base + "/v1"
         ask(url, -1, 4)  # warm-up (kernels, allocator)
 
         t0 = time.perf_counter()
@@ -85,8 +76,6 @@ def main(argv: list[str] | None = None) -> int:
             concurrent = list(pool.map(lambda i: ask(url, i, args.max_tokens), range(args.clients)))
         t_con = time.perf_counter() - t0
         batch_steps = engine.steps - steps
-        server.should_exit = True
-        thread.join(10)
 
     same = sum(a == b for a, b in zip(sequential, concurrent))
     tokens = sum(t for _, t in concurrent)

@@ -5,16 +5,13 @@ model outputs, resume, the summary and the plot."""
 from __future__ import annotations
 
 import json
-import socket
-import threading
-import time
 from pathlib import Path
 
 import pytest
-import uvicorn
 from fastapi import FastAPI, Request
 
 from gptoss.evals import graders, runner
+from gptoss.server import serve_in_thread
 from gptoss.evals.graders import EvalDataError, extract_integer, extract_letter
 
 EXAMPLES = Path(graders.__file__).parent / "examples"
@@ -126,24 +123,14 @@ class Scripted:
                     "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
                     "usage": {"prompt_tokens": 10, "completion_tokens": tokens, "total_tokens": 10 + tokens}}
 
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/v1"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self._serving = serve_in_thread(app, timeout=30)
 
     def __enter__(self):
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline, "the scripted server did not start"
-            time.sleep(0.02)
+        self.url = self._serving.__enter__() + "/v1"
         return self
 
     def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(10)
-        self.sock.close()
+        self._serving.__exit__(*exc)
 
 
 AIME_SCRIPT = {

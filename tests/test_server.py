@@ -25,7 +25,6 @@ import httpx
 import openai
 import pytest
 import torch
-import uvicorn
 
 import gptoss
 from gptoss import harmony as h
@@ -33,7 +32,7 @@ from gptoss import synthetic
 from gptoss.config import preset
 from gptoss.engine import Engine
 from gptoss.generate import SamplingParams, generate_tokens
-from gptoss.server import create_app
+from gptoss.server import create_app, serve_in_thread
 from gptoss.server.app import StopStrings
 from gptoss.tokenizer import get_tokenizer
 from test_chat import train_to_script
@@ -102,28 +101,18 @@ def expected(model, prompt: list[int], max_tokens: int, forced: list[int] = ()) 
 
 
 class Server:
-    """uvicorn serving `app` on 127.0.0.1 at a free port, in a thread (the socket is bound first: no race)."""
+    """`app` served on 127.0.0.1 at a free port (gptoss.server.serve_in_thread), with the engine behind it."""
 
     def __init__(self, app, engine: Engine):
-        self.engine = engine
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.app, self.engine = app, engine
+        self._serving = serve_in_thread(app, timeout=30)
 
     def __enter__(self) -> "Server":
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "the server did not start"
-            time.sleep(0.02)
+        self.url = self._serving.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(15)
-        self.sock.close()
+        self._serving.__exit__(*exc)
 
     def client(self, api_key: str = "unused") -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0, timeout=120)

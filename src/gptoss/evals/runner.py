@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import json
 import math
-import socket
 import statistics
 import sys
 import threading
@@ -64,11 +63,10 @@ def local_endpoint(model_path: str | None, device=None, dtype: str = "bfloat16",
                    progress: bool = True) -> Iterator[Endpoint]:
     """Serve a checkpoint (or the embedded demo model when None) on 127.0.0.1 for the duration."""
     import torch
-    import uvicorn
 
     from ..checkpoint import load
     from ..engine import Engine
-    from ..server import create_app, model_name_for
+    from ..server import create_app, model_name_for, serve_in_thread
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if model_path is None:
@@ -78,23 +76,9 @@ def local_endpoint(model_path: str | None, device=None, dtype: str = "bfloat16",
     else:
         model = load(model_path, device=device, dtype=getattr(torch, dtype), progress=progress)
         name = model_name_for(model_path)
-    with Engine(model, max_concurrency=max(1, concurrency)) as engine:
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        server = uvicorn.Server(uvicorn.Config(create_app(engine, name), log_level="warning"))
-        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 60
-        while not server.started:
-            if time.monotonic() > deadline or not thread.is_alive():
-                raise GptOssError("the local server did not start")
-            time.sleep(0.02)
-        try:
-            yield Endpoint(f"http://127.0.0.1:{sock.getsockname()[1]}/v1", name)
-        finally:
-            server.should_exit = True
-            thread.join(15)
-            sock.close()
+    with Engine(model, max_concurrency=max(1, concurrency)) as engine, \
+            serve_in_thread(create_app(engine, name)) as url:
+        yield Endpoint(url + "/v1", name)
 
 
 # ---------------------------------------------------------------- one item

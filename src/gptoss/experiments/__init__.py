@@ -9,6 +9,8 @@ config, the step budget, one training run, tables and plots. Outputs land in the
 results.md (tables), *.png (matplotlib), runs.json (every run's per-step metrics, for re-plotting).
 """
 
+from pathlib import Path
+
 EXPERIMENTS = {
     "routing": "gptoss.experiments.routing",    # router collapse: none vs Switch aux loss vs DeepSeek-V3 bias
     "capacity": "gptoss.experiments.capacity",  # capacity factor 1.0 / 1.25 / 2.0 / ∞: drops, loss, tokens/s
@@ -27,7 +29,7 @@ def get(name: str):
 
 def run_experiment(name: str, out: str, budget_minutes: float = 30.0, seeds: tuple[int, ...] = (0, 1, 2),
                    steps: int | None = None, start: str = "natural", size: str = "default",
-                   progress: bool = True, command: str = "", threads: int | None = 1) -> "Path":
+                   progress: bool = True, command: str = "", threads: int | None = 1) -> Path:
     """Run one experiment and write results.md, runs.json and its plots to `out`; returns results.md.
 
     threads: torch's intra-op threads for the run (None: leave as is). One by default: these models are too

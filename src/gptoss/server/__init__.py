@@ -9,11 +9,13 @@ and GET / — a chat page served by the package itself (no CDN, no build step).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["create_app", "serve_command", "add_serve_args", "main"]
+__all__ = ["create_app", "serve_command", "serve_in_thread", "add_serve_args", "main"]
 
 
 def create_app(*args, **kwargs):
@@ -21,6 +23,36 @@ def create_app(*args, **kwargs):
     from .app import create_app as _create_app
 
     return _create_app(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def serve_in_thread(app, host: str = "127.0.0.1", timeout: float = 60.0) -> Iterator[str]:
+    """Serve `app` with uvicorn on a free port of `host` in a background thread; yields its base URL
+    (http://host:port). The socket is bound before the thread starts, so the port cannot be taken meanwhile.
+    Used by `gptoss eval --model`, the server benchmark and the tests."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from ..errors import GptOssError
+
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+        thread.start()
+        try:
+            deadline = time.monotonic() + timeout
+            while not server.started:
+                if time.monotonic() > deadline or not thread.is_alive():
+                    raise GptOssError(f"the server on {host} did not start within {timeout:.0f} s")
+                time.sleep(0.02)
+            yield f"http://{host}:{sock.getsockname()[1]}"
+        finally:
+            server.should_exit = True
+            thread.join(15)
 
 
 def model_name_for(path: str | Path) -> str:
