@@ -17,6 +17,7 @@ step is split across ranks (train/distributed.py) and only rank 0 writes.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -220,7 +221,7 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 # ---------------------------------------------------------------- the loop
 @dataclass
 class TrainResult:
-    model: Transformer
+    model: Transformer | None  # None after a run in a process group train() created (torchrun)
     losses: list[float] = field(default_factory=list)  # per step run in this call
     metrics: list[dict] = field(default_factory=list)
     checkpoint: Path | None = None  # the last saved step folder (its model/ is the inference checkpoint)
@@ -250,11 +251,17 @@ def train(cfg: TrainConfig, documents: Sequence[Document] | None = None, token_m
     device = distributed.local_device(info, resolve_device(t.device))
     joined = info.enabled and not torch.distributed.is_initialized()
     distributed.init(info, device)
-    try:
+    if not joined:
         return _train(cfg, documents, token_map, progress, max_steps, on_step, prepare, info, device)
+    try:
+        result = _train(cfg, documents, token_map, progress, max_steps, on_step, prepare, info, device)
+        # The sharded / DDP-wrapped model holds the process group (device mesh, reducer); drop it and collect
+        # while the interpreter is whole, or gloo's worker threads die in finalization (SIGABRT, seen in CI).
+        result.model = None
+        return result
     finally:
-        if joined:
-            distributed.shutdown(info)
+        gc.collect()
+        distributed.shutdown(info)
 
 
 def _train(cfg, documents, token_map, progress, max_steps, on_step, prepare, info: DistInfo,
