@@ -101,3 +101,26 @@ def test_server_tool_call_round_trip_with_the_openai_client():
         r = client.chat.completions.create(model=demo.NAME, messages=messages, tools=tools, temperature=0, seed=0)
         assert r.choices[0].finish_reason == "stop" and not r.choices[0].message.tool_calls
         assert str(48213 * 9377) in r.choices[0].message.content
+
+
+def test_eval_demo_against_the_real_server_matches_the_local_engine(tmp_path):
+    """`gptoss eval demo --base-url` (a subprocess, the openai client) against `gptoss serve`'s app on
+    loopback gives, item by item, what the in-process engine gives: same final text, tool calls, score."""
+    from gptoss.demo import eval as E
+    from gptoss.engine import Engine
+    from gptoss.server import create_app, serve_in_thread
+
+    model = demo.load()
+    local = E.evaluate(model, 2, progress=False, concurrency=4)
+    with Engine(model, max_concurrency=4) as engine, serve_in_thread(create_app(engine, demo.NAME)) as url:
+        done = subprocess.run([sys.executable, "-m", "gptoss", "eval", "demo", "--base-url", url + "/v1", "--n", "2",
+                               "--out", str(tmp_path / "remote.jsonl"), "-q"],
+                              capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "| arithmetic, final answer exact | 6 |" in done.stdout and demo.NAME in done.stdout
+    remote = [json.loads(line) for line in (tmp_path / "remote.jsonl").read_text().splitlines()]
+    assert len(remote) == len(local) == 14
+    for a, b in zip(local, remote):
+        assert (b["kind"], b["question"]) == (a.kind, a.question)
+        assert (b["final"], b["calls"], b["correct"]) == (a.final, a.calls, a.correct), a.question
+    assert sum(r.correct for r in local) >= 10  # a trained model, not an empty comparison

@@ -1,11 +1,12 @@
 """`gptoss eval demo`: the demo model's skills on a held-out set, through the path users take.
 
-    gptoss eval demo [--model M] [--n 100] [--seed 1] [--reasoning-effort medium] [--out results.jsonl]
+    gptoss eval demo [--model M | --base-url URL] [--n 100] [--seed 1] [--reasoning-effort medium] [--out FILE]
 
 The held-out set comes from the training data generator (gptoss.demo.data) with another seed, with every
 question of the training set removed. Each question runs in its own ChatSession (the `gptoss chat` session:
 Harmony prompt, greedy decoding, tool calls executed by the built-in tools and fed back) on the
-continuous-batching engine that `gptoss serve` uses, several sessions at a time. Scores:
+continuous-batching engine that `gptoss serve` uses, several sessions at a time; with --base-url, through an
+OpenAI-compatible server instead (Chat Completions with the tools declared, tool calls run here). Scores:
 
 - arithmetic: the last number of the final answer equals the exact result (and no tool was called);
 - tool calls: the first call names the right function with JSON arguments equal to the expected ones (for
@@ -139,6 +140,37 @@ def run_one(ex: data.Example, complete, effort: str, max_tokens: int) -> Result:
     return score(ex, r)
 
 
+def run_one_remote(ex: data.Example, client, model: str, effort: str, max_tokens: int) -> Result:
+    """The same question through an OpenAI-compatible server (Chat Completions with the tools declared),
+    the tool calls executed here and sent back as `tool` messages, as an application would."""
+    from ..tools import run_tool
+
+    tools = [DEMO_TOOLS[name] for name in ex.tools]
+    specs = [{"type": "function", "function": {"name": t.name, "description": t.description,
+                                               "parameters": t.parameters}} for t in tools]
+    messages: list[dict[str, Any]] = [{"role": "user", "content": ex.question}]
+    r = Result(ex.kind, ex.question, list(ex.tools), ex.answer, ex.call)
+    t0 = time.perf_counter()
+    for _ in range(3):  # the question, then at most two tool rounds (as run_one)
+        reply = client.chat.completions.create(model=model, messages=messages, reasoning_effort=effort,
+                                               temperature=0, seed=0, max_tokens=max_tokens,
+                                               **({"tools": specs} if specs else {}))
+        message = reply.choices[0].message
+        r.reasoning += getattr(message, "reasoning_content", None) or ""
+        if not message.tool_calls:
+            r.final = message.content or ""
+            break
+        messages.append(message.model_dump(exclude_none=True))
+        for call in message.tool_calls:
+            r.calls.append({"name": call.function.name, "arguments": call.function.arguments})
+            tool = DEMO_TOOLS.get(call.function.name) if call.function.name in ex.tools else None
+            result = (run_tool(tool, call.function.arguments) if tool
+                      else json.dumps({"error": f"no tool named {call.function.name}"}))
+            messages.append({"role": "tool", "tool_call_id": call.id, "content": result})
+    r.seconds = time.perf_counter() - t0
+    return score(ex, r)
+
+
 def evaluate(model, n: int = 100, seed: int = HELDOUT_SEED, effort: str = "medium", max_tokens: int = 512,
              concurrency: int = 16, progress: bool = True, train_seed: int = TRAIN_SEED,
              train_n: int = TRAIN_N) -> list[Result]:
@@ -146,20 +178,33 @@ def evaluate(model, n: int = 100, seed: int = HELDOUT_SEED, effort: str = "mediu
     from ..engine import Engine
 
     examples = heldout(n, seed, train_seed, train_n)
+    with Engine(model, max_concurrency=concurrency, max_queue=4 * concurrency) as engine:
+        engine.start()
+        return _run_all(examples, lambda ex: run_one(ex, engine.complete, effort, max_tokens), concurrency, progress)
+
+
+def evaluate_remote(endpoint, n: int = 100, seed: int = HELDOUT_SEED, effort: str = "medium", max_tokens: int = 512,
+                    concurrency: int = 8, progress: bool = True, train_seed: int = TRAIN_SEED,
+                    train_n: int = TRAIN_N) -> list[Result]:
+    """The held-out set against an OpenAI-compatible server (gptoss.evals.runner.Endpoint)."""
+    examples = heldout(n, seed, train_seed, train_n)
+    client, model = endpoint.client(), endpoint.resolve_model()
+    return _run_all(examples, lambda ex: run_one_remote(ex, client, model, effort, max_tokens), concurrency, progress)
+
+
+def _run_all(examples: list[data.Example], run, concurrency: int, progress: bool) -> list[Result]:
     results: list[Result | None] = [None] * len(examples)
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=len(examples), desc="eval demo", unit="q", file=sys.stderr)
-    with Engine(model, max_concurrency=concurrency, max_queue=4 * concurrency) as engine:
-        engine.start()
-        with ThreadPoolExecutor(concurrency) as pool:
-            futures = {pool.submit(run_one, ex, engine.complete, effort, max_tokens): i for i, ex in enumerate(examples)}
-            for f in as_completed(futures):
-                results[futures[f]] = f.result()
-                if bar is not None:
-                    bar.update(1)
+    with ThreadPoolExecutor(concurrency) as pool:
+        futures = {pool.submit(run, ex): i for i, ex in enumerate(examples)}
+        for f in as_completed(futures):
+            results[futures[f]] = f.result()
+            if bar is not None:
+                bar.update(1)
     if bar is not None:
         bar.close()
     return [r for r in results if r is not None]
@@ -209,17 +254,26 @@ def training_info(model_path: str | Path | None) -> dict[str, Any]:
 
 
 def eval_command(args: argparse.Namespace) -> None:
-    from ..cli import load_model
-
-    model = load_model(args)
-    info = training_info(args.model)
     n = args.n or 100
     seed = HELDOUT_SEED if args.seed is None else args.seed
     t0 = time.perf_counter()
-    results = evaluate(model, n, seed, args.reasoning_effort, args.max_tokens, progress=not args.quiet,
-                       train_seed=info.get("data_seed", TRAIN_SEED), train_n=info.get("data_n", TRAIN_N))
+    if args.base_url:  # a server does not say what its model saw: the held-out set avoids the recipe's default data
+        from ..evals.runner import Endpoint
+
+        endpoint = Endpoint(args.base_url, args.served_model, args.api_key)
+        results = evaluate_remote(endpoint, n, seed, args.reasoning_effort, args.max_tokens, args.concurrency,
+                                  progress=not args.quiet)
+        where = f"{args.base_url} ({endpoint.resolve_model()})"
+    else:
+        from ..cli import load_model
+
+        model = load_model(args)
+        info = training_info(args.model)
+        results = evaluate(model, n, seed, args.reasoning_effort, args.max_tokens, progress=not args.quiet,
+                           train_seed=info.get("data_seed", TRAIN_SEED), train_n=info.get("data_n", TRAIN_N))
+        where = args.model
     s = summary(results)
-    header = (f"## gptoss eval demo — {args.model}\n\nheld-out seed {seed}, {n} questions per kind, reasoning "
+    header = (f"## gptoss eval demo — {where}\n\nheld-out seed {seed}, {n} questions per kind, reasoning "
               f"{args.reasoning_effort}, greedy, {time.perf_counter() - t0:.0f} s")
     print(markdown(s, header))
     if args.out:
