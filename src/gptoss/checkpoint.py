@@ -194,6 +194,22 @@ class CheckpointReader:
             row += part.shape[0]
         return out
 
+    def get_slice(self, name: str, index: tuple[slice, ...] = ()) -> torch.Tensor:
+        """Only the region `index` of an original-named tensor, read without the rest (gptoss.parallel: each
+        rank reads its shard). For the fused qkv of the HF layout, the row range must lie within q, k or v."""
+        names = self._stored_names(name)
+        if len(names) == 1:
+            return self.files.get_slice(names[0], index)
+        sizes = qkv_split(self.config)
+        first, last, _ = (index[0] if index else slice(None)).indices(sum(sizes))
+        start = 0
+        for stored, size in zip(names, sizes):
+            if start <= first and last <= start + size:
+                return self.files.get_slice(stored, (slice(first - start, last - start), *index[1:]))
+            start += size
+        raise CheckpointError(f"{self.path}: rows {first}:{last} of '{name}' span more than one of "
+                              f"{', '.join(names)}; read each part's rows separately")
+
     @property
     def vocab_ids(self) -> torch.Tensor | None:
         return self.files.get(VOCAB_IDS) if VOCAB_IDS in self.files else None

@@ -148,7 +148,20 @@ def load_model(args: argparse.Namespace):
 
         args.model = str(checkpoint_path())
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if getattr(args, "layout", None) is not None:  # under torchrun: this rank's shard (rank 0: a parallel.Leader)
+        from .parallel import load_for_rank
+
+        return load_for_rank(args.model, args.layout, device=device, dtype=getattr(torch, args.dtype))
     return load(args.model, device=device, dtype=getattr(torch, args.dtype), progress=not args.quiet)
+
+
+def add_parallel_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tp", type=int, default=None, metavar="N",
+                   help="under torchrun: split attention heads and vocabulary N ways (1 or the process count; "
+                        "default: the process count)")
+    p.add_argument("--ep", type=int, default=None, metavar="M",
+                   help="under torchrun: split the experts into M groups (default 1: every expert's width is "
+                        "split across all processes)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,12 +185,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", nargs="?", help="prompt text (default: read stdin)")
     add_model_args(p)
     add_sampling_args(p, max_tokens=128)
+    add_parallel_args(p)
     p.add_argument("--echo", action="store_true", help="print the prompt before the completion")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help=cmd_chat.__doc__, description=cmd_chat.__doc__)
     add_model_args(p)
     add_sampling_args(p, max_tokens=2048)
+    add_parallel_args(p)
     p.add_argument("--reasoning-effort", default="medium", choices=["low", "medium", "high"])
     p.add_argument("--system", default=None, help="model identity line of the system message")
     p.add_argument("--developer", default=None, help="developer instructions (the 'system prompt' of OpenAI's API)")
@@ -191,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help=cmd_serve.__doc__, description=cmd_serve.__doc__)
     add_model_args(p)
     add_serve_args(p)
+    add_parallel_args(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("eval", help=cmd_eval.__doc__.split(":")[0], description=cmd_eval.__doc__)
@@ -235,7 +251,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        layout = None
+        if hasattr(args, "tp"):  # generate, chat, serve: under torchrun every rank runs this
+            from .parallel import layout_from
+
+            layout = layout_from(args.tp, args.ep)
+        if layout is None:
+            args.func(args)
+        else:
+            from .parallel import run_command
+
+            run_command(args, layout, load_model)  # rank 0 runs the command, the others follow it
     except GptOssError as e:
         print(f"gptoss {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -109,6 +109,28 @@ class SafetensorsFiles:
         return self._handles[info.file].get_tensor(name)
 
 
+    def get_slice(self, name: str, index: tuple[slice, ...] = ()) -> torch.Tensor:
+        """The region `index` (one step-1 slice per leading dimension) as a tensor of its own (tensor
+        parallelism: a rank reads only its shard). A range of the first dimension is one contiguous file read;
+        a range of an inner dimension is copied out of the memory map, which touches only the pages it spans."""
+        info = self.index[name]
+        bounds = [s.indices(n) for s, n in zip(index, info.shape)]
+        if any(step != 1 for _, _, step in bounds):
+            raise CheckpointError(f"{info.file}: tensor '{name}': slices must have step 1, got {index}")
+        inner = bounds[1:]
+        if any((a, b) != (0, n) for (a, b, _), n in zip(inner, info.shape[1:])):
+            return self.get(name)[index].clone(memory_format=torch.contiguous_format)
+        first, last = bounds[0][:2] if bounds else (0, info.shape[0] if info.shape else 1)
+        out = torch.empty(max(last - first, 0), *info.shape[1:], dtype=DTYPES[info.dtype])
+        row_bytes = info.nbytes // info.shape[0] if info.shape and info.shape[0] else 0
+        buffer = memoryview(out.view(torch.uint8).reshape(-1).numpy())
+        with open(info.file, "rb") as f:
+            f.seek(info.offset + first * row_bytes)
+            done = f.readinto(buffer)
+        if done != out.numel() * out.element_size():
+            raise CheckpointError(f"{info.file}: truncated — tensor '{name}' rows {first}:{last} have {done} bytes")
+        return out
+
     def read_into(self, name: str, out: torch.Tensor) -> None:
         """Copy the tensor's bytes into `out` (contiguous CPU, same byte size) with file reads, not through
         the mmap: pages read this way sit in the page cache but never in this process's resident set, so

@@ -1,0 +1,171 @@
+"""Tensor and expert parallel inference: 2-process gloo runs give the 1-process logits and greedy tokens.
+
+The HF export side of issue 10 (our HF checkpoints load in transformers with the same logits) is
+test_model_parity.py; here: the shards, their collectives, their bytes, and the CLI under torchrun.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import gptoss
+from gptoss import parallel, synthetic
+from gptoss.checkpoint import write_checkpoint
+from gptoss.config import ModelConfig, preset
+from gptoss.generate import SamplingParams, generate_tokens
+from gptoss.parallel import Layout, Plan, ShardingError
+
+SMALL = dict(hidden_size=64, num_hidden_layers=2, head_dim=16, experts_per_token=4, sliding_window=8,
+             initial_context_length=64, max_position_embeddings=256)
+CONFIGS = {
+    "even": ModelConfig(**SMALL, vocab_size=512, num_attention_heads=4, num_key_value_heads=2, num_experts=8,
+                        intermediate_size=64),
+    # nothing divides by 2: vocabulary rows, KV heads (2 + 1), experts (3 + 2), expert width (2 + 1 blocks)
+    "odd": ModelConfig(**SMALL, vocab_size=515, num_attention_heads=6, num_key_value_heads=3, num_experts=5,
+                       intermediate_size=96),
+}
+LAYOUTS = {"tp2": (2, 1), "ep2": (1, 2), "tp2+ep2": (2, 2)}
+T = 24  # 3× the sliding window
+PROMPT = list(range(3, 15))
+GREEDY = SamplingParams(temperature=0, max_tokens=12)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("parallel")
+    paths = {}
+    for i, (name, config) in enumerate(CONFIGS.items()):
+        paths[name] = root / name
+        write_checkpoint(dict(synthetic.random_tensors(config, seed=i, dtype=torch.float32)), config, paths[name],
+                         layout="hf" if name == "even" else "original")
+    return paths
+
+
+def _worker(rank: int, world: int, rendezvous: str, paths: dict, tokens: torch.Tensor, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    results = {}
+    for cname, path in paths.items():
+        for lname, (tp, ep) in LAYOUTS.items():
+            layout = Layout(tp, ep, rank, world)
+            model = parallel.load(path, layout, dtype=torch.float32)
+            with torch.no_grad():
+                logits = model(tokens)
+                sharded = parallel.shard(gptoss.load(path, dtype=torch.float32), layout)(tokens)  # in memory
+            if rank == 0:  # rank 0 decides, rank 1 runs the same forwards on its shard
+                leader = parallel.Leader(model)
+                greedy = generate_tokens(leader, PROMPT, GREEDY)
+                leader.close()
+            else:
+                parallel.follow(model)
+                greedy = None
+            results[cname, lname] = dict(logits=logits, sharded=sharded, greedy=greedy,
+                                         nbytes=parallel.weight_nbytes(model),
+                                         planned=Plan.make(CONFIGS[cname], layout).nbytes(torch.float32))
+    torch.save(results, f"{out}/rank{rank}.pt")
+    del model
+    gc.collect()  # before tearing gloo down: its worker threads otherwise may abort at interpreter exit
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(checkpoints, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ranks")
+    tokens = torch.randint(0, 512, (2, T), generator=torch.Generator().manual_seed(0))
+    mp.spawn(_worker, args=(2, str(out / "rendezvous"), checkpoints, tokens, str(out)), nprocs=2)
+    return tokens, [torch.load(out / f"rank{r}.pt") for r in range(2)]
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_two_ranks_give_the_one_process_logits_and_greedy_tokens(checkpoints, two_ranks, config, layout):
+    tokens, ranks = two_ranks
+    model = gptoss.load(checkpoints[config], dtype=torch.float32)
+    with torch.no_grad():
+        ref = model(tokens)
+    for r in ranks:
+        logits = r[config, layout]["logits"]
+        err = (logits - ref).abs().max().item()
+        print(f"\n{config} {layout}: max |Δlogit| = {err:.2e} (max |logit| {ref.abs().max():.2f})")
+        assert err <= 1e-4 * ref.abs().max().item(), err
+        assert torch.equal(logits.argmax(-1), ref.argmax(-1))
+        assert torch.equal(r[config, layout]["sharded"], logits)  # shard() in memory == load() from the files
+    assert ranks[0][config, layout]["greedy"] == generate_tokens(model, PROMPT, GREEDY)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_each_rank_holds_about_half_the_weights(checkpoints, two_ranks, layout):
+    tokens, ranks = two_ranks
+    total = parallel.weight_nbytes(gptoss.load(checkpoints["even"], dtype=torch.float32))
+    held = [r["even", layout]["nbytes"] for r in ranks]
+    assert held == [r["even", layout]["planned"] for r in ranks]  # measured = what the plan predicts
+    print(f"\n{layout}: rank bytes {held} of {total} ({[round(h / total, 3) for h in held]})")
+    # tp2: everything split but norms, router and two biases; ep2: attention and vocabulary replicated
+    assert max(held) <= total * (0.55 if layout != "ep2" else 0.9)
+    assert sum(held) >= total
+
+
+def test_splits_of_odd_counts():
+    config = CONFIGS["odd"]
+    a, b = (Plan.make(config, Layout(2, 2, r, 2)) for r in range(2))
+    assert (a.experts, b.experts) == (range(0, 3), range(3, 5))
+    assert (a.kv_heads, b.kv_heads, a.heads, b.heads) == (range(0, 2), range(2, 3), range(0, 4), range(4, 6))
+    assert (a.vocab, b.vocab) == (range(0, 258), range(258, 515))
+    a, b = (Plan.make(config, Layout(2, 1, r, 2)) for r in range(2))
+    assert (a.width, b.width) == (range(0, 64), range(64, 96))  # whole 32-value blocks: 2 + 1
+
+
+@pytest.mark.parametrize("change, layout, message", [
+    (dict(intermediate_size=32), (2, 1), "expert width 32 is 1 MXFP4 block(s) of 32 values: it cannot be split 2 ways"),
+    (dict(num_key_value_heads=1), (2, 2), "--tp 2: the model has 1 KV heads"),
+    (dict(num_experts=1, experts_per_token=1), (1, 2), "--ep 2: the model has only 1 experts"),
+])
+def test_impossible_splits_are_refused(change, layout, message):
+    with pytest.raises(ShardingError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        Plan.make(CONFIGS["even"].replace(**change), Layout(*layout, 0, 2))
+
+
+def test_bad_layouts_are_refused():
+    with pytest.raises(ShardingError, match="must divide the number of processes"):
+        Layout(tp=1, ep=3, rank=0, world_size=2)
+    with pytest.raises(ShardingError, match="torchrun --nproc-per-node 2"):
+        parallel.layout_from(2, None, environ={})
+    assert parallel.layout_from(None, None, environ={"RANK": "1", "WORLD_SIZE": "2"}) == Layout(2, 1, 1, 2)
+
+
+def test_120b_plan_bytes_per_rank():
+    """The per-rank bytes of docs/SCALING.md, from the same slicing rules as loading."""
+    c = preset("gpt-oss-120b")
+    total = Plan.make(c, Layout()).nbytes()
+    assert abs(total / 2**30 - 60.77) < 0.01
+    for n in (2, 4, 8):
+        tp = max(Plan.make(c, Layout(n, 1, r, n)).nbytes() for r in range(n))
+        ep_tp = max(Plan.make(c, Layout(n, n, r, n)).nbytes() for r in range(n))
+        assert ep_tp < total / n * 1.01  # 128 experts and 8 KV heads divide by 2, 4, 8
+        blocks = c.intermediate_size // 32  # 90: the widest rank has ⌈90 / n⌉ blocks (23 of 22.5 at n = 4)
+        assert tp < total / n * math.ceil(blocks / n) / (blocks / n) * 1.01
+
+
+def test_generate_under_torchrun(tmp_path):
+    """`torchrun --nproc-per-node 2 -m gptoss generate --tp 2 --ep 2` prints the 1-process greedy completion."""
+    config = preset("tiny").replace(vocab_size=201_088, num_hidden_layers=2, layer_types=())
+    path = tmp_path / "tiny"
+    write_checkpoint(dict(synthetic.random_tensors(config, seed=5, dtype=torch.float32)), config, path, "hf")
+    args = ["generate", "-m", str(path), "The capital of France is", "--temperature", "0", "--max-tokens", "8",
+            "--dtype", "float32", "-q"]
+    one = subprocess.run([sys.executable, "-m", "gptoss", *args], capture_output=True, text=True, timeout=120)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "gptoss", *args, "--tp", "2", "--ep", "2"],
+                         capture_output=True, text=True, timeout=120, env={**__import__("os").environ,
+                                                                          "OMP_NUM_THREADS": "1"})
+    assert one.returncode == 0, one.stderr
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout == one.stdout and one.stdout.strip()
