@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import gc
 import math
+import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -154,18 +158,85 @@ def test_120b_plan_bytes_per_rank():
         assert tp < total / n * math.ceil(blocks / n) / (blocks / n) * 1.01
 
 
-def test_generate_under_torchrun(tmp_path):
-    """`torchrun --nproc-per-node 2 -m gptoss generate --tp 2 --ep 2` prints the 1-process greedy completion."""
+@pytest.fixture(scope="module")
+def tiny_o200k(tmp_path_factory):
+    """A random checkpoint with the o200k vocabulary, for the commands (they tokenize text)."""
     config = preset("tiny").replace(vocab_size=201_088, num_hidden_layers=2, layer_types=())
-    path = tmp_path / "tiny"
+    path = tmp_path_factory.mktemp("cli") / "tiny"
     write_checkpoint(dict(synthetic.random_tensors(config, seed=5, dtype=torch.float32)), config, path, "hf")
-    args = ["generate", "-m", str(path), "The capital of France is", "--temperature", "0", "--max-tokens", "8",
-            "--dtype", "float32", "-q"]
-    one = subprocess.run([sys.executable, "-m", "gptoss", *args], capture_output=True, text=True, timeout=120)
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "-m", "gptoss", *args, "--tp", "2", "--ep", "2"],
-                         capture_output=True, text=True, timeout=120, env={**__import__("os").environ,
-                                                                          "OMP_NUM_THREADS": "1"})
-    assert one.returncode == 0, one.stderr
+    return path
+
+
+def gptoss_command(*args: str, ranks: int = 1) -> list[str]:
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks)] if ranks > 1 else []
+    return [sys.executable, *launcher, "-m", "gptoss", *args]
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # two ranks on two shared cores
+
+
+def test_generate_under_torchrun(tiny_o200k):
+    """`torchrun --nproc-per-node 2 -m gptoss generate --tp 2 --ep 2` prints the 1-process greedy completion."""
+    from gptoss.tokenizer import get_tokenizer
+
+    tok, prompt = get_tokenizer(), "The capital of France is"
+    expected = generate_tokens(gptoss.load(tiny_o200k, dtype=torch.float32), tok.encode(prompt),
+                               SamplingParams(temperature=0, max_tokens=8, stop_tokens=(tok.endoftext,)))
+    two = subprocess.run(gptoss_command("generate", "-m", str(tiny_o200k), prompt, "--temperature", "0",
+                                        "--max-tokens", "8", "--dtype", "float32", "-q", "--tp", "2", "--ep", "2",
+                                        ranks=2), env=ENV, capture_output=True, text=True, timeout=120)
     assert two.returncode == 0, two.stderr[-3000:]
-    assert two.stdout == one.stdout and one.stdout.strip()
+    assert two.stdout == tok.decode(expected) + "\n"
+
+
+def test_serve_under_torchrun(tiny_o200k):
+    """Two servers, 1 process and 2 ranks (tp 2: the engine's batched cache mirrored), answer alike."""
+    import httpx
+
+    servers = []
+    for ranks in (1, 2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        command = gptoss_command("serve", "-m", str(tiny_o200k), "--port", str(port), "--dtype", "float32", "-q",
+                                 *(["--tp", "2"] if ranks > 1 else []), ranks=ranks)
+        proc = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        servers.append((proc, f"http://127.0.0.1:{port}"))
+    try:
+        answers = []
+        for proc, url in servers:
+            deadline = time.monotonic() + 120
+            while True:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+                try:
+                    if httpx.get(url + "/health", timeout=1).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    time.sleep(0.2)
+            request = {"model": "tiny", "temperature": 0, "max_tokens": 6}
+            replies = [httpx.post(url + "/v1/chat/completions", timeout=60,
+                                  json={**request, "messages": [{"role": "user", "content": text}]})
+                       for text in ("Hi", "What is 2 + 2?")]  # the second reuses the first one's cache row
+            answers.append([r.json()["choices"][0]["message"] for r in replies])
+        assert answers[0] == answers[1] and all(m["content"] or m["reasoning_content"] for m in answers[0]), answers
+    finally:
+        for proc, _ in servers:
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=60)
+            print(err[-1500:])
+
+
+def test_exported_hf_checkpoint_loads_in_transformers(checkpoints, tmp_path):
+    """What vLLM/SGLang read: `gptoss.save(model, layout="hf")` of a model loaded from the original layout
+    (odd counts) loads in transformers with the same fp32 logits (test_model_parity.py: the other direction)."""
+    from hf_reference import load_with_transformers
+
+    model = gptoss.load(checkpoints["odd"], dtype=torch.float32)
+    gptoss.save(model, tmp_path / "hf", layout="hf", dtype=torch.float32, max_shard_bytes=2**20)
+    hf = load_with_transformers(tmp_path / "hf")
+    tokens = torch.randint(0, CONFIGS["odd"].vocab_size, (2, T), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, theirs = model(tokens), hf(tokens).logits
+    err = (ours - theirs).abs().max().item()
+    assert err <= 1e-4 * ours.abs().max().item(), err
+    assert torch.equal(ours.argmax(-1), theirs.argmax(-1))

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import gc
 import os
+import sys
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,7 @@ from . import kernels, mxfp4
 from .cache import KVCache
 from .checkpoint import CheckpointReader, expected_tensors
 from .config import ModelConfig
+from .engine import SlotCache
 from .errors import ConfigError, GenerationError
 from .model import DECODE_MAX_ROWS, Linear, MoE, MXFP4Weight, Transformer, swiglu
 
@@ -319,15 +321,18 @@ def weight_nbytes(model: nn.Module) -> int:
 
 
 # ---------------------------------------------------------------- rank 0 leads, the other ranks follow
-_STOP, _FORWARD = 0, 1
-_HEADER = 9  # op, B, T, last_only, has positions, cache key (−1: none), cache batch, cache max_len, freed keys
+# Messages from rank 0: a fixed-size int64 header, then the tensors it announces.
+_STOP, _FORWARD, _NEW_SLOTS, _SLOT_OP = range(4)
+_INSERT, _MOVE, _CLEAR, _BEGIN_STEP = range(4)  # SlotCache methods (the engine's batched cache)
+_HEADER = 9
 _DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
 
 class Leader(nn.Module):
     """Rank 0's model: every forward is broadcast to the followers before this rank runs its shard, so
-    generate/chat use it like a Transformer. KV caches are mirrored: a cache's first forward tells the
-    followers to allocate its twin (KVCache only), and a cache that is garbage-collected is freed there too."""
+    generate, chat and the engine use it like a Transformer. KV caches are mirrored: a KVCache's first forward
+    tells the followers to allocate its twin, one garbage-collected here is freed there too; the engine's
+    SlotCache is a `MirroredSlotCache`, whose mutations (insert, move, clear, begin_step) are broadcast."""
 
     def __init__(self, model: Transformer):
         super().__init__()
@@ -348,17 +353,19 @@ class Leader(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.model.dtype
 
-    def _key(self, cache) -> tuple[int, int, int]:
-        if cache is None:
-            return -1, 0, 0
-        if type(cache) is not KVCache:
-            raise GenerationError(f"{type(cache).__name__}: only KVCache is mirrored across ranks")
+    def send(self, *header: int) -> None:
+        _send(self.device, *header)
+
+    def key(self, cache, new: bool = False) -> int:
+        """The followers' name for a cache; new=True registers it (freed there when collected here)."""
         if id(cache) not in self._keys:
+            if not new:
+                raise GenerationError(f"{type(cache).__name__}: a cache the other ranks have not seen (only "
+                                      "KVCache and MirroredSlotCache are mirrored across ranks)")
             self._keys[id(cache)] = self._next
             weakref.finalize(cache, self._release, id(cache), self._next)
             self._next += 1
-        first = cache.layers[0]
-        return self._keys[id(cache)], first.k.shape[0], first.max_len * len(_DTYPES) + _DTYPES.index(first.k.dtype)
+        return self._keys[id(cache)]
 
     def _release(self, cache_id: int, key: int) -> None:  # runs at garbage collection: only queue it
         self._keys.pop(cache_id, None)
@@ -366,11 +373,15 @@ class Leader(nn.Module):
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache=None,
                 last_only: bool = False) -> torch.Tensor:
-        key, batch, spec = self._key(cache)
+        key, batch, spec = -1, 0, 0
+        if type(cache) is KVCache:  # allocated by generate / the engine's prefill: the followers make a twin
+            first = cache.layers[0]
+            key, batch, spec = self.key(cache, new=True), first.k.shape[0], _spec(first.max_len, first.k.dtype)
+        elif cache is not None:
+            key = self.key(cache)
         freed, self._freed = self._freed, []
         B, T = tokens.shape
-        header = [_FORWARD, B, T, int(last_only), positions is not None, key, batch, spec, len(freed)]
-        dist.broadcast(torch.tensor(header, dtype=torch.long, device=self.device), src=0)
+        self.send(_FORWARD, B, T, int(last_only), positions is not None, key, batch, spec, len(freed))
         if freed:
             dist.broadcast(torch.tensor(freed, dtype=torch.long, device=self.device), src=0)
         dist.broadcast(tokens.contiguous(), src=0)
@@ -380,24 +391,74 @@ class Leader(nn.Module):
 
     def close(self) -> None:
         """Release the followers (they return from `follow`)."""
-        stop_followers(self.device)
+        self.send(_STOP)
 
 
-def stop_followers(device: torch.device | str) -> None:
-    dist.broadcast(torch.tensor([_STOP] + [0] * (_HEADER - 1), dtype=torch.long, device=device), src=0)
+def _send(device: torch.device, *header: int) -> None:
+    dist.broadcast(torch.tensor([*header] + [0] * (_HEADER - len(header)), dtype=torch.long, device=device), src=0)
+
+
+def _spec(max_len: int, dtype: torch.dtype) -> int:
+    return max_len * len(_DTYPES) + _DTYPES.index(dtype)
+
+
+class MirroredSlotCache(SlotCache):
+    """The engine's batched cache on rank 0: each mutation is broadcast first, so the followers' twin (of their
+    own heads) stays in step. Install it on an Engine before the engine starts."""
+
+    def __init__(self, leader: Leader, slots: int, max_len: int, dtype: torch.dtype):
+        super().__init__(leader.config, slots, max_len, leader.device, dtype)
+        self.leader = leader
+        self.key = leader.key(self, new=True)
+        leader.send(_NEW_SLOTS, self.key, slots, _spec(max_len, dtype))
+
+    def insert(self, row: int, source: KVCache, source_row: int) -> None:
+        self.leader.send(_SLOT_OP, self.key, _INSERT, row, self.leader.key(source), source_row)
+        super().insert(row, source, source_row)
+
+    def move(self, src: int, dst: int) -> None:
+        self.leader.send(_SLOT_OP, self.key, _MOVE, src, dst)
+        super().move(src, dst)
+
+    def clear(self) -> None:
+        self.leader.send(_SLOT_OP, self.key, _CLEAR)
+        super().clear()
+
+    def begin_step(self, max_position: int) -> None:
+        self.leader.send(_SLOT_OP, self.key, _BEGIN_STEP, max_position)
+        super().begin_step(max_position)
 
 
 @torch.no_grad()
 def follow(model: Transformer) -> None:
-    """Ranks > 0: run rank 0's forwards on this shard until it stops (the logits are not used here)."""
+    """Ranks > 0: run rank 0's forwards and cache operations on this shard until it stops (the logits are not
+    used here: rank 0 samples, and its choices arrive as the next forward's tokens)."""
     device = model.device
-    caches: dict[int, KVCache] = {}
+    caches: dict[int, KVCache | SlotCache] = {}
     while True:
         header = torch.empty(_HEADER, dtype=torch.long, device=device)
         dist.broadcast(header, src=0)
-        op, B, T, last_only, has_positions, key, batch, spec, n_freed = header.tolist()
+        op, *f = header.tolist()
         if op == _STOP:
             return
+        if op == _NEW_SLOTS:
+            key, slots, spec = f[:3]
+            max_len, dtype = divmod(spec, len(_DTYPES))
+            caches[key] = SlotCache(model.config, slots, max_len, device, _DTYPES[dtype])
+            continue
+        if op == _SLOT_OP:
+            key, method, a, b, c = f[:5]
+            slot_cache = caches[key]
+            if method == _INSERT:
+                slot_cache.insert(a, caches[b], c)
+            elif method == _MOVE:
+                slot_cache.move(a, b)
+            elif method == _CLEAR:
+                slot_cache.clear()
+            else:
+                slot_cache.begin_step(a)
+            continue
+        B, T, last_only, has_positions, key, batch, spec, n_freed = f
         if n_freed:
             freed = torch.empty(n_freed, dtype=torch.long, device=device)
             dist.broadcast(freed, src=0)
@@ -409,13 +470,35 @@ def follow(model: Transformer) -> None:
         if has_positions:
             positions = torch.empty(B, T, dtype=torch.long, device=device)
             dist.broadcast(positions, src=0)
-        cache = None
-        if key >= 0:
-            if key not in caches:
-                max_len, dtype = divmod(spec, len(_DTYPES))
-                caches[key] = KVCache(model.config, batch, max_len=max_len, device=device, dtype=_DTYPES[dtype])
-            cache = caches[key]
-        model(tokens, positions, cache, last_only=bool(last_only))
+        if key >= 0 and key not in caches:  # a new KVCache
+            max_len, dtype = divmod(spec, len(_DTYPES))
+            caches[key] = KVCache(model.config, batch, max_len=max_len, device=device, dtype=_DTYPES[dtype])
+        model(tokens, positions, caches[key] if key >= 0 else None, last_only=bool(last_only))
+
+
+def serve(args, load_model: Callable) -> None:
+    """`gptoss serve` on rank 0: server.serve_command with the engine's cache mirrored to the followers."""
+    import uvicorn
+
+    from .engine import Engine
+    from .server import configure_logging, create_app, model_name_for
+    from .vocab import unwrap
+
+    configure_logging()
+    model = load_model(args)
+    engine = Engine(model, max_concurrency=args.max_concurrency, max_queue=args.max_queue,
+                    max_context=args.max_context)
+    engine.cache = MirroredSlotCache(unwrap(model), args.max_concurrency, engine.max_context, engine.cache_dtype)
+    engine.start()
+    name = args.served_model_name or model_name_for(args.model)
+    try:
+        app = create_app(engine, name, api_key=args.api_key)
+        print(f"gptoss serve: {name} on http://{args.host}:{args.port} ({args.layout.world_size} ranks, tp "
+              f"{args.layout.tp}, ep {args.layout.ep})", file=sys.stderr)
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info",
+                    access_log=not args.quiet, timeout_graceful_shutdown=5)
+    finally:
+        engine.close()
 
 
 # ---------------------------------------------------------------- the command line under torchrun
@@ -447,18 +530,15 @@ def local_device(layout: Layout, device: str | None) -> torch.device:
 def run_command(args, layout: Layout, load_model: Callable) -> None:
     """`gptoss generate/chat/serve` on one rank: rank 0 runs the command with a `Leader` (load_model wraps
     it), the others load their shard and follow until rank 0 is done."""
-    if args.command == "serve":  # the engine's batched SlotCache is not mirrored across ranks (yet)
-        raise ShardingError("gptoss serve --tp/--ep is not implemented: use gptoss generate or chat under torchrun, "
-                            "or export the HF layout and serve it with vLLM (docs/EXPORT.md)")
     device = local_device(layout, args.device)
     args.device, args.layout = str(device), layout
     init(layout, device)
     try:
         if layout.rank == 0:
             try:
-                args.func(args)
+                serve(args, load_model) if args.command == "serve" else args.func(args)
             finally:
-                stop_followers(device)
+                _send(device, _STOP)  # release the followers, whatever happened here
         else:
             follow(load_model(args))
     finally:
