@@ -18,9 +18,11 @@ its owner ranks only, other ranks add zeros). With replicated activations this m
 all-to-all dispatch + combine + all-gather would (vLLM does the same for EP inside a TP group).
 
 Each rank reads only its slices of the safetensors files (`CheckpointReader.get_slice`). Rank 0 talks to the
-user: it runs generate/chat with a `Leader`, which broadcasts every forward (tokens, positions, which KV cache)
-before running its own shard; the other ranks `follow`, running the same forwards on their shards with
-mirrored caches. Sampling happens on rank 0 only; its decisions reach the others as the next forward's tokens.
+user: it runs generate/chat/serve with a `Leader`, which broadcasts every forward (tokens, positions, which KV
+cache) before running its own shard; the other ranks `follow`, running the same forwards on their shards with
+mirrored caches (the engine's batched cache broadcasts its row operations too). Sampling happens on rank 0
+only; its decisions reach the others as the next forward's tokens. Not implemented: 1 < tp < world size
+(replicated TP groups), data-parallel attention with an all-to-all expert dispatch, pipeline parallelism.
 """
 
 from __future__ import annotations
@@ -536,7 +538,10 @@ def run_command(args, layout: Layout, load_model: Callable) -> None:
     try:
         if layout.rank == 0:
             try:
-                serve(args, load_model) if args.command == "serve" else args.func(args)
+                if args.command == "serve":
+                    serve(args, load_model)
+                else:
+                    args.func(args)
             finally:
                 _send(device, _STOP)  # release the followers, whatever happened here
         else:
