@@ -117,6 +117,24 @@ def test_each_rank_holds_about_half_the_weights(checkpoints, two_ranks, layout):
     assert sum(held) >= total
 
 
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_sliced_reads_equal_slices_of_the_whole_tensor(checkpoints, config):
+    """A rank's reads: first-dimension ranges (one file read) and inner ranges (from the memory map), q/k/v of
+    the HF layout addressed in fused rows."""
+    from gptoss.checkpoint import CheckpointReader
+    from gptoss.errors import CheckpointError
+
+    reader = CheckpointReader(checkpoints[config])
+    for name, index in [("embedding.weight", (slice(3, 200),)), ("block.1.attn.qkv.weight", (slice(64, 80),)),
+                        ("block.0.attn.out.weight", (slice(None), slice(16, 48))),
+                        ("block.1.mlp.mlp2_weight.blocks", (slice(1, 3), slice(None), slice(1, 2))),
+                        ("block.0.mlp.mlp1_bias", ()), ("norm.scale", ())]:
+        assert torch.equal(reader.get_slice(name, index), reader.get(name)[index]), name
+    if reader.layout == "hf":
+        with pytest.raises(CheckpointError, match="span more than one of"):
+            reader.get_slice("block.0.attn.qkv.bias", (slice(60, 70),))
+
+
 def test_splits_of_odd_counts():
     config = CONFIGS["odd"]
     a, b = (Plan.make(config, Layout(2, 2, r, 2)) for r in range(2))

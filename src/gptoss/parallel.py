@@ -98,6 +98,8 @@ def layout_from(tp: int | None, ep: int | None, environ: Mapping[str, str] = os.
 # ---------------------------------------------------------------- which slice of every tensor a rank holds
 @dataclass(frozen=True)
 class Plan:
+    """Which part of the model one rank holds: ranges of heads, vocabulary rows, experts and expert width,
+    and from them the region of every checkpoint tensor (`pieces`)."""
     config: ModelConfig  # the whole model's
     layout: Layout
     kv_heads: range
@@ -173,11 +175,10 @@ class Plan:
     def nbytes(self, dtype: torch.dtype = torch.bfloat16) -> int:
         """Bytes this rank holds for the model (MXFP4 uint8, norms and sinks fp32, the rest `dtype`), from
         shapes alone: the same slicing as loading, so it holds for presets too large to load here."""
+        spec = expected_tensors(self.config)
         total = 0
-        for name, (shape, kind) in expected_tensors(self.config).items():
-            local = torch.empty(shape, device="meta")
-            local = torch.cat([local[i] for i in self.pieces(name)]) if len(self.pieces(name)) > 1 \
-                else local[self.pieces(name)[0]]
+        for name, (shape, kind) in spec.items():
+            local = self.local(name, lambda n, index: torch.empty(spec[n][0], device="meta")[index])
             size = 1 if kind == "uint8" else 4 if name.endswith(("norm.scale", "sinks")) else dtype.itemsize
             total += local.numel() * size
         return total
@@ -188,10 +189,10 @@ def _slice(r: range) -> slice:
 
 
 # ---------------------------------------------------------------- sharded modules (same parameter names)
-def _all_reduce_fp32(x: torch.Tensor, group=None) -> torch.Tensor:
+def _all_reduce_fp32(x: torch.Tensor) -> torch.Tensor:
     """Sum over ranks in fp32: bf16 partial sums would be rounded twice (and gloo's bf16 support is patchy)."""
     y = x.float()
-    dist.all_reduce(y, group=group)
+    dist.all_reduce(y)
     return y.to(x.dtype)
 
 
