@@ -68,3 +68,100 @@ def test_every_experiment_is_registered_with_a_description():
     for name in EXPERIMENTS:
         m = get(name)
         assert m.NAME == name and m.DESCRIPTION and m.RUNS >= 3 * 2
+
+
+def test_contextual_markov_hides_the_cluster_and_asks_for_far_keys():
+    from gptoss.experiments.runner import ALPHABET, QUERY, SLOT_IDS, contextual_markov, markov_optimum
+
+    docs = contextual_markov(50, 64)
+    assert all(len(d.tokens) == 64 and max(d.tokens) < ALPHABET for d in docs)
+    assert contextual_markov(50, 64) is docs  # cached
+    opt = markov_optimum(docs)
+    assert opt[0] > 2 * BEST_LOSS and all(abs(x - BEST_LOSS) < 0.05 for x in opt[8:])  # a few transitions tell
+    R = 4
+    for d in contextual_markov(20, 64, R):
+        x = d.tokens
+        key, tail = x[:R], x[-2 * R:]
+        assert [ALPHABET + SLOT_IDS * j <= k < ALPHABET + SLOT_IDS * (j + 1) for j, k in enumerate(key)] == [True] * R
+        assert tail == [t for j in range(R) for t in (QUERY + j, key[j])] and max(x[R:-2 * R]) < ALPHABET
+    opt = markov_optimum(contextual_markov(20, 64, R), R)
+    assert opt[:R] == [None] * R and opt[-2 * R:] == [None] * (2 * R) and None not in opt[R:-2 * R]
+
+
+def test_stability_via_the_cli(tmp_path):
+    from gptoss.experiments.stability import VARIANTS, spike_steps
+    from gptoss.train.stability import SpikeMeter
+
+    out = tmp_path / "stability"
+    assert main(["experiment", "stability", "--steps", "12", "--seeds", "0", "--out", str(out), "-q"]) == 0
+    for f in ("results.md", "loss.png", "grad_norm.png"):
+        assert (out / f).stat().st_size > 0, f
+    text = (out / "results.md").read_text()
+    assert all(f"| {v} |" in text for v in VARIANTS) and "7 sd" in text
+    runs = {r["label"]: r for r in json.loads((out / "runs.json").read_text())}
+    assert set(runs) == set(VARIANTS)
+    for r in runs.values():  # the table's spike count is the trainer's score × steps (window ≥ run)
+        grads = [m["grad_norm"] for m in r["metrics"]]
+        assert len(spike_steps(grads, 1000)) == round(r["metrics"][-1]["spike_score_grad_norm"] * len(grads))
+    # the norm variants change the forward, not the data: same targets, different first-step gradients
+    first = {k: r["metrics"][0] for k, r in runs.items()}
+    assert len({m["targets"] for m in first.values()}) == 1 and len({m["grad_norm"] for m in first.values()}) == 4
+    values = [1.0 + 0.01 * (i % 3) for i in range(30)] + [5.0] + [1.0] * 5
+    assert spike_steps(values, 1000) == [30]
+    meter = SpikeMeter(1000)
+    assert [meter.add(v) for v in values][30] == 1 / 31
+
+
+def test_ladder_rungs_and_smoke(tmp_path):
+    from gptoss.config import ModelConfig
+    from gptoss.config import VARIANTS as FLAGS
+    from gptoss.experiments.ladder import RUNGS, rung_models
+    from gptoss.train import TrainConfig
+    from gptoss.experiments.runner import model_shape
+
+    configs = {k: TrainConfig.from_dict({"model": {**model_shape(), **m}}).model_config()
+               for k, m in rung_models().items()}
+    gpt2, gptoss = configs["GPT-2"], configs[RUNGS[-1]]
+    assert (gpt2.dropout, gpt2.norm_type, gpt2.position_embedding, gpt2.mlp_type, gpt2.attention_sinks) == \
+        (0.1, "layer", "learned", "gelu", False)
+    assert gpt2.num_key_value_heads == gpt2.num_attention_heads and set(gpt2.layer_types) == {"full_attention"}
+    assert all(getattr(gptoss, f) == getattr(ModelConfig, f) for f in FLAGS)  # the top rung is GPT-oss
+    assert gptoss == TrainConfig.from_dict({"model": model_shape()}).model_config().replace(
+        max_position_embeddings=64)
+    names = list(configs)
+    for a, b in zip(names, names[1:]):  # one change per rung (RoPE/SwiGLU/MoE also set their FFN width)
+        diff = {f for f in ModelConfig.__dataclass_fields__ if getattr(configs[a], f) != getattr(configs[b], f)}
+        assert 1 <= len(diff - {"intermediate_size"}) <= 2, (b, diff)
+    # the same FFN weights per token on every rung: GELU 2·D·I, SwiGLU 3·D·I, MoE k·3·D·I
+    per_token = {k: {"gelu": 2, "swiglu": 3, "moe": 3 * c.experts_per_token}[c.mlp_type] * c.intermediate_size
+                 for k, c in configs.items()}
+    assert len(set(per_token.values())) == 1, per_token
+
+    out = tmp_path / "ladder"
+    run_experiment("ladder", str(out), seeds=(0,), steps=3, size="test", progress=False)
+    for f in ("results.md", "loss_vs_step.png", "loss_vs_time.png", "heldout.png"):
+        assert (out / f).stat().st_size > 0, f
+    text = (out / "results.md").read_text()
+    assert all(f"| {r} |" in text for r in RUNGS) and "Bayes-optimal held-out loss 0.7" in text
+    runs = {r["label"]: r for r in json.loads((out / "runs.json").read_text())}
+    moe = runs["+ MoE"]["eval"]
+    assert moe["params"] > 2 * moe["active_params"] and runs["+ SwiGLU"]["eval"]["active_params"] == \
+        runs["+ SwiGLU"]["eval"]["params"]
+    assert all(math.isfinite(r["heldout_loss"]) for r in runs.values())
+
+
+def test_sliding_window_smoke(tmp_path):
+    from gptoss.experiments.sliding_window import VARIANTS, kv_20b
+
+    out = tmp_path / "sw"
+    run_experiment("sliding-window", str(out), seeds=(0,), steps=3, size="test", progress=False)
+    for f in ("results.md", "loss_by_position.png", "loss.png", "decode.png"):
+        assert (out / f).stat().st_size > 0, f
+    text = (out / "results.md").read_text()
+    assert all(f"| {v} |" in text for v in VARIANTS) and "ms / token" in text
+    runs = json.loads((out / "runs.json").read_text())
+    assert len(runs) == len(VARIANTS) and all(len(r["eval"]["by_position"]) == 63 for r in runs)
+    # GPT-oss-20b: 12 windowed layers hold 128 positions, 12 global ones the whole context; 2 KiB per position
+    per_position = 2 * 8 * 64 * 2  # keys and values, 8 kv heads of 64, bf16
+    assert kv_20b(4096, True) == (12 * 4096 + 12 * 128) * per_position / 2**30
+    assert kv_20b(4096, False) == 24 * 4096 * per_position / 2**30

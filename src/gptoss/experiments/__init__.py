@@ -2,6 +2,7 @@
 
     gptoss experiment routing  --budget-minutes 30 --out experiments/routing
     gptoss experiment capacity --quick
+    gptoss experiment stability | ladder | sliding-window
 
 Each experiment is a module here with `NAME`, `DESCRIPTION`, `RUNS` (training runs at the default seeds) and
 `run(ctx) -> str` (the markdown summary); runner.py holds what they share: the synthetic task, the base model
@@ -14,6 +15,9 @@ from pathlib import Path
 EXPERIMENTS = {
     "routing": "gptoss.experiments.routing",    # router collapse: none vs Switch aux loss vs DeepSeek-V3 bias
     "capacity": "gptoss.experiments.capacity",  # capacity factor 1.0 / 1.25 / 2.0 / ∞: drops, loss, tokens/s
+    "stability": "gptoss.experiments.stability",  # pre/post-norm × QK-norm at a high lr: OLMo-2's spike score
+    "ladder": "gptoss.experiments.ladder",  # GPT-2 → GPT-oss, one architecture change at a time
+    "sliding-window": "gptoss.experiments.sliding_window",  # window 128 + sinks vs full: loss, decode cost
 }
 
 

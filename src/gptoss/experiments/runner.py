@@ -9,6 +9,7 @@ cluster is a feature a router can specialise on. Generated in code from a fixed 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
@@ -45,15 +46,17 @@ def clustered_markov(n_docs: int = N_TRAIN, length: int = 65, seed: int = TASK_S
     return docs
 
 
-def heldout_loss(model, seq_len: int = 64) -> float:
+def heldout_loss(model, seq_len: int = 64, docs=None) -> float:
     """Mean next-token loss (fp32, no grad) on N_HELDOUT documents of the same clusters and successor tables
-    that the model never trained on: training losses here fall below log 2 by memorising the 600 documents."""
+    that the model never trained on: training losses here fall below log 2 by memorising the 600 documents.
+    docs: other held-out documents (another task's)."""
     import torch
 
     from ..train.data import PackedDataset
     from ..train.loop import lm_loss_sum
 
-    docs = clustered_markov(N_TRAIN + N_HELDOUT)[N_TRAIN:]  # the first N_TRAIN are the training documents
+    if docs is None:
+        docs = clustered_markov(N_TRAIN + N_HELDOUT)[N_TRAIN:]  # the first N_TRAIN are the training documents
     data = PackedDataset(docs, seq_len, VOCAB, shuffle=False)
     total, count = 0.0, 0
     with torch.no_grad():
@@ -63,18 +66,107 @@ def heldout_loss(model, seq_len: int = 64) -> float:
     return total / max(1, count)
 
 
-def base_config(out_dir: Path, seed: int, steps: int, moe: dict | None = None, size: str = "default") -> dict:
-    """A 2-layer, hidden-64, 8-expert top-2 GPT-oss (the `tiny` preset's attention, sinks and window);
-    size "test" is smaller still, for the unit tests. bf16 autocast as `gptoss train` runs by default."""
+# ---------------------------------------------------------------- a task that needs context (ladder, sliding-window)
+ALPHABET = 32  # contextual Markov: ids 0..31, shared by every cluster
+SLOT_IDS = 2  # far recall: key slot j holds one of the ids 32 + 2j, 33 + 2j (never in the Markov part)
+QUERY = 96  # far recall: slot j is asked for by the id QUERY + j
+
+
+@functools.lru_cache(maxsize=8)
+def contextual_markov(n_docs: int, length: int, recall: int = 0, seed: int = TASK_SEED) -> tuple:
+    """Documents of exactly `length` tokens (a packed sequence of that length holds exactly one). Each picks one
+    of 8 clusters, whose successor tables (2 successors per token, probability ½ each) live on one shared
+    32-token alphabet: a token says nothing about its cluster, the transitions seen so far do, so predicting
+    well needs the document's history, not just the last token (the Bayes-optimal loss: markov_optimum).
+
+    recall = R > 0 (far recall): the document opens with R key tokens, slot j one of SLOT_IDS ids of its own, and
+    ends with R questions "QUERY + j, key j": each answer is fixed by one token ≈ length − 2R positions back,
+    found by its id range in one attention hop (no induction circuit needed), but only by a layer that reaches
+    that far — not by a sliding window shorter than that. An answer cannot be inferred from anything nearer:
+    without the key its loss is log SLOT_IDS. Cached: the same arguments give the same (immutable) tuple."""
+    from ..train.data import Document
+
+    r = random.Random(seed)
+    succ = [[r.sample(range(ALPHABET), 2) for _ in range(ALPHABET)] for _ in range(CLUSTERS)]
+    n_markov = length - 3 * recall
+    docs = []
+    for _ in range(n_docs):
+        c = r.randrange(CLUSTERS)
+        x = [r.randrange(ALPHABET)]
+        for _ in range(n_markov - 1):
+            x.append(succ[c][x[-1]][r.randrange(2)])
+        if recall:
+            key = [ALPHABET + SLOT_IDS * j + r.randrange(SLOT_IDS) for j in range(recall)]
+            x = key + x + [t for j in range(recall) for t in (QUERY + j, key[j])]
+        docs.append(Document(x))
+    return tuple(docs)
+
+
+def markov_optimum(docs, recall: int = 0, seed: int = TASK_SEED) -> list[float | None]:
+    """The Bayes-optimal loss (nats) of each target position of contextual_markov documents (position p predicts
+    token p + 1), averaged over `docs`; None where the target is not a Markov transition (the key, the
+    questions and answers). Exact: the posterior over clusters is uniform over those whose tables contain every transition so
+    far, and predicts each of a consistent cluster's 2 successors with probability ½."""
+    r = random.Random(seed)
+    succ = [[r.sample(range(ALPHABET), 2) for _ in range(ALPHABET)] for _ in range(CLUSTERS)]
+    length = len(docs[0].tokens)
+    first = recall  # index of the first Markov token
+    last = length - 2 * recall - 1  # index of the last Markov token
+    total = [0.0] * (length - 1)
+    for d in docs:
+        x = d.tokens
+        alive = set(range(CLUSTERS))
+        for t in range(first + 1, last + 1):  # predict x[t] from x[first .. t-1]
+            p = sum(0.5 for c in alive if x[t] in succ[c][x[t - 1]]) / len(alive)
+            total[t - 1] += -math.log(p)
+            alive = {c for c in alive if x[t] in succ[c][x[t - 1]]}
+    markov = set(range(first, last))  # target positions whose target is a transition
+    return [total[p] / len(docs) if p in markov else None for p in range(length - 1)]
+
+
+def position_losses(model, docs, seq_len: int) -> list[float]:
+    """Mean held-out loss (fp32, no grad) at each target position 0 .. seq_len − 2 of documents of exactly
+    seq_len tokens (one document per packed sequence; the last position's target is the next document's)."""
+    import torch
+    import torch.nn.functional as F
+
+    from ..train.data import PackedDataset
+
+    data = PackedDataset(list(docs), seq_len, VOCAB, shuffle=False)
+    total = torch.zeros(seq_len, dtype=torch.float64)
+    count = torch.zeros(seq_len, dtype=torch.float64)
+    with torch.no_grad():
+        for i in range(0, data.num_samples, 16):
+            b = data.batch(list(range(i, min(i + 16, data.num_samples))))
+            logits = model(b.tokens, b.positions, segments=b.segments)  # (B, L, V) fp32
+            loss = F.cross_entropy(logits.transpose(1, 2), b.targets, reduction="none")  # (B, L)
+            total += (loss * b.mask).sum(0).double()
+            count += b.mask.sum(0).double()
+    return (total / count.clamp(min=1))[: seq_len - 1].tolist()
+
+
+def model_shape(size: str = "default") -> dict:
+    """The [model] section: a 2-layer, hidden-64, 8-expert top-2 GPT-oss (the `tiny` preset's attention, sinks
+    and window 8); size "test" is smaller still, for the unit tests."""
     model = {"preset": "tiny", "vocab_size": VOCAB, "num_hidden_layers": 2, "num_experts": 8,
              "experts_per_token": 2}
     if size == "test":
         model.update(hidden_size=32, num_attention_heads=2, num_key_value_heads=1, intermediate_size=32)
-    return {"model": model,
-            "data": {"seq_len": 64, "batch_size": 8},
-            "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": max(1, steps // 20), "weight_decay": 0.1},
-            "moe": dict(moe or {}),
-            "train": {"steps": steps + 1, "seed": seed, "out_dir": str(out_dir), "device": "cpu"}}
+    return model
+
+
+def base_config(out_dir: Path, seed: int, steps: int, moe: dict | None = None, size: str = "default",
+                **sections: dict) -> dict:
+    """The training config of one run: model_shape(size), batch 8 × 64, AdamW 3e-3 → 3e-4 cosine, bf16 autocast
+    as `gptoss train` runs by default. sections: per-experiment overrides of [model], [data], [optim], [train]."""
+    d = {"model": model_shape(size),
+         "data": {"seq_len": 64, "batch_size": 8},
+         "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": max(1, steps // 20), "weight_decay": 0.1},
+         "moe": dict(moe or {}),
+         "train": {"steps": steps + 1, "seed": seed, "out_dir": str(out_dir), "device": "cpu"}}
+    for name, overrides in sections.items():
+        d[name].update(overrides or {})
+    return d
 
 
 STARTS: dict[str, Callable | None] = {"natural": None, "collapsed": collapse_router}
@@ -97,48 +189,65 @@ class Context:
             print(msg, flush=True)
 
 
-def steps_for(ctx: Context, runs: int) -> int:
+def steps_for(ctx: Context, runs: int, probes: list[dict] | None = None, reserve_s: float = 0.0) -> int:
     """Steps per run so that `runs` runs fit 85% of the budget: a 20-step probe run measures the median step
     time (the trainer's per-step time_s) and the per-run overhead (model build, data packing). The probe always
     starts from the natural init: a collapsed router keeps only 2 experts busy, so probing it under-estimates
-    the step time of runs that rebalance (it made a 4-minute collapsed-start budget run ≈ 6 minutes)."""
+    the step time of runs that rebalance (it made a 4-minute collapsed-start budget run ≈ 6 minutes).
+    probes: train_run keyword sets to probe instead of the base run (their step times and overheads are
+    averaged: experiments whose runs differ in cost); reserve_s: budget kept for work after training."""
     if ctx.steps is not None:
         return ctx.steps
     probe = 20
-    t0 = time.perf_counter()
-    metrics = train_run(ctx, "probe", seed=0, steps=probe, moe={}, keep=False, start="natural")["metrics"]
-    wall = time.perf_counter() - t0
-    per_step = statistics.median(m["time_s"] for m in metrics)
-    overhead = max(0.0, wall - sum(m["time_s"] for m in metrics))
-    budget_s = 0.85 * (ctx.budget_minutes * 60 - wall) - runs * overhead
-    steps = int(budget_s / (runs * per_step))
-    ctx.log(f"probe: {per_step:.3f} s/step, {overhead:.1f} s overhead per run → {steps} steps per run for "
+    per_step, overhead, spent = [], [], 0.0
+    for kw in probes or [{"moe": {}}]:
+        t0 = time.perf_counter()
+        metrics = train_run(ctx, "probe", seed=0, steps=probe, keep=False, start="natural", **kw)["metrics"]
+        wall = time.perf_counter() - t0
+        spent += wall
+        per_step.append(statistics.median(m["time_s"] for m in metrics))
+        overhead.append(max(0.0, wall - sum(m["time_s"] for m in metrics)))
+    per_step_s, overhead_s = statistics.mean(per_step), statistics.mean(overhead)
+    budget_s = 0.85 * (ctx.budget_minutes * 60 - spent - reserve_s) - runs * overhead_s
+    steps = int(budget_s / (runs * per_step_s))
+    ctx.log(f"probe: {per_step_s:.3f} s/step, {overhead_s:.1f} s overhead per run → {steps} steps per run for "
             f"{runs} runs in {ctx.budget_minutes} min")
     return max(5, steps)
 
 
-def train_run(ctx: Context, label: str, seed: int, steps: int, moe: dict, keep: bool = True,
-              start: str | None = None) -> dict:
-    """One training run on the clustered Markov task; returns {label, seed, moe, steps, wall_s, metrics}.
+def train_run(ctx: Context, label: str, seed: int, steps: int, moe: dict | None = None, keep: bool = True,
+              start: str | None = None, documents: Callable[[], list] | None = None,
+              evaluate: Callable[..., dict] | None = None, **sections: dict) -> dict:
+    """One training run; returns {label, seed, moe, steps, wall_s, heldout_loss, metrics}.
 
+    Default task: clustered Markov, held-out loss on its unseen documents. documents: a function giving another
+    task's training documents; evaluate(model, seq_len) → dict with "loss" (the held-out loss) and anything
+    else worth keeping (stored as run["eval"]). sections: [model]/[data]/[optim]/[train] overrides (base_config).
     The trainer saves a checkpoint at its last scheduled step; the schedule is set one step longer and
     stopped with max_steps so no checkpoint is written (experiments keep metrics only)."""
     from ..train import TrainConfig, train
 
+    moe = dict(moe or {})
     out_dir = ctx.out / "work" / f"{label}-seed{seed}"
-    d = base_config(out_dir, seed, steps, moe, ctx.size)
+    d = base_config(out_dir, seed, steps, moe, ctx.size, **sections)
     cfg = TrainConfig.from_dict(d, source=f"experiment {label}")
     t0 = time.perf_counter()
     start = start or ctx.start
-    result = train(cfg, documents=clustered_markov(), progress=False, max_steps=steps, prepare=STARTS[start])
+    docs = clustered_markov() if documents is None else documents()
+    result = train(cfg, documents=docs, progress=False, max_steps=steps, prepare=STARTS[start])
     wall = time.perf_counter() - t0
-    held = heldout_loss(result.model.eval(), d["data"]["seq_len"]) if keep else None
     run = {"label": label, "seed": seed, "moe": moe, "steps": steps, "wall_s": wall, "start": start,
-           "heldout_loss": held, "metrics": result.metrics}
+           "heldout_loss": None, "metrics": result.metrics}
     if keep:
+        model, seq_len = result.model.eval(), d["data"]["seq_len"]
+        if evaluate is None:
+            run["heldout_loss"] = heldout_loss(model, seq_len)
+        else:
+            run["eval"] = evaluate(model, seq_len)
+            run["heldout_loss"] = run["eval"]["loss"]
         ctx.runs.append(run)
         last = result.metrics[-1]
-        ctx.log(f"{label:>12} seed {seed}: loss {last['loss']:.4f} (held-out {held:.4f}), "
+        ctx.log(f"{label:>12} seed {seed}: loss {last['loss']:.4f} (held-out {run['heldout_loss']:.4f}), "
                 f"entropy {last['load_entropy']}, dropped {last['dropped_pct']} ({wall:.0f} s)")
     return run
 
@@ -169,9 +278,9 @@ def write_outputs(ctx: Context, name: str, summary: str, command: str) -> None:
     (ctx.out / "runs.json").write_text(json.dumps(ctx.runs) + "\n")
 
 
-def finish_plot(plt, fig, ax, path: Path, ylabel: str) -> None:
+def finish_plot(plt, fig, ax, path: Path, ylabel: str, xlabel: str = "step") -> None:
     """Label, legend and save a one-axes step plot, then free it."""
-    ax.set_xlabel("step")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.legend(fontsize=8)
     fig.tight_layout()

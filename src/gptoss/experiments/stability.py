@@ -1,0 +1,89 @@
+"""Training stability: pre-norm (GPT-oss) vs post-norm vs QK-norm vs post-norm + QK-norm at a learning rate high
+enough to provoke gradient spikes.
+
+Claim tested (OLMo-2, Team OLMo 2024, §3.2–3.3): normalising each sublayer's output instead of its input
+("reordered norm", x + Norm(f(x))) and RMSNorm on queries and keys make training more stable; their 7B runs
+went from a gradient-norm spike score of 0.108 to 0.069 with these changes (plus others in the same step).
+
+Spike score (OLMo-2): the share of steps whose value exceeds the mean of the trailing window of values by more
+than 7 standard deviations (train/stability.py, logged by the trainer for the gradient norm, before clipping,
+and for the loss). OLMo-2 uses a 1000-step window; these runs are shorter, so the window is the whole run so
+far and the final score is the share of spike steps over the run. Reported in % (OLMo-2 states a percentage).
+"""
+
+from __future__ import annotations
+
+import statistics
+
+from .runner import BEST_LOSS, Context, finish_plot, markdown_table, mean_sd, pyplot, steps_for, tail_mean, train_run
+
+NAME = "stability"
+DESCRIPTION = "pre-norm vs post-norm vs QK-norm vs post-norm + QK-norm at a spike-provoking learning rate"
+VARIANTS = {"pre-norm": {},  # GPT-oss
+            "post-norm": {"norm_placement": "post"},
+            "QK-norm": {"qk_norm": True},
+            "post-norm + QK-norm": {"norm_placement": "post", "qk_norm": True}}  # OLMo-2
+LR = 0.1  # 33× the other experiments' 3e-3: pre-norm runs spike here (gradient norms 100× their median)
+RUNS = len(VARIANTS) * 3
+
+
+def spike_steps(values: list[float], window: int) -> list[int]:
+    """Indices of the steps the trainer's SpikeMeter counted as spikes (the same meter, replayed)."""
+    from ..train.stability import SpikeMeter
+
+    meter, out = SpikeMeter(window), []
+    for i, v in enumerate(values):
+        meter.add(v)
+        if meter.last_was_spike:
+            out.append(i)
+    return out
+
+
+def run(ctx: Context) -> str:
+    optim = {"lr": LR, "min_lr": LR / 10}
+    steps = steps_for(ctx, len(VARIANTS) * len(ctx.seeds), probes=[{"optim": optim}])
+    train = {"spike_window": max(steps, 1000)}  # OLMo-2's 1000, or the whole run if longer
+    for seed in ctx.seeds:
+        for label, model in VARIANTS.items():
+            train_run(ctx, label, seed, steps, model=model, optim=optim, train=train)
+    by = {label: [r for r in ctx.runs if r["label"] == label] for label in VARIANTS}
+    rows = []
+    for label, runs in by.items():
+        grad = [100 * r["metrics"][-1]["spike_score_grad_norm"] for r in runs]
+        count = [len(spike_steps([m["grad_norm"] for m in r["metrics"]], train["spike_window"])) for r in runs]
+        loss_spk = [100 * r["metrics"][-1]["spike_score_loss"] for r in runs]
+        peak = [max(m["grad_norm"] for m in r["metrics"][len(r["metrics"]) // 10:]) for r in runs]
+        median = [statistics.median(m["grad_norm"] for m in r["metrics"]) for r in runs]
+        loss = [tail_mean([m["loss"] for m in r["metrics"]]) for r in runs]
+        held = [r["heldout_loss"] for r in runs]
+        rows.append([label, mean_sd(grad), " / ".join(map(str, count)), mean_sd(loss_spk),
+                     mean_sd(peak), mean_sd(median), mean_sd(loss), mean_sd(held)])
+    table = markdown_table(["variant", "grad-norm spike score %", "grad spikes per seed", "loss spike score %",
+                            "peak grad norm (after 10 %)", "median grad norm", "final loss", "held-out loss"], rows)
+    plot(ctx, by, train["spike_window"])
+    return (f"Learning rate {LR} → {LR / 10} (cosine, warmup 5 %), grad clip 1.0, mean ± sd over {len(ctx.seeds)} "
+            "seeds. Spike score: % of steps whose value exceeds the trailing-window mean by > 7 sd (OLMo-2), "
+            "window = the whole run; 'final loss' = mean of the last 10 steps.\n\n"
+            f"{table}\n![loss](loss.png)\n\n![gradient norm](grad_norm.png)\n")
+
+
+def plot(ctx: Context, by: dict[str, list[dict]], window: int) -> None:
+    import numpy as np
+
+    plt = pyplot()
+    for key, fname, ylabel in (("loss", "loss.png", "training loss (nats)"),
+                               ("grad_norm", "grad_norm.png", "gradient norm before clipping")):
+        fig, axes = plt.subplots(len(by), 1, figsize=(8, 1.9 * len(by)), sharex=True, sharey=True, squeeze=False)
+        for c, (ax, (label, runs)) in enumerate(zip(axes[:, 0], by.items())):
+            for s, r in enumerate(runs):
+                y = np.array([m[key] for m in r["metrics"]])
+                x = np.arange(1, len(y) + 1)
+                ax.plot(x, y, color=f"C{c}", alpha=1.0 - 0.3 * s, lw=0.7, label=f"{label}, seed {r['seed']}")
+                spike = spike_steps(list(y), window)
+                ax.plot(x[spike], y[spike], "kx", ms=5, label="spike (> 7 sd)" if s == 0 and spike else None)
+            if key == "loss":
+                ax.axhline(BEST_LOSS, color="gray", ls="--", lw=0.8)
+            ax.set_yscale("log")
+            ax.legend(fontsize=7, loc="upper right")
+            ax.set_ylabel(ylabel if c == len(by) // 2 else "")
+        finish_plot(plt, fig, axes[-1, 0], ctx.out / fname, "")
