@@ -45,7 +45,7 @@ from .cache import KVCache
 from .checkpoint import CheckpointReader, expected_tensors
 from .config import ModelConfig
 from .engine import SlotCache
-from .errors import ConfigError, GenerationError
+from .errors import ConfigError, GenerationError, GptOssError
 from .model import DECODE_MAX_ROWS, Linear, MoE, MXFP4Weight, Transformer, swiglu
 
 
@@ -476,7 +476,10 @@ def follow(model: Transformer) -> None:
         if key >= 0 and key not in caches:  # a new KVCache
             max_len, dtype = divmod(spec, len(_DTYPES))
             caches[key] = KVCache(model.config, batch, max_len=max_len, device=device, dtype=_DTYPES[dtype])
-        model(tokens, positions, caches[key] if key >= 0 else None, last_only=bool(last_only))
+        try:
+            model(tokens, positions, caches[key] if key >= 0 else None, last_only=bool(last_only))
+        except GptOssError:  # e.g. a full cache: rank 0 meets the same error at the same point and reports it
+            pass
 
 
 def serve(args, load_model: Callable) -> None:
@@ -555,11 +558,11 @@ def load_for_rank(path: str | Path, layout: Layout, device: torch.device | str |
                   dtype: torch.dtype = torch.bfloat16) -> nn.Module:
     """What `gptoss.cli.load_model` returns under torchrun: rank 0 a Leader (inside a VocabSubsetModel when
     the checkpoint has a vocabulary subset), the other ranks their plain shard."""
-    model = load(path, layout, device, dtype)
+    reader = CheckpointReader(path)
+    model = _build(Plan.make(reader.config, layout), reader.get_slice, device, dtype)
     if layout.rank > 0:
         return model
     leader = Leader(model)
-    reader = CheckpointReader(path)
     if reader.vocab_ids is not None:
         from .vocab import VocabSubsetModel
 
