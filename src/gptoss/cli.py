@@ -120,7 +120,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
     p.add_argument("--max-tokens", type=int, default=max_tokens, help=f"tokens to generate (default {max_tokens})")
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0, as OpenAI advises)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="0 = greedy (default 1.0 as OpenAI advises; 0 for the embedded demo model)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
@@ -129,7 +130,10 @@ def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
 def sampling_params(args: argparse.Namespace, stop_tokens=()):
     from .generate import SamplingParams
 
-    params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+    temperature = args.temperature
+    if temperature is None:  # the tiny demo model shows its skills greedily; real checkpoints sample at 1.0
+        temperature = 0.0 if getattr(args, "model", None) is None else 1.0
+    params = SamplingParams(temperature=temperature, top_k=args.top_k, top_p=args.top_p,
                             max_tokens=args.max_tokens, seed=args.seed, stop_tokens=tuple(stop_tokens))
     try:
         params.validate()
