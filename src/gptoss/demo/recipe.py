@@ -93,6 +93,29 @@ def token_map(ids: torch.Tensor):
     return lambda tokens: to_row[torch.tensor(tokens, dtype=torch.long)].tolist()
 
 
+def number_init(model: torch.nn.Module, ids: torch.Tensor, seed: int = 0, std: float = 0.02) -> int:
+    """Give the digit tokens ("0" … "999") compositional embedding and unembedding rows: the sum of a random
+    vector per (slot in the chunk, digit) and one per chunk length. A 3-digit token is otherwise a symbol the
+    model sees a few hundred times; spelling "482" as 4 8 2, copying it, and writing 4 8 2 back as "482"
+    then start from a linear code instead of a per-token memory (run 1 failed exactly there). Independent
+    codes for the two matrices (they are not tied). Returns the number of rows set."""
+    from ..tokenizer import get_tokenizer
+
+    tok = get_tokenizer()
+    g = torch.Generator().manual_seed(seed)
+    D = model.config.hidden_size
+    rows = [(r, tok.decode([int(i)])) for r, i in enumerate(ids.tolist()) if i >= 0]
+    rows = [(r, s) for r, s in rows if s.isascii() and s.isdigit() and len(s) <= 3]
+    with torch.no_grad():
+        for weight in (model.embedding.weight, model.unembedding.weight):
+            slot = torch.randn(3, 10, D, generator=g) * std  # (slot, digit) codes
+            length = torch.randn(4, D, generator=g) * std
+            for r, s in rows:
+                v = length[len(s)] + sum(slot[k, int(c)] for k, c in enumerate(s))
+                weight[r].copy_(v.to(weight.dtype))
+    return len(rows)
+
+
 def export(step_dir: Path, ids: torch.Tensor, out: Path, info: dict) -> Path:
     """The trainer's inference checkpoint (MXFP4 experts) + vocab_ids → an original-layout folder."""
     from ..checkpoint import load, save
@@ -157,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
 
     t1 = time.perf_counter()
     if not args.skip_train:
-        result = train(cfg, documents=docs, token_map=token_map(ids), progress=True)
+        prepare = (lambda m: number_init(m, ids, cfg.train.seed)) if demo.get("number_init", False) else None
+        result = train(cfg, documents=docs, token_map=token_map(ids), progress=True, prepare=prepare)
         step_dir, losses = result.checkpoint, result.losses
     else:
         step_dir, losses = latest_checkpoint(cfg.path(cfg.train.out_dir)), []
