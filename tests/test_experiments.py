@@ -70,22 +70,18 @@ def test_every_experiment_is_registered_with_a_description():
         assert m.NAME == name and m.DESCRIPTION and m.RUNS >= 3 * 2
 
 
-def test_contextual_markov_hides_the_cluster_and_asks_for_far_keys():
-    from gptoss.experiments.runner import ALPHABET, QUERY, SLOT_IDS, contextual_markov, markov_optimum
+def test_contextual_markov_hides_the_cluster_and_far_copy_repeats_beyond_the_window():
+    from gptoss.experiments.runner import ALPHABET, COPY_IDS, contextual_markov, far_copy, markov_optimum
 
     docs = contextual_markov(50, 64)
     assert all(len(d.tokens) == 64 and max(d.tokens) < ALPHABET for d in docs)
     assert contextual_markov(50, 64) is docs  # cached
     opt = markov_optimum(docs)
     assert opt[0] > 2 * BEST_LOSS and all(abs(x - BEST_LOSS) < 0.05 for x in opt[8:])  # a few transitions tell
-    R = 4
-    for d in contextual_markov(20, 64, R):
+    for d in far_copy(20, 64, 20):
         x = d.tokens
-        key, tail = x[:R], x[-2 * R:]
-        assert [ALPHABET + SLOT_IDS * j <= k < ALPHABET + SLOT_IDS * (j + 1) for j, k in enumerate(key)] == [True] * R
-        assert tail == [t for j in range(R) for t in (QUERY + j, key[j])] and max(x[R:-2 * R]) < ALPHABET
-    opt = markov_optimum(contextual_markov(20, 64, R), R)
-    assert opt[:R] == [None] * R and opt[-2 * R:] == [None] * (2 * R) and None not in opt[R:-2 * R]
+        assert len(x) == 64 and min(x) >= ALPHABET and max(x) < VOCAB and x[20:] == (x[:20] * 3)[:44]
+    assert len(COPY_IDS) == VOCAB - ALPHABET
 
 
 def test_stability_via_the_cli(tmp_path):
@@ -161,6 +157,7 @@ def test_sliding_window_smoke(tmp_path):
     assert all(f"| {v} |" in text for v in VARIANTS) and "ms / token" in text
     runs = json.loads((out / "runs.json").read_text())
     assert len(runs) == len(VARIANTS) and all(len(r["eval"]["by_position"]) == 63 for r in runs)
+    assert "copy learned at step" in text and "| – |" in text  # 3 steps: never
     # GPT-oss-20b: 12 windowed layers hold 128 positions, 12 global ones the whole context; 2 KiB per position
     per_position = 2 * 8 * 64 * 2  # keys and values, 8 kv heads of 64, bf16
     assert kv_20b(4096, True) == (12 * 4096 + 12 * 128) * per_position / 2**30

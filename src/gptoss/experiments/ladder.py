@@ -85,7 +85,7 @@ def run(ctx: Context) -> str:
             train_run(ctx, label, seed, steps, model=models[label], data=data, documents=documents,
                       evaluate=evaluate)
     by = {label: [r for r in ctx.runs if r["label"] == label] for label in RUNGS}
-    optimum = [x for x in markov_optimum(contextual_markov(N_DOCS + N_HELDOUT, SEQ_LEN)[N_DOCS:]) if x is not None]
+    optimum = markov_optimum(contextual_markov(N_DOCS + N_HELDOUT, SEQ_LEN)[N_DOCS:])
     rows, previous = [], None
     for label, runs in by.items():
         held = [r["heldout_loss"] for r in runs]

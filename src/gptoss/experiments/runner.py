@@ -66,62 +66,67 @@ def heldout_loss(model, seq_len: int = 64, docs=None) -> float:
     return total / max(1, count)
 
 
-# ---------------------------------------------------------------- a task that needs context (ladder, sliding-window)
+# ---------------------------------------------------------------- tasks that need context (ladder, sliding-window)
 ALPHABET = 32  # contextual Markov: ids 0..31, shared by every cluster
-SLOT_IDS = 2  # far recall: key slot j holds one of the ids 32 + 2j, 33 + 2j (never in the Markov part)
-QUERY = 96  # far recall: slot j is asked for by the id QUERY + j
+COPY_IDS = range(32, VOCAB)  # far copy: 96 ids the Markov documents never use
+
+
+def successor_tables(seed: int = TASK_SEED) -> tuple[random.Random, list]:
+    r = random.Random(seed)
+    return r, [[r.sample(range(ALPHABET), 2) for _ in range(ALPHABET)] for _ in range(CLUSTERS)]
 
 
 @functools.lru_cache(maxsize=8)
-def contextual_markov(n_docs: int, length: int, recall: int = 0, seed: int = TASK_SEED) -> tuple:
+def contextual_markov(n_docs: int, length: int, seed: int = TASK_SEED) -> tuple:
     """Documents of exactly `length` tokens (a packed sequence of that length holds exactly one). Each picks one
     of 8 clusters, whose successor tables (2 successors per token, probability ½ each) live on one shared
     32-token alphabet: a token says nothing about its cluster, the transitions seen so far do, so predicting
     well needs the document's history, not just the last token (the Bayes-optimal loss: markov_optimum).
-
-    recall = R > 0 (far recall): the document opens with R key tokens, slot j one of SLOT_IDS ids of its own, and
-    ends with R questions "QUERY + j, key j": each answer is fixed by one token ≈ length − 2R positions back,
-    found by its id range in one attention hop (no induction circuit needed), but only by a layer that reaches
-    that far — not by a sliding window shorter than that. An answer cannot be inferred from anything nearer:
-    without the key its loss is log SLOT_IDS. Cached: the same arguments give the same (immutable) tuple."""
+    Cached: the same arguments give the same (immutable) tuple."""
     from ..train.data import Document
 
-    r = random.Random(seed)
-    succ = [[r.sample(range(ALPHABET), 2) for _ in range(ALPHABET)] for _ in range(CLUSTERS)]
-    n_markov = length - 3 * recall
+    r, succ = successor_tables(seed)
     docs = []
     for _ in range(n_docs):
         c = r.randrange(CLUSTERS)
         x = [r.randrange(ALPHABET)]
-        for _ in range(n_markov - 1):
+        for _ in range(length - 1):
             x.append(succ[c][x[-1]][r.randrange(2)])
-        if recall:
-            key = [ALPHABET + SLOT_IDS * j + r.randrange(SLOT_IDS) for j in range(recall)]
-            x = key + x + [t for j in range(recall) for t in (QUERY + j, key[j])]
         docs.append(Document(x))
     return tuple(docs)
 
 
-def markov_optimum(docs, recall: int = 0, seed: int = TASK_SEED) -> list[float | None]:
-    """The Bayes-optimal loss (nats) of each target position of contextual_markov documents (position p predicts
-    token p + 1), averaged over `docs`; None where the target is not a Markov transition (the key, the
-    questions and answers). Exact: the posterior over clusters is uniform over those whose tables contain every transition so
-    far, and predicts each of a consistent cluster's 2 successors with probability ½."""
-    r = random.Random(seed)
-    succ = [[r.sample(range(ALPHABET), 2) for _ in range(ALPHABET)] for _ in range(CLUSTERS)]
-    length = len(docs[0].tokens)
-    first = recall  # index of the first Markov token
-    last = length - 2 * recall - 1  # index of the last Markov token
-    total = [0.0] * (length - 1)
+def markov_optimum(docs, seed: int = TASK_SEED) -> list[float]:
+    """The Bayes-optimal loss (nats) at each target position of contextual_markov documents (position p predicts
+    token p + 1), averaged over `docs`. Exact: the posterior over clusters is uniform over those whose tables
+    contain every transition so far, and predicts each of a consistent cluster's 2 successors with probability ½."""
+    _, succ = successor_tables(seed)
+    total = [0.0] * (len(docs[0].tokens) - 1)
     for d in docs:
-        x = d.tokens
-        alive = set(range(CLUSTERS))
-        for t in range(first + 1, last + 1):  # predict x[t] from x[first .. t-1]
+        x, alive = d.tokens, set(range(CLUSTERS))
+        for t in range(1, len(x)):  # predict x[t] from x[:t]
             p = sum(0.5 for c in alive if x[t] in succ[c][x[t - 1]]) / len(alive)
-            total[t - 1] += -math.log(p)
+            total[t - 1] -= math.log(p)
             alive = {c for c in alive if x[t] in succ[c][x[t - 1]]}
-    markov = set(range(first, last))  # target positions whose target is a transition
-    return [total[p] / len(docs) if p in markov else None for p in range(length - 1)]
+    return [v / len(docs) for v in total]
+
+
+@functools.lru_cache(maxsize=8)
+def far_copy(n_docs: int, length: int, span: int, seed: int = TASK_SEED) -> tuple:
+    """Documents of exactly `length` tokens: `span` uniformly random ids from COPY_IDS, then the same ids again
+    (and again), cut at `length`. Tokens of the first pass are unpredictable (log 96 nats); from position
+    span + 1 on, token p equals token p − span, which a two-layer induction circuit finds (Olsson et al. 2022:
+    a previous-token head, then a head attending to the token after the earlier occurrence) — but only if its
+    second layer reaches span − 1 positions back: a sliding window of fewer than span keys cannot (it holds keys
+    p − window + 1 .. p). Cached like contextual_markov."""
+    from ..train.data import Document
+
+    r = random.Random(seed + 1)
+    docs = []
+    for _ in range(n_docs):
+        x = [r.choice(COPY_IDS) for _ in range(span)]
+        docs.append(Document((x * (length // span + 1))[:length]))
+    return tuple(docs)
 
 
 def position_losses(model, docs, seq_len: int) -> list[float]:
