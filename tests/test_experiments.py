@@ -96,9 +96,10 @@ def test_stability_via_the_cli(tmp_path):
     assert all(f"| {v} |" in text for v in VARIANTS) and "7 sd" in text
     runs = {r["label"]: r for r in json.loads((out / "runs.json").read_text())}
     assert set(runs) == set(VARIANTS)
-    for r in runs.values():  # the table's spike count is the trainer's score × steps (window ≥ run)
+    for r in runs.values():  # the replayed meter agrees with the trainer's logged score (window 10 at 12 steps)
         grads = [m["grad_norm"] for m in r["metrics"]]
-        assert len(spike_steps(grads, 1000)) == round(r["metrics"][-1]["spike_score_grad_norm"] * len(grads))
+        recent = [i for i in spike_steps(grads, 10) if i >= len(grads) - 10]
+        assert len(recent) == round(r["metrics"][-1]["spike_score_grad_norm"] * 10)
     # the norm variants change the forward, not the data: same targets, different first-step gradients
     first = {k: r["metrics"][0] for k, r in runs.items()}
     assert len({m["targets"] for m in first.values()}) == 1 and len({m["grad_norm"] for m in first.values()}) == 4
