@@ -8,6 +8,7 @@ import random
 import re
 
 import pytest
+import torch
 
 from gptoss import harmony
 from gptoss.demo import data as D
@@ -116,3 +117,34 @@ def test_cli_writes_jsonl(tmp_path):
     lines = (tmp_path / "train.jsonl").read_text().splitlines()
     assert len(lines) == 50 and all("messages" in json.loads(line) for line in lines)
     assert len(json.loads((tmp_path / "vocab.json").read_text())) > 1110  # numbers 0..999 + the rest
+
+
+class Oracle(torch.nn.Module):
+    """Predicts the true next token from the teacher-forced input, except (when `slip`) before digit tokens."""
+
+    def __init__(self, slip: bool):
+        super().__init__()
+        self.slip, self.device = slip, torch.device("cpu")
+
+    def forward(self, tokens):
+        nxt = torch.cat([tokens[:, 1:], tokens[:, -1:]], 1)
+        if self.slip:
+            digit = torch.tensor([TOK.decode([t]).isdigit() for t in nxt[0].tolist()])
+            nxt = torch.where(digit, torch.full_like(nxt, TOK.endoftext), nxt)
+        return torch.nn.functional.one_hot(nxt, 201_088).float()
+
+
+def test_teacher_forced_counts_every_slip_on_what_the_model_writes():
+    from gptoss.demo.eval import teacher_forced
+
+    right = teacher_forced(Oracle(False), n=3, train_n=2000)
+    assert right["conversations"] == 9 and right["all_right"] == 9 and right["token_errors"] == 0
+    slips = teacher_forced(Oracle(True), n=3, train_n=2000)
+    written_digits = 0
+    for ex in heldout(3, train_n=2000):
+        if ex.kind in ("add", "sub", "mul"):
+            tokens, mask = D.to_document(ex, TOK)
+            written_digits += sum(m and TOK.decode([t]).isdigit() for t, m in zip(tokens, mask))
+    assert slips["token_errors"] == written_digits > 9 and slips["all_right"] == 0
+    assert slips["tokens"] == right["tokens"]
+    assert all(want.isdigit() and got == "<|endoftext|>" for _, want, got in slips["errors"])

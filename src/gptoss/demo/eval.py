@@ -210,6 +210,32 @@ def _run_all(examples: list[data.Example], run, concurrency: int, progress: bool
     return [r for r in results if r is not None]
 
 
+def teacher_forced(model, n: int = 20, seed: int = HELDOUT_SEED, kinds: Sequence[str] = CATEGORIES["arithmetic"],
+                   train_seed: int = TRAIN_SEED, train_n: int = TRAIN_N) -> dict[str, Any]:
+    """Where the model slips when it is fed the right conversation: every assistant token of n held-out
+    conversations per kind (rendered as for training) predicted greedily from the true prefix. A recipe
+    diagnostic: a generated answer fails at its first slip, this counts them all and shows their context."""
+    import torch
+
+    from ..tokenizer import get_tokenizer
+
+    tok = get_tokenizer()
+    errors: list[tuple[str, str, str]] = []  # (context, expected, predicted)
+    total = whole = 0
+    examples = [ex for ex in heldout(n, seed, train_seed, train_n) if ex.kind in kinds]
+    for ex in examples:
+        tokens, mask = data.to_document(ex, tok)
+        with torch.no_grad():
+            pred = model(torch.tensor([tokens], device=model.device))[0].argmax(-1).tolist()
+        slips = [i for i in range(len(tokens) - 1) if mask[i + 1] and pred[i] != tokens[i + 1]]
+        total += sum(mask[1:])
+        whole += not slips
+        errors += [(tok.decode(tokens[max(0, i - 8):i + 1]), tok.decode([tokens[i + 1]]), tok.decode([pred[i]]))
+                   for i in slips]
+    return {"conversations": len(examples), "all_right": whole, "tokens": total, "token_errors": len(errors),
+            "errors": errors}
+
+
 def summary(results: Sequence[Result]) -> dict[str, Any]:
     def rate(rs: list[Result], attr: str = "correct") -> dict[str, Any]:
         ok = sum(bool(getattr(r, attr)) for r in rs)

@@ -182,9 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_train:
         prepare = (lambda m: number_init(m, ids, cfg.train.seed)) if demo.get("number_init", False) else None
         result = train(cfg, documents=docs, token_map=token_map(ids), progress=True, prepare=prepare)
-        step_dir, losses = result.checkpoint, result.losses
+        step_dir = result.checkpoint
     else:
-        step_dir, losses = latest_checkpoint(cfg.path(cfg.train.out_dir)), []
+        step_dir = latest_checkpoint(cfg.path(cfg.train.out_dir))
     train_s = time.perf_counter() - t1
     metrics = cfg.path(cfg.train.out_dir) / "metrics.jsonl"
     rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
@@ -205,7 +205,11 @@ def main(argv: list[str] | None = None) -> int:
     header = (f"## gptoss eval demo — {out.name}\n\n`gptoss eval demo --model {out} --n {eval_n}` (held-out seed "
               f"{E.HELDOUT_SEED}, reasoning medium, greedy, bf16 + MXFP4 experts; {time.perf_counter() - t2:.0f} s). "
               f"Trained {info['steps']} steps in {train_s / 60:.1f} min, final loss {info['final_loss']}.")
-    md = E.markdown(E.summary(results), header)
+    tf = E.teacher_forced(model, min(eval_n, 20), E.HELDOUT_SEED, train_seed=seed, train_n=n)
+    slips = "; ".join(f"`{c!r}` → {want!r} (wrote {got!r})" for c, want, got in tf["errors"][:6])
+    md = E.markdown(E.summary(results), header) + (
+        f"\n\nTeacher-forced on {tf['conversations']} held-out arithmetic conversations: {tf['all_right']} without a "
+        f"slip, {tf['token_errors']} wrong tokens of {tf['tokens']} the model writes. First slips: {slips}")
     (out / "EVAL.md").write_text(md + "\n")
     print(md)
     if args.ship:
