@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import gc
 import os
-import sys
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -484,27 +483,16 @@ def follow(model: Transformer) -> None:
 
 def serve(args, load_model: Callable) -> None:
     """`gptoss serve` on rank 0: server.serve_command with the engine's cache mirrored to the followers."""
-    import uvicorn
-
-    from .engine import Engine
-    from .server import configure_logging, create_app, model_name_for
+    from .server import serve_command
     from .vocab import unwrap
 
-    configure_logging()
-    model = load_model(args)
-    engine = Engine(model, max_concurrency=args.max_concurrency, max_queue=args.max_queue,
-                    max_context=args.max_context)
-    engine.cache = MirroredSlotCache(unwrap(model), args.max_concurrency, engine.max_context, engine.cache_dtype)
-    engine.start()
-    name = args.served_model_name or model_name_for(args.model)
-    try:
-        app = create_app(engine, name, api_key=args.api_key)
-        print(f"gptoss serve: {name} on http://{args.host}:{args.port} ({args.layout.world_size} ranks, tp "
-              f"{args.layout.tp}, ep {args.layout.ep})", file=sys.stderr)
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info",
-                    access_log=not args.quiet, timeout_graceful_shutdown=5)
-    finally:
-        engine.close()
+    def mirror_cache(engine) -> None:
+        engine.cache = MirroredSlotCache(unwrap(engine.model), args.max_concurrency, engine.max_context,
+                                         engine.cache_dtype)
+
+    layout = args.layout
+    serve_command(args, load_model, before_start=mirror_cache,
+                  note=f"{layout.world_size} ranks, tp {layout.tp}, ep {layout.ep}")
 
 
 # ---------------------------------------------------------------- the command line under torchrun

@@ -12,7 +12,7 @@ import argparse
 import contextlib
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 __all__ = ["create_app", "serve_command", "serve_in_thread", "add_serve_args", "main"]
@@ -72,23 +72,30 @@ def configure_logging(level: int = logging.INFO) -> None:
         logger.propagate = False
 
 
-def serve_command(args: argparse.Namespace) -> None:
+def serve_command(args: argparse.Namespace, load_model: Callable | None = None, before_start: Callable | None = None,
+                  note: str | None = None) -> None:
     """Load the model, start the engine and serve until Ctrl-C. `args`: model, host, port, api_key,
-    max_concurrency, dtype, device, quiet (and optionally max_queue, max_context, served_model_name)."""
+    max_concurrency, dtype, device, quiet (and optionally max_queue, max_context, served_model_name).
+    load_model(args) and before_start(engine) let `gptoss.parallel` load a shard and mirror the KV cache."""
     import uvicorn
 
-    from ..cli import load_model
     from ..engine import Engine
 
+    if load_model is None:
+        from ..cli import load_model
     configure_logging()
     model = load_model(args)
     name = getattr(args, "served_model_name", None) or model_name_for(args.model)
     engine = Engine(model, max_concurrency=args.max_concurrency, max_queue=getattr(args, "max_queue", 64),
-                    max_context=getattr(args, "max_context", None)).start()
+                    max_context=getattr(args, "max_context", None))
+    if before_start is not None:
+        before_start(engine)
+    engine.start()
     try:
         app = create_app(engine, name, api_key=args.api_key)
-        print(f"gptoss serve: {name} on http://{args.host}:{args.port} (chat page at /, API at /v1, "
-              f"{args.max_concurrency} concurrent requests, context {engine.max_context})", file=sys.stderr)
+        note = note or f"{args.max_concurrency} concurrent requests, context {engine.max_context}"
+        print(f"gptoss serve: {name} on http://{args.host}:{args.port} (chat page at /, API at /v1, {note})",
+              file=sys.stderr)
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info",
                     access_log=not args.quiet, timeout_graceful_shutdown=5)
     finally:
