@@ -79,28 +79,35 @@ def test_chat_cli_answers_heldout_arithmetic():
 
 
 def test_server_tool_call_round_trip_with_the_openai_client():
-    openai = pytest.importorskip("openai")
+    """The first three calculator questions of the held-out set (a fixed draw, not picked), through
+    `gptoss serve`'s app with the official client: a valid call, the result sent back, the answer quoting it."""
+    pytest.importorskip("openai")
+    from gptoss.demo.eval import final_number, heldout, same_number
     from gptoss.engine import Engine
     from gptoss.server import create_app
     from test_server import Server
 
+    info = json.loads((demo.folder() / "training.json").read_text())
+    questions = [ex for ex in heldout(3, train_seed=info["data_seed"], train_n=info["data_n"]) if ex.kind == "calc"]
     tools = [{"type": "function", "function": CALCULATOR_DEF}]
-    messages = [{"role": "user", "content": "What is 48213 * 9377?"}]
     with Engine(demo.load(), max_concurrency=2) as engine, \
             Server(create_app(engine, demo.NAME), engine) as server:
         client = server.client()
         assert [m.id for m in client.models.list()] == [demo.NAME]
-        r = client.chat.completions.create(model=demo.NAME, messages=messages, tools=tools, temperature=0, seed=0)
-        assert r.choices[0].finish_reason == "tool_calls", r
-        (call,) = r.choices[0].message.tool_calls
-        assert call.function.name == "calculator"
-        expression = json.loads(call.function.arguments)["expression"]
-        assert evaluate(expression) == 48213 * 9377
-        messages += [r.choices[0].message.model_dump(exclude_none=True),
-                     {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"result": evaluate(expression)})}]
-        r = client.chat.completions.create(model=demo.NAME, messages=messages, tools=tools, temperature=0, seed=0)
-        assert r.choices[0].finish_reason == "stop" and not r.choices[0].message.tool_calls
-        assert str(48213 * 9377) in r.choices[0].message.content
+        for ex in questions:
+            messages = [{"role": "user", "content": ex.question}]
+            r = client.chat.completions.create(model=demo.NAME, messages=messages, tools=tools, temperature=0, seed=0)
+            assert r.choices[0].finish_reason == "tool_calls", (ex.question, r)
+            (call,) = r.choices[0].message.tool_calls
+            assert call.function.name == "calculator"
+            expression = json.loads(call.function.arguments)["expression"]
+            assert evaluate(expression) == evaluate(ex.call["arguments"]["expression"]), ex.question
+            messages += [r.choices[0].message.model_dump(exclude_none=True),
+                         {"role": "tool", "tool_call_id": call.id,
+                          "content": json.dumps({"result": evaluate(expression)})}]
+            r = client.chat.completions.create(model=demo.NAME, messages=messages, tools=tools, temperature=0, seed=0)
+            assert r.choices[0].finish_reason == "stop" and not r.choices[0].message.tool_calls
+            assert same_number(final_number(r.choices[0].message.content), ex.answer), (ex.question, r)
 
 
 def test_eval_demo_against_the_real_server_matches_the_local_engine(tmp_path):

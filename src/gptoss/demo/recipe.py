@@ -188,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     train_s = time.perf_counter() - t1
     metrics = cfg.path(cfg.train.out_dir) / "metrics.jsonl"
     rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    if rows:  # the steps' own times: a resumed run's total, not just this invocation's
+        train_s = sum(r["time_s"] for r in rows)
     info = {"data_seed": seed, "data_n": n, "steps": cfg.train.steps, "train_seconds": round(train_s),
             "final_loss": rows[-1]["loss"] if rows else None,
             "loss_last_50": sum(r["loss"] for r in rows[-50:]) / max(1, len(rows[-50:])) if rows else None,
@@ -204,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     results = E.evaluate(model, eval_n, E.HELDOUT_SEED, "medium", train_seed=seed, train_n=n)
     header = (f"## gptoss eval demo — {out.name}\n\n`gptoss eval demo --model {out} --n {eval_n}` (held-out seed "
               f"{E.HELDOUT_SEED}, reasoning medium, greedy, bf16 + MXFP4 experts; {time.perf_counter() - t2:.0f} s). "
-              f"Trained {info['steps']} steps in {train_s / 60:.1f} min, final loss {info['final_loss']}.")
+              f"Trained {info['steps']} steps in {train_s / 60:.1f} min of step time, final loss {info['final_loss']}.")
     tf = E.teacher_forced(model, min(eval_n, 20), E.HELDOUT_SEED, train_seed=seed, train_n=n)
     slips = "; ".join(f"`{c!r}` → {want!r} (wrote {got!r})" for c, want, got in tf["errors"][:6])
     md = E.markdown(E.summary(results), header) + (
