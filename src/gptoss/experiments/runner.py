@@ -118,7 +118,8 @@ def far_copy(n_docs: int, length: int, span: int, seed: int = TASK_SEED) -> tupl
     span + 1 on, token p equals token p − span, which a two-layer induction circuit finds (Olsson et al. 2022:
     a previous-token head, then a head attending to the token after the earlier occurrence) — but only if its
     second layer reaches span − 1 positions back: a sliding window of fewer than span keys cannot (it holds keys
-    p − window + 1 .. p). Cached like contextual_markov."""
+    p − window + 1 .. p), though two stacked windows reach 2·(window − 1) back through a relay. Cached like
+    contextual_markov."""
     from ..train.data import Document
 
     r = random.Random(seed + 1)
