@@ -36,14 +36,20 @@ def clustered_markov(n_docs: int = N_TRAIN, length: int = 65, seed: int = TASK_S
 
     r = random.Random(seed)
     succ = [[r.sample(range(CLUSTER_VOCAB), 2) for _ in range(CLUSTER_VOCAB)] for _ in range(CLUSTERS)]
-    docs = []
+    return [Document([c * CLUSTER_VOCAB + t for t in x]) for c, x in markov_walks(r, succ, n_docs, length)]
+
+
+def markov_walks(r: random.Random, succ: list, n_docs: int, length: int) -> list[tuple[int, list[int]]]:
+    """(cluster, tokens) for n_docs walks: a random cluster, a random first token, then one of the two
+    successors of the last token in that cluster's table at each step."""
+    walks = []
     for _ in range(n_docs):
         c = r.randrange(CLUSTERS)
-        x = [r.randrange(CLUSTER_VOCAB)]
+        x = [r.randrange(len(succ[c]))]
         for _ in range(length - 1):
             x.append(succ[c][x[-1]][r.randrange(2)])
-        docs.append(Document([c * CLUSTER_VOCAB + t for t in x]))
-    return docs
+        walks.append((c, x))
+    return walks
 
 
 def heldout_loss(model, seq_len: int = 64, docs=None) -> float:
@@ -86,14 +92,7 @@ def contextual_markov(n_docs: int, length: int, seed: int = TASK_SEED) -> tuple:
     from ..train.data import Document
 
     r, succ = successor_tables(seed)
-    docs = []
-    for _ in range(n_docs):
-        c = r.randrange(CLUSTERS)
-        x = [r.randrange(ALPHABET)]
-        for _ in range(length - 1):
-            x.append(succ[c][x[-1]][r.randrange(2)])
-        docs.append(Document(x))
-    return tuple(docs)
+    return tuple(Document(x) for _, x in markov_walks(r, succ, n_docs, length))
 
 
 def markov_optimum(docs, seed: int = TASK_SEED) -> list[float]:
