@@ -73,6 +73,9 @@ def to_oh(lib, m: h.Message):
         content = lib.SystemContent(model_identity=c.model_identity, reasoning_effort=effort,
                                     knowledge_cutoff=c.knowledge_cutoff,
                                     conversation_start_date=c.conversation_start_date, channel_config=channels)
+        for ns in c.tools:
+            content = content.with_tools(lib.ToolNamespaceConfig(name=ns.name, description=ns.description, tools=[
+                lib.ToolDescription.new(t.name, t.description, t.parameters) for t in ns.tools]))
     elif isinstance(c, h.DeveloperContent):
         content = lib.DeveloperContent(instructions=c.instructions)
         if c.tools:
@@ -234,6 +237,53 @@ def test_system_message_text():
         "Calls to these tools must go to the commentary channel: 'functions'.")
     with pytest.raises(h.HarmonyError, match="reasoning_effort"):
         h.SystemContent(reasoning_effort="extreme").render_text()
+
+
+def python_namespace(description: str | None = None) -> h.ToolNamespace:
+    from gptoss.tools import PYTHON_DESCRIPTION
+
+    return h.ToolNamespace("python", PYTHON_DESCRIPTION.format(timeout=30) if description is None else description)
+
+
+@pytest.mark.parametrize("function_tools", [False, True])
+def test_builtin_python_tool_equals_openai_harmony(oh, function_tools):
+    """The system message with `## python`: openai-harmony's own python namespace (its default text) and ours."""
+    lib, encoding = oh
+    options = lib.RenderOptions(conversation_has_function_tools=function_tools)
+    reference = lib.Message.from_role_and_content(lib.Role.SYSTEM, lib.SystemContent.new().with_python_tool())
+    theirs = lib.ToolNamespaceConfig.python().description
+    m = system(tools=[python_namespace(theirs)])
+    assert h.render_message(m, TOK, has_function_tools=function_tools) == encoding.render(reference, options)
+    m = system(tools=[python_namespace()], reasoning_effort="high", conversation_start_date="2025-06-28")
+    ids = h.render_message(m, TOK, has_function_tools=function_tools)
+    assert ids == encoding.render(to_oh(lib, m), options)
+    assert "## python\n\nUse this tool to execute Python code" in TOK.decode(ids)
+
+
+def test_builtin_namespaces_with_functions_equal_openai_harmony(oh):
+    """Several built-in namespaces (one holding functions, as `browser` does) in one system message."""
+    lib, encoding = oh
+    m = system(tools=[h.ToolNamespace("browser", "Tool for browsing.\nCite sources.", [LOCATION, WEATHER]),
+                      python_namespace(), h.ToolNamespace("empty")])
+    assert h.render_message(m, TOK) == encoding.render(to_oh(lib, m))
+
+
+def test_python_call_and_result_conversation_equals_openai_harmony(oh):
+    """A python call (`to=python`, analysis, content type `code`) and its result, then the final answer."""
+    lib, encoding = oh
+    messages = [system(tools=[python_namespace()]), h.Message.user("What is 2**100?"),
+                h.Message("assistant", "Compute it.", channel="analysis"),
+                h.Message("assistant", "print(2**100)", channel="analysis", recipient="python", content_type="code"),
+                h.Message("tool", "1267650600228229401496703205376", channel="analysis", recipient="assistant",
+                          name="python")]
+    conversation = oh_conversation(lib, messages)
+    assert h.render_conversation_for_completion(messages, "assistant", TOK) == \
+        encoding.render_conversation_for_completion(conversation, lib.Role.ASSISTANT)
+    completion = '<|channel|>analysis code<|message|>x = 3\nx * 2<|call|>'
+    ids = TOK.encode(" to=python" + completion, allowed_special="all")
+    ours_parsed = [ours(m) for m in h.parse_messages(ids, "assistant")]
+    assert ours_parsed == [from_oh(m) for m in encoding.parse_messages_from_completion_tokens(ids, lib.Role.ASSISTANT)]
+    assert ours_parsed == [("assistant", None, "analysis", "python", "code", "x = 3\nx * 2")]
 
 
 @pytest.mark.parametrize("instructions", [None, "Always respond in riddles", "Line one.\n\nLine <|end|> two."])

@@ -10,14 +10,16 @@ and the model is called again until it stops at <|return|> (its final answer).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 from . import harmony
+from .errors import GptOssError
 from .generate import SamplingParams
 from .tokenizer import Tokenizer, get_tokenizer
-from .tools import BUILTIN_TOOLS, Tool, load_tools, run_tool
+from .tools import BUILTIN_TOOLS, PYTHON_DESCRIPTION, PYTHON_TIMEOUT, Tool, load_tools, run_python, run_tool
 
 Complete = Callable[[Sequence[int], SamplingParams], Iterator[int]]
 
@@ -42,17 +44,22 @@ class ChatSession:
     def __init__(self, complete: Complete, params: SamplingParams, tokenizer: Tokenizer | None = None,
                  reasoning_effort: str = "medium", model_identity: str | None = None,
                  instructions: str | None = None, tools: Sequence[Tool] = (),
-                 ask: Callable[[str], str] | None = None, max_tool_rounds: int = 8):
+                 ask: Callable[[str], str] | None = None, max_tool_rounds: int = 8,
+                 python_timeout: float | None = None):
         self.complete, self.params = complete, params
         self.tok = tokenizer or get_tokenizer()
         self.tools = {t.name: t for t in tools}
         self.ask, self.max_tool_rounds = ask, max_tool_rounds
+        self.python_timeout = python_timeout  # None: no built-in python tool
         self.reasoning_effort, self.model_identity, self.instructions = reasoning_effort, model_identity, instructions
         self.messages: list[harmony.Message] = []
 
     # -------------------------------------------------------- the conversation
     def header(self) -> list[harmony.Message]:
         system = harmony.SystemContent(reasoning_effort=self.reasoning_effort)
+        if self.python_timeout is not None:
+            description = PYTHON_DESCRIPTION.format(timeout=self.python_timeout)
+            system.tools = [harmony.ToolNamespace("python", description)]
         if self.model_identity:
             system.model_identity = self.model_identity
         out = [harmony.Message.system(system)]
@@ -82,8 +89,18 @@ class ChatSession:
                     yield ChatEvent(delta.channel or "final", delta.text)
             new = parser.finish()
             self.messages.extend(new)
-            call = new[-1] if new and new[-1].recipient and new[-1].recipient.startswith("functions.") else None
-            if call is None:  # a final answer (or max_tokens reached): the turn is over
+            call = new[-1] if new and new[-1].role == "assistant" and new[-1].recipient else None
+            if call is not None and call.recipient.split(".")[0] == "python":  # `to=python` (or python.exec)
+                yield ChatEvent("tool_call", call.content, "python")
+                result = (run_python(call.content, self.python_timeout) if self.python_timeout is not None
+                          else "python is not available in this conversation")
+                yield ChatEvent("tool_result", result, "python")
+                # the result comes back on the call's channel (analysis), authored by the tool
+                self.messages.append(harmony.Message("tool", result, channel=call.channel or "analysis",
+                                                     recipient="assistant", name=call.recipient))
+                continue
+            if call is None or not call.recipient.startswith("functions."):
+                # a final answer (or max_tokens reached): the turn is over
                 # Harmony: the chain of thought of finished turns is not shown to the model again
                 self.messages = [m for m in self.messages if m.channel != "analysis"]
                 yield ChatEvent("done")
@@ -111,6 +128,8 @@ def run_chat(args: argparse.Namespace) -> None:
     tools: list[Tool] = load_tools(args.tools) if args.tools else []
     if args.calculator:
         tools.append(BUILTIN_TOOLS["calculator"])
+    if args.python and not args.python_timeout > 0:
+        raise GptOssError(f"--python-timeout must be a positive number of seconds, got {args.python_timeout:g}")
     model = load_model(args)
     interactive = sys.stdin.isatty()
     out = sys.stdout
@@ -132,8 +151,11 @@ def run_chat(args: argparse.Namespace) -> None:
         return answer if answer is not None else '{"error": "no result given"}'
 
     session = ChatSession(model_completer(model), params, tok, args.reasoning_effort, args.system,
-                          args.developer, tools, ask=ask_tool_result)
+                          args.developer, tools, ask=ask_tool_result,
+                          python_timeout=args.python_timeout if args.python else None)
     show_reasoning = args.show_reasoning
+    # reasoning is dimmed on a colour terminal (https://no-color.org: NO_COLOR turns it off)
+    dim, undim = ("\033[2m", "\033[0m") if out.isatty() and not os.environ.get("NO_COLOR") else ("", "")
     if interactive:
         out.write(f"gptoss chat — {args.model} — reasoning {args.reasoning_effort}. /help for commands.\n")
     while True:
@@ -169,12 +191,16 @@ def run_chat(args: argparse.Namespace) -> None:
                     out.write({"analysis": "[thinking] ", "commentary": "[commentary] ", "final": ""}[event.kind]
                               if channel is None else f"\n{'' if event.kind == 'final' else '[' + event.kind + '] '}")
                     channel = event.kind
-                out.write(event.text)
+                out.write(event.text if event.kind == "final" else f"{dim}{event.text}{undim}")
+            elif event.kind == "tool_call" and event.name == "python":
+                out.write(f"{chr(10) if channel else ''}[python]\n{event.text.rstrip()}\n")
+                channel = None
             elif event.kind == "tool_call":
                 out.write(f"{chr(10) if channel else ''}[tool call] {event.name}({event.text})\n")
                 channel = None
             elif event.kind == "tool_result":
-                out.write(f"[tool result] {event.text}\n")
+                sep = "\n" if event.name == "python" else " "
+                out.write(f"[tool result]{sep}{event.text}\n")
             elif event.kind == "done":
                 out.write(f"{event.text}\n" if event.text else "\n")
             out.flush()

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from .errors import GptOssError
+from .tools import PYTHON_TIMEOUT
 
 
 def cmd_params(args: argparse.Namespace) -> None:
@@ -202,6 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--developer", default=None, help="developer instructions (the 'system prompt' of OpenAI's API)")
     p.add_argument("--tools", default=None, metavar="FILE", help="JSON file of function tools (OpenAI format)")
     p.add_argument("--calculator", action="store_true", help="offer the built-in calculator function tool")
+    p.add_argument("--python", action="store_true",
+                   help="offer the built-in python tool: the model's code runs in a fresh subprocess, no network")
+    p.add_argument("--python-timeout", type=float, default=PYTHON_TIMEOUT, metavar="S",
+                   help=f"time limit of one python call in seconds (default {PYTHON_TIMEOUT:g})")
     p.add_argument("--show-reasoning", action="store_true", help="print the analysis channel as it streams")
     p.set_defaults(func=cmd_chat)
 

@@ -57,6 +57,15 @@ class ToolDefinition:
 
 
 @dataclass
+class ToolNamespace:
+    """A namespace of built-in tools declared in the system message (`## python`, `## browser`): its
+    description, and the functions it holds (none for `python`, which takes code as its message)."""
+    name: str
+    description: str | None = None
+    tools: list[ToolDefinition] = field(default_factory=list)
+
+
+@dataclass
 class SystemContent:
     """The system message. Every field left None is omitted from the rendering, as in openai-harmony."""
     model_identity: str | None = DEFAULT_MODEL_IDENTITY
@@ -65,6 +74,7 @@ class SystemContent:
     conversation_start_date: str | None = None  # e.g. "2025-06-28"
     valid_channels: Sequence[str] = DEFAULT_CHANNELS
     channel_required: bool = True
+    tools: list[ToolNamespace] = field(default_factory=list)  # built-in tools (function tools: developer)
 
     def render_text(self, has_function_tools: bool = False) -> str:
         top = [] if self.model_identity is None else [self.model_identity]
@@ -78,6 +88,12 @@ class SystemContent:
             if effort not in REASONING_EFFORTS:
                 raise HarmonyError(f"reasoning_effort {self.reasoning_effort!r}: expected one of {REASONING_EFFORTS}")
             sections.append(f"Reasoning: {effort}")
+        if self.tools:
+            names = [ns.name for ns in self.tools]
+            if len(set(names)) < len(names):
+                raise HarmonyError(f"SystemContent.tools: a namespace is declared twice in {names}")
+            # openai-harmony keeps them in a map keyed by name: they render sorted by name
+            sections.append(tools_section(sorted(self.tools, key=lambda ns: ns.name)))
         if self.valid_channels:
             channels = f"# Valid channels: {', '.join(self.valid_channels)}."
             if self.channel_required:
@@ -97,7 +113,7 @@ class DeveloperContent:
     def render_text(self) -> str:
         sections = ["# Instructions", self.instructions] if self.instructions is not None else []
         if self.tools:
-            sections.append(tools_section("functions", self.tools))
+            sections.append(tools_section([ToolNamespace("functions", None, self.tools)]))
         return "\n\n".join(sections)
 
 
@@ -270,21 +286,25 @@ def stop_tokens_for_assistant_actions(tokenizer: Tokenizer | None = None) -> fro
 
 
 # ------------------------------------------------------------------------------- tools as TypeScript
-def tools_section(namespace: str, tools: Sequence[ToolDefinition], description: str | None = None) -> str:
-    """The "# Tools" section of a developer (or system) message, as openai-harmony lays it out."""
-    lines = [f"## {namespace}\n"]
-    if description is not None:
-        lines += [f"// {line}" if tools else line for line in _rust_lines(description)]
-    if tools:
-        lines.append(f"namespace {namespace} {{\n")
-        for tool in tools:
+def tools_section(namespaces: Sequence[ToolNamespace]) -> str:
+    """The "# Tools" section of a system or developer message, as openai-harmony lays it out."""
+    return "# Tools\n\n" + "\n\n".join(_namespace_section(ns) for ns in namespaces)
+
+
+def _namespace_section(ns: ToolNamespace) -> str:
+    lines = [f"## {ns.name}\n"]
+    if ns.description is not None:  # a comment above the namespace, plain text when it holds no functions
+        lines += [f"// {line}" if ns.tools else line for line in _rust_lines(ns.description)]
+    if ns.tools:
+        lines.append(f"namespace {ns.name} {{\n")
+        for tool in ns.tools:
             lines += [f"// {line}" for line in _rust_lines(tool.description)]
             if tool.parameters is not None:
                 lines.append(f"type {tool.name} = (_: {schema_to_typescript(tool.parameters)}) => any;\n")
             else:
                 lines.append(f"type {tool.name} = () => any;\n")
-        lines.append(f"}} // namespace {namespace}")
-    return "# Tools\n\n" + "\n".join(lines)
+        lines.append(f"}} // namespace {ns.name}")
+    return "\n".join(lines)
 
 
 def _rust_lines(s: str) -> list[str]:

@@ -4,6 +4,10 @@ A tool is declared to the model in the developer message (Harmony renders it as 
 calls one, the runner executes it: a built-in (`calculator`), a user command (`"command": [...]` in the
 tools file; the JSON arguments arrive on stdin, stdout is the result), or, for a tool with neither, the
 result is asked from the person at the keyboard — a human in the loop, as when testing a tool schema.
+
+The built-in `python` tool is not a function: Harmony declares it in the system message (`## python`) and
+the model writes code as the message (`<|start|>assistant to=python<|channel|>analysis code<|message|>…`).
+`run_python` runs that code in a fresh interpreter with a time limit, a memory limit and no network.
 """
 
 from __future__ import annotations
@@ -12,7 +16,11 @@ import ast
 import json
 import math
 import operator
+import os
+import shutil
 import subprocess
+import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -160,3 +168,98 @@ def run_tool(tool: Tool, arguments_text: str, ask: Callable[[str], str] | None =
         return json.dumps({"error": str(e)})
     except subprocess.TimeoutExpired:
         return json.dumps({"error": f"tool {tool.name!r} timed out after {timeout:g}s"})
+
+
+# ---------------------------------------------------------------- built-in: python
+PYTHON_TIMEOUT = 30.0
+PYTHON_MAX_OUTPUT = 16_000  # characters of output given back to the model
+
+# The first paragraph is the tool text GPT-oss was trained with (openai-harmony's `python` namespace); the
+# second says what this runner really does instead of a stateful Jupyter notebook.
+PYTHON_DESCRIPTION = (
+    "Use this tool to execute Python code in your chain of thought. The code will not be shown to the user. "
+    "This tool should be used for internal reasoning, but not for code that is intended to be visible to the "
+    "user (e.g. when creating plots, tables, or files).\n\n"
+    "When you send a message containing Python code to python, it will be executed in a new, stateless Python "
+    "process, and its output (stdout and stderr, and the value of a final expression) will be returned to you. "
+    "Nothing is kept between calls. python will time out after {timeout:g} seconds. "
+    "Internet access for this session is disabled.")
+
+# Runs in the child before the code: sockets refused (even where no network namespace could be made), the
+# code compiled as "<python tool>", and a last bare expression printed as a notebook cell would.
+_PYTHON_PRELUDE = r"""
+import ast, socket, sys
+def _no_network(*args, **kwargs):
+    raise OSError("network access is disabled in the python tool")
+for _name in ("connect", "connect_ex", "sendto", "bind"):
+    setattr(socket.socket, _name, _no_network)
+socket.create_connection = socket.getaddrinfo = _no_network
+_scope = {"__name__": "__main__"}
+try:
+    _tree = ast.parse(sys.stdin.read(), "<python tool>")
+    _last = _tree.body.pop() if _tree.body and isinstance(_tree.body[-1], ast.Expr) else None
+    exec(compile(_tree, "<python tool>", "exec"), _scope)
+    if _last is not None:
+        _value = eval(compile(ast.Expression(_last.value), "<python tool>", "eval"), _scope)
+        if _value is not None:
+            print(repr(_value))
+except SystemExit:
+    raise
+except BaseException:  # the traceback of the code alone, without this prelude's frame
+    import traceback
+    _type, _error, _tb = sys.exc_info()
+    traceback.print_exception(_type, _error, None if _type is SyntaxError else _tb.tb_next)
+    sys.exit(1)
+"""
+
+
+def _network_namespace() -> list[str]:
+    """`unshare -rn` (a user + network namespace: only a downed loopback) where the kernel allows it."""
+    if shutil.which("unshare") is None:
+        return []
+    try:
+        ok = subprocess.run(["unshare", "-rn", "true"], capture_output=True, timeout=5).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        ok = False
+    return ["unshare", "-rn"] if ok else []
+
+
+def _limit_resources(memory_bytes: int, cpu_seconds: int) -> Callable[[], None]:
+    def apply() -> None:
+        import resource
+
+        os.setsid()  # its own process group: a timeout kills whatever the code started too
+        resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds))
+    return apply
+
+
+def run_python(code: str, timeout: float = PYTHON_TIMEOUT, memory_mb: int = 2048) -> str:
+    """Run `code` in a fresh `python -I` in an empty temporary folder, without network; its output as text.
+
+    Errors (a traceback, a timeout, the memory limit) are part of the output: the model reads them and
+    can fix its code."""
+    wrapper = _network_namespace() if sys.platform.startswith("linux") else []
+    with tempfile.TemporaryDirectory(prefix="gptoss-python-") as cwd:
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": cwd}
+        # -I: no environment variables, user site or cwd on the path; -u: stdout and stderr in order
+        process = subprocess.Popen([*wrapper, sys.executable, "-I", "-u", "-X", "utf8", "-B", "-c", _PYTHON_PRELUDE], cwd=cwd, env=env,
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   text=True, encoding="utf-8", errors="replace",
+                                   preexec_fn=_limit_resources(memory_mb * 2**20, int(timeout) + 1)
+                                   if os.name == "posix" else None)
+        try:
+            output, _ = process.communicate(code, timeout=timeout)
+            note = "" if process.returncode == 0 else f"\n[exit status {process.returncode}]"
+        except subprocess.TimeoutExpired:
+            if os.name == "posix":
+                try:
+                    os.killpg(process.pid, 9)
+                except ProcessLookupError:
+                    pass
+            process.kill()
+            output, _ = process.communicate()
+            note = f"\n[timed out after {timeout:g} seconds]"
+    if len(output) > PYTHON_MAX_OUTPUT:
+        output = output[:PYTHON_MAX_OUTPUT] + f"\n[output cut at {PYTHON_MAX_OUTPUT} characters]"
+    return (output.rstrip("\n") + note).strip("\n") or "[no output]"

@@ -205,7 +205,7 @@ def tool_definition(name: Any, description: str | None, parameters: Any, where: 
                           "invalid_function_parameters")
     tool = harmony.ToolDefinition(name, description or "", parameters or None)
     try:  # a schema the TypeScript renderer cannot lay out is the caller's error, not ours
-        harmony.tools_section("functions", [tool])
+        harmony.tools_section([harmony.ToolNamespace("functions", None, [tool])])
     except Exception as e:
         raise bad_request(f"Invalid schema for function '{name}': {type(e).__name__}: {e}.", f"{where}.parameters",
                           "invalid_function_parameters") from None
