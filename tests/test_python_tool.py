@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import socket
 import time
+from pathlib import Path
 
 import pytest
 
@@ -42,6 +43,27 @@ def test_time_limit_kills_the_code_and_keeps_its_output():
     out = run_python("import time\nprint('started')\ntime.sleep(30)", timeout=1)
     assert time.monotonic() - start < 10
     assert out == "started\n[timed out after 1 seconds]"
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
+def test_time_limit_also_ends_what_the_code_started():
+    out = run_python("import subprocess, sys, time\n"
+                     "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+                     "print(child.pid)\ntime.sleep(60)", timeout=2)
+    pid = int(out.splitlines()[0])
+    assert out.endswith("[timed out after 2 seconds]")
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and alive(pid):
+        time.sleep(0.1)
+    assert not alive(pid)
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "\nState:\tZ" not in f.read()  # a zombie has ended
+    except FileNotFoundError:
+        return False
 
 
 def test_memory_limit():

@@ -185,10 +185,17 @@ PYTHON_DESCRIPTION = (
     "Nothing is kept between calls. python will time out after {timeout:g} seconds. "
     "Internet access for this session is disabled.")
 
-# Runs in the child before the code: sockets refused (even where no network namespace could be made), the
-# code compiled as "<python tool>", and a last bare expression printed as a notebook cell would.
+# Runs in the child before the code: memory and CPU-time limits (argv 1 and 2), sockets refused (even where
+# no network namespace could be made), the code compiled as "<python tool>", and a last bare expression
+# printed as a notebook cell would.
 _PYTHON_PRELUDE = r"""
 import ast, socket, sys
+try:
+    import resource
+    resource.setrlimit(resource.RLIMIT_AS, (int(sys.argv[1]),) * 2)
+    resource.setrlimit(resource.RLIMIT_CPU, (int(sys.argv[2]),) * 2)
+except ImportError:  # not POSIX: the time limit still holds, enforced by the parent
+    pass
 def _no_network(*args, **kwargs):
     raise OSError("network access is disabled in the python tool")
 for _name in ("connect", "connect_ex", "sendto", "bind"):
@@ -224,16 +231,6 @@ def _network_namespace() -> list[str]:
     return ["unshare", "-rn"] if ok else []
 
 
-def _limit_resources(memory_bytes: int, cpu_seconds: int) -> Callable[[], None]:
-    def apply() -> None:
-        import resource
-
-        os.setsid()  # its own process group: a timeout kills whatever the code started too
-        resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds))
-    return apply
-
-
 def run_python(code: str, timeout: float = PYTHON_TIMEOUT, memory_mb: int = 2048) -> str:
     """Run `code` in a fresh `python -I` in an empty temporary folder, without network; its output as text.
 
@@ -243,11 +240,12 @@ def run_python(code: str, timeout: float = PYTHON_TIMEOUT, memory_mb: int = 2048
     with tempfile.TemporaryDirectory(prefix="gptoss-python-") as cwd:
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": cwd}
         # -I: no environment variables, user site or cwd on the path; -u: stdout and stderr in order
-        process = subprocess.Popen([*wrapper, sys.executable, "-I", "-u", "-X", "utf8", "-B", "-c", _PYTHON_PRELUDE], cwd=cwd, env=env,
-                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                   text=True, encoding="utf-8", errors="replace",
-                                   preexec_fn=_limit_resources(memory_mb * 2**20, int(timeout) + 1)
-                                   if os.name == "posix" else None)
+        argv = [*wrapper, sys.executable, "-I", "-u", "-X", "utf8", "-B", "-c", _PYTHON_PRELUDE,
+                str(memory_mb * 2**20), str(int(timeout) + 1)]
+        # a session of its own: on a timeout the whole process group goes, whatever the code started
+        process = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace",
+                                   start_new_session=True)
         try:
             output, _ = process.communicate(code, timeout=timeout)
             note = "" if process.returncode == 0 else f"\n[exit status {process.returncode}]"
