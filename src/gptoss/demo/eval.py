@@ -27,6 +27,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..chat import ChatSession  # at import time: evaluate() runs run_one in threads, which must not race
+from ..generate import SamplingParams  # to import a module (one of them can see it half initialized)
 from . import data
 from .tools import DEMO_TOOLS
 
@@ -121,9 +123,6 @@ def score(ex: data.Example, r: Result) -> Result:
 
 
 def run_one(ex: data.Example, complete, effort: str, max_tokens: int) -> Result:
-    from ..chat import ChatSession
-    from ..generate import SamplingParams
-
     tools = [DEMO_TOOLS[name] for name in ex.tools]
     session = ChatSession(complete, SamplingParams(temperature=0, max_tokens=max_tokens), reasoning_effort=effort,
                           tools=tools, max_tool_rounds=2)
