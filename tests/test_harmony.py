@@ -74,19 +74,22 @@ def to_oh(lib, m: h.Message):
                                     knowledge_cutoff=c.knowledge_cutoff,
                                     conversation_start_date=c.conversation_start_date, channel_config=channels)
         for ns in c.tools:
-            content = content.with_tools(lib.ToolNamespaceConfig(name=ns.name, description=ns.description, tools=[
-                lib.ToolDescription.new(t.name, t.description, t.parameters) for t in ns.tools]))
+            content = content.with_tools(lib.ToolNamespaceConfig(name=ns.name, description=ns.description,
+                                                                 tools=oh_tools(lib, ns.tools)))
     elif isinstance(c, h.DeveloperContent):
         content = lib.DeveloperContent(instructions=c.instructions)
         if c.tools:
-            content = content.with_function_tools(
-                [lib.ToolDescription.new(t.name, t.description, t.parameters) for t in c.tools])
+            content = content.with_function_tools(oh_tools(lib, c.tools))
     else:
         content = lib.TextContent(text=c)
     msg = lib.Message.from_author_and_content(lib.Author(role=lib.Role(m.role), name=m.name), content)
     msg.channel, msg.recipient = m.channel, m.recipient
     msg.content_type = h.CONSTRAIN + "json" if m.content_type == "json" else m.content_type
     return msg
+
+
+def oh_tools(lib, tools: list[h.ToolDefinition]) -> list:
+    return [lib.ToolDescription.new(t.name, t.description, t.parameters) for t in tools]
 
 
 def from_oh(m) -> tuple:
@@ -269,7 +272,8 @@ def test_builtin_namespaces_with_functions_equal_openai_harmony(oh):
 
 
 def test_python_call_and_result_conversation_equals_openai_harmony(oh):
-    """A python call (`to=python`, analysis, content type `code`) and its result, then the final answer."""
+    """A python call (`to=python`, analysis, content type `code`) and its result, rendered for the next
+    completion; and a python call parsed from a completion."""
     lib, encoding = oh
     messages = [system(tools=[python_namespace()]), h.Message.user("What is 2**100?"),
                 h.Message("assistant", "Compute it.", channel="analysis"),

@@ -90,28 +90,28 @@ class ChatSession:
             new = parser.finish()
             self.messages.extend(new)
             call = new[-1] if new and new[-1].role == "assistant" and new[-1].recipient else None
-            if call is not None and call.recipient.split(".")[0] == "python":  # `to=python` (or python.exec)
-                yield ChatEvent("tool_call", call.content, "python")
-                result = (run_python(call.content, self.python_timeout) if self.python_timeout is not None
-                          else "python is not available in this conversation")
-                yield ChatEvent("tool_result", result, "python")
-                # the result comes back on the call's channel (analysis), authored by the tool
-                self.messages.append(harmony.Message("tool", result, channel=call.channel or "analysis",
-                                                     recipient="assistant", name=call.recipient))
-                continue
-            if call is None or not call.recipient.startswith("functions."):
+            python = call is not None and call.recipient.split(".")[0] == "python"  # `to=python` (or python.exec)
+            if call is None or not (python or call.recipient.startswith("functions.")):
                 # a final answer (or max_tokens reached): the turn is over
                 # Harmony: the chain of thought of finished turns is not shown to the model again
                 self.messages = [m for m in self.messages if m.channel != "analysis"]
                 yield ChatEvent("done")
                 return
-            name = call.recipient.removeprefix("functions.")
+            name = "python" if python else call.recipient.removeprefix("functions.")
             yield ChatEvent("tool_call", call.content, name)
-            tool = self.tools.get(name)
-            result = (run_tool(tool, call.content, self.ask) if tool
-                      else f'{{"error": "no tool named {name}; available: {", ".join(self.tools) or "none"}"}}')
+            if python:
+                result = (run_python(call.content, self.python_timeout) if self.python_timeout is not None
+                          else "python is not available in this conversation")
+                # the result comes back on the call's channel (analysis), authored by the tool
+                reply = harmony.Message("tool", result, channel=call.channel or "analysis", recipient="assistant",
+                                        name=call.recipient)
+            else:
+                tool = self.tools.get(name)
+                result = (run_tool(tool, call.content, self.ask) if tool
+                          else f'{{"error": "no tool named {name}; available: {", ".join(self.tools) or "none"}"}}')
+                reply = harmony.Message.tool_result(call.recipient, result)
             yield ChatEvent("tool_result", result, name)
-            self.messages.append(harmony.Message.tool_result(call.recipient, result))
+            self.messages.append(reply)
         yield ChatEvent("done", "stopped: too many tool calls in one turn")
 
 

@@ -13,6 +13,7 @@ the model writes code as the message (`<|start|>assistant to=python<|channel|>an
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import math
 import operator
@@ -220,15 +221,16 @@ except BaseException:  # the traceback of the code alone, without this prelude's
 """
 
 
-def _network_namespace() -> list[str]:
+@functools.cache  # a property of the machine: probed once, not on every call
+def _network_namespace() -> tuple[str, ...]:
     """`unshare -rn` (a user + network namespace: only a downed loopback) where the kernel allows it."""
     if shutil.which("unshare") is None:
-        return []
+        return ()
     try:
         ok = subprocess.run(["unshare", "-rn", "true"], capture_output=True, timeout=5).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         ok = False
-    return ["unshare", "-rn"] if ok else []
+    return ("unshare", "-rn") if ok else ()
 
 
 def run_python(code: str, timeout: float = PYTHON_TIMEOUT, memory_mb: int = 2048) -> str:
@@ -236,7 +238,7 @@ def run_python(code: str, timeout: float = PYTHON_TIMEOUT, memory_mb: int = 2048
 
     Errors (a traceback, a timeout, the memory limit) are part of the output: the model reads them and
     can fix its code."""
-    wrapper = _network_namespace() if sys.platform.startswith("linux") else []
+    wrapper = _network_namespace() if sys.platform.startswith("linux") else ()
     with tempfile.TemporaryDirectory(prefix="gptoss-python-") as cwd:
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": cwd}
         # -I: no environment variables, user site or cwd on the path; -u: stdout and stderr in order

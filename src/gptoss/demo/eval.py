@@ -27,8 +27,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..chat import ChatSession  # at import time: evaluate() runs run_one in threads, which must not race
-from ..generate import SamplingParams  # to import a module (one of them can see it half initialized)
+# imported here, not in run_one: evaluate() runs run_one in threads, and threads racing to import a module
+# can see it half initialized
+from ..chat import ChatSession
+from ..generate import SamplingParams
 from . import data
 from .tools import DEMO_TOOLS
 
