@@ -33,6 +33,18 @@ class LayerCache:
         self.v = torch.cat([self.v, self.v.new_zeros(self.v.shape[0], pad, *self.v.shape[2:])], dim=1)
         self.pos = torch.cat([self.pos, self.pos.new_full((self.pos.shape[0], pad), -1)], dim=1)
 
+    def next_slot(self) -> int:
+        """Reserve the slot of one new token per row (a kernel then writes k, v and pos there itself)."""
+        if self.length + 1 > self.max_len:
+            raise GenerationError(f"context limit exceeded: {self.length} cached + 1 new token > {self.max_len}")
+        if self.ring:  # the overwritten entry is `capacity` positions old: outside the window already
+            slot = self.length % self.k.shape[1]
+        else:
+            self._grow(self.length + 1)
+            slot = self.length
+        self.length += 1
+        return slot
+
     def update(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
         """Add k/v [B, T, K, Dh] at `positions` [B, T]; return the keys, values and positions to attend to."""
         T = k.shape[1]

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels, mxfp4
+from .cache import LayerCache
 from .config import ModelConfig
 
 # Up to this many (token, expert) rows the MoE runs the fused MXFP4 kernel (decode, small batches); beyond
@@ -60,6 +61,11 @@ class RMSNorm(nn.Module):
             self.bias = nn.Parameter(torch.zeros(dim, dtype=torch.float32, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (not self.centered and x.device.type == "cpu" and x.numel() <= kernels.FUSED_MAX_ROWS * x.shape[-1]
+                and not (torch.is_grad_enabled() and (x.requires_grad or self.scale.requires_grad))):
+            out = kernels.rmsnorm(x, self.scale, self.eps)  # decode: one call instead of eight small ops
+            if out is not None:
+                return out
         t = at_least_fp32(x)
         if self.centered:
             t = t - t.mean(-1, keepdim=True)
@@ -177,6 +183,10 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         post = c.norm_placement == "post"  # OLMo-2: normalize the sublayer's output instead of its input
         qkv = self.qkv(x if post else self.norm(x))
+        if T == 1 and self._fusable(x, cache, segments):
+            out = self._decode_fused(qkv, positions, cos, sin, cache)
+            if out is not None:
+                return x + self.out(out)
         # Fused rows: all query heads, then key heads, then value heads; query head h uses kv head h // G.
         q, k, v = qkv.split([c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim,
                              c.num_key_value_heads * c.head_dim], dim=-1)
@@ -195,6 +205,27 @@ class Attention(nn.Module):
         h = self.out(sdpa_with_sinks(q, k, v, self.sinks, mask, p))
         h = self.norm(h) if post else h
         return x + (F.dropout(h, p) if p else h)  # residual dropout (GPT-2)
+
+    def _fusable(self, x: torch.Tensor, cache, segments) -> bool:
+        """Decode on CPU with GPT-oss's own attention (RoPE, pre-norm, no QK-norm) into an fp32 cache."""
+        c = self.config
+        return (cache is not None and segments is None and x.device.type == "cpu" and not self.training
+                and c.position_embedding == "rope" and not c.qk_norm and c.norm_placement == "pre"
+                and isinstance(cache, LayerCache) and cache.k.dtype == torch.float32
+                and not (torch.is_grad_enabled() and x.requires_grad))
+
+    def _decode_fused(self, qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      cache) -> torch.Tensor | None:
+        """RoPE, cache write and attention for one new token per row in one kernel call (the torch code above
+        is ~45 small ops per layer, which at batch 1 cost more than their arithmetic)."""
+        c = self.config
+        slot = cache.next_slot()
+        out = kernels.decode_attention(qkv, c.num_attention_heads, c.num_key_value_heads, c.head_dim, cos, sin,
+                                       cache.k, cache.v, cache.pos, slot, positions, self.sliding_window,
+                                       self.sinks)
+        if out is None:
+            cache.length -= 1  # not written: the caller's torch path appends the token instead
+        return out
 
 
 # ---------------------------------------------------------------- MoE
@@ -360,6 +391,11 @@ class MoE(nn.Module):
     def _fused(self, t: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Decode: each (token, expert) pair is a row; the kernel reads only the chosen experts' MXFP4 bytes."""
         c, (N, k) = self.config, experts.shape
+        out = kernels.moe_experts(t, experts, weights, self.mlp1_weight.blocks, self.mlp1_weight.scales,
+                                  self.mlp1_bias, self.mlp2_weight.blocks, self.mlp2_weight.scales, self.mlp2_bias,
+                                  c.swiglu_alpha, c.swiglu_limit)
+        if out is not None:  # the same steps as below in one call
+            return out
         rows = experts.reshape(N * k)
         h = kernels.mxfp4_linear(t.repeat_interleave(k, dim=0), self.mlp1_weight.blocks, self.mlp1_weight.scales,
                                  self.mlp1_bias, rows)  # (N·k, 2I) fp32

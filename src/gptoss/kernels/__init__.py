@@ -197,10 +197,75 @@ def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     out = torch.empty(M, N, dtype=torch.float32)
     if out.numel() == 0:
         return out
-    x = x.float().contiguous()
+    x = (x if x.dtype in _DTYPE_CODES else x.float()).contiguous()
     weight = weight.contiguous()
     if bias is not None:
         bias = (bias if bias.dtype in _DTYPE_CODES else bias.float()).contiguous()
-    lib.bf16_linear(x.data_ptr(), M, K, weight.data_ptr(), N, 0 if bias is None else bias.data_ptr(),
+    lib.bf16_linear(x.data_ptr(), _DTYPE_CODES[x.dtype], M, K, weight.data_ptr(), N,
+                    0 if bias is None else bias.data_ptr(),
                     0 if bias is None else _DTYPE_CODES[bias.dtype], out.data_ptr())
+    return out
+
+
+# ---------------------------------------------------------------- fused decode steps (model.py's fast path)
+# Internal: the model calls these only with tensors it built itself (shapes and dtypes as documented), on
+# CPU, without autograd; each returns None when the compiled kernels are not there, and the caller then
+# runs its torch code.
+FUSED_MAX_ROWS = 64  # rmsnorm runs on one thread: beyond a few rows torch's parallel ops are faster
+
+
+def rmsnorm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """x [..., D] fp32/bf16, scale [D] fp32 → RMSNorm in fp32 math, in x's dtype (model.RMSNorm)."""
+    lib = load_kernels()
+    if lib is None or x.dtype not in _DTYPE_CODES or scale.dtype != torch.float32:
+        return None
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    lib.rmsnorm(x.data_ptr(), _DTYPE_CODES[x.dtype], x.numel() // x.shape[-1], x.shape[-1],
+                scale.contiguous().data_ptr(), float(eps), out.data_ptr())
+    return out
+
+
+def decode_attention(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int, cos: torch.Tensor,
+                     sin: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, cache_pos: torch.Tensor,
+                     slot: int, positions: torch.Tensor, sliding_window: int | None,
+                     sinks: torch.Tensor | None) -> torch.Tensor | None:
+    """One new token per row: RoPE on q and k, k/v written to cache slot `slot`, attention with sinks.
+
+    qkv [B, 1, (H + 2K)·Dh] fp32/bf16; cos/sin [B, 1, 1, Dh/2] fp32; cache_k/v [B, S, K, Dh] fp32 (written in
+    place), cache_pos [B, S] int64 (written); positions [B, 1] int64 → [B, 1, H·Dh] in qkv's dtype."""
+    lib = load_kernels()
+    if lib is None or qkv.dtype not in _DTYPE_CODES or cache_k.dtype != torch.float32:
+        return None
+    B, S = cache_pos.shape
+    qkv = qkv.contiguous()
+    cos, sin = cos.float().contiguous(), sin.float().contiguous()
+    q_pos = positions.reshape(B).long().contiguous()
+    sinks = None if sinks is None else sinks.float().contiguous()
+    out = torch.empty(B, 1, num_heads * head_dim, dtype=qkv.dtype)
+    lib.decode_attention(qkv.data_ptr(), _DTYPE_CODES[qkv.dtype], B, num_heads, num_kv_heads, head_dim,
+                         cos.data_ptr(), sin.data_ptr(), cache_k.data_ptr(), cache_v.data_ptr(), cache_pos.data_ptr(),
+                         S, slot, q_pos.data_ptr(), sliding_window or 0, 0 if sinks is None else sinks.data_ptr(),
+                         out.data_ptr())
+    return out
+
+
+def moe_experts(t: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, blocks1: torch.Tensor,
+                scales1: torch.Tensor, bias1: torch.Tensor, blocks2: torch.Tensor, scales2: torch.Tensor,
+                bias2: torch.Tensor, alpha: float, limit: float) -> torch.Tensor | None:
+    """t [N, D] fp32/bf16 through experts [N, k] weighted by weights [N, k]: mlp1, clamped SwiGLU (rounded
+    to t's dtype), mlp2, the weighted sum → [N, D] fp32 (model.MoE._fused in one call)."""
+    lib = load_kernels()
+    if lib is None or t.dtype not in _DTYPE_CODES or bias1.dtype not in _DTYPE_CODES or bias2.dtype != bias1.dtype:
+        return None
+    (N, D), k = t.shape, experts.shape[1]
+    E, I2 = blocks1.shape[:2]
+    t, experts, weights = t.contiguous(), experts.long().contiguous(), weights.float().contiguous()
+    out = torch.empty(N, blocks2.shape[1], dtype=torch.float32)
+    blocks1, scales1, blocks2, scales2 = (w.contiguous() for w in (blocks1, scales1, blocks2, scales2))
+    bias1, bias2 = bias1.contiguous(), bias2.contiguous()
+    lib.moe_experts(t.data_ptr(), _DTYPE_CODES[t.dtype], N, D, experts.data_ptr(), weights.data_ptr(), k, E, I2 // 2,
+                    blocks1.data_ptr(), scales1.data_ptr(), bias1.data_ptr(), blocks2.data_ptr(),
+                    scales2.data_ptr(), bias2.data_ptr(), _DTYPE_CODES[bias1.dtype], float(alpha),
+                    float(limit), out.data_ptr())
     return out

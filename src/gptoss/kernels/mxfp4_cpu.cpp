@@ -27,11 +27,18 @@
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define GPTOSS_AVX2 1
+// AVX-512 BF16 (Zen 4, Sapphire Rapids and later): vdpbf16ps multiplies bf16 pairs exactly and accumulates in
+// fp32, so bf16 activations need no conversion at all. Like every dpbf16 instruction it reads subnormal
+// inputs as zero: weights below 2^-126 (block scales 0 and 1) and activations below 2^-126 count as 0.
+#if defined(__AVX512BF16__) && defined(__AVX512VL__) && defined(__AVX512BW__)
+#define GPTOSS_AVX512BF16 1
+#endif
 #endif
 
 namespace {
@@ -52,6 +59,7 @@ struct Tables {
   alignas(16) uint8_t bf16_lo[16];  // low / high byte of each code's value as bf16
   alignas(16) uint8_t bf16_hi[16];
   alignas(16) uint8_t scaled[256][2][16];  // [s][low/high byte][code]: value · dot_scale[s] as bf16
+  alignas(32) uint16_t scaled_words[256][16];  // [s][code]: the same as bf16 words (vpermw tables)
   Tables() {
     for (int s = 0; s < 256; ++s) dot_scale[s] = scale[s] = std::ldexp(1.0f, s - 127);
     dot_scale[255] = std::numeric_limits<float>::quiet_NaN();
@@ -63,7 +71,10 @@ struct Tables {
     };
     for (int c = 0; c < 16; ++c) {
       split(kValues[c], &bf16_lo[c], &bf16_hi[c]);
-      for (int s = 0; s < 256; ++s) split(kValues[c] * dot_scale[s], &scaled[s][0][c], &scaled[s][1][c]);
+      for (int s = 0; s < 256; ++s) {
+        split(kValues[c] * dot_scale[s], &scaled[s][0][c], &scaled[s][1][c]);
+        scaled_words[s][c] = static_cast<uint16_t>(scaled[s][0][c] | (scaled[s][1][c] << 8));
+      }
     }
   }
 };
@@ -97,6 +108,9 @@ inline int activation_element(int p) {
   return p;
 #endif
 }
+
+// The same for the bf16 kernel (dot_rows_bf16): the 16 even elements, then the 16 odd ones.
+inline int activation_element_bf16(int p) { return p < 16 ? 2 * p : 2 * (p - 16) + 1; }
 
 #ifdef GPTOSS_AVX2
 inline float hsum(__m256 v) {
@@ -153,7 +167,49 @@ inline void dot_rows(const Decoder& d, const uint8_t* blocks, const uint8_t* sca
     sums[r] = hsum(a);
   }
 }
-#else
+#endif
+
+#ifdef GPTOSS_AVX512BF16
+// bf16 activations (the model's bf16 mode) on AVX-512 BF16: a block's 16 bytes widen to 16-bit lanes, the
+// low and the high nibbles index the block scale's 16-word table (vpermw: value · 2^(s-127) as bf16, exact),
+// and two vdpbf16ps multiply the 32 bf16 weights by the activations, exactly, summing pairs in fp32.
+template <int R>
+inline void dot_rows_bf16(const uint8_t* blocks, const uint8_t* scales, int64_t groups,
+                          const uint16_t* const* x, float* sums) {
+  // Two accumulators per row and block (even, odd words), and U blocks per step: at least eight independent
+  // chains, or vdpbf16ps's latency (not the decode) sets the pace.
+  constexpr int U = R == 1 ? 4 : R <= 3 ? 2 : 1;
+  __m256 acc[R][2 * U];
+  for (int r = 0; r < R; ++r)
+    for (int a = 0; a < 2 * U; ++a) acc[r][a] = _mm256_setzero_ps();
+  auto step = [&](int64_t g, int a) {
+    const __m256i bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blocks + g * kBytes)));
+    const __m256i table = _mm256_load_si256(reinterpret_cast<const __m256i*>(kTables.scaled_words[scales[g]]));
+    const __m256i even = _mm256_permutexvar_epi16(bytes, table);  // vpermw reads only the index's low 4 bits
+    const __m256i odd = _mm256_permutexvar_epi16(_mm256_srli_epi16(bytes, 4), table);
+    for (int r = 0; r < R; ++r) {
+      const __m256i* xg = reinterpret_cast<const __m256i*>(x[r] + g * kBlock);
+      acc[r][a] = _mm256_dpbf16_ps(acc[r][a], (__m256bh)even, (__m256bh)_mm256_loadu_si256(xg));
+      acc[r][a + 1] = _mm256_dpbf16_ps(acc[r][a + 1], (__m256bh)odd, (__m256bh)_mm256_loadu_si256(xg + 1));
+    }
+  };
+  int64_t g = 0;
+  for (; g + U <= groups; g += U) {
+#ifdef GPTOSS_PF
+    _mm_prefetch(reinterpret_cast<const char*>(blocks + g * kBytes) + GPTOSS_PF, _MM_HINT_T0);
+#endif
+    for (int u = 0; u < U; ++u) step(g + u, 2 * u);
+  }
+  for (; g < groups; ++g) step(g, 0);
+  for (int r = 0; r < R; ++r) {
+    __m256 a = acc[r][0];
+    for (int i = 1; i < 2 * U; ++i) a = _mm256_add_ps(a, acc[r][i]);
+    sums[r] = hsum(a);
+  }
+}
+#endif
+
+#ifndef GPTOSS_AVX2
 struct Decoder {};
 
 template <int R>
@@ -175,40 +231,59 @@ inline void dot_rows(const Decoder&, const uint8_t* blocks, const uint8_t* scale
 
 // One pass: R rows of x that use the same expert, output rows [n0, n1). Every weight row re-reads the R
 // activation rows, so K is walked in chunks whose activations stay in L1 (~16 KiB); with more rows than
-// that the loads would come from L2 and cost more than the decode.
-template <int R>
+// that the loads would come from L2 and cost more than the decode. T: the activations' type in the kernel,
+// float (permuted for Decoder) or uint16_t (bf16 words, permuted for dot_rows_bf16).
+template <int R, typename T>
 void pass_rows(const uint8_t* blocks, const uint8_t* scales, const float* bias, int64_t n0, int64_t n1,
-               int64_t groups, const float* const* x, float* const* out) {
-  const Decoder d;
-  constexpr int64_t chunk = std::max<int64_t>(8, 16384 / (R * kBlock * sizeof(float)));  // blocks
+               int64_t groups, const void* const* x, float* const* out) {
+  constexpr int64_t chunk = std::max<int64_t>(8, 16384 / (R * kBlock * sizeof(T)));  // blocks
   for (int r = 0; r < R; ++r)
     for (int64_t n = n0; n < n1; ++n) out[r][n] = bias ? bias[n] : 0.f;
   float sums[R];
   for (int64_t g0 = 0; g0 < groups; g0 += chunk) {
     const int64_t g1 = std::min(groups, g0 + chunk);
-    const float* xc[R];
-    for (int r = 0; r < R; ++r) xc[r] = x[r] + g0 * kBlock;
+    const T* xc[R];
+    for (int r = 0; r < R; ++r) xc[r] = static_cast<const T*>(x[r]) + g0 * kBlock;
     for (int64_t n = n0; n < n1; ++n) {
-      dot_rows<R>(d, blocks + (n * groups + g0) * kBytes, scales + n * groups + g0, g1 - g0, xc, sums);
+      const uint8_t* b = blocks + (n * groups + g0) * kBytes;
+      const uint8_t* s = scales + n * groups + g0;
+#ifdef GPTOSS_AVX512BF16
+      if constexpr (std::is_same_v<T, uint16_t>) dot_rows_bf16<R>(b, s, g1 - g0, xc, sums);
+      else
+#endif
+        dot_rows<R>(Decoder{}, b, s, g1 - g0, reinterpret_cast<const float* const*>(xc), sums);
       for (int r = 0; r < R; ++r) out[r][n] += sums[r];
     }
   }
 }
 
 using PassFn = void (*)(const uint8_t*, const uint8_t*, const float*, int64_t, int64_t, int64_t,
-                        const float* const*, float* const*);
-constexpr PassFn kPassFns[kMaxRows] = {pass_rows<1>, pass_rows<2>, pass_rows<3>, pass_rows<4>,
-                                       pass_rows<5>, pass_rows<6>, pass_rows<7>, pass_rows<8>};
+                        const void* const*, float* const*);
+template <typename T>
+constexpr PassFn kPassFns[kMaxRows] = {pass_rows<1, T>, pass_rows<2, T>, pass_rows<3, T>, pass_rows<4, T>,
+                                       pass_rows<5, T>, pass_rows<6, T>, pass_rows<7, T>, pass_rows<8, T>};
 
 // out[m] = x[m] @ W[ids[m]].T + bias[ids[m]] (fp32). x, bias: fp32 or bf16 (bias may be null).
 void linear(const void* x, int64_t x_dtype, int64_t M, int64_t K, const uint8_t* blocks, const uint8_t* scales,
             int64_t E, int64_t N, const void* bias, int64_t bias_dtype, const int64_t* ids, float* out) {
   const int64_t G = K / kBlock;
-  // Activations in fp32 and decode order, once per call (M·K values: small next to the weights).
-  std::vector<float> xs(static_cast<size_t>(M * K));
+  // Activations in decode order, once per call (M·K values: small next to the weights): bf16 words where
+  // the CPU multiplies bf16 natively, fp32 otherwise.
+#ifdef GPTOSS_AVX512BF16
+  const bool bf16 = x_dtype == kBF16;
+#else
+  const bool bf16 = false;
+#endif
+  std::vector<float> xs(bf16 ? 0 : static_cast<size_t>(M * K));
+  std::vector<uint16_t> xs16(bf16 ? static_cast<size_t>(M * K) : 0);
   int order[kBlock];
-  for (int p = 0; p < kBlock; ++p) order[p] = activation_element(p);
+  for (int p = 0; p < kBlock; ++p) order[p] = bf16 ? activation_element_bf16(p) : activation_element(p);
   for (int64_t i = 0; i < M * G; ++i) {  // one 32-value block of one row at a time
+    if (bf16) {
+      const uint16_t* src = static_cast<const uint16_t*>(x) + i * kBlock;
+      for (int p = 0; p < kBlock; ++p) xs16[i * kBlock + p] = src[order[p]];
+      continue;
+    }
     float* dst = xs.data() + i * kBlock;
     if (x_dtype == kBF16) {
       const uint16_t* src = static_cast<const uint16_t*>(x) + i * kBlock;
@@ -218,11 +293,12 @@ void linear(const void* x, int64_t x_dtype, int64_t M, int64_t K, const uint8_t*
       for (int p = 0; p < kBlock; ++p) dst[p] = src[order[p]];
     }
   }
+  const PassFn* pass_fns = bf16 ? kPassFns<uint16_t> : kPassFns<float>;
   // Rows grouped by expert in chunks of at most kMaxRows: each chunk is one pass over that expert.
   struct Pass {
     int64_t expert;
     int rows;
-    const float* x[kMaxRows];
+    const void* x[kMaxRows];
     float* out[kMaxRows];
     std::vector<float> bias;  // bias[expert] as fp32, empty if none
   };
@@ -234,7 +310,7 @@ void linear(const void* x, int64_t x_dtype, int64_t M, int64_t K, const uint8_t*
       Pass p{e, static_cast<int>(std::min<size_t>(kMaxRows, by_expert[e].size() - i)), {}, {}, {}};
       for (int r = 0; r < p.rows; ++r) {
         const int64_t m = by_expert[e][i + r];
-        p.x[r] = xs.data() + m * K;
+        p.x[r] = bf16 ? static_cast<const void*>(xs16.data() + m * K) : xs.data() + m * K;
         p.out[r] = out + m * N;
       }
       if (bias) {
@@ -253,7 +329,7 @@ void linear(const void* x, int64_t x_dtype, int64_t M, int64_t K, const uint8_t*
     for (int64_t i = begin; i < end; ++i) {
       const Pass& p = passes[i / tasks_per_pass];
       const int64_t n0 = (i % tasks_per_pass) * kRowsPerTask, n1 = std::min(N, n0 + kRowsPerTask);
-      kPassFns[p.rows - 1](blocks + p.expert * N * G * kBytes, scales + p.expert * N * G,
+      pass_fns[p.rows - 1](blocks + p.expert * N * G * kBytes, scales + p.expert * N * G,
                            p.bias.empty() ? nullptr : p.bias.data(), n0, n1, G, p.x, p.out);
     }
   });
@@ -362,13 +438,65 @@ void bf16_rows(const float* x, int64_t K, const uint16_t* w, const void* bias, i
   }
 }
 
+#ifdef GPTOSS_AVX512BF16
+// bf16 activations on AVX-512 BF16: 32 weights and 32 activations per vdpbf16ps, no conversion; the tail of
+// a row is a masked load (zeros beyond K).
+template <int R>
+void bf16_rows_dp(const uint16_t* x, int64_t K, const uint16_t* w, const void* bias, int64_t bias_dtype,
+                  int64_t n0, int64_t n1, int64_t N, float* out) {
+  constexpr int A = R <= 2 ? 2 : 1;  // chains per row: cover vdpbf16ps's latency with few rows
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint16_t* wn = w + n * K;
+    __m512 acc[R][A];
+    for (int r = 0; r < R; ++r)
+      for (int a = 0; a < A; ++a) acc[r][a] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 32 * A <= K; k += 32 * A)
+      for (int a = 0; a < A; ++a) {
+        const __m512i wv = _mm512_loadu_si512(wn + k + 32 * a);
+        for (int r = 0; r < R; ++r)
+          acc[r][a] = _mm512_dpbf16_ps(acc[r][a], (__m512bh)wv, (__m512bh)_mm512_loadu_si512(x + r * K + k + 32 * a));
+      }
+    for (; k < K; k += 32) {
+      const __mmask32 m = K - k >= 32 ? ~__mmask32{0} : (__mmask32{1} << (K - k)) - 1;
+      const __m512i wv = _mm512_maskz_loadu_epi16(m, wn + k);
+      for (int r = 0; r < R; ++r)
+        acc[r][0] = _mm512_dpbf16_ps(acc[r][0], (__m512bh)wv, (__m512bh)_mm512_maskz_loadu_epi16(m, x + r * K + k));
+    }
+    const float b = bias ? load_float(bias, bias_dtype, n) : 0.f;
+    for (int r = 0; r < R; ++r) {
+      __m512 a = acc[r][0];
+      for (int i = 1; i < A; ++i) a = _mm512_add_ps(a, acc[r][i]);
+      out[r * N + n] = _mm512_reduce_add_ps(a) + b;
+    }
+  }
+}
+#endif
+
 constexpr int kBf16MaxRows = 4;
 using Bf16Fn = void (*)(const float*, int64_t, const uint16_t*, const void*, int64_t, int64_t, int64_t, int64_t,
                         float*);
 constexpr Bf16Fn kBf16Fns[kBf16MaxRows] = {bf16_rows<1>, bf16_rows<2>, bf16_rows<3>, bf16_rows<4>};
+#ifdef GPTOSS_AVX512BF16
+using Bf16DpFn = void (*)(const uint16_t*, int64_t, const uint16_t*, const void*, int64_t, int64_t, int64_t,
+                          int64_t, float*);
+constexpr Bf16DpFn kBf16DpFns[kBf16MaxRows] = {bf16_rows_dp<1>, bf16_rows_dp<2>, bf16_rows_dp<3>, bf16_rows_dp<4>};
+#endif
 
-void bf16_linear(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, const void* bias,
-                 int64_t bias_dtype, float* out) {
+// x: fp32 or bf16 (x_dtype) [M, K].
+void bf16_linear(const void* x, int64_t x_dtype, int64_t M, int64_t K, const uint16_t* w, int64_t N,
+                 const void* bias, int64_t bias_dtype, float* out) {
+#ifdef GPTOSS_AVX512BF16
+  const bool dp = x_dtype == kBF16;
+#else
+  const bool dp = false;
+#endif
+  std::vector<float> x32;  // bf16 activations on CPUs without bf16 arithmetic: fp32 once per call
+  if (!dp && x_dtype == kBF16) {
+    x32.resize(static_cast<size_t>(M * K));
+    for (int64_t i = 0; i < M * K; ++i) x32[i] = bf16_to_float(static_cast<const uint16_t*>(x)[i]);
+  }
+  const float* xf = x32.empty() ? static_cast<const float*>(x) : x32.data();
   const int64_t rows_per_task = 64;
   const int64_t tasks = (N + rows_per_task - 1) / rows_per_task;
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, rows_per_task * K * 2));
@@ -376,9 +504,171 @@ void bf16_linear(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_
     const int64_t n0 = begin * rows_per_task, n1 = std::min(N, end * rows_per_task);
     for (int64_t m = 0; m < M; m += kBf16MaxRows) {
       const int64_t r = std::min<int64_t>(kBf16MaxRows, M - m);
-      kBf16Fns[r - 1](x + m * K, K, w, bias, bias_dtype, n0, n1, N, out + m * N);
+#ifdef GPTOSS_AVX512BF16
+      if (dp) {
+        kBf16DpFns[r - 1](static_cast<const uint16_t*>(x) + m * K, K, w, bias, bias_dtype, n0, n1, N, out + m * N);
+        continue;
+      }
+#endif
+      kBf16Fns[r - 1](xf + m * K, K, w, bias, bias_dtype, n0, n1, N, out + m * N);
     }
   });
+}
+
+// ---------------------------------------------------------------- the small steps of a decode step
+// One call each instead of a dozen torch ops: at batch 1 a token spends more time dispatching tiny ops than
+// computing them. Each equals the model's torch code (model.py) in fp32 up to summation order and the
+// last bit of exp(); results are rounded to the activation dtype where the torch code rounds.
+
+inline uint16_t float_to_bf16_rne(float f) {  // c10::BFloat16's rounding: nearest even, NaN -> 0x7FC0
+  if (std::isnan(f)) return 0x7FC0;
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  return static_cast<uint16_t>((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+}
+
+inline float round_to(float f, int64_t dtype) { return dtype == kBF16 ? bf16_to_float(float_to_bf16_rne(f)) : f; }
+
+inline void store_float(void* p, int64_t dtype, int64_t i, float f) {
+  if (dtype == kBF16) static_cast<uint16_t*>(p)[i] = float_to_bf16_rne(f);
+  else static_cast<float*>(p)[i] = f;
+}
+
+// out[m] = x[m] · rsqrt(mean(x[m]²) + eps) · scale, fp32 math, stored in x's dtype (RMSNorm.forward).
+void rmsnorm(const void* x, int64_t dtype, int64_t M, int64_t D, const float* scale, float eps, void* out) {
+  std::vector<float> row(D);
+  for (int64_t m = 0; m < M; ++m) {
+    double ss = 0;  // fp64 sum: one ulp of fp32 mean at most, whatever D
+    for (int64_t d = 0; d < D; ++d) {
+      row[d] = load_float(x, dtype, m * D + d);
+      ss += static_cast<double>(row[d]) * row[d];
+    }
+    const float r = 1.0f / std::sqrt(static_cast<float>(ss / D) + eps);
+    for (int64_t d = 0; d < D; ++d) store_float(out, dtype, m * D + d, (row[d] * r) * scale[d]);
+  }
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  int64_t i = 0;
+  float s = 0.f;
+#ifdef GPTOSS_AVX2
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  for (; i + 16 <= n; i += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+  }
+  s = hsum(_mm256_add_ps(acc0, acc1));
+#endif
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+inline void axpy(float w, const float* x, float* y, int64_t n) {  // y += w·x
+  int64_t i = 0;
+#ifdef GPTOSS_AVX2
+  const __m256 wv = _mm256_set1_ps(w);
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+#endif
+  for (; i < n; ++i) y[i] += w * x[i];
+}
+
+// One query position per row (decode) through RoPE, the KV cache and attention with sinks (Attention.forward
+// with apply_rope, LayerCache.update and sdpa_with_sinks). qkv [B, (H + 2K)·Dh] in `dtype`, as the qkv
+// projection rounded it; cos/sin [B, Dh/2]; the cache k/v [B, S, K, Dh] fp32 and pos [B, S] int64, row b's
+// new key written at slot `slot` with position q_pos[b]; keys with 0 ≤ p ≤ q_pos and (window > 0) p > q_pos −
+// window are attended; sinks [H] fp32 or null; out [B, H·Dh] in `dtype`.
+void decode_attention(const void* qkv, int64_t dtype, int64_t B, int64_t H, int64_t K, int64_t Dh,
+                      const float* cos, const float* sin, float* cache_k, float* cache_v, int64_t* cache_pos,
+                      int64_t S, int64_t slot, const int64_t* q_pos, int64_t window, const float* sinks,
+                      void* out) {
+  const int64_t G = H / K, half = Dh / 2, width = (H + 2 * K) * Dh;
+  std::vector<float> q(static_cast<size_t>(B * H * Dh));
+  auto rope = [&](int64_t b, const int64_t src, float* dst) {  // rotate one head; round as apply_rope does
+    const float* c = cos + b * half;
+    const float* sn = sin + b * half;
+    for (int64_t i = 0; i < half; ++i) {
+      const float x1 = load_float(qkv, dtype, b * width + src + i), x2 = load_float(qkv, dtype, b * width + src + half + i);
+      dst[i] = round_to(x1 * c[i] - x2 * sn[i], dtype);
+      dst[half + i] = round_to(x2 * c[i] + x1 * sn[i], dtype);
+    }
+  };
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t h = 0; h < H; ++h) rope(b, h * Dh, q.data() + (b * H + h) * Dh);
+    for (int64_t kh = 0; kh < K; ++kh) {
+      float* kd = cache_k + ((b * S + slot) * K + kh) * Dh;
+      rope(b, (H + kh) * Dh, kd);
+      float* vd = cache_v + ((b * S + slot) * K + kh) * Dh;
+      for (int64_t i = 0; i < Dh; ++i) vd[i] = load_float(qkv, dtype, b * width + (H + K + kh) * Dh + i);
+    }
+    cache_pos[b * S + slot] = q_pos[b];
+  }
+  const float inv_sqrt = 1.0f / std::sqrt(static_cast<float>(Dh));
+  at::parallel_for(0, B * K, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(static_cast<size_t>(G * S)), acc(static_cast<size_t>(G * Dh));
+    std::vector<int64_t> keys;
+    keys.reserve(S);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / K, kh = i % K, qp = q_pos[b];
+      keys.clear();
+      for (int64_t s = 0; s < S; ++s) {
+        const int64_t p = cache_pos[b * S + s];
+        if (p >= 0 && p <= qp && (window <= 0 || p > qp - window)) keys.push_back(s);
+      }
+      const int64_t n = static_cast<int64_t>(keys.size());
+      for (int64_t j = 0; j < n; ++j) {
+        const float* kv = cache_k + ((b * S + keys[j]) * K + kh) * Dh;
+        for (int64_t g = 0; g < G; ++g) scores[g * S + j] = dot(q.data() + (b * H + kh * G + g) * Dh, kv, Dh) * inv_sqrt;
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      std::vector<float> denom(G);
+      for (int64_t g = 0; g < G; ++g) {
+        float* sc = scores.data() + g * S;
+        const float sink = sinks ? sinks[kh * G + g] : -std::numeric_limits<float>::infinity();
+        float mx = sink;
+        for (int64_t j = 0; j < n; ++j) mx = std::max(mx, sc[j]);
+        float sum = sinks ? std::exp(sink - mx) : 0.f;
+        for (int64_t j = 0; j < n; ++j) sum += (sc[j] = std::exp(sc[j] - mx));
+        denom[g] = sum;
+      }
+      for (int64_t j = 0; j < n; ++j) {
+        const float* vv = cache_v + ((b * S + keys[j]) * K + kh) * Dh;
+        for (int64_t g = 0; g < G; ++g) axpy(scores[g * S + j] / denom[g], vv, acc.data() + g * Dh, Dh);
+      }
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t d = 0; d < Dh; ++d)
+          store_float(out, dtype, (b * H + kh * G + g) * Dh + d, n || sinks ? acc[g * Dh + d] : std::nanf(""));
+    }
+  });
+}
+
+// The MoE's experts for a few tokens (MoE._fused): t [N, D] in `dtype` (normed), experts/weights [N, k]
+// (int64 / fp32 routing), mlp1 [E, 2I, D/32, 16] + bias [E, 2I], clamped SwiGLU on interleaved (gate,
+// linear) columns rounded to `dtype`, mlp2 [E, D, I/32, 16] + bias [E, D]; out [N, D] fp32 = Σ_j w_j · y_j.
+void moe_experts(const void* t, int64_t dtype, int64_t N, int64_t D, const int64_t* experts, const float* weights,
+                 int64_t k, int64_t E, int64_t I, const uint8_t* blocks1, const uint8_t* scales1, const void* bias1,
+                 const uint8_t* blocks2, const uint8_t* scales2, const void* bias2, int64_t bias_dtype,
+                 float alpha, float limit, float* out) {
+  const int64_t rows = N * k;
+  const size_t elem = dtype == kBF16 ? 2 : 4;
+  std::vector<uint8_t> x(rows * D * elem);  // each token once per chosen expert
+  for (int64_t r = 0; r < rows; ++r) std::memcpy(x.data() + r * D * elem, static_cast<const uint8_t*>(t) + (r / k) * D * elem, D * elem);
+  std::vector<float> h(static_cast<size_t>(rows * 2 * I));
+  linear(x.data(), dtype, rows, D, blocks1, scales1, E, 2 * I, bias1, bias_dtype, experts, h.data());
+  std::vector<uint8_t> act(rows * I * elem);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t i = 0; i < I; ++i) {
+      const float gate = std::min(h[r * 2 * I + 2 * i], limit);
+      const float lin = std::min(std::max(h[r * 2 * I + 2 * i + 1], -limit), limit);
+      store_float(act.data(), dtype, r * I + i, gate * (1.0f / (1.0f + std::exp(-alpha * gate))) * (lin + 1.0f));
+    }
+  std::vector<float> y(static_cast<size_t>(rows * D));
+  linear(act.data(), dtype, rows, I, blocks2, scales2, E, D, bias2, bias_dtype, experts, y.data());
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t d = 0; d < D; ++d) {
+      float s = 0.f;
+      for (int64_t j = 0; j < k; ++j) s += y[(n * k + j) * D + d] * weights[n * k + j];
+      out[n * D + d] = s;
+    }
 }
 
 // ---------------------------------------------------------------- Python bindings (the plain C API)
@@ -425,16 +715,53 @@ PyObject* py_dequantize(PyObject*, PyObject* args) {
 }
 
 PyObject* py_bf16_linear(PyObject*, PyObject* args) {
-  long long x, M, K, w, N, bias, bias_dtype, out;
-  if (!PyArg_ParseTuple(args, "LLLLLLLL", &x, &M, &K, &w, &N, &bias, &bias_dtype, &out)) return nullptr;
+  long long x, x_dtype, M, K, w, N, bias, bias_dtype, out;
+  if (!PyArg_ParseTuple(args, "LLLLLLLLL", &x, &x_dtype, &M, &K, &w, &N, &bias, &bias_dtype, &out)) return nullptr;
   return run_without_gil([&] {
-    bf16_linear(ptr<const float>(x), M, K, ptr<const uint16_t>(w), N, ptr<const void>(bias), bias_dtype,
+    bf16_linear(ptr<const void>(x), x_dtype, M, K, ptr<const uint16_t>(w), N, ptr<const void>(bias), bias_dtype,
                 ptr<float>(out));
   });
 }
 
+PyObject* py_rmsnorm(PyObject*, PyObject* args) {
+  long long x, dtype, M, D, scale, out;
+  double eps;
+  if (!PyArg_ParseTuple(args, "LLLLLdL", &x, &dtype, &M, &D, &scale, &eps, &out)) return nullptr;
+  return run_without_gil([&] {
+    rmsnorm(ptr<const void>(x), dtype, M, D, ptr<const float>(scale), static_cast<float>(eps), ptr<void>(out));
+  });
+}
+
+PyObject* py_decode_attention(PyObject*, PyObject* args) {
+  long long qkv, dtype, B, H, K, Dh, cos, sin, ck, cv, cpos, S, slot, qpos, window, sinks, out;
+  if (!PyArg_ParseTuple(args, "LLLLLLLLLLLLLLLLL", &qkv, &dtype, &B, &H, &K, &Dh, &cos, &sin, &ck, &cv, &cpos, &S,
+                        &slot, &qpos, &window, &sinks, &out))
+    return nullptr;
+  return run_without_gil([&] {
+    decode_attention(ptr<const void>(qkv), dtype, B, H, K, Dh, ptr<const float>(cos), ptr<const float>(sin),
+                     ptr<float>(ck), ptr<float>(cv), ptr<int64_t>(cpos), S, slot, ptr<const int64_t>(qpos), window,
+                     ptr<const float>(sinks), ptr<void>(out));
+  });
+}
+
+PyObject* py_moe_experts(PyObject*, PyObject* args) {
+  long long t, dtype, N, D, experts, weights, k, E, I, b1, s1, bias1, b2, s2, bias2, bias_dtype, out;
+  double alpha, limit;
+  if (!PyArg_ParseTuple(args, "LLLLLLLLLLLLLLLLddL", &t, &dtype, &N, &D, &experts, &weights, &k, &E, &I, &b1, &s1,
+                        &bias1, &b2, &s2, &bias2, &bias_dtype, &alpha, &limit, &out))
+    return nullptr;
+  return run_without_gil([&] {
+    moe_experts(ptr<const void>(t), dtype, N, D, ptr<const int64_t>(experts), ptr<const float>(weights), k, E, I,
+                ptr<const uint8_t>(b1), ptr<const uint8_t>(s1), ptr<const void>(bias1), ptr<const uint8_t>(b2),
+                ptr<const uint8_t>(s2), ptr<const void>(bias2), bias_dtype, static_cast<float>(alpha),
+                static_cast<float>(limit), ptr<float>(out));
+  });
+}
+
 PyObject* py_simd(PyObject*, PyObject*) {
-#ifdef GPTOSS_AVX2
+#if defined(GPTOSS_AVX512BF16)
+  return PyUnicode_FromString("avx512bf16");
+#elif defined(GPTOSS_AVX2)
   return PyUnicode_FromString("avx2");
 #else
   return PyUnicode_FromString("scalar");
@@ -446,8 +773,15 @@ PyMethodDef kMethods[] = {
      "linear(x, x_dtype, M, K, blocks, scales, E, N, bias, bias_dtype, expert_ids, out): data pointers"},
     {"dequantize", py_dequantize, METH_VARARGS, "dequantize(blocks, scales, groups, out, out_dtype): data pointers"},
     {"bf16_linear", py_bf16_linear, METH_VARARGS,
-     "bf16_linear(x_f32, M, K, w_bf16, N, bias, bias_dtype, out_f32): data pointers"},
-    {"simd", py_simd, METH_NOARGS, "the instruction set this build uses: 'avx2' or 'scalar'"},
+     "bf16_linear(x, x_dtype, M, K, w_bf16, N, bias, bias_dtype, out_f32): data pointers"},
+    {"rmsnorm", py_rmsnorm, METH_VARARGS, "rmsnorm(x, dtype, M, D, scale_f32, eps, out): data pointers"},
+    {"decode_attention", py_decode_attention, METH_VARARGS,
+     "decode_attention(qkv, dtype, B, H, K, Dh, cos, sin, cache_k, cache_v, cache_pos, S, slot, q_pos, window, "
+     "sinks, out): data pointers"},
+    {"moe_experts", py_moe_experts, METH_VARARGS,
+     "moe_experts(t, dtype, N, D, experts, weights, k, E, I, blocks1, scales1, bias1, blocks2, scales2, bias2, "
+     "bias_dtype, alpha, limit, out): data pointers"},
+    {"simd", py_simd, METH_NOARGS, "the instruction set this build uses: 'avx512bf16', 'avx2' or 'scalar'"},
     {nullptr, nullptr, 0, nullptr}};
 
 #define GPTOSS_STR2(x) #x
