@@ -332,7 +332,7 @@ def test_model_decode_with_bf16_kernel_matches_plain_torch(monkeypatch):
     tokens = torch.tensor([[5, 17, 99, 300]])
     calls = []
     real = kernels.bf16_linear
-    monkeypatch.setattr(kernels, "bf16_linear", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(kernels, "bf16_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
     with torch.no_grad():
         fast = model(tokens).float()  # 4 rows: within BF16_MAX_ROWS, so every Linear takes the kernel
         assert len(calls) == 3 * config.num_hidden_layers + 1  # qkv, out, router per block + unembedding
@@ -341,3 +341,64 @@ def test_model_decode_with_bf16_kernel_matches_plain_torch(monkeypatch):
     assert len(calls) == 3 * config.num_hidden_layers + 1
     # bf16 activations between layers: the two paths differ by bf16 rounding of fp32 sums taken in another order
     assert (fast - plain).abs().max() <= 0.02 * plain.abs().max()
+
+
+# ---------------------------------------------------------------- fused decode steps (model.Block / Attention)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_fused_decode_matches_the_torch_path(monkeypatch, dtype):
+    """Decoding with the fused kernels (bf16: Block._decode_fused; fp32: Attention._decode_fused + the MoE in
+    one call) gives the logits of the plain torch code, step by step, for two rows at different positions
+    (left padding) over three sliding windows (the ring buffer wraps), and the same greedy tokens."""
+    from gptoss import synthetic
+    from gptoss.cache import KVCache, default_cache_dtype
+    from gptoss.config import preset
+    from gptoss.model import Transformer
+
+    needs_kernels(True)
+    config = preset("tiny")  # sliding window 8, 4 layers, 8 experts
+    model = Transformer(config, dtype=dtype)
+    model.load_state_dict(dict(synthetic.random_tensors(config, seed=11)), strict=True)
+    calls = {"block": 0, "attention": 0, "moe": 0}
+    def counted(real, key):
+        def call(*args, **kwargs):
+            out = real(*args, **kwargs)
+            calls[key] += out is not None  # None: the kernels are off, the caller runs its torch code
+            return out
+        return call
+
+    for name, key in (("decode_attention_block", "block"), ("decode_attention", "attention"), ("moe_experts", "moe")):
+        monkeypatch.setattr(kernels, name, counted(getattr(kernels, name), key))
+    prompt = torch.tensor([[0, 5, 17, 99, 300, 7], [3, 1, 4, 1, 5, 9]])
+    positions = torch.tensor([[-1, 0, 1, 2, 3, 4], [0, 1, 2, 3, 4, 5]])  # row 0 left-padded by one
+
+    def run(fused: bool) -> tuple[list[torch.Tensor], list[list[int]]]:
+        monkeypatch.setenv("GPTOSS_KERNELS", "1" if fused else "0")
+        cache = KVCache(config, 2, max_len=64, dtype=default_cache_dtype(dtype, "cpu"))
+        with torch.no_grad():
+            logits = model(prompt, positions, cache, last_only=True)
+            pos = positions[:, -1:] + 1
+            steps, tokens = [], []
+            for _ in range(3 * config.sliding_window):
+                token = logits[:, -1].argmax(-1, keepdim=True)
+                tokens.append(token.flatten().tolist())
+                logits = model(token, pos, cache)
+                steps.append(logits.float())
+                pos = pos + 1
+        return steps, tokens
+
+    fused, fused_tokens = run(True)
+    used = dict(calls)
+    plain, plain_tokens = run(False)
+    assert calls == used  # the second run never reached the kernels
+    n = 3 * config.sliding_window * config.num_hidden_layers
+    layers = config.num_hidden_layers  # + the prefill, whose few rows also take the one-call MoE
+    if dtype == torch.bfloat16:  # every decode step of every block took the fused path
+        assert used == {"block": n, "attention": 0, "moe": n + layers}
+    else:
+        assert used == {"block": 0, "attention": n, "moe": n + layers}
+    # fp32: the order of additions only; bf16: that, plus bf16 roundings of sums taken in another order
+    tol = 2e-5 if dtype == torch.float32 else 0.03
+    for f, p in zip(fused, plain):
+        assert (f - p).abs().max() <= tol * p.abs().max()
+    if dtype == torch.float32:
+        assert fused_tokens == plain_tokens

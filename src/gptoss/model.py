@@ -43,8 +43,8 @@ class Linear(nn.Linear):
         rows = x.numel() // x.shape[-1] if x.numel() else 0
         if (x.device.type == "cpu" and self.weight.dtype == torch.bfloat16 and 1 <= rows <= kernels.BF16_MAX_ROWS
                 and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
-            y = kernels.bf16_linear(x.reshape(rows, x.shape[-1]), self.weight, self.bias)
-            return y.view(*x.shape[:-1], -1).to(x.dtype)
+            y = kernels.bf16_linear(x.reshape(rows, x.shape[-1]), self.weight, self.bias, out_dtype=x.dtype)
+            return y.view(*x.shape[:-1], -1)
         return super().forward(x)
 
 
@@ -209,8 +209,8 @@ class Attention(nn.Module):
     def _fusable(self, x: torch.Tensor, cache, segments) -> bool:
         """Decode on CPU with GPT-oss's own attention (RoPE, pre-norm, no QK-norm) into an fp32 cache."""
         c = self.config
-        return (cache is not None and segments is None and x.device.type == "cpu" and not self.training
-                and c.position_embedding == "rope" and not c.qk_norm and c.norm_placement == "pre"
+        return (cache is not None and segments is None and x.device.type == "cpu"
+                and not (self.training and c.dropout) and c.position_embedding == "rope" and not c.qk_norm and c.norm_placement == "pre"
                 and isinstance(cache, LayerCache) and cache.k.dtype == torch.float32
                 and not (torch.is_grad_enabled() and x.requires_grad))
 
@@ -426,7 +426,35 @@ class Block(nn.Module):
         self.mlp = MoE(config, device=device, dtype=dtype)  # norm + MoE + residual
 
     def forward(self, x, positions, cos, sin, cache=None, segments=None) -> torch.Tensor:
+        if x.shape[1] == 1 and x.shape[0] <= kernels.BF16_MAX_ROWS and self._fusable(x, cache, segments):
+            y = self._decode_fused(x, positions, cos, sin, cache)
+            if y is not None:
+                return y
         return self.mlp(self.attn(x, positions, cos, sin, cache, segments))
+
+    def _fusable(self, x: torch.Tensor, cache, segments) -> bool:
+        m = self.mlp
+        return (self.attn._fusable(x, cache, segments) and m.config.mlp_type == "moe"
+                and isinstance(m.mlp1_weight, MXFP4Weight) and m.capacity_factor is None and not m.record_routing)
+
+    def _decode_fused(self, x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      cache) -> torch.Tensor | None:
+        """A decode step of this block in two kernel calls around the router's top-k (kept in torch, so that
+        ties and the balancing bias pick the same experts as the code above): the same operations and roundings
+        as attn + mlp, without the ~80 small torch ops per layer that dominate a batch-1 step on CPU."""
+        m, c = self.mlp, self.mlp.config
+        slot = cache.next_slot()
+        first = kernels.decode_attention_block(x, self.attn, m, positions, cos, sin, cache, slot)
+        if first is None:
+            cache.length -= 1  # nothing was written: the torch path appends the token
+            return None
+        h, t, logits = first
+        B, _, D = h.shape
+        experts, weights = m.route(t.view(B, D), logits)
+        y = kernels.moe_experts(t.view(B, D), experts, weights, m.mlp1_weight.blocks, m.mlp1_weight.scales,
+                                m.mlp1_bias, m.mlp2_weight.blocks, m.mlp2_weight.scales, m.mlp2_bias,
+                                c.swiglu_alpha, c.swiglu_limit, residual=h.view(B, D))
+        return m(h) if y is None else y.view(B, 1, D)  # None: biases in another dtype (the torch MoE then)
 
 
 class Transformer(nn.Module):

@@ -181,20 +181,23 @@ def mxfp4_dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
 BF16_MAX_ROWS = 4  # beyond a few rows torch's GEMM reuses each weight load better than this streaming kernel
 
 
-def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x [M, K] floating, weight [N, K] bf16, bias [N] or None → fp32 [M, N] = x.float() @ weight.T + bias,
-    equal to F.linear in fp32 up to summation order. Streams the weight once for all M rows (decode); falls
-    back to torch off CPU, for more than BF16_MAX_ROWS rows, or without the compiled kernels."""
+def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """x [M, K] floating, weight [N, K] bf16, bias [N] or None → [M, N] = x.float() @ weight.T + bias, equal
+    to F.linear in fp32 up to summation order, returned in out_dtype (fp32, or bf16 rounded to nearest even
+    as `.to(torch.bfloat16)` would). Streams the weight once for all M rows (decode); falls back to torch off
+    CPU, for more than BF16_MAX_ROWS rows, or without the compiled kernels."""
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"bf16_linear: x must be [M, K] and weight [N, K] with the same K, got "
                          f"{_shape(x)} and {_shape(weight)}")
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"bf16_linear: bias must be [N] = [{weight.shape[0]}], got {_shape(bias)}")
     lib = load_kernels() if x.device.type == "cpu" and weight.device.type == "cpu" else None
-    if lib is None or weight.dtype != torch.bfloat16 or x.shape[0] > BF16_MAX_ROWS:
-        return torch.nn.functional.linear(x.float(), weight.float(), None if bias is None else bias.float())
+    if lib is None or weight.dtype != torch.bfloat16 or x.shape[0] > BF16_MAX_ROWS or out_dtype not in _DTYPE_CODES:
+        y = torch.nn.functional.linear(x.float(), weight.float(), None if bias is None else bias.float())
+        return y.to(out_dtype)
     M, K, N = x.shape[0], x.shape[1], weight.shape[0]
-    out = torch.empty(M, N, dtype=torch.float32)
+    out = torch.empty(M, N, dtype=out_dtype)
     if out.numel() == 0:
         return out
     x = (x if x.dtype in _DTYPE_CODES else x.float()).contiguous()
@@ -202,8 +205,8 @@ def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if bias is not None:
         bias = (bias if bias.dtype in _DTYPE_CODES else bias.float()).contiguous()
     lib.bf16_linear(x.data_ptr(), _DTYPE_CODES[x.dtype], M, K, weight.data_ptr(), N,
-                    0 if bias is None else bias.data_ptr(),
-                    0 if bias is None else _DTYPE_CODES[bias.dtype], out.data_ptr())
+                    0 if bias is None else bias.data_ptr(), 0 if bias is None else _DTYPE_CODES[bias.dtype],
+                    out.data_ptr(), _DTYPE_CODES[out_dtype])
     return out
 
 
@@ -252,20 +255,55 @@ def decode_attention(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_
 
 def moe_experts(t: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, blocks1: torch.Tensor,
                 scales1: torch.Tensor, bias1: torch.Tensor, blocks2: torch.Tensor, scales2: torch.Tensor,
-                bias2: torch.Tensor, alpha: float, limit: float) -> torch.Tensor | None:
+                bias2: torch.Tensor, alpha: float, limit: float,
+                residual: torch.Tensor | None = None) -> torch.Tensor | None:
     """t [N, D] fp32/bf16 through experts [N, k] weighted by weights [N, k]: mlp1, clamped SwiGLU (rounded
-    to t's dtype), mlp2, the weighted sum → [N, D] fp32 (model.MoE._fused in one call)."""
+    to t's dtype), mlp2, the weighted sum → [N, D] fp32 (model.MoE._fused in one call). With `residual`
+    [N, D] (t's dtype): residual + that sum rounded to t's dtype, in t's dtype (the MoE block's output)."""
     lib = load_kernels()
     if lib is None or t.dtype not in _DTYPE_CODES or bias1.dtype not in _DTYPE_CODES or bias2.dtype != bias1.dtype:
         return None
     (N, D), k = t.shape, experts.shape[1]
     E, I2 = blocks1.shape[:2]
     t, experts, weights = t.contiguous(), experts.long().contiguous(), weights.float().contiguous()
-    out = torch.empty(N, blocks2.shape[1], dtype=torch.float32)
     blocks1, scales1, blocks2, scales2 = (w.contiguous() for w in (blocks1, scales1, blocks2, scales2))
     bias1, bias2 = bias1.contiguous(), bias2.contiguous()
+    if residual is not None:
+        residual = residual.to(t.dtype).contiguous()
+    out = torch.empty(N, blocks2.shape[1], dtype=torch.float32 if residual is None else t.dtype)
     lib.moe_experts(t.data_ptr(), _DTYPE_CODES[t.dtype], N, D, experts.data_ptr(), weights.data_ptr(), k, E, I2 // 2,
                     blocks1.data_ptr(), scales1.data_ptr(), bias1.data_ptr(), blocks2.data_ptr(),
                     scales2.data_ptr(), bias2.data_ptr(), _DTYPE_CODES[bias1.dtype], float(alpha),
-                    float(limit), out.data_ptr())
+                    float(limit), 0 if residual is None else residual.data_ptr(), out.data_ptr())
     return out
+
+
+def decode_attention_block(x: torch.Tensor, attn, mlp, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                           cache, slot: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Block.forward up to the router for one token per row: x [B, 1, D] (bf16/fp32) → (x + attention,
+    mlp_norm of it, router logits [B, E]), each in x's dtype. attn/mlp: the block's Attention and MoE (bf16
+    weights, biases in x's dtype); the new k/v go to cache slot `slot` (see decode_attention)."""
+    lib = load_kernels()
+    c = attn.config
+    dense = (attn.qkv, attn.out, mlp.gate)
+    if (lib is None or x.dtype not in _DTYPE_CODES or any(m.weight.dtype != torch.bfloat16 or m.bias is None
+                                                          or m.bias.dtype != x.dtype for m in dense)
+            or attn.norm.scale.dtype != torch.float32 or mlp.norm.scale.dtype != torch.float32):
+        return None
+    B, _, D = x.shape
+    x = x.contiguous()
+    cos, sin = cos.float().contiguous(), sin.float().contiguous()
+    q_pos = positions.reshape(B).long().contiguous()
+    sinks = None if attn.sinks is None else attn.sinks.float().contiguous()
+    x_out, t_out = torch.empty_like(x), torch.empty_like(x)
+    E = mlp.gate.weight.shape[0]
+    logits = torch.empty(B, E, dtype=x.dtype)
+    qkv, out, gate = (m.weight.contiguous() for m in dense)
+    lib.decode_attention_block(
+        x.data_ptr(), _DTYPE_CODES[x.dtype], B, D, attn.norm.scale.data_ptr(), float(attn.norm.eps), qkv.data_ptr(),
+        attn.qkv.bias.data_ptr(), c.num_attention_heads, c.num_key_value_heads, c.head_dim, cos.data_ptr(),
+        sin.data_ptr(), cache.k.data_ptr(), cache.v.data_ptr(), cache.pos.data_ptr(), cache.pos.shape[1], slot,
+        q_pos.data_ptr(), attn.sliding_window or 0, 0 if sinks is None else sinks.data_ptr(), out.data_ptr(),
+        attn.out.bias.data_ptr(), mlp.norm.scale.data_ptr(), gate.data_ptr(), mlp.gate.bias.data_ptr(), E,
+        x_out.data_ptr(), t_out.data_ptr(), logits.data_ptr())
+    return x_out, t_out, logits

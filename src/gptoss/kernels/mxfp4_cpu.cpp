@@ -91,6 +91,20 @@ inline float load_float(const void* p, int64_t dtype, int64_t i) {
   return dtype == kBF16 ? bf16_to_float(static_cast<const uint16_t*>(p)[i]) : static_cast<const float*>(p)[i];
 }
 
+inline uint16_t float_to_bf16_rne(float f) {  // c10::BFloat16's rounding: nearest even, NaN -> 0x7FC0
+  if (std::isnan(f)) return 0x7FC0;
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  return static_cast<uint16_t>((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+}
+
+inline float round_to(float f, int64_t dtype) { return dtype == kBF16 ? bf16_to_float(float_to_bf16_rne(f)) : f; }
+
+inline void store_float(void* p, int64_t dtype, int64_t i, float f) {
+  if (dtype == kBF16) static_cast<uint16_t*>(p)[i] = float_to_bf16_rne(f);
+  else static_cast<float*>(p)[i] = f;
+}
+
 // fp32 -> bf16 for values that bf16 holds exactly (all dequantized MXFP4 values): truncation, NaN -> 0x7FC0.
 inline uint16_t float_to_bf16_exact(float f) {
   if (std::isnan(f)) return 0x7FC0;
@@ -195,9 +209,6 @@ inline void dot_rows_bf16(const uint8_t* blocks, const uint8_t* scales, int64_t 
   };
   int64_t g = 0;
   for (; g + U <= groups; g += U) {
-#ifdef GPTOSS_PF
-    _mm_prefetch(reinterpret_cast<const char*>(blocks + g * kBytes) + GPTOSS_PF, _MM_HINT_T0);
-#endif
     for (int u = 0; u < U; ++u) step(g + u, 2 * u);
   }
   for (; g < groups; ++g) step(g, 0);
@@ -407,7 +418,7 @@ void dequantize(const uint8_t* blocks, const uint8_t* scales, int64_t groups, vo
 // the top half of a 32-bit lane is its fp32 value, so each weight costs one shift and one FMA per row.
 template <int R>
 void bf16_rows(const float* x, int64_t K, const uint16_t* w, const void* bias, int64_t bias_dtype, int64_t n0,
-               int64_t n1, int64_t N, float* out) {
+               int64_t n1, int64_t N, void* out, int64_t out_dtype) {
   for (int64_t n = n0; n < n1; ++n) {
     const uint16_t* wn = w + n * K;
     float sums[R];
@@ -434,7 +445,7 @@ void bf16_rows(const float* x, int64_t K, const uint16_t* w, const void* bias, i
       for (int r = 0; r < R; ++r) sums[r] += wk * x[r * K + k];
     }
     const float b = bias ? load_float(bias, bias_dtype, n) : 0.f;
-    for (int r = 0; r < R; ++r) out[r * N + n] = sums[r] + b;
+    for (int r = 0; r < R; ++r) store_float(out, out_dtype, r * N + n, sums[r] + b);
   }
 }
 
@@ -443,7 +454,7 @@ void bf16_rows(const float* x, int64_t K, const uint16_t* w, const void* bias, i
 // a row is a masked load (zeros beyond K).
 template <int R>
 void bf16_rows_dp(const uint16_t* x, int64_t K, const uint16_t* w, const void* bias, int64_t bias_dtype,
-                  int64_t n0, int64_t n1, int64_t N, float* out) {
+                  int64_t n0, int64_t n1, int64_t N, void* out, int64_t out_dtype) {
   constexpr int A = R <= 2 ? 2 : 1;  // chains per row: cover vdpbf16ps's latency with few rows
   for (int64_t n = n0; n < n1; ++n) {
     const uint16_t* wn = w + n * K;
@@ -467,7 +478,7 @@ void bf16_rows_dp(const uint16_t* x, int64_t K, const uint16_t* w, const void* b
     for (int r = 0; r < R; ++r) {
       __m512 a = acc[r][0];
       for (int i = 1; i < A; ++i) a = _mm512_add_ps(a, acc[r][i]);
-      out[r * N + n] = _mm512_reduce_add_ps(a) + b;
+      store_float(out, out_dtype, r * N + n, _mm512_reduce_add_ps(a) + b);
     }
   }
 }
@@ -475,17 +486,18 @@ void bf16_rows_dp(const uint16_t* x, int64_t K, const uint16_t* w, const void* b
 
 constexpr int kBf16MaxRows = 4;
 using Bf16Fn = void (*)(const float*, int64_t, const uint16_t*, const void*, int64_t, int64_t, int64_t, int64_t,
-                        float*);
+                        void*, int64_t);
 constexpr Bf16Fn kBf16Fns[kBf16MaxRows] = {bf16_rows<1>, bf16_rows<2>, bf16_rows<3>, bf16_rows<4>};
 #ifdef GPTOSS_AVX512BF16
 using Bf16DpFn = void (*)(const uint16_t*, int64_t, const uint16_t*, const void*, int64_t, int64_t, int64_t,
-                          int64_t, float*);
+                          int64_t, void*, int64_t);
 constexpr Bf16DpFn kBf16DpFns[kBf16MaxRows] = {bf16_rows_dp<1>, bf16_rows_dp<2>, bf16_rows_dp<3>, bf16_rows_dp<4>};
 #endif
 
-// x: fp32 or bf16 (x_dtype) [M, K].
+// x: fp32 or bf16 (x_dtype) [M, K]; out [M, N] fp32 or bf16 (out_dtype, rounded to nearest even).
 void bf16_linear(const void* x, int64_t x_dtype, int64_t M, int64_t K, const uint16_t* w, int64_t N,
-                 const void* bias, int64_t bias_dtype, float* out) {
+                 const void* bias, int64_t bias_dtype, void* out, int64_t out_dtype) {
+  const size_t out_elem = out_dtype == kBF16 ? 2 : 4;
 #ifdef GPTOSS_AVX512BF16
   const bool dp = x_dtype == kBF16;
 #else
@@ -506,11 +518,13 @@ void bf16_linear(const void* x, int64_t x_dtype, int64_t M, int64_t K, const uin
       const int64_t r = std::min<int64_t>(kBf16MaxRows, M - m);
 #ifdef GPTOSS_AVX512BF16
       if (dp) {
-        kBf16DpFns[r - 1](static_cast<const uint16_t*>(x) + m * K, K, w, bias, bias_dtype, n0, n1, N, out + m * N);
+        kBf16DpFns[r - 1](static_cast<const uint16_t*>(x) + m * K, K, w, bias, bias_dtype, n0, n1, N,
+                          static_cast<uint8_t*>(out) + m * N * out_elem, out_dtype);
         continue;
       }
 #endif
-      kBf16Fns[r - 1](xf + m * K, K, w, bias, bias_dtype, n0, n1, N, out + m * N);
+      kBf16Fns[r - 1](xf + m * K, K, w, bias, bias_dtype, n0, n1, N, static_cast<uint8_t*>(out) + m * N * out_elem,
+                      out_dtype);
     }
   });
 }
@@ -519,20 +533,6 @@ void bf16_linear(const void* x, int64_t x_dtype, int64_t M, int64_t K, const uin
 // One call each instead of a dozen torch ops: at batch 1 a token spends more time dispatching tiny ops than
 // computing them. Each equals the model's torch code (model.py) in fp32 up to summation order and the
 // last bit of exp(); results are rounded to the activation dtype where the torch code rounds.
-
-inline uint16_t float_to_bf16_rne(float f) {  // c10::BFloat16's rounding: nearest even, NaN -> 0x7FC0
-  if (std::isnan(f)) return 0x7FC0;
-  uint32_t bits;
-  std::memcpy(&bits, &f, 4);
-  return static_cast<uint16_t>((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
-}
-
-inline float round_to(float f, int64_t dtype) { return dtype == kBF16 ? bf16_to_float(float_to_bf16_rne(f)) : f; }
-
-inline void store_float(void* p, int64_t dtype, int64_t i, float f) {
-  if (dtype == kBF16) static_cast<uint16_t*>(p)[i] = float_to_bf16_rne(f);
-  else static_cast<float*>(p)[i] = f;
-}
 
 // out[m] = x[m] · rsqrt(mean(x[m]²) + eps) · scale, fp32 math, stored in x's dtype (RMSNorm.forward).
 void rmsnorm(const void* x, int64_t dtype, int64_t M, int64_t D, const float* scale, float eps, void* out) {
@@ -644,10 +644,12 @@ void decode_attention(const void* qkv, int64_t dtype, int64_t B, int64_t H, int6
 // The MoE's experts for a few tokens (MoE._fused): t [N, D] in `dtype` (normed), experts/weights [N, k]
 // (int64 / fp32 routing), mlp1 [E, 2I, D/32, 16] + bias [E, 2I], clamped SwiGLU on interleaved (gate,
 // linear) columns rounded to `dtype`, mlp2 [E, D, I/32, 16] + bias [E, D]; out [N, D] fp32 = Σ_j w_j · y_j.
+// With `residual` [N, D] (in `dtype`): out [N, D] in `dtype` = residual + (Σ_j w_j · y_j rounded to dtype), the
+// MoE block's output (MoE.forward).
 void moe_experts(const void* t, int64_t dtype, int64_t N, int64_t D, const int64_t* experts, const float* weights,
                  int64_t k, int64_t E, int64_t I, const uint8_t* blocks1, const uint8_t* scales1, const void* bias1,
                  const uint8_t* blocks2, const uint8_t* scales2, const void* bias2, int64_t bias_dtype,
-                 float alpha, float limit, float* out) {
+                 float alpha, float limit, const void* residual, void* out) {
   const int64_t rows = N * k;
   const size_t elem = dtype == kBF16 ? 2 : 4;
   std::vector<uint8_t> x(rows * D * elem);  // each token once per chosen expert
@@ -667,8 +669,33 @@ void moe_experts(const void* t, int64_t dtype, int64_t N, int64_t D, const int64
     for (int64_t d = 0; d < D; ++d) {
       float s = 0.f;
       for (int64_t j = 0; j < k; ++j) s += y[(n * k + j) * D + d] * weights[n * k + j];
-      out[n * D + d] = s;
+      if (residual) store_float(out, dtype, n * D + d, load_float(residual, dtype, n * D + d) + round_to(s, dtype));
+      else static_cast<float*>(out)[n * D + d] = s;
     }
+}
+
+// The attention half of a decode step for B rows of one token each (Block.forward up to the router): x [B, D]
+// in `dtype` (the residual stream) → x_out = x + out(attention(qkv(norm(x)))), t_out = mlp_norm(x_out), logits
+// [B, E] = gate(t_out), every intermediate rounded to `dtype` where the torch code rounds. The dense weights
+// are bf16 [out, in] with biases in `dtype`; cache and rope arguments as in decode_attention.
+void decode_attention_block(const void* x, int64_t dtype, int64_t B, int64_t D, const float* attn_norm, float eps,
+                            const uint16_t* qkv_w, const void* qkv_b, int64_t H, int64_t K, int64_t Dh,
+                            const float* cos, const float* sin, float* cache_k, float* cache_v, int64_t* cache_pos,
+                            int64_t S, int64_t slot, const int64_t* q_pos, int64_t window, const float* sinks,
+                            const uint16_t* out_w, const void* out_b, const float* mlp_norm, const uint16_t* gate_w,
+                            const void* gate_b, int64_t E, void* x_out, void* t_out, void* logits) {
+  const size_t elem = dtype == kBF16 ? 2 : 4;
+  const int64_t W = (H + 2 * K) * Dh;
+  std::vector<uint8_t> t(B * D * elem), qkv(B * W * elem), a(B * H * Dh * elem), h(B * D * elem);
+  rmsnorm(x, dtype, B, D, attn_norm, eps, t.data());
+  bf16_linear(t.data(), dtype, B, D, qkv_w, W, qkv_b, dtype, qkv.data(), dtype);
+  decode_attention(qkv.data(), dtype, B, H, K, Dh, cos, sin, cache_k, cache_v, cache_pos, S, slot, q_pos, window,
+                   sinks, a.data());
+  bf16_linear(a.data(), dtype, B, H * Dh, out_w, D, out_b, dtype, h.data(), dtype);
+  for (int64_t i = 0; i < B * D; ++i)
+    store_float(x_out, dtype, i, load_float(x, dtype, i) + load_float(h.data(), dtype, i));
+  rmsnorm(x_out, dtype, B, D, mlp_norm, eps, t_out);
+  bf16_linear(t_out, dtype, B, D, gate_w, E, gate_b, dtype, logits, dtype);
 }
 
 // ---------------------------------------------------------------- Python bindings (the plain C API)
@@ -715,11 +742,12 @@ PyObject* py_dequantize(PyObject*, PyObject* args) {
 }
 
 PyObject* py_bf16_linear(PyObject*, PyObject* args) {
-  long long x, x_dtype, M, K, w, N, bias, bias_dtype, out;
-  if (!PyArg_ParseTuple(args, "LLLLLLLLL", &x, &x_dtype, &M, &K, &w, &N, &bias, &bias_dtype, &out)) return nullptr;
+  long long x, x_dtype, M, K, w, N, bias, bias_dtype, out, out_dtype;
+  if (!PyArg_ParseTuple(args, "LLLLLLLLLL", &x, &x_dtype, &M, &K, &w, &N, &bias, &bias_dtype, &out, &out_dtype))
+    return nullptr;
   return run_without_gil([&] {
     bf16_linear(ptr<const void>(x), x_dtype, M, K, ptr<const uint16_t>(w), N, ptr<const void>(bias), bias_dtype,
-                ptr<float>(out));
+                ptr<void>(out), out_dtype);
   });
 }
 
@@ -745,16 +773,34 @@ PyObject* py_decode_attention(PyObject*, PyObject* args) {
 }
 
 PyObject* py_moe_experts(PyObject*, PyObject* args) {
-  long long t, dtype, N, D, experts, weights, k, E, I, b1, s1, bias1, b2, s2, bias2, bias_dtype, out;
+  long long t, dtype, N, D, experts, weights, k, E, I, b1, s1, bias1, b2, s2, bias2, bias_dtype, residual, out;
   double alpha, limit;
-  if (!PyArg_ParseTuple(args, "LLLLLLLLLLLLLLLLddL", &t, &dtype, &N, &D, &experts, &weights, &k, &E, &I, &b1, &s1,
-                        &bias1, &b2, &s2, &bias2, &bias_dtype, &alpha, &limit, &out))
+  if (!PyArg_ParseTuple(args, "LLLLLLLLLLLLLLLLddLL", &t, &dtype, &N, &D, &experts, &weights, &k, &E, &I, &b1, &s1,
+                        &bias1, &b2, &s2, &bias2, &bias_dtype, &alpha, &limit, &residual, &out))
     return nullptr;
   return run_without_gil([&] {
     moe_experts(ptr<const void>(t), dtype, N, D, ptr<const int64_t>(experts), ptr<const float>(weights), k, E, I,
                 ptr<const uint8_t>(b1), ptr<const uint8_t>(s1), ptr<const void>(bias1), ptr<const uint8_t>(b2),
                 ptr<const uint8_t>(s2), ptr<const void>(bias2), bias_dtype, static_cast<float>(alpha),
-                static_cast<float>(limit), ptr<float>(out));
+                static_cast<float>(limit), ptr<const void>(residual), ptr<void>(out));
+  });
+}
+
+PyObject* py_decode_attention_block(PyObject*, PyObject* args) {
+  long long x, dtype, B, D, attn_norm, qkv_w, qkv_b, H, K, Dh, cos, sin, ck, cv, cpos, S, slot, qpos, window, sinks,
+      out_w, out_b, mlp_norm, gate_w, gate_b, E, x_out, t_out, logits;
+  double eps;
+  if (!PyArg_ParseTuple(args, "LLLLLdLLLLLLLLLLLLLLLLLLLLLLLL", &x, &dtype, &B, &D, &attn_norm, &eps, &qkv_w, &qkv_b,
+                        &H, &K, &Dh, &cos, &sin, &ck, &cv, &cpos, &S, &slot, &qpos, &window, &sinks, &out_w, &out_b,
+                        &mlp_norm, &gate_w, &gate_b, &E, &x_out, &t_out, &logits))
+    return nullptr;
+  return run_without_gil([&] {
+    decode_attention_block(ptr<const void>(x), dtype, B, D, ptr<const float>(attn_norm), static_cast<float>(eps),
+                           ptr<const uint16_t>(qkv_w), ptr<const void>(qkv_b), H, K, Dh, ptr<const float>(cos),
+                           ptr<const float>(sin), ptr<float>(ck), ptr<float>(cv), ptr<int64_t>(cpos), S, slot,
+                           ptr<const int64_t>(qpos), window, ptr<const float>(sinks), ptr<const uint16_t>(out_w),
+                           ptr<const void>(out_b), ptr<const float>(mlp_norm), ptr<const uint16_t>(gate_w),
+                           ptr<const void>(gate_b), E, ptr<void>(x_out), ptr<void>(t_out), ptr<void>(logits));
   });
 }
 
@@ -773,14 +819,17 @@ PyMethodDef kMethods[] = {
      "linear(x, x_dtype, M, K, blocks, scales, E, N, bias, bias_dtype, expert_ids, out): data pointers"},
     {"dequantize", py_dequantize, METH_VARARGS, "dequantize(blocks, scales, groups, out, out_dtype): data pointers"},
     {"bf16_linear", py_bf16_linear, METH_VARARGS,
-     "bf16_linear(x, x_dtype, M, K, w_bf16, N, bias, bias_dtype, out_f32): data pointers"},
+     "bf16_linear(x, x_dtype, M, K, w_bf16, N, bias, bias_dtype, out, out_dtype): data pointers"},
     {"rmsnorm", py_rmsnorm, METH_VARARGS, "rmsnorm(x, dtype, M, D, scale_f32, eps, out): data pointers"},
     {"decode_attention", py_decode_attention, METH_VARARGS,
      "decode_attention(qkv, dtype, B, H, K, Dh, cos, sin, cache_k, cache_v, cache_pos, S, slot, q_pos, window, "
      "sinks, out): data pointers"},
     {"moe_experts", py_moe_experts, METH_VARARGS,
      "moe_experts(t, dtype, N, D, experts, weights, k, E, I, blocks1, scales1, bias1, blocks2, scales2, bias2, "
-     "bias_dtype, alpha, limit, out): data pointers"},
+     "bias_dtype, alpha, limit, residual, out): data pointers"},
+    {"decode_attention_block", py_decode_attention_block, METH_VARARGS,
+     "decode_attention_block(x, dtype, B, D, attn_norm, eps, qkv_w, qkv_b, H, K, Dh, cos, sin, cache_k, cache_v, "
+     "cache_pos, S, slot, q_pos, window, sinks, out_w, out_b, mlp_norm, gate_w, gate_b, E, x_out, t_out, logits)"},
     {"simd", py_simd, METH_NOARGS, "the instruction set this build uses: 'avx512bf16', 'avx2' or 'scalar'"},
     {nullptr, nullptr, 0, nullptr}};
 
