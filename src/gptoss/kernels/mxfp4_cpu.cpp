@@ -209,6 +209,9 @@ inline void dot_rows_bf16(const uint8_t* blocks, const uint8_t* scales, int64_t 
   };
   int64_t g = 0;
   for (; g + U <= groups; g += U) {
+    // 2 KiB ahead (a row and a half): measured 6 % faster from DRAM on Zen 4, where the decode keeps the
+    // core too busy for the out-of-order window to reach far enough ahead
+    _mm_prefetch(reinterpret_cast<const char*>(blocks + g * kBytes) + 2048, _MM_HINT_T0);
     for (int u = 0; u < U; ++u) step(g + u, 2 * u);
   }
   for (; g < groups; ++g) step(g, 0);
@@ -245,11 +248,11 @@ inline void dot_rows(const Decoder&, const uint8_t* blocks, const uint8_t* scale
 // that the loads would come from L2 and cost more than the decode. T: the activations' type in the kernel,
 // float (permuted for Decoder) or uint16_t (bf16 words, permuted for dot_rows_bf16).
 template <int R, typename T>
-void pass_rows(const uint8_t* blocks, const uint8_t* scales, const float* bias, int64_t n0, int64_t n1,
+void pass_rows(const uint8_t* blocks, const uint8_t* scales, const void* bias, int64_t bias_dtype, int64_t n0, int64_t n1,
                int64_t groups, const void* const* x, float* const* out) {
   constexpr int64_t chunk = std::max<int64_t>(8, 16384 / (R * kBlock * sizeof(T)));  // blocks
   for (int r = 0; r < R; ++r)
-    for (int64_t n = n0; n < n1; ++n) out[r][n] = bias ? bias[n] : 0.f;
+    for (int64_t n = n0; n < n1; ++n) out[r][n] = bias ? load_float(bias, bias_dtype, n) : 0.f;
   float sums[R];
   for (int64_t g0 = 0; g0 < groups; g0 += chunk) {
     const int64_t g1 = std::min(groups, g0 + chunk);
@@ -268,7 +271,7 @@ void pass_rows(const uint8_t* blocks, const uint8_t* scales, const float* bias, 
   }
 }
 
-using PassFn = void (*)(const uint8_t*, const uint8_t*, const float*, int64_t, int64_t, int64_t,
+using PassFn = void (*)(const uint8_t*, const uint8_t*, const void*, int64_t, int64_t, int64_t, int64_t,
                         const void* const*, float* const*);
 template <typename T>
 constexpr PassFn kPassFns[kMaxRows] = {pass_rows<1, T>, pass_rows<2, T>, pass_rows<3, T>, pass_rows<4, T>,
@@ -311,7 +314,7 @@ void linear(const void* x, int64_t x_dtype, int64_t M, int64_t K, const uint8_t*
     int rows;
     const void* x[kMaxRows];
     float* out[kMaxRows];
-    std::vector<float> bias;  // bias[expert] as fp32, empty if none
+    const void* bias;  // bias[expert] (bias_dtype), null if none
   };
   std::vector<std::vector<int64_t>> by_expert(E);
   for (int64_t m = 0; m < M; ++m) by_expert[ids[m]].push_back(m);
@@ -324,11 +327,8 @@ void linear(const void* x, int64_t x_dtype, int64_t M, int64_t K, const uint8_t*
         p.x[r] = bf16 ? static_cast<const void*>(xs16.data() + m * K) : xs.data() + m * K;
         p.out[r] = out + m * N;
       }
-      if (bias) {
-        p.bias.resize(N);
-        for (int64_t n = 0; n < N; ++n) p.bias[n] = load_float(bias, bias_dtype, e * N + n);
-      }
-      passes.push_back(std::move(p));
+      p.bias = bias ? static_cast<const uint8_t*>(bias) + e * N * (bias_dtype == kBF16 ? 2 : 4) : nullptr;
+      passes.push_back(p);
     }
   }
   // One flat parallel loop over (pass, slice of output rows): each thread streams a contiguous range of
@@ -341,7 +341,7 @@ void linear(const void* x, int64_t x_dtype, int64_t M, int64_t K, const uint8_t*
       const Pass& p = passes[i / tasks_per_pass];
       const int64_t n0 = (i % tasks_per_pass) * kRowsPerTask, n1 = std::min(N, n0 + kRowsPerTask);
       pass_fns[p.rows - 1](blocks + p.expert * N * G * kBytes, scales + p.expert * N * G,
-                           p.bias.empty() ? nullptr : p.bias.data(), n0, n1, G, p.x, p.out);
+                           p.bias, bias_dtype, n0, n1, G, p.x, p.out);
     }
   });
 }
@@ -657,12 +657,13 @@ void moe_experts(const void* t, int64_t dtype, int64_t N, int64_t D, const int64
   std::vector<float> h(static_cast<size_t>(rows * 2 * I));
   linear(x.data(), dtype, rows, D, blocks1, scales1, E, 2 * I, bias1, bias_dtype, experts, h.data());
   std::vector<uint8_t> act(rows * I * elem);
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t i = 0; i < I; ++i) {
-      const float gate = std::min(h[r * 2 * I + 2 * i], limit);
-      const float lin = std::min(std::max(h[r * 2 * I + 2 * i + 1], -limit), limit);
-      store_float(act.data(), dtype, r * I + i, gate * (1.0f / (1.0f + std::exp(-alpha * gate))) * (lin + 1.0f));
+  at::parallel_for(0, rows * I, 1024, [&](int64_t begin, int64_t end) {  // exp() is most of the glue's time
+    for (int64_t j = begin; j < end; ++j) {
+      const float gate = std::min(h[2 * j], limit);
+      const float lin = std::min(std::max(h[2 * j + 1], -limit), limit);
+      store_float(act.data(), dtype, j, gate * (1.0f / (1.0f + std::exp(-alpha * gate))) * (lin + 1.0f));
     }
+  });
   std::vector<float> y(static_cast<size_t>(rows * D));
   linear(act.data(), dtype, rows, I, blocks2, scales2, E, D, bias2, bias_dtype, experts, y.data());
   for (int64_t n = 0; n < N; ++n)
