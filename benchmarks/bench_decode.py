@@ -87,15 +87,16 @@ def fill_cache(model: gptoss.Transformer, context: int) -> KVCache:
 
 
 class LayerTimer:
-    """Wall time spent in attention of sliding vs full layers (forward pre/post hooks)."""
+    """Wall time spent in blocks with sliding vs full attention (forward pre/post hooks on whole blocks:
+    the fused decode step runs a block's attention and MoE as one unit; the MoE costs the same in both)."""
 
     def __init__(self, model: gptoss.Transformer):
         self.times = {"sliding": 0.0, "full": 0.0}
         self._start = 0.0
         for block in model.block:
             kind = "sliding" if block.attn.sliding_window else "full"
-            block.attn.register_forward_pre_hook(self._pre)
-            block.attn.register_forward_hook(lambda m, a, o, kind=kind: self._post(kind))
+            block.register_forward_pre_hook(self._pre)
+            block.register_forward_hook(lambda m, a, o, kind=kind: self._post(kind))
 
     def _pre(self, module, args):
         self._start = time.perf_counter()
@@ -120,7 +121,7 @@ def decode_speed(model, context: int, steps: int, timer: LayerTimer) -> dict:
                 "full": sum(1 for b in model.block if not b.attn.sliding_window)}
     return {"context": context, "ms_per_token": 1e3 * statistics.median(per_token),
             "tok_s": 1 / statistics.median(per_token),
-            "attn_ms_per_layer": {k: 1e3 * v / steps / max(n_layers[k], 1) for k, v in timer.times.items()}}
+            "block_ms_per_layer": {k: 1e3 * v / steps / max(n_layers[k], 1) for k, v in timer.times.items()}}
 
 
 @torch.no_grad()

@@ -270,15 +270,20 @@ def test_build_failure_warns_once_and_falls_back(monkeypatch):
         kernels._build.cache_clear()  # the next caller builds (or loads the cached build) again
 
 
-def test_scalar_build_matches(tmp_path, monkeypatch):
-    """The portable C++ path (no AVX2: other CPUs, or -march without it), built here with -march=x86-64."""
+@pytest.mark.parametrize("march,simd", [("-march=x86-64", "scalar"), ("-march=native -mno-avx512f", "avx2")],
+                         ids=["scalar", "avx2"])
+def test_other_instruction_sets_match(tmp_path, monkeypatch, march, simd):
+    """The builds other CPUs get, built here too: portable C++ (no AVX2) and, on a CPU with AVX-512 BF16,
+    the AVX2 + FMA path (AVX-512 off), so each is checked whatever the test machine's best path is."""
     needs_kernels(True)
     from torch.utils import cpp_extension
 
-    lib = cpp_extension.load(name="gptoss_mxfp4_cpu_scalar_test", sources=[str(kernels._SOURCE)],
-                             extra_cflags=["-O1", "-march=x86-64", "-fopenmp"], extra_ldflags=["-fopenmp"],
+    if simd == "avx2" and kernels.load_kernels().simd() == "scalar":
+        pytest.skip("this CPU has no AVX2")
+    lib = cpp_extension.load(name=f"gptoss_mxfp4_cpu_{simd}_test", sources=[str(kernels._SOURCE)],
+                             extra_cflags=["-O1", *march.split(), "-fopenmp"], extra_ldflags=["-fopenmp"],
                              build_directory=str(tmp_path), verbose=False)
-    assert lib.simd() == "scalar"
+    assert lib.simd() == simd
     monkeypatch.setattr(kernels, "_build", lambda: lib)
     blocks, scales, bias = make(5, 37, 320, seed=13, bias_dtype=torch.bfloat16)
     x = torch.randn(11, 320, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
@@ -288,6 +293,7 @@ def test_scalar_build_matches(tmp_path, monkeypatch):
         assert torch.equal(bits(mxfp4_dequantize(blocks, scales, dtype, use_kernels=True)),
                            bits(mxfp4.dequantize(blocks, scales, dtype)))
     check_bf16_linear(3, 70, 45, torch.bfloat16)
+    check_fused_decode(monkeypatch, torch.bfloat16)
 
 
 # ---------------------------------------------------------------- bf16 linear (attention, router, unembedding)
@@ -349,12 +355,16 @@ def test_fused_decode_matches_the_torch_path(monkeypatch, dtype):
     """Decoding with the fused kernels (bf16: Block._decode_fused; fp32: Attention._decode_fused + the MoE in
     one call) gives the logits of the plain torch code, step by step, for two rows at different positions
     (left padding) over three sliding windows (the ring buffer wraps), and the same greedy tokens."""
+    needs_kernels(True)
+    check_fused_decode(monkeypatch, dtype)
+
+
+def check_fused_decode(monkeypatch, dtype: torch.dtype) -> None:
     from gptoss import synthetic
     from gptoss.cache import KVCache, default_cache_dtype
     from gptoss.config import preset
     from gptoss.model import Transformer
 
-    needs_kernels(True)
     config = preset("tiny")  # sliding window 8, 4 layers, 8 experts
     model = Transformer(config, dtype=dtype)
     model.load_state_dict(dict(synthetic.random_tensors(config, seed=11)), strict=True)

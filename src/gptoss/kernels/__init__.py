@@ -3,7 +3,13 @@
 
     mxfp4_linear(x, blocks, scales, bias, expert_ids)  row m of x times expert expert_ids[m] (decode path)
     mxfp4_dequantize(blocks, scales, dtype)            whole tensors (prefill path: one expert, then a GEMM)
-    bf16_linear(x, weight, bias)                       a bf16 nn.Linear for ≤ BF16_MAX_ROWS rows (decode)
+    bf16_linear(x, weight, bias, out_dtype)            a bf16 nn.Linear for ≤ BF16_MAX_ROWS rows (decode)
+    rmsnorm / decode_attention / moe_experts / decode_attention_block
+                                                       fused decode steps that model.py calls (below)
+
+Instruction sets, chosen at build time by -march=native (`load_kernels().simd()` says which): AVX-512 BF16
+(Zen 4, Sapphire Rapids: bf16 activations multiply bf16 weights with vdpbf16ps, exact products, fp32 sums),
+AVX2 + FMA (fp32 activations), or portable C++.
 
 GPTOSS_KERNELS=0 forces the fallback (read on every call); GPTOSS_KERNELS_VERBOSE=1 shows the build.
 """

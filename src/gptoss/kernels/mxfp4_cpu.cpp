@@ -209,9 +209,6 @@ inline void dot_rows_bf16(const uint8_t* blocks, const uint8_t* scales, int64_t 
   };
   int64_t g = 0;
   for (; g + U <= groups; g += U) {
-    // 2 KiB ahead (a row and a half): measured 6 % faster from DRAM on Zen 4, where the decode keeps the
-    // core too busy for the out-of-order window to reach far enough ahead
-    _mm_prefetch(reinterpret_cast<const char*>(blocks + g * kBytes) + 2048, _MM_HINT_T0);
     for (int u = 0; u < U; ++u) step(g + u, 2 * u);
   }
   for (; g < groups; ++g) step(g, 0);
