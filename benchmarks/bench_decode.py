@@ -112,16 +112,18 @@ def decode_speed(model, context: int, steps: int, timer: LayerTimer) -> dict:
     per_token = []
     timer.times = {"sliding": 0.0, "full": 0.0}
     for s in range(steps):
+        if s == 1:  # the first step pays page faults / the kernel build: timed neither here nor per block
+            timer.times = {"sliding": 0.0, "full": 0.0}
         t = time.perf_counter()
         logits = model(token, torch.tensor([[context + s]]), cache)
         token = logits[:, -1].argmax(-1, keepdim=True)
         per_token.append(time.perf_counter() - t)
-    per_token = per_token[1:]  # the first step pays page faults / kernel build
+    per_token = per_token[1:]
     n_layers = {"sliding": sum(1 for b in model.block if b.attn.sliding_window),
                 "full": sum(1 for b in model.block if not b.attn.sliding_window)}
     return {"context": context, "ms_per_token": 1e3 * statistics.median(per_token),
             "tok_s": 1 / statistics.median(per_token),
-            "block_ms_per_layer": {k: 1e3 * v / steps / max(n_layers[k], 1) for k, v in timer.times.items()}}
+            "block_ms_per_layer": {k: 1e3 * v / max(steps - 1, 1) / max(n_layers[k], 1) for k, v in timer.times.items()}}
 
 
 @torch.no_grad()

@@ -9,6 +9,7 @@ The expert bytes are identical in both; only names differ, and q/k/v are concate
 
 from __future__ import annotations
 
+import gc
 import json
 import re
 from pathlib import Path
@@ -251,6 +252,10 @@ def load(path: str | Path, device: torch.device | str | None = None,
         from .vocab import VocabSubsetModel
 
         model = VocabSubsetModel(model, reader.vocab_ids)
+    # The model's modules and tensors (and whatever was imported to build it) live as long as the process
+    # typically does: keep them out of the cyclic GC's full collections, which otherwise walk them all a few
+    # times a second while decoding (≈ 3 % of a 20b decode step on CPU, measured with perf).
+    gc.freeze()
     return model
 
 
