@@ -210,7 +210,8 @@ class Attention(nn.Module):
         """Decode on CPU with GPT-oss's own attention (RoPE, pre-norm, no QK-norm) into an fp32 cache."""
         c = self.config
         return (cache is not None and segments is None and x.device.type == "cpu"
-                and not (self.training and c.dropout) and c.position_embedding == "rope" and not c.qk_norm and c.norm_placement == "pre"
+                and not (self.training and c.dropout) and c.position_embedding == "rope" and not c.qk_norm
+                and c.norm_placement == "pre"
                 and isinstance(cache, LayerCache) and cache.k.dtype == torch.float32
                 and not (torch.is_grad_enabled() and x.requires_grad))
 
