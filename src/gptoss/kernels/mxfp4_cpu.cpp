@@ -596,6 +596,73 @@ inline void axpy(float w, const float* x, float* y, int64_t n) {  // y += w·x
   for (; i < n; ++i) y[i] += w * x[i];
 }
 
+#ifdef GPTOSS_AVX2
+// e^x for x ≤ 0 (scores minus their maximum): 2^n · e^r with r = x − n·ln 2 in [−ln 2/2, ln 2/2] and a
+// degree-6 Taylor polynomial, ≈ 2 ulp; below −87 (e^x < 2^-126) it returns about 2^-126 instead of ~0.
+inline __m256 exp_nonpositive(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
+  __m256 poly = _mm256_set1_ps(1.f / 720);
+  for (float c : {1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(c));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(poly, _mm256_castsi256_ps(e));
+}
+
+// [Σ a[0], ..., Σ a[7]] of eight vectors.
+inline __m256 hsum8(const __m256* a) {
+  const __m256 u = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  const __m256 w = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(u, w, 0x20), _mm256_permute2f128_ps(u, w, 0x31));
+}
+
+// Attention of the 8 query heads that share one kv head (GPT-oss: 64 / 8), vectorised across the heads:
+// scores key-major [n][8], one max / exp / sum per head in the lanes of a vector. q [8][Dh], keys/values
+// at k + key·stride, Dh a multiple of 8; out [8][Dh] fp32.
+void attend_8_heads(const float* q, const float* k, const float* v, const int64_t* keys, int64_t n, int64_t stride,
+                    int64_t Dh, float inv_sqrt, const float* sinks, float* scores, float* out) {
+  __m256 mx = sinks ? _mm256_loadu_ps(sinks) : _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t j = 0; j < n; ++j) {
+    const float* kj = k + keys[j] * stride;
+    __m256 acc[8];
+    for (int g = 0; g < 8; ++g) acc[g] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < Dh; d += 8) {
+      const __m256 kd = _mm256_loadu_ps(kj + d);
+      for (int g = 0; g < 8; ++g) acc[g] = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * Dh + d), kd, acc[g]);
+    }
+    const __m256 sc = _mm256_mul_ps(hsum8(acc), _mm256_set1_ps(inv_sqrt));
+    _mm256_storeu_ps(scores + 8 * j, sc);
+    mx = _mm256_max_ps(mx, sc);
+  }
+  alignas(32) float m[8], sum[8];
+  _mm256_store_ps(m, mx);
+  __m256 total = _mm256_setzero_ps();
+  for (int64_t j = 0; j < n; ++j) {
+    const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(scores + 8 * j), mx));
+    _mm256_storeu_ps(scores + 8 * j, e);
+    total = _mm256_add_ps(total, e);
+  }
+  _mm256_store_ps(sum, total);
+  for (int g = 0; g < 8; ++g) {
+    if (sinks) sum[g] += std::exp(sinks[g] - m[g]);
+    const float inv = 1.0f / sum[g];  // no keys and no sink: 1/0 · 0 = NaN, as torch's softmax of all −inf
+    float* o = out + g * Dh;
+    for (int64_t d0 = 0; d0 < Dh; d0 += 64) {  // 8 accumulators of 8 values at a time
+      const int64_t w = std::min<int64_t>(64, Dh - d0) / 8;
+      __m256 acc[8];
+      for (int c = 0; c < w; ++c) acc[c] = _mm256_setzero_ps();
+      for (int64_t j = 0; j < n; ++j) {
+        const __m256 p = _mm256_set1_ps(scores[8 * j + g]);
+        const float* vj = v + keys[j] * stride + d0;
+        for (int c = 0; c < w; ++c) acc[c] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vj + 8 * c), acc[c]);
+      }
+      for (int c = 0; c < w; ++c) _mm256_storeu_ps(o + d0 + 8 * c, _mm256_mul_ps(acc[c], _mm256_set1_ps(inv)));
+    }
+  }
+}
+#endif
+
 // One query position per row (decode) through RoPE, the KV cache and attention with sinks (Attention.forward
 // with apply_rope, LayerCache.update and sdpa_with_sinks). qkv [B, (H + 2K)·Dh] in `dtype`, as the qkv
 // projection rounded it; cos/sin [B, Dh/2]; the cache k/v [B, S, K, Dh] fp32 and pos [B, S] int64, row b's
@@ -631,6 +698,7 @@ void decode_attention(const void* qkv, int64_t dtype, int64_t B, int64_t H, int6
     std::vector<float> scores(static_cast<size_t>(G * S)), acc(static_cast<size_t>(G * Dh));
     std::vector<int64_t> keys;
     keys.reserve(S);
+    std::vector<float> fast_scores;
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / K, kh = i % K, qp = q_pos[b];
       keys.clear();
@@ -639,6 +707,17 @@ void decode_attention(const void* qkv, int64_t dtype, int64_t B, int64_t H, int6
         if (p >= 0 && p <= qp && (window <= 0 || p > qp - window)) keys.push_back(s);
       }
       const int64_t n = static_cast<int64_t>(keys.size());
+#ifdef GPTOSS_AVX2
+      if (G == 8 && Dh % 8 == 0) {
+        if (fast_scores.size() < static_cast<size_t>(8 * n)) fast_scores.resize(8 * n);
+        attend_8_heads(q.data() + (b * H + kh * G) * Dh, cache_k + b * S * K * Dh + kh * Dh,
+                       cache_v + b * S * K * Dh + kh * Dh, keys.data(), n, K * Dh, Dh, inv_sqrt,
+                       sinks ? sinks + kh * G : nullptr, fast_scores.data(), acc.data());
+        for (int64_t g = 0; g < G; ++g)
+          for (int64_t d = 0; d < Dh; ++d) store_float(out, dtype, (b * H + kh * G + g) * Dh + d, acc[g * Dh + d]);
+        continue;
+      }
+#endif
       for (int64_t j = 0; j < n; ++j) {
         const float* kv = cache_k + ((b * S + keys[j]) * K + kh) * Dh;
         for (int64_t g = 0; g < G; ++g) scores[g * S + j] = dot(q.data() + (b * H + kh * G + g) * Dh, kv, Dh) * inv_sqrt;
