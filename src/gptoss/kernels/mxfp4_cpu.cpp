@@ -644,21 +644,29 @@ void attend_8_heads(const float* q, const float* k, const float* v, const int64_
     total = _mm256_add_ps(total, e);
   }
   _mm256_store_ps(sum, total);
+  // Weighted sum of the values, 64 keys at a time (16 KiB of values at Dh = 64: they stay in L1 while the
+  // 8 heads pass over them; a pass over all keys per head would read every value 8 times from DRAM)
+  std::fill(out, out + 8 * Dh, 0.f);
+  for (int64_t j0 = 0; j0 < n; j0 += 64) {
+    const int64_t j1 = std::min<int64_t>(n, j0 + 64);
+    for (int g = 0; g < 8; ++g)
+      for (int64_t d0 = 0; d0 < Dh; d0 += 64) {  // 8 accumulators of 8 values at a time
+        const int64_t w = std::min<int64_t>(64, Dh - d0) / 8;
+        float* o = out + g * Dh + d0;
+        __m256 acc[8];
+        for (int c = 0; c < w; ++c) acc[c] = _mm256_loadu_ps(o + 8 * c);
+        for (int64_t j = j0; j < j1; ++j) {
+          const __m256 p = _mm256_set1_ps(scores[8 * j + g]);
+          const float* vj = v + keys[j] * stride + d0;
+          for (int c = 0; c < w; ++c) acc[c] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vj + 8 * c), acc[c]);
+        }
+        for (int c = 0; c < w; ++c) _mm256_storeu_ps(o + 8 * c, acc[c]);
+      }
+  }
   for (int g = 0; g < 8; ++g) {
     if (sinks) sum[g] += std::exp(sinks[g] - m[g]);
     const float inv = 1.0f / sum[g];  // no keys and no sink: 1/0 · 0 = NaN, as torch's softmax of all −inf
-    float* o = out + g * Dh;
-    for (int64_t d0 = 0; d0 < Dh; d0 += 64) {  // 8 accumulators of 8 values at a time
-      const int64_t w = std::min<int64_t>(64, Dh - d0) / 8;
-      __m256 acc[8];
-      for (int c = 0; c < w; ++c) acc[c] = _mm256_setzero_ps();
-      for (int64_t j = 0; j < n; ++j) {
-        const __m256 p = _mm256_set1_ps(scores[8 * j + g]);
-        const float* vj = v + keys[j] * stride + d0;
-        for (int c = 0; c < w; ++c) acc[c] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vj + 8 * c), acc[c]);
-      }
-      for (int c = 0; c < w; ++c) _mm256_storeu_ps(o + d0 + 8 * c, _mm256_mul_ps(acc[c], _mm256_set1_ps(inv)));
-    }
+    for (int64_t d = 0; d < Dh; ++d) out[g * Dh + d] *= inv;
   }
 }
 #endif
