@@ -106,14 +106,6 @@ inline void store_float(void* p, int64_t dtype, int64_t i, float f) {
   else static_cast<float*>(p)[i] = f;
 }
 
-// fp32 -> bf16 for values that bf16 holds exactly (all dequantized MXFP4 values): truncation, NaN -> 0x7FC0.
-inline uint16_t float_to_bf16_exact(float f) {
-  if (std::isnan(f)) return 0x7FC0;
-  uint32_t bits;
-  std::memcpy(&bits, &f, 4);
-  return static_cast<uint16_t>(bits >> 16);
-}
-
 // Tasks [0, n) split in one contiguous range per thread, each range claimed task by task from its own
 // counter: a thread streams its range front to back, and when it is done it takes the remaining tasks of the
 // others (as ggml's matmuls do, roughly), instead of waiting for them. On a shared machine one core is often
@@ -424,8 +416,8 @@ void dequantize(const uint8_t* blocks, const uint8_t* scales, int64_t groups, vo
         const float v0 = kValues[b[j] & 0x0F] * s, v1 = kValues[b[j] >> 4] * s;
         if (out_dtype == kBF16) {
           uint16_t* o = static_cast<uint16_t*>(out) + g * kBlock + 2 * j;
-          o[0] = float_to_bf16_exact(v0);
-          o[1] = float_to_bf16_exact(v1);
+          o[0] = float_to_bf16_rne(v0);  // exact: every dequantized value is a bf16 value
+          o[1] = float_to_bf16_rne(v1);
         } else {
           float* o = static_cast<float*>(out) + g * kBlock + 2 * j;
           o[0] = v0;
@@ -701,26 +693,26 @@ void decode_attention(const void* qkv, int64_t dtype, int64_t B, int64_t H, int6
     }
     cache_pos[b * S + slot] = q_pos[b];
   }
+  // The slots each row attends to (the same for all its kv heads)
+  std::vector<std::vector<int64_t>> row_keys(B);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t s = 0; s < S; ++s) {
+      const int64_t p = cache_pos[b * S + s];
+      if (p >= 0 && p <= q_pos[b] && (window <= 0 || p > q_pos[b] - window)) row_keys[b].push_back(s);
+    }
   const float inv_sqrt = 1.0f / std::sqrt(static_cast<float>(Dh));
   at::parallel_for(0, B * K, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(static_cast<size_t>(G * S)), acc(static_cast<size_t>(G * Dh));
-    std::vector<int64_t> keys;
-    keys.reserve(S);
-    std::vector<float> fast_scores;
+    std::vector<float> scores, acc(static_cast<size_t>(G * Dh));
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / K, kh = i % K, qp = q_pos[b];
-      keys.clear();
-      for (int64_t s = 0; s < S; ++s) {
-        const int64_t p = cache_pos[b * S + s];
-        if (p >= 0 && p <= qp && (window <= 0 || p > qp - window)) keys.push_back(s);
-      }
+      const int64_t b = i / K, kh = i % K;
+      const std::vector<int64_t>& keys = row_keys[b];
       const int64_t n = static_cast<int64_t>(keys.size());
+      if (scores.size() < static_cast<size_t>(G * n)) scores.resize(G * n);  // [G][n], or [n][8] below
 #ifdef GPTOSS_AVX2
       if (G == 8 && Dh % 8 == 0) {
-        if (fast_scores.size() < static_cast<size_t>(8 * n)) fast_scores.resize(8 * n);
         attend_8_heads(q.data() + (b * H + kh * G) * Dh, cache_k + b * S * K * Dh + kh * Dh,
                        cache_v + b * S * K * Dh + kh * Dh, keys.data(), n, K * Dh, Dh, inv_sqrt,
-                       sinks ? sinks + kh * G : nullptr, fast_scores.data(), acc.data());
+                       sinks ? sinks + kh * G : nullptr, scores.data(), acc.data());
         for (int64_t g = 0; g < G; ++g)
           for (int64_t d = 0; d < Dh; ++d) store_float(out, dtype, (b * H + kh * G + g) * Dh + d, acc[g * Dh + d]);
         continue;
@@ -728,12 +720,12 @@ void decode_attention(const void* qkv, int64_t dtype, int64_t B, int64_t H, int6
 #endif
       for (int64_t j = 0; j < n; ++j) {
         const float* kv = cache_k + ((b * S + keys[j]) * K + kh) * Dh;
-        for (int64_t g = 0; g < G; ++g) scores[g * S + j] = dot(q.data() + (b * H + kh * G + g) * Dh, kv, Dh) * inv_sqrt;
+        for (int64_t g = 0; g < G; ++g) scores[g * n + j] = dot(q.data() + (b * H + kh * G + g) * Dh, kv, Dh) * inv_sqrt;
       }
       std::fill(acc.begin(), acc.end(), 0.f);
       std::vector<float> denom(G);
       for (int64_t g = 0; g < G; ++g) {
-        float* sc = scores.data() + g * S;
+        float* sc = scores.data() + g * n;
         const float sink = sinks ? sinks[kh * G + g] : -std::numeric_limits<float>::infinity();
         float mx = sink;
         for (int64_t j = 0; j < n; ++j) mx = std::max(mx, sc[j]);
@@ -743,7 +735,7 @@ void decode_attention(const void* qkv, int64_t dtype, int64_t B, int64_t H, int6
       }
       for (int64_t j = 0; j < n; ++j) {
         const float* vv = cache_v + ((b * S + keys[j]) * K + kh) * Dh;
-        for (int64_t g = 0; g < G; ++g) axpy(scores[g * S + j] / denom[g], vv, acc.data() + g * Dh, Dh);
+        for (int64_t g = 0; g < G; ++g) axpy(scores[g * n + j] / denom[g], vv, acc.data() + g * Dh, Dh);
       }
       for (int64_t g = 0; g < G; ++g)
         for (int64_t d = 0; d < Dh; ++d)
