@@ -270,20 +270,26 @@ def test_build_failure_warns_once_and_falls_back(monkeypatch):
         kernels._build.cache_clear()  # the next caller builds (or loads the cached build) again
 
 
-@pytest.mark.parametrize("march,simd", [("-march=x86-64", "scalar"), ("-march=native -mno-avx512f", "avx2")],
-                         ids=["scalar", "avx2"])
-def test_other_instruction_sets_match(tmp_path, monkeypatch, march, simd):
-    """The builds other CPUs get, built here too: portable C++ (no AVX2) and, on a CPU with AVX-512 BF16,
-    the AVX2 + FMA path (AVX-512 off), so each is checked whatever the test machine's best path is."""
+@pytest.mark.parametrize("march,simd,experts", [
+    ("-march=x86-64", "scalar", "scalar"),
+    ("-march=native -mno-avx512f", "avx2", "vpshufb"),
+    ("-march=native -DGPTOSS_EXPERTS_DP=1", "avx512bf16", "vdpbf16ps"),
+    ("-march=native -DGPTOSS_EXPERTS_DP=0", "avx512bf16", "vpermps"),
+], ids=["scalar", "avx2", "avx512-vdpbf16ps", "avx512-vpermps"])
+def test_other_instruction_sets_match(tmp_path, monkeypatch, march, simd, experts):
+    """The builds other CPUs get, built here too: portable C++ (no AVX2), the AVX2 + FMA path (AVX-512 off)
+    and, on a CPU with AVX-512 BF16, both expert kernels for bf16 activations (AMD's pick and Intel's), so
+    each is checked whatever the test machine's best path is."""
     needs_kernels(True)
     from torch.utils import cpp_extension
 
-    if simd == "avx2" and kernels.load_kernels().simd() == "scalar":
-        pytest.skip("this CPU has no AVX2")
-    lib = cpp_extension.load(name=f"gptoss_mxfp4_cpu_{simd}_test", sources=[str(kernels._SOURCE)],
+    best = kernels.load_kernels().simd()
+    if (simd == "avx2" and best == "scalar") or (simd == "avx512bf16" and best != "avx512bf16"):
+        pytest.skip(f"this CPU has no {simd}")
+    lib = cpp_extension.load(name=f"gptoss_mxfp4_cpu_{experts}_test", sources=[str(kernels._SOURCE)],
                              extra_cflags=["-O1", *march.split(), "-fopenmp"], extra_ldflags=["-fopenmp"],
                              build_directory=str(tmp_path), verbose=False)
-    assert lib.simd() == simd
+    assert (lib.simd(), lib.experts_kernel()) == (simd, experts)
     monkeypatch.setattr(kernels, "_build", lambda: lib)
     blocks, scales, bias = make(5, 37, 320, seed=13, bias_dtype=torch.bfloat16)
     x = torch.randn(11, 320, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
