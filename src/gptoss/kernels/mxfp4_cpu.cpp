@@ -142,18 +142,24 @@ void parallel_tasks(int64_t n, bool serial, const F& task) {
   });
 }
 
-// Which kernel multiplies the experts by bf16 activations. vdpbf16ps (dot_rows_bf16) where it is fast: on
-// AMD's Zen 4 it issues every cycle and the kernel takes 2.5 cycles a block. Intel's Sapphire Rapids issues it
-// once per 2 cycles (8 cycles latency): there the bf16 kernel took 7 core cycles a block and the fp32 lookup
-// kernel (dot_rows_lut, activations widened to fp32 once per call) 4. -DGPTOSS_EXPERTS_DP=0/1 forces a choice.
-inline bool experts_use_dp() {
+// The two AVX-512 CPUs measured differ (benchmarks/RESULTS.md). AMD's Zen 4 issues vdpbf16ps every cycle, so
+// bf16 activations multiply bf16 weights directly (dot_rows_bf16: 2.5 cycles a block), and software prefetch
+// there only costs. Intel's Sapphire Rapids issues vdpbf16ps once per 2 cycles (8 cycles latency): the bf16
+// expert kernel took 7 core cycles a block, the fp32 lookup kernel (dot_rows_lut, activations widened to fp32
+// once per call) 4; and its compute-bound kernels reach DRAM speed only with software prefetch.
+// -DGPTOSS_EXPERTS_DP=0/1 forces the choice (tests build both).
+inline bool cpu_is_amd() {
+  static const bool amd = __builtin_cpu_is("amd");
+  return amd;
+}
+
+inline bool use_vdpbf16ps() {
 #if !defined(GPTOSS_AVX512BF16)
   return false;
 #elif defined(GPTOSS_EXPERTS_DP)
   return GPTOSS_EXPERTS_DP;
 #else
-  static const bool amd = __builtin_cpu_is("amd");
-  return amd;
+  return cpu_is_amd();
 #endif
 }
 
@@ -373,7 +379,7 @@ void linear(const void* x, int64_t x_dtype, int64_t M, int64_t K, const uint8_t*
   const int64_t G = K / kBlock;
   // Activations in decode order, once per call (M·K values: small next to the weights): bf16 words where
   // the CPU multiplies bf16 natively, fp32 otherwise.
-  const bool bf16 = x_dtype == kBF16 && experts_use_dp();
+  const bool bf16 = x_dtype == kBF16 && use_vdpbf16ps();
   std::vector<float> xs(bf16 ? 0 : static_cast<size_t>(M * K));
   std::vector<uint16_t> xs16(bf16 ? static_cast<size_t>(M * K) : 0);
   int order[kBlock];
@@ -532,6 +538,52 @@ void bf16_rows(const float* x, int64_t K, const uint16_t* w, const void* bias, i
   }
 }
 
+#ifdef GPTOSS_AVX512
+// fp32 activations on AVX-512: 32 weights per 64-byte load; the low words shifted up and the high words masked
+// are their fp32 values, matched by activations pre-permuted per 32 (the even elements, then the odd ones; the
+// K % 32 tail in order). Loads run 2 KiB ahead in software where that pays (not on AMD, see use_vdpbf16ps;
+// Sapphire Rapids, 2 threads: 21 -> 26 GB/s from DRAM).
+template <int R>
+void bf16_rows_512(const float* x, int64_t K, const uint16_t* w, const void* bias, int64_t bias_dtype, int64_t n0,
+                   int64_t n1, int64_t N, void* out, int64_t out_dtype) {
+  constexpr int A = R <= 2 ? 2 : 1;  // 32-weight steps per iteration: at least four FMA chains
+  const int64_t ahead = cpu_is_amd() ? 0 : 2048;  // bytes
+  const __m512i top = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  const int64_t K32 = K - K % 32;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint16_t* wn = w + n * K;
+    __m512 acc[R][2 * A];
+    for (int r = 0; r < R; ++r)
+      for (int a = 0; a < 2 * A; ++a) acc[r][a] = _mm512_setzero_ps();
+    auto step = [&](int64_t k, int a) {
+      if (ahead) _mm_prefetch(reinterpret_cast<const char*>(wn + k) + ahead, _MM_HINT_T0);
+      const __m512i v = _mm512_loadu_si512(wn + k);
+      const __m512 even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), odd = _mm512_castsi512_ps(_mm512_and_si512(v, top));
+      for (int r = 0; r < R; ++r) {
+        acc[r][a] = _mm512_fmadd_ps(even, _mm512_loadu_ps(x + r * K + k), acc[r][a]);
+        acc[r][a + 1] = _mm512_fmadd_ps(odd, _mm512_loadu_ps(x + r * K + k + 16), acc[r][a + 1]);
+      }
+    };
+    int64_t k = 0;
+    for (; k + 32 * A <= K32; k += 32 * A)
+      for (int a = 0; a < A; ++a) step(k + 32 * a, 2 * a);
+    for (; k < K32; k += 32) step(k, 0);
+    float sums[R];
+    for (int r = 0; r < R; ++r) {
+      __m512 s = acc[r][0];
+      for (int a = 1; a < 2 * A; ++a) s = _mm512_add_ps(s, acc[r][a]);
+      sums[r] = _mm512_reduce_add_ps(s);
+    }
+    for (; k < K; ++k) {
+      const float wk = bf16_to_float(wn[k]);
+      for (int r = 0; r < R; ++r) sums[r] += wk * x[r * K + k];
+    }
+    const float b = bias ? load_float(bias, bias_dtype, n) : 0.f;
+    for (int r = 0; r < R; ++r) store_float(out, out_dtype, r * N + n, sums[r] + b);
+  }
+}
+#endif
+
 #ifdef GPTOSS_AVX512BF16
 // bf16 activations on AVX-512 BF16: 32 weights and 32 activations per vdpbf16ps, no conversion; the tail of
 // a row is a masked load (zeros beyond K).
@@ -570,7 +622,11 @@ void bf16_rows_dp(const uint16_t* x, int64_t K, const uint16_t* w, const void* b
 constexpr int kBf16MaxRows = 4;
 using Bf16Fn = void (*)(const float*, int64_t, const uint16_t*, const void*, int64_t, int64_t, int64_t, int64_t,
                         void*, int64_t);
+#ifdef GPTOSS_AVX512
+constexpr Bf16Fn kBf16Fns[kBf16MaxRows] = {bf16_rows_512<1>, bf16_rows_512<2>, bf16_rows_512<3>, bf16_rows_512<4>};
+#else
 constexpr Bf16Fn kBf16Fns[kBf16MaxRows] = {bf16_rows<1>, bf16_rows<2>, bf16_rows<3>, bf16_rows<4>};
+#endif
 #ifdef GPTOSS_AVX512BF16
 using Bf16DpFn = void (*)(const uint16_t*, int64_t, const uint16_t*, const void*, int64_t, int64_t, int64_t,
                           int64_t, void*, int64_t);
@@ -581,15 +637,21 @@ constexpr Bf16DpFn kBf16DpFns[kBf16MaxRows] = {bf16_rows_dp<1>, bf16_rows_dp<2>,
 void bf16_linear(const void* x, int64_t x_dtype, int64_t M, int64_t K, const uint16_t* w, int64_t N,
                  const void* bias, int64_t bias_dtype, void* out, int64_t out_dtype) {
   const size_t out_elem = out_dtype == kBF16 ? 2 : 4;
-#ifdef GPTOSS_AVX512BF16
-  const bool dp = x_dtype == kBF16;
+  const bool dp = x_dtype == kBF16 && use_vdpbf16ps();
+#ifdef GPTOSS_AVX512
+  const bool permute = true;  // bf16_rows_512's activation order
 #else
-  const bool dp = false;
+  const bool permute = false;
 #endif
-  std::vector<float> x32;  // bf16 activations on CPUs without bf16 arithmetic: fp32 once per call
-  if (!dp && x_dtype == kBF16) {
+  std::vector<float> x32;  // fp32 once per call where vdpbf16ps is not used
+  if (!dp && (x_dtype == kBF16 || permute)) {
     x32.resize(static_cast<size_t>(M * K));
-    for (int64_t i = 0; i < M * K; ++i) x32[i] = bf16_to_float(static_cast<const uint16_t*>(x)[i]);
+    const int64_t K32 = K - K % 32;
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t i = k % 32, src = !permute || k >= K32 ? k : k - i + (i < 16 ? 2 * i : 2 * (i - 16) + 1);
+        x32[m * K + k] = load_float(x, x_dtype, m * K + src);
+      }
   }
   const float* xf = x32.empty() ? static_cast<const float*>(x) : x32.data();
   const int64_t rows_per_task = 64;
@@ -985,7 +1047,7 @@ PyObject* py_simd(PyObject*, PyObject*) {
 }
 
 PyObject* py_experts_kernel(PyObject*, PyObject*) {
-  if (experts_use_dp()) return PyUnicode_FromString("vdpbf16ps");
+  if (use_vdpbf16ps()) return PyUnicode_FromString("vdpbf16ps");
 #if defined(GPTOSS_AVX512)
   return PyUnicode_FromString("vpermps");
 #elif defined(GPTOSS_AVX2)
