@@ -74,16 +74,21 @@ def test_original_layout_gives_identical_logits(reference, tmp_path):
 
 
 def test_bf16_no_worse_than_transformers(reference):
-    """Random models have near-tied router logits, so bf16 is judged by its error against fp32, side by side."""
-    config, path, _, _, tokens, fp32_logits = reference
+    """Random models have near-tied router logits, so bf16 is judged by its error against fp32, side by side.
+    Which of two bf16 models errs less is a coin flip decided by a few flipped expert choices: over 3 seeds x
+    2 configs the ratio ranged 0.56-1.28 on 2 x 64 tokens and 0.77-1.09 on 16 x 64 (so, 16 rows here, and a
+    bound that a systematic defect, errors twice transformers', still fails)."""
+    config, path, hf, _, _, _ = reference
+    tokens = torch.randint(0, config.vocab_size, (16, T), generator=torch.Generator().manual_seed(8))
     ours = gptoss.load(path, dtype=torch.bfloat16)
     theirs = load_with_transformers(path, dtype=torch.bfloat16)
     with torch.no_grad():
+        fp32_logits = hf(tokens).logits
         ours_err = (ours(tokens).float() - fp32_logits).abs().mean().item()
         theirs_err = (theirs(tokens).logits.float() - fp32_logits).abs().mean().item()
     print(f"\nbf16 mean |Δlogit| vs fp32 [{config.experts_per_token=}]: gptoss {ours_err:.4f}, "
           f"transformers {theirs_err:.4f}")
-    assert ours_err <= theirs_err * 1.05, (ours_err, theirs_err)
+    assert ours_err <= theirs_err * 1.25, (ours_err, theirs_err)
 
 
 def test_expert_storage_is_the_checkpoint_bytes(reference):
