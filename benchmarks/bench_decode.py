@@ -23,6 +23,7 @@ import torch
 
 import gptoss
 from gptoss.cache import KVCache, default_cache_dtype
+from gptoss.generate import prefill
 
 
 def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
@@ -127,12 +128,15 @@ def decode_speed(model, context: int, steps: int, timer: LayerTimer) -> dict:
 
 
 @torch.no_grad()
-def prefill_speed(model, length: int) -> float:
+def prefill_speed(model, length: int) -> dict:
+    """A random prompt through generate.prefill (the chunked path `gptoss generate` runs). Its result is the
+    first new token's logits, so the time to first token is this time (plus one argmax)."""
     cache = KVCache(model.config, 1, max_len=length + 1, device=model.device, dtype=default_cache_dtype(model.dtype, model.device))
     tokens = torch.randint(0, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(1))
     t = time.perf_counter()
-    model(tokens, None, cache, last_only=True)
-    return length / (time.perf_counter() - t)
+    prefill(model, tokens, torch.arange(length)[None], cache).argmax(-1)
+    seconds = time.perf_counter() - t
+    return {"length": length, "tok_s": length / seconds, "ttft_s": seconds}
 
 
 def main() -> None:
@@ -140,7 +144,8 @@ def main() -> None:
     p.add_argument("model")
     p.add_argument("--contexts", type=int, nargs="+", default=[128, 4096])
     p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--prefill", type=int, default=128, help="prefill length to time (0 = skip)")
+    p.add_argument("--prefill", type=int, nargs="+", default=[128, 2048],
+                   help="prompt lengths to time prefill and time to first token for (0 = skip)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -173,8 +178,10 @@ def main() -> None:
         r["fraction_of_limit"] = r["tok_s"] / results["limit_tok_s"]
         results["decode"].append(r)
         print(json.dumps(r), flush=True)
-    if args.prefill:
-        results["prefill_tok_s"] = prefill_speed(model, args.prefill)
+    results["prefill"] = []
+    for length in [n for n in args.prefill if n > 0]:
+        results["prefill"].append(prefill_speed(model, length))
+        print(json.dumps(results["prefill"][-1]), flush=True)
     results["peak_rss_GiB"] = peak_rss_gib()
     print(json.dumps(results, indent=2))
     if args.json:

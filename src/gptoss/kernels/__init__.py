@@ -7,9 +7,11 @@
     rmsnorm / decode_attention / moe_experts / decode_attention_block
                                                        fused decode steps that model.py calls (below)
 
-Instruction sets, chosen at build time by -march=native (`load_kernels().simd()` says which): AVX-512 BF16
-(Zen 4, Sapphire Rapids: bf16 activations multiply bf16 weights with vdpbf16ps, exact products, fp32 sums),
-AVX2 + FMA (fp32 activations), or portable C++.
+Instruction sets, chosen at build time by -march=native (`load_kernels().simd()` says which): AVX-512 BF16,
+AVX2 + FMA, or portable C++. On AVX-512 the expert kernel for bf16 activations is chosen per CPU at load
+(`load_kernels().experts_kernel()`): vdpbf16ps on AMD (Zen 4 issues it every cycle), an fp32 table lookup
+(vpermps) with FMAs elsewhere (the Intel Xeon measured issues vdpbf16ps every other cycle). Either way the
+products are exact and the sums fp32; only the summation order differs from dequantize-then-matmul.
 
 GPTOSS_KERNELS=0 forces the fallback (read on every call); GPTOSS_KERNELS_VERBOSE=1 shows the build.
 """

@@ -14,7 +14,8 @@
 // and a bf16 word shifted (or masked) into the top half of a 32-bit lane is that fp32 value: no int->float
 // conversion and no per-block scale multiply. Activations stay fp32, pre-permuted once per call into the
 // order the decode produces, so a block costs 4 FMAs per activation row — the products are exactly the
-// reference's w·x, only the summation order differs.
+// reference's w·x, only the summation order differs. AVX-512 has two more decodes: an fp32 table lookup per
+// 16 weights (dot_rows_lut) and bf16 words for vdpbf16ps (dot_rows_bf16); use_vdpbf16ps says which runs where.
 
 #include <Python.h>
 
@@ -144,9 +145,9 @@ void parallel_tasks(int64_t n, bool serial, const F& task) {
 
 // The two AVX-512 CPUs measured differ (benchmarks/RESULTS.md). AMD's Zen 4 issues vdpbf16ps every cycle, so
 // bf16 activations multiply bf16 weights directly (dot_rows_bf16: 2.5 cycles a block), and software prefetch
-// there only costs. Intel's Sapphire Rapids issues vdpbf16ps once per 2 cycles (8 cycles latency): the bf16
-// expert kernel took 7 core cycles a block, the fp32 lookup kernel (dot_rows_lut, activations widened to fp32
-// once per call) 4; and its compute-bound kernels reach DRAM speed only with software prefetch.
+// there only costs. The Intel Xeon measured (AMX generation) issues vdpbf16ps once per 2 cycles (8 cycles
+// latency): the bf16 expert kernel took 7 core cycles a block, the fp32 lookup kernel (dot_rows_lut,
+// activations widened to fp32 once per call) 4; and software prefetch brings its kernels closer to DRAM speed.
 // -DGPTOSS_EXPERTS_DP=0/1 forces the choice (tests build both).
 inline bool cpu_is_amd() {
   static const bool amd = __builtin_cpu_is("amd");
@@ -280,7 +281,7 @@ inline void dot_rows_bf16(const uint8_t* blocks, const uint8_t* scales, int64_t 
 // block scale's 16-entry fp32 table (vpermps reads only an index's low 4 bits): 2 shifts, 2 lookups and 2 FMAs
 // per 32 weights and row, no conversion. The products are exactly the reference's w·x (fp32 FMA, subnormal
 // scales included). Loads run 2 KiB ahead in software: a compute-bound kernel does not issue them early enough
-// for the hardware prefetcher alone (Sapphire Rapids, 2 threads: 12.5 -> 15 GB/s from DRAM).
+// for the hardware prefetcher alone (that Xeon, 2 threads: 12.5 -> 15 GB/s from DRAM).
 template <int R>
 inline void dot_rows_lut(const uint8_t* blocks, const uint8_t* scales, int64_t groups, const float* const* x,
                          float* sums) {
@@ -542,7 +543,7 @@ void bf16_rows(const float* x, int64_t K, const uint16_t* w, const void* bias, i
 // fp32 activations on AVX-512: 32 weights per 64-byte load; the low words shifted up and the high words masked
 // are their fp32 values, matched by activations pre-permuted per 32 (the even elements, then the odd ones; the
 // K % 32 tail in order). Loads run 2 KiB ahead in software where that pays (not on AMD, see use_vdpbf16ps;
-// Sapphire Rapids, 2 threads: 21 -> 26 GB/s from DRAM).
+// that Xeon, 2 threads: 21 -> 26 GB/s from DRAM).
 template <int R>
 void bf16_rows_512(const float* x, int64_t K, const uint16_t* w, const void* bias, int64_t bias_dtype, int64_t n0,
                    int64_t n1, int64_t N, void* out, int64_t out_dtype) {
