@@ -101,6 +101,27 @@ def test_attention_with_sinks_float64():
     torch.autograd.gradcheck(lambda s: sdpa_with_sinks(q, k, v, s, mask), (sinks,))
 
 
+def test_attention_query_tiles_are_exact(monkeypatch):
+    """Long prompts run the queries in tiles (SCORES_BUDGET_BYTES): the same as one pass, gradients too (rows
+    are independent; only a GEMM's blocking for another row count could move a last bit)."""
+    import gptoss.model as model
+
+    g = torch.Generator().manual_seed(1)
+    B, T, K, G, Dh = 2, 37, 2, 4, 16
+    q = torch.randn(B, T, K, G, Dh, generator=g, requires_grad=True)
+    k, v = torch.randn(B, T, K, Dh, generator=g), torch.randn(B, T, K, Dh, generator=g)
+    sinks = torch.randn(K * G, generator=g)
+    pos = torch.arange(T).expand(B, T)
+    mask = attention_mask(pos, pos, sliding_window=8)
+    whole = sdpa_with_sinks(q, k, v, sinks, mask)
+    (grad_whole,) = torch.autograd.grad(whole.square().sum(), q)
+    monkeypatch.setattr(model, "SCORES_BUDGET_BYTES", 4 * B * K * G * T * 5)  # tiles of 5 queries, then 2
+    tiled = sdpa_with_sinks(q, k, v, sinks, mask)
+    (grad_tiled,) = torch.autograd.grad(tiled.square().sum(), q)
+    torch.testing.assert_close(tiled, whole, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grad_tiled, grad_whole, rtol=1e-6, atol=1e-7)
+
+
 def test_swiglu_interleaved_and_clamped():
     gate = torch.tensor([-10.0, -1.0, 0.5, 3.0, 7.0, 20.0], dtype=torch.float64)
     linear = torch.tensor([-20.0, -7.5, 0.0, 2.0, 6.9, 9.0], dtype=torch.float64)

@@ -134,6 +134,9 @@ def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, sliding_window: int
     return allowed
 
 
+SCORES_BUDGET_BYTES = 16 * 2**20  # fp32 attention scores per query tile (sdpa_with_sinks)
+
+
 def sdpa_with_sinks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor | None,
                     mask: torch.Tensor, dropout: float = 0.0) -> torch.Tensor:
     """Grouped-query attention whose softmax denominator includes one learned sink logit per head.
@@ -143,6 +146,14 @@ def sdpa_with_sinks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: to
     sinks None: plain softmax attention. dropout: on the attention weights (GPT-2; training only).
     """
     B, T, K, G, Dh = q.shape
+    S = k.shape[1]
+    # Long prompts: queries in tiles, so the fp32 scores (and the softmax's copies of them) stay near 16 MiB
+    # instead of 268 MB for a 512-token chunk over 2048 keys. Rows are independent: the same result,
+    # and on the 20b a 2048-token prefill took 40 s instead of 53 s (cache-sized tiles) with 0.1 GiB less peak.
+    tile = max(1, SCORES_BUDGET_BYTES // (4 * B * K * G * max(S, 1)))
+    if T > tile:
+        return torch.cat([sdpa_with_sinks(q[:, i:i + tile], k, v, sinks, mask[:, i:i + tile], dropout)
+                          for i in range(0, T, tile)], dim=1)
     out_dtype = q.dtype  # the activations' dtype (the cache may hold fp32)
     # fp32 throughout: exact softmax, and CPUs without bf16 arithmetic run fp32 matmuls ~10× faster.
     q, k, v = at_least_fp32(q), at_least_fp32(k), at_least_fp32(v)
