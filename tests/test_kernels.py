@@ -423,14 +423,15 @@ def check_fused_decode(monkeypatch, dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("window", [None, 16], ids=["full", "sliding"])
 @pytest.mark.parametrize("with_sinks", [True, False], ids=["sinks", "no-sinks"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_decode_attention_matches_rope_and_sdpa(window, with_sinks, dtype):
+@pytest.mark.parametrize("Dh", [64, 16, 72], ids=lambda d: f"Dh{d}")  # 72: value columns in 64 + 8
+def test_decode_attention_matches_rope_and_sdpa(window, with_sinks, dtype, Dh):
     """kernels.decode_attention (GPT-oss's 8 query heads per kv head: the head-vectorised path) against
     model.apply_rope + model.sdpa_with_sinks on the same cache: two rows at different positions, empty
     slots, a window, sinks or none; the new key lands in its slot."""
     from gptoss.model import apply_rope, attention_mask, rope_cos_sin, sdpa_with_sinks
 
     needs_kernels(True)
-    B, H, K, Dh, S, slot = 2, 16, 2, 64, 300, 257
+    B, H, K, S, slot = 2, 16, 2, 300, 257
     g = torch.Generator().manual_seed(3)
     qkv = torch.randn(B, 1, (H + 2 * K) * Dh, generator=g).to(dtype)
     cache_k = torch.randn(B, S, K, Dh, generator=g)
