@@ -294,8 +294,8 @@ inline void dot_rows_bf16(const uint8_t* blocks, const uint8_t* scales, int64_t 
 // variable shift brings nibble L (lane L) or 4 + L of each dword down to the low bits, and those index the
 // block scale's 16-entry fp32 table (vpermps reads only an index's low 4 bits): 2 shifts, 2 lookups and 2 FMAs
 // per 32 weights and row, no conversion. The products are exactly the reference's w·x (fp32 FMA, subnormal
-// scales included). Loads run 2 KiB ahead in software: a compute-bound kernel does not issue them early enough
-// for the hardware prefetcher alone (that Xeon, 2 threads: 12.5 -> 15 GB/s from DRAM).
+// scales included). Loads are prefetched in software (kStreamAhead): a compute-bound kernel does not issue
+// them early enough for the hardware prefetcher alone (the Xeon, 2 threads: 12.5 -> 15 GB/s from DRAM).
 template <int R>
 inline void dot_rows_lut(const uint8_t* blocks, const uint8_t* scales, int64_t groups, const float* const* x,
                          float* sums) {
@@ -556,8 +556,8 @@ void bf16_rows(const float* x, int64_t K, const uint16_t* w, const void* bias, i
 #ifdef GPTOSS_AVX512
 // fp32 activations on AVX-512: 32 weights per 64-byte load; the low words shifted up and the high words masked
 // are their fp32 values, matched by activations pre-permuted per 32 (the even elements, then the odd ones; the
-// K % 32 tail in order). Loads run 2 KiB ahead in software where that pays (not on AMD, see use_vdpbf16ps;
-// that Xeon, 2 threads: 21 -> 26 GB/s from DRAM).
+// K % 32 tail in order). Loads are prefetched (kStreamAhead) where that pays (not on AMD, see use_vdpbf16ps;
+// the Xeon, 2 threads: 21 -> 26 GB/s from DRAM).
 template <int R>
 void bf16_rows_512(const float* x, int64_t K, const uint16_t* w, const void* bias, int64_t bias_dtype, int64_t n0,
                    int64_t n1, int64_t N, void* out, int64_t out_dtype) {
