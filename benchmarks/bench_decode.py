@@ -139,6 +139,22 @@ def prefill_speed(model, length: int) -> dict:
     return {"length": length, "tok_s": length / seconds, "ttft_s": seconds}
 
 
+@torch.no_grad()
+def quantize_unembedding(model, positions: int = 64) -> dict:
+    """model.quantize_unembedding(), and the logit error it costs on the hidden states of a random prompt:
+    max and mean |Δlogit| against the bf16 unembedding, the same relative to the logits' spread, and how often
+    the top-1 token stays the same."""
+    tokens = torch.randint(0, model.config.vocab_size, (1, positions), generator=torch.Generator().manual_seed(2))
+    h = model.hidden_states(tokens)[0]  # (T, D), after the final norm
+    before = torch.cat([model.unembedding(h[i:i + 4]).float() for i in range(0, positions, 4)])
+    model.quantize_unembedding()
+    after = torch.cat([model.unembedding(h[i:i + 4]).float() for i in range(0, positions, 4)])
+    err = (after - before).abs()
+    return {"positions": positions, "max_abs": err.max().item(), "mean_abs": err.mean().item(),
+            "mean_abs_over_logit_std": (err.mean() / before.std()).item(),
+            "top1_same": (after.argmax(-1) == before.argmax(-1)).float().mean().item()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model")
@@ -151,6 +167,8 @@ def main() -> None:
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--cold", action="store_true", help="do not touch all weight pages before timing")
     p.add_argument("--no-bf16-kernel", action="store_true", help="dense bf16 layers through F.linear (A/B)")
+    p.add_argument("--int8-unembedding", action="store_true",
+                   help="quantize the unembedding to int8 (the opt-in mode) and report its logit error")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -165,6 +183,7 @@ def main() -> None:
     load_s = time.perf_counter() - t
     rss_loaded = rss_gib()
     warm_s = touch_weights(model) if not args.cold else 0.0
+    int8_error = quantize_unembedding(model) if args.int8_unembedding else None
     per_token_bytes = bytes_per_token(model)
     checkpoint_bytes = sum(f.stat().st_size for f in Path(args.model).glob("*.safetensors"))
     timer = LayerTimer(model)
@@ -172,7 +191,7 @@ def main() -> None:
                "read_bandwidth_GBs": bandwidth / 1e9, "load_s": load_s, "rss_after_load_GiB": rss_loaded,
                "touch_all_pages_s": warm_s,
                "checkpoint_GiB": checkpoint_bytes / 2**30, "bytes_per_token_GB": per_token_bytes / 1e9,
-               "limit_tok_s": bandwidth / per_token_bytes, "decode": []}
+               "limit_tok_s": bandwidth / per_token_bytes, "int8_unembedding": int8_error, "decode": []}
     for context in args.contexts:
         r = decode_speed(model, context, args.steps, timer)
         r["fraction_of_limit"] = r["tok_s"] / results["limit_tok_s"]

@@ -43,6 +43,20 @@ def test_generate_streams_the_greedy_completion(checkpoint):
     assert piped.stdout == done.stdout
 
 
+def test_generate_int8_unembedding(checkpoint):
+    """--int8-unembedding: the CLI streams what the library gives after model.quantize_unembedding()."""
+    tok = get_tokenizer()
+    prompt = "The capital of France is"
+    model = gptoss.load(checkpoint, dtype=torch.float32)
+    model.quantize_unembedding()
+    expected = generate_tokens(model, tok.encode(prompt),
+                               SamplingParams(temperature=0, max_tokens=12, stop_tokens=(tok.endoftext,)))
+    done = run("generate", "-m", str(checkpoint), prompt, "--temperature", "0", "--max-tokens", "12",
+               "--dtype", "float32", "-q", "--int8-unembedding")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == tok.decode(expected) + "\n"
+
+
 @pytest.mark.parametrize("args, message", [
     (["--top-p", "0"], "bad sampling option: top_p must be in (0, 1]"),
     (["--temperature", "-1"], "bad sampling option: temperature must be >= 0"),

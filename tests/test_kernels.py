@@ -299,6 +299,7 @@ def test_other_instruction_sets_match(tmp_path, monkeypatch, march, simd, expert
         assert torch.equal(bits(mxfp4_dequantize(blocks, scales, dtype, use_kernels=True)),
                            bits(mxfp4.dequantize(blocks, scales, dtype)))
     check_bf16_linear(3, 70, 45, torch.bfloat16)
+    test_int8_linear_matches_fp64(3, 70, 45, torch.bfloat16)
     check_fused_decode(monkeypatch, torch.bfloat16)
 
 
@@ -329,6 +330,55 @@ def test_bf16_linear_fp32_input_and_errors():
         kernels.bf16_linear(torch.zeros(1, 8), torch.zeros(4, 9, dtype=torch.bfloat16), None)
     with pytest.raises(ValueError, match=r"bias must be \[N\] = \[4\]"):
         kernels.bf16_linear(torch.zeros(1, 8), torch.zeros(4, 8, dtype=torch.bfloat16), torch.zeros(5))
+
+
+# ---------------------------------------------------------------- int8 rows (the opt-in unembedding)
+@pytest.mark.parametrize("M", [1, 2, 4, 5])
+@pytest.mark.parametrize("K,N", [(2880, 64), (100, 129), (7, 3), (47, 200)], ids=str)
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_int8_linear_matches_fp64(M, K, N, x_dtype):
+    """Kernel (≤ 4 rows) and torch path (5 rows) against x @ (q · scale).T in fp64."""
+    g = torch.Generator().manual_seed(M * 1000 + K + N)
+    x = torch.randn(M, K, generator=g).to(x_dtype)
+    q = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8)
+    scale = torch.rand(N, generator=g) / 100
+    y = kernels.int8_linear(x, q, scale)
+    w = q.double() * scale.double()[:, None]
+    ref, mag = x.double() @ w.T, x.double().abs() @ w.abs().T
+    assert y.dtype == torch.float32 and y.shape == (M, N)
+    assert ((y.double() - ref).abs() <= 1e-5 * mag + 1e-30).all()
+
+
+def test_int8_linear_errors():
+    with pytest.raises(ValueError, match=r"weight int8 \[N, K\]"):
+        kernels.int8_linear(torch.zeros(1, 8), torch.zeros(4, 8, dtype=torch.bfloat16), torch.zeros(4))
+    with pytest.raises(ValueError, match=r"scale must be float32 \[N\] = \[4\]"):
+        kernels.int8_linear(torch.zeros(1, 8), torch.zeros(4, 8, dtype=torch.int8), torch.zeros(5))
+
+
+def test_int8_unembedding_error_within_its_bound():
+    """Transformer.quantize_unembedding: per-row int8, so each logit moves by at most Σ|h| · scale / 2; the
+    model still decodes (cache path, kernels) to logits within that bound of the bf16 model's."""
+    from gptoss import synthetic
+    from gptoss.config import preset
+    from gptoss.model import Int8Linear, Transformer
+
+    config = preset("tiny")
+    model = Transformer(config, dtype=torch.bfloat16)
+    model.load_state_dict(dict(synthetic.random_tensors(config, seed=4)), strict=True)
+    tokens = torch.randint(0, config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        h = model.hidden_states(tokens)
+        before = model(tokens)
+        w = model.unembedding.weight.float()
+        model.quantize_unembedding()
+        assert isinstance(model.unembedding, Int8Linear) and model.unembedding.weight_int8.dtype == torch.int8
+        deq = model.unembedding.weight_int8.float() * model.unembedding.scale[:, None]
+        assert ((deq - w).abs() <= model.unembedding.scale[:, None] / 2 * (1 + 1e-5)).all()  # ties: exactly s/2
+        after = model(tokens)
+        bound = h.float().abs() @ (model.unembedding.scale[:, None] / 2).expand_as(w).T  # (B, T, V)
+        assert ((after - before).abs() <= bound * 1.01 + 1e-4).all()
+        assert (after - before).abs().max() > 0  # it did change something
 
 
 def test_model_decode_with_bf16_kernel_matches_plain_torch(monkeypatch):

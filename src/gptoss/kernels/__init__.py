@@ -4,6 +4,7 @@
     mxfp4_linear(x, blocks, scales, bias, expert_ids)  row m of x times expert expert_ids[m] (decode path)
     mxfp4_dequantize(blocks, scales, dtype)            whole tensors (prefill path: one expert, then a GEMM)
     bf16_linear(x, weight, bias, out_dtype)            a bf16 nn.Linear for ≤ BF16_MAX_ROWS rows (decode)
+    int8_linear(x, weight, scale)                      the same for int8 rows with fp32 scales (opt-in unembedding)
     rmsnorm / decode_attention / moe_experts / decode_attention_block
                                                        fused decode steps that model.py calls (below)
 
@@ -215,6 +216,33 @@ def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     lib.bf16_linear(x.data_ptr(), _DTYPE_CODES[x.dtype], M, K, weight.data_ptr(), N,
                     0 if bias is None else bias.data_ptr(), 0 if bias is None else _DTYPE_CODES[bias.dtype],
                     out.data_ptr(), _DTYPE_CODES[out_dtype])
+    return out
+
+
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [M, K] floating, weight [N, K] int8, scale [N] fp32 → [M, N] fp32 = x @ (weight · scale[:, None]).T,
+    up to the order of fp32 additions (the scale multiplies each row's sum). Streams the weight once for all
+    rows; torch (in row chunks, never a whole fp32 copy) off CPU, for more than BF16_MAX_ROWS rows, or
+    without the compiled kernels."""
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1] or weight.dtype != torch.int8:
+        raise ValueError(f"int8_linear: x must be [M, K] and weight int8 [N, K] with the same K, got "
+                         f"{_shape(x)} and {_shape(weight)}")
+    if scale.shape != (weight.shape[0],) or scale.dtype != torch.float32:
+        raise ValueError(f"int8_linear: scale must be float32 [N] = [{weight.shape[0]}], got {_shape(scale)}")
+    lib = load_kernels() if x.device.type == "cpu" and weight.device.type == "cpu" else None
+    if lib is None or x.shape[0] > BF16_MAX_ROWS or x.dtype not in _DTYPE_CODES:
+        x32 = x.float()
+        out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32, device=x.device)
+        for n0 in range(0, weight.shape[0], 16384):  # 16384 rows of fp32 weight at a time (≈ 190 MB at K 2880)
+            w = weight[n0:n0 + 16384].float() * scale[n0:n0 + 16384, None]
+            out[:, n0:n0 + 16384] = x32 @ w.T
+        return out
+    M, K, N = x.shape[0], x.shape[1], weight.shape[0]
+    out = torch.empty(M, N, dtype=torch.float32)
+    if out.numel():
+        x, weight, scale = x.contiguous(), weight.contiguous(), scale.contiguous()
+        lib.int8_linear(x.data_ptr(), _DTYPE_CODES[x.dtype], M, K, weight.data_ptr(), scale.data_ptr(), N,
+                        out.data_ptr())
     return out
 
 

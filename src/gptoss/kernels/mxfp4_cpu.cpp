@@ -688,6 +688,63 @@ void bf16_linear(const void* x, int64_t x_dtype, int64_t M, int64_t K, const uin
   });
 }
 
+// ---------------------------------------------------------------- int8 weights, few rows (the opt-in unembedding)
+// out[m][n] = scale[n] · Σ_k q[n][k] · x[m][k] (fp32) for int8 q [N, K] with one fp32 scale per row: half the
+// bytes of bf16, so half the unembedding's share of a decode step. x: M ≤ 4 fp32 rows.
+template <int R>
+void int8_rows(const float* x, int64_t K, const int8_t* w, const float* scale, int64_t n0, int64_t n1, float* out,
+               int64_t N) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* wn = w + n * K;
+    float sums[R];
+    int64_t k = 0;
+#if defined(GPTOSS_AVX512)
+    __m512 acc[R][2];
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (; k + 32 <= K; k += 32) {
+      if (!cpu_is_amd()) _mm_prefetch(reinterpret_cast<const char*>(wn + k) + kStreamAhead, kStreamHint);
+      for (int h = 0; h < 2; ++h) {
+        const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wn + k + 16 * h))));
+        for (int r = 0; r < R; ++r) acc[r][h] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + r * K + k + 16 * h), acc[r][h]);
+      }
+    }
+    for (int r = 0; r < R; ++r) sums[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
+#elif defined(GPTOSS_AVX2)
+    __m256 acc[R][2];
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (; k + 16 <= K; k += 16)
+      for (int h = 0; h < 2; ++h) {
+        const __m256 wv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(wn + k + 8 * h))));
+        for (int r = 0; r < R; ++r) acc[r][h] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + r * K + k + 8 * h), acc[r][h]);
+      }
+    for (int r = 0; r < R; ++r) sums[r] = hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
+#else
+    for (int r = 0; r < R; ++r) sums[r] = 0.f;
+#endif
+    for (; k < K; ++k)
+      for (int r = 0; r < R; ++r) sums[r] += static_cast<float>(wn[k]) * x[r * K + k];
+    for (int r = 0; r < R; ++r) out[r * N + n] = sums[r] * scale[n];
+  }
+}
+
+using Int8Fn = void (*)(const float*, int64_t, const int8_t*, const float*, int64_t, int64_t, float*, int64_t);
+constexpr Int8Fn kInt8Fns[kBf16MaxRows] = {int8_rows<1>, int8_rows<2>, int8_rows<3>, int8_rows<4>};
+
+// x [M, K] fp32 or bf16 (x_dtype), M ≤ kBf16MaxRows per pass; out [M, N] fp32.
+void int8_linear(const void* x, int64_t x_dtype, int64_t M, int64_t K, const int8_t* w, const float* scale, int64_t N,
+                 float* out) {
+  std::vector<float> xf(static_cast<size_t>(M * K));
+  for (int64_t i = 0; i < M * K; ++i) xf[i] = load_float(x, x_dtype, i);
+  const int64_t rows_per_task = 64;
+  parallel_tasks((N + rows_per_task - 1) / rows_per_task, N * K < (int64_t{1} << 16), [&](int64_t task) {
+    const int64_t n0 = task * rows_per_task, n1 = std::min(N, n0 + rows_per_task);
+    for (int64_t m = 0; m < M; m += kBf16MaxRows) {
+      const int64_t r = std::min<int64_t>(kBf16MaxRows, M - m);
+      kInt8Fns[r - 1](xf.data() + m * K, K, w, scale, n0, n1, out + m * N, N);
+    }
+  });
+}
+
 // ---------------------------------------------------------------- the small steps of a decode step
 // One call each instead of a dozen torch ops: at batch 1 a token spends more time dispatching tiny ops than
 // computing them. Each equals the model's torch code (model.py) in fp32 up to summation order and the
@@ -1022,6 +1079,14 @@ PyObject* py_bf16_linear(PyObject*, PyObject* args) {
   });
 }
 
+PyObject* py_int8_linear(PyObject*, PyObject* args) {
+  long long x, x_dtype, M, K, w, scale, N, out;
+  if (!PyArg_ParseTuple(args, "LLLLLLLL", &x, &x_dtype, &M, &K, &w, &scale, &N, &out)) return nullptr;
+  return run_without_gil([&] {
+    int8_linear(ptr<const void>(x), x_dtype, M, K, ptr<const int8_t>(w), ptr<const float>(scale), N, ptr<float>(out));
+  });
+}
+
 PyObject* py_rmsnorm(PyObject*, PyObject* args) {
   long long x, dtype, M, D, scale, out;
   double eps;
@@ -1102,6 +1167,8 @@ PyMethodDef kMethods[] = {
     {"dequantize", py_dequantize, METH_VARARGS, "dequantize(blocks, scales, groups, out, out_dtype): data pointers"},
     {"bf16_linear", py_bf16_linear, METH_VARARGS,
      "bf16_linear(x, x_dtype, M, K, w_bf16, N, bias, bias_dtype, out, out_dtype): data pointers"},
+    {"int8_linear", py_int8_linear, METH_VARARGS,
+     "int8_linear(x, x_dtype, M, K, w_int8, scale_f32, N, out_f32): data pointers"},
     {"rmsnorm", py_rmsnorm, METH_VARARGS, "rmsnorm(x, dtype, M, D, scale_f32, eps, out): data pointers"},
     {"decode_attention", py_decode_attention, METH_VARARGS,
      "decode_attention(qkv, dtype, B, H, K, Dh, cos, sin, cache_k, cache_v, cache_pos, S, slot, q_pos, window, "
