@@ -8,6 +8,9 @@ one-at-a-time sampling.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -76,7 +79,25 @@ def prefill(model: Transformer, tokens: torch.Tensor, positions: torch.Tensor, c
     for start in range(0, tokens.shape[1], chunk_size):
         end = start + chunk_size
         logits = model(tokens[:, start:end], positions[:, start:end], cache, last_only=True)[:, -1]
+        if end < tokens.shape[1]:
+            _return_freed_memory()
     return logits
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def _return_freed_memory() -> None:
+    """Between prefill chunks: hand glibc's freed buffers back to the OS. Each chunk's temporaries otherwise
+    pile up in malloc's heaps (20b, 2048-token prompt: peak RSS 14.10–14.15 -> 13.94–13.99 GiB)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 @torch.no_grad()
