@@ -164,7 +164,9 @@ def load_model(args: argparse.Namespace):
         return load_for_rank(args.model, args.layout, device=device, dtype=getattr(torch, args.dtype))
     model = load(args.model, device=device, dtype=getattr(torch, args.dtype), progress=not args.quiet)
     if getattr(args, "int8_unembedding", False):
-        (model.model if hasattr(model, "vocab_ids") else model).quantize_unembedding()  # VocabSubsetModel: inner
+        from .vocab import unwrap
+
+        unwrap(model).quantize_unembedding()
     return model
 
 

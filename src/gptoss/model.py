@@ -53,24 +53,23 @@ class Int8Linear(nn.Module):
     bf16. Opt-in for the unembedding only (Transformer.quantize_unembedding), inference only; |w − q·scale| ≤
     scale / 2 per weight, and the logit error it costs is reported by benchmarks/bench_decode.py."""
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight_int8: torch.Tensor, scale: torch.Tensor):
         super().__init__()
-        w = weight.detach().float()
-        scale = (w.abs().amax(dim=1) / 127).clamp_min(torch.finfo(torch.float32).tiny)
-        self.register_buffer("weight_int8", torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8))
-        self.register_buffer("scale", scale)
+        self.register_buffer("weight_int8", weight_int8)  # (out, in) int8
+        self.register_buffer("scale", scale)  # (out,) fp32
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, chunk: int = 16384) -> "Int8Linear":
         """Quantized row chunk by row chunk: never a whole fp32 copy of a 201,088-row weight."""
         if linear.bias is not None:
             raise ValueError("Int8Linear: only bias-free layers (the unembedding) are quantized")
-        parts = [cls(linear.weight[n0:n0 + chunk]) for n0 in range(0, linear.weight.shape[0], chunk)]
-        out = cls.__new__(cls)
-        nn.Module.__init__(out)
-        out.register_buffer("weight_int8", torch.cat([p.weight_int8 for p in parts]))
-        out.register_buffer("scale", torch.cat([p.scale for p in parts]))
-        return out
+        rows, scales = [], []
+        for n0 in range(0, linear.weight.shape[0], chunk):
+            w = linear.weight[n0:n0 + chunk].detach().float()
+            scale = (w.abs().amax(dim=1) / 127).clamp_min(torch.finfo(torch.float32).tiny)
+            rows.append(torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8))
+            scales.append(scale)
+        return cls(torch.cat(rows), torch.cat(scales))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1] if x.numel() else 0

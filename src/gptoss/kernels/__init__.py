@@ -233,9 +233,10 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> t
     if lib is None or x.shape[0] > BF16_MAX_ROWS or x.dtype not in _DTYPE_CODES:
         x32 = x.float()
         out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32, device=x.device)
-        for n0 in range(0, weight.shape[0], 16384):  # 16384 rows of fp32 weight at a time (≈ 190 MB at K 2880)
-            w = weight[n0:n0 + 16384].float() * scale[n0:n0 + 16384, None]
-            out[:, n0:n0 + 16384] = x32 @ w.T
+        chunk = 16384  # rows of fp32 weight at a time (≈ 190 MB at K 2880)
+        for n0 in range(0, weight.shape[0], chunk):
+            w = weight[n0:n0 + chunk].float() * scale[n0:n0 + chunk, None]
+            out[:, n0:n0 + chunk] = x32 @ w.T
         return out
     M, K, N = x.shape[0], x.shape[1], weight.shape[0]
     out = torch.empty(M, N, dtype=torch.float32)

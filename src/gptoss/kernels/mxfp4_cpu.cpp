@@ -300,14 +300,13 @@ template <int R>
 inline void dot_rows_lut(const uint8_t* blocks, const uint8_t* scales, int64_t groups, const float* const* x,
                          float* sums) {
   constexpr int U = R == 1 ? 2 : 1;  // blocks per step: at least four independent FMA chains
-  constexpr int64_t kAhead = kStreamAhead;
   const __m512i shift_lo = _mm512_set_epi32(12, 12, 12, 12, 8, 8, 8, 8, 4, 4, 4, 4, 0, 0, 0, 0);
   const __m512i shift_hi = _mm512_add_epi32(shift_lo, _mm512_set1_epi32(16));
   __m512 acc[R][2 * U];
   for (int r = 0; r < R; ++r)
     for (int a = 0; a < 2 * U; ++a) acc[r][a] = _mm512_setzero_ps();
   auto step = [&](int64_t g, int a) {
-    if ((g & 3) == 0) _mm_prefetch(reinterpret_cast<const char*>(blocks + g * kBytes + kAhead), kStreamHint);
+    if ((g & 3) == 0) _mm_prefetch(reinterpret_cast<const char*>(blocks + g * kBytes + kStreamAhead), kStreamHint);
     const __m512i packed = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blocks + g * kBytes)));
     const __m512 table = _mm512_load_ps(kTables.lut[scales[g]]);
     const __m512 w0 = _mm512_permutexvar_ps(_mm512_srlv_epi32(packed, shift_lo), table);
@@ -649,12 +648,23 @@ constexpr Bf16DpFn kBf16DpFns[kBf16MaxRows] = {bf16_rows_dp<1>, bf16_rows_dp<2>,
 #endif
 
 // x: fp32 or bf16 (x_dtype) [M, K]; out [M, N] fp32 or bf16 (out_dtype, rounded to nearest even).
+// The few-row dense kernels' work split: output rows in tasks of 64, activation rows in passes of at most
+// kBf16MaxRows; pass(m, r, n0, n1) runs activation rows [m, m + r) over output rows [n0, n1).
+template <typename F>
+void row_passes(int64_t M, int64_t N, bool serial, const F& pass) {
+  const int64_t rows_per_task = 64;
+  parallel_tasks((N + rows_per_task - 1) / rows_per_task, serial, [&](int64_t task) {
+    const int64_t n0 = task * rows_per_task, n1 = std::min(N, n0 + rows_per_task);
+    for (int64_t m = 0; m < M; m += kBf16MaxRows) pass(m, std::min<int64_t>(kBf16MaxRows, M - m), n0, n1);
+  });
+}
+
 void bf16_linear(const void* x, int64_t x_dtype, int64_t M, int64_t K, const uint16_t* w, int64_t N,
                  const void* bias, int64_t bias_dtype, void* out, int64_t out_dtype) {
   const size_t out_elem = out_dtype == kBF16 ? 2 : 4;
   const bool dp = x_dtype == kBF16 && use_vdpbf16ps();
 #ifdef GPTOSS_AVX512
-  const bool permute = true;  // bf16_rows_512's activation order
+  const bool permute = true;  // bf16_rows_512's activation order: even elements, then odd, per 32
 #else
   const bool permute = false;
 #endif
@@ -664,27 +674,21 @@ void bf16_linear(const void* x, int64_t x_dtype, int64_t M, int64_t K, const uin
     const int64_t K32 = K - K % 32;
     for (int64_t m = 0; m < M; ++m)
       for (int64_t k = 0; k < K; ++k) {
-        const int64_t i = k % 32, src = !permute || k >= K32 ? k : k - i + (i < 16 ? 2 * i : 2 * (i - 16) + 1);
+        const int64_t src = !permute || k >= K32 ? k : k - k % 32 + activation_element_bf16(static_cast<int>(k % 32));
         x32[m * K + k] = load_float(x, x_dtype, m * K + src);
       }
   }
   const float* xf = x32.empty() ? static_cast<const float*>(x) : x32.data();
-  const int64_t rows_per_task = 64;
-  const int64_t tasks = (N + rows_per_task - 1) / rows_per_task;
-  parallel_tasks(tasks, N * K * 2 < (int64_t{1} << 16), [&](int64_t task) {
-    const int64_t n0 = task * rows_per_task, n1 = std::min(N, n0 + rows_per_task);
-    for (int64_t m = 0; m < M; m += kBf16MaxRows) {
-      const int64_t r = std::min<int64_t>(kBf16MaxRows, M - m);
+  row_passes(M, N, N * K * 2 < (int64_t{1} << 16), [&](int64_t m, int64_t r, int64_t n0, int64_t n1) {
 #ifdef GPTOSS_AVX512BF16
-      if (dp) {
-        kBf16DpFns[r - 1](static_cast<const uint16_t*>(x) + m * K, K, w, bias, bias_dtype, n0, n1, N,
-                          static_cast<uint8_t*>(out) + m * N * out_elem, out_dtype);
-        continue;
-      }
-#endif
-      kBf16Fns[r - 1](xf + m * K, K, w, bias, bias_dtype, n0, n1, N, static_cast<uint8_t*>(out) + m * N * out_elem,
-                      out_dtype);
+    if (dp) {
+      kBf16DpFns[r - 1](static_cast<const uint16_t*>(x) + m * K, K, w, bias, bias_dtype, n0, n1, N,
+                        static_cast<uint8_t*>(out) + m * N * out_elem, out_dtype);
+      return;
     }
+#endif
+    kBf16Fns[r - 1](xf + m * K, K, w, bias, bias_dtype, n0, n1, N, static_cast<uint8_t*>(out) + m * N * out_elem,
+                    out_dtype);
   });
 }
 
@@ -694,6 +698,9 @@ void bf16_linear(const void* x, int64_t x_dtype, int64_t M, int64_t K, const uin
 template <int R>
 void int8_rows(const float* x, int64_t K, const int8_t* w, const float* scale, int64_t n0, int64_t n1, float* out,
                int64_t N) {
+#if defined(GPTOSS_AVX512)
+  const bool prefetch = !cpu_is_amd();  // see bf16_rows_512
+#endif
   for (int64_t n = n0; n < n1; ++n) {
     const int8_t* wn = w + n * K;
     float sums[R];
@@ -702,7 +709,7 @@ void int8_rows(const float* x, int64_t K, const int8_t* w, const float* scale, i
     __m512 acc[R][2];
     for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
     for (; k + 32 <= K; k += 32) {
-      if (!cpu_is_amd()) _mm_prefetch(reinterpret_cast<const char*>(wn + k) + kStreamAhead, kStreamHint);
+      if (prefetch) _mm_prefetch(reinterpret_cast<const char*>(wn + k) + kStreamAhead, kStreamHint);
       for (int h = 0; h < 2; ++h) {
         const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wn + k + 16 * h))));
         for (int r = 0; r < R; ++r) acc[r][h] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + r * K + k + 16 * h), acc[r][h]);
@@ -735,13 +742,8 @@ void int8_linear(const void* x, int64_t x_dtype, int64_t M, int64_t K, const int
                  float* out) {
   std::vector<float> xf(static_cast<size_t>(M * K));
   for (int64_t i = 0; i < M * K; ++i) xf[i] = load_float(x, x_dtype, i);
-  const int64_t rows_per_task = 64;
-  parallel_tasks((N + rows_per_task - 1) / rows_per_task, N * K < (int64_t{1} << 16), [&](int64_t task) {
-    const int64_t n0 = task * rows_per_task, n1 = std::min(N, n0 + rows_per_task);
-    for (int64_t m = 0; m < M; m += kBf16MaxRows) {
-      const int64_t r = std::min<int64_t>(kBf16MaxRows, M - m);
-      kInt8Fns[r - 1](xf.data() + m * K, K, w, scale, n0, n1, out + m * N, N);
-    }
+  row_passes(M, N, N * K < (int64_t{1} << 16), [&](int64_t m, int64_t r, int64_t n0, int64_t n1) {
+    kInt8Fns[r - 1](xf.data() + m * K, K, w, scale, n0, n1, out + m * N, N);
   });
 }
 
