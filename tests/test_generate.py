@@ -46,12 +46,17 @@ def test_cached_decoding_equals_full_recompute(model, prompt_len):
     assert (cached - full).abs().max() <= 1e-4 * full.abs().max()
 
 
-def test_chunked_prefill_equals_one_pass(model):
+@pytest.mark.parametrize("grad", [True, False], ids=["autograd", "inference"])
+@pytest.mark.parametrize("chunk", [6, 20], ids=["chunk<window", "chunk>window"])
+def test_chunked_prefill_equals_one_pass(model, chunk, grad):
+    """With autograd on, attention materializes its scores; in inference (generate) it is the flash path."""
     seq = torch.tensor([random_prompt(50, 1)])
     pos = torch.arange(50)[None]
     cache = KVCache(CONFIG, 1, dtype=torch.float32)
-    chunks = [model(seq[:, s:s + 6], pos[:, s:s + 6], cache) for s in range(0, 50, 6)]  # chunks < window
-    torch.testing.assert_close(torch.cat(chunks, 1), model(seq), rtol=0, atol=1e-4)
+    with torch.set_grad_enabled(grad):
+        chunks = [model(seq[:, s:s + chunk], pos[:, s:s + chunk], cache) for s in range(0, 50, chunk)]
+        one_pass = model(seq)
+    torch.testing.assert_close(torch.cat(chunks, 1), one_pass, rtol=0, atol=1e-4)
     ring = cache.layer(0)
     assert ring.k.shape[1] == CONFIG.sliding_window  # the ring holds exactly the window
     assert sorted(ring.pos[0].tolist()) == list(range(50 - CONFIG.sliding_window, 50))

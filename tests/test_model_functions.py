@@ -122,6 +122,48 @@ def test_attention_query_tiles_are_exact(monkeypatch):
     torch.testing.assert_close(grad_tiled, grad_whole, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("case", ["ring", "causal_offset", "padded", "no_sinks", "mha"])
+def test_flash_attention_matches_the_definition(case):
+    """CPU inference runs torch's fused flash kernel per query tile, over only the keys the tile can see, with
+    the sink applied as sigmoid(logsumexp − sink): the same numbers as the definition, one head at a time,
+    for a sliding layer's ring cache (keys out of order, empty slots), a later causal chunk, left-padded
+    rows (pad queries see nothing: zeros), no sinks, and one query head per key head."""
+    from gptoss.model import flash_sdpa_with_sinks
+
+    g = torch.Generator().manual_seed(2)
+    B, K, G, Dh = 2, 2, (1 if case == "mha" else 4), 16
+    T, past, window = 150, 0, None
+    if case == "ring":  # 20 cached keys in ring order (oldest overwritten), 4 empty slots, then T new ones
+        T, window = 70, 24
+        cached = torch.tensor([40 + (i % 20) if i < 20 else -1 for i in range(24)])
+        k_pos = torch.cat([cached.roll(7), torch.arange(60, 60 + T)]).expand(B, -1)
+        q_pos = torch.arange(60, 60 + T).expand(B, T)
+    else:
+        past = 90 if case == "causal_offset" else 0
+        window = 32 if case == "no_sinks" else None
+        k_pos = torch.arange(past + T).expand(B, -1).clone()
+        q_pos = k_pos[:, past:].clone()
+        if case == "padded":  # row 1 is left-padded by 11 tokens
+            k_pos[1, :11], q_pos[1, :11] = -1, -1
+            k_pos[1, 11:] -= 11
+            q_pos[1, 11:] -= 11
+    S = k_pos.shape[1]
+    q = torch.randn(B, T, K, G, Dh, generator=g)
+    k, v = torch.randn(B, S, K, Dh, generator=g), torch.randn(B, S, K, Dh, generator=g)
+    sinks = None if case == "no_sinks" else torch.randn(K * G, generator=g)
+    mask = attention_mask(q_pos, k_pos, window)
+    expected = reference_attention(q.double(), k.double(), v.double(),
+                                   torch.full((K * G,), -torch.inf, dtype=torch.float64) if sinks is None
+                                   else sinks.double(), mask)
+    with torch.no_grad():
+        ours = flash_sdpa_with_sinks(q, k, v, sinks, mask)
+        dispatched = sdpa_with_sinks(q, k, v, sinks, mask)
+    torch.testing.assert_close(ours.double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dispatched, ours)
+    if case == "padded":
+        assert ours[1, :11].abs().max() == 0
+
+
 def test_swiglu_interleaved_and_clamped():
     gate = torch.tensor([-10.0, -1.0, 0.5, 3.0, 7.0, 20.0], dtype=torch.float64)
     linear = torch.tensor([-20.0, -7.5, 0.0, 2.0, 6.9, 9.0], dtype=torch.float64)

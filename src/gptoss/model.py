@@ -163,7 +163,8 @@ def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, sliding_window: int
     return allowed
 
 
-SCORES_BUDGET_BYTES = 16 * 2**20  # fp32 attention scores per query tile (sdpa_with_sinks)
+SCORES_BUDGET_BYTES = 16 * 2**20  # fp32 attention scores per query tile (the materialized path)
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
 def sdpa_with_sinks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor | None,
@@ -174,6 +175,45 @@ def sdpa_with_sinks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: to
     The sink is an extra column of scores dropped after the softmax, so a head may attend to "nothing".
     sinks None: plain softmax attention. dropout: on the attention weights (GPT-2; training only).
     """
+    tensors = (q, k, v) if sinks is None else (q, k, v, sinks)
+    if (_FLASH_CPU is not None and q.device.type == "cpu" and not dropout and q.dtype != torch.float64
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))):
+        return flash_sdpa_with_sinks(q, k, v, sinks, mask)
+    return materialized_sdpa_with_sinks(q, k, v, sinks, mask, dropout)
+
+
+def flash_sdpa_with_sinks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor | None,
+                          mask: torch.Tensor) -> torch.Tensor:
+    """sdpa_with_sinks for CPU inference (prefill) on torch's fused flash kernel, which never holds T×S scores.
+
+    The kernel has no sink, but it returns each row's logsumexp L of the scores, and adding e^sink to the
+    denominator scales that row's output by e^L / (e^L + e^sink) = sigmoid(L − sink). Queries go in tiles,
+    each over only the keys some query of the tile can see: a sliding layer's tile of 128 queries reads
+    ≤ 255 keys instead of the ring plus the whole chunk, and causal tiles skip the keys after them.
+    A fully masked row (a pad token) comes back as zeros, as in the materialized path.
+    """
+    B, T, K, G, Dh = q.shape
+    out_dtype = q.dtype  # the activations' dtype (the cache may hold fp32)
+    q, k, v = at_least_fp32(q), at_least_fp32(k), at_least_fp32(v)
+    visible = int(mask.sum(-1).max()) if mask.numel() else 0  # the most keys one query sees
+    tile = min(512, max(64, visible))  # 20b, 2048 tokens: 128 on sliding layers, 512 on full ones were fastest
+    outs = []
+    for i in range(0, T, tile):
+        m = mask[:, i:i + tile]
+        keys = m.any(1).any(0).nonzero().squeeze(1)
+        m = m[:, :, keys]
+        bias = q.new_zeros((B, 1) + m.shape[1:]).masked_fill_(~m[:, None], float("-inf"))
+        out, lse = _FLASH_CPU(q[:, i:i + tile].flatten(2, 3).transpose(1, 2), k[:, keys].transpose(1, 2),
+                              v[:, keys].transpose(1, 2), attn_mask=bias, scale=1 / math.sqrt(Dh))
+        if sinks is not None:  # out (B, H, t, Dh), lse (B, H, t)
+            out = out * torch.sigmoid(lse - sinks.to(lse.dtype)[:, None])[..., None]
+        outs.append(out.transpose(1, 2).flatten(2))  # (B, t, H·Dh)
+    return torch.cat(outs, dim=1).to(out_dtype)
+
+
+def materialized_sdpa_with_sinks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor | None,
+                                 mask: torch.Tensor, dropout: float = 0.0) -> torch.Tensor:
+    """sdpa_with_sinks with the scores in memory: autograd, dropout, float64, GPUs."""
     B, T, K, G, Dh = q.shape
     S = k.shape[1]
     # Long prompts: queries in tiles, so the fp32 scores (and the softmax's copies of them) stay near 16 MiB
@@ -181,7 +221,8 @@ def sdpa_with_sinks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: to
     # and on the 20b a 2048-token prefill took 40 s instead of 53 s (cache-sized tiles) with 0.1 GiB less peak.
     tile = max(1, SCORES_BUDGET_BYTES // (4 * B * K * G * max(S, 1)))
     if T > tile:
-        return torch.cat([sdpa_with_sinks(q[:, i:i + tile], k, v, sinks, mask[:, i:i + tile], dropout)
+        return torch.cat([materialized_sdpa_with_sinks(q[:, i:i + tile], k, v, sinks, mask[:, i:i + tile],
+                                                       dropout)
                           for i in range(0, T, tile)], dim=1)
     out_dtype = q.dtype  # the activations' dtype (the cache may hold fp32)
     # fp32 throughout: exact softmax, and CPUs without bf16 arithmetic run fp32 matmuls ~10× faster.
