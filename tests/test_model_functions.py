@@ -164,6 +164,23 @@ def test_flash_attention_matches_the_definition(case):
         assert ours[1, :11].abs().max() == 0
 
 
+@pytest.mark.parametrize("rows", [1, 31, 32, 45, 200])
+def test_bucketed_linear_keeps_the_rows(rows):
+    """CPU bf16 GEMMs pad their rows to a multiple of ROW_BUCKET (oneDNN then reuses its primitives): the
+    real rows equal an unpadded GEMM's, in [N, D] and [B, T, D] shapes, and the padding never leaks out."""
+    from gptoss.model import linear_rows_bucketed
+
+    g = torch.Generator().manual_seed(rows)
+    w, b = torch.randn(48, 40, generator=g).bfloat16(), torch.randn(48, generator=g).bfloat16()
+    x = torch.randn(rows, 40, generator=g).bfloat16()
+    expected = x.float() @ w.float().T + b.float()
+    for shaped in (x, x.view(1, rows, 40)):
+        y = linear_rows_bucketed(shaped, w, b)
+        assert y.shape == (*shaped.shape[:-1], 48) and y.dtype == torch.bfloat16
+        torch.testing.assert_close(y.reshape(rows, 48).float(), expected, rtol=1e-2, atol=5e-2)
+    torch.testing.assert_close(linear_rows_bucketed(x.float(), w.float(), b.float()), expected)
+
+
 def test_swiglu_interleaved_and_clamped():
     gate = torch.tensor([-10.0, -1.0, 0.5, 3.0, 7.0, 20.0], dtype=torch.float64)
     linear = torch.tensor([-20.0, -7.5, 0.0, 2.0, 6.9, 9.0], dtype=torch.float64)

@@ -42,7 +42,7 @@ import torch
 from .cache import KVCache, LayerCache, default_cache_dtype
 from .config import ModelConfig
 from .errors import GenerationError, GptOssError
-from .generate import SamplingParams, left_pad, prefill, sample
+from .generate import PREFILL_CHUNK, SamplingParams, left_pad, prefill, sample
 from .model import Transformer
 
 log = logging.getLogger("gptoss.engine")
@@ -225,7 +225,7 @@ class Engine:
     """
 
     def __init__(self, model: Transformer, max_concurrency: int = 16, max_queue: int = 64,
-                 max_context: int | None = None, max_prefill_tokens: int = 4096, prefill_chunk: int = 512):
+                 max_context: int | None = None, max_prefill_tokens: int = 4096, prefill_chunk: int = PREFILL_CHUNK):
         if max_concurrency < 1 or max_queue < 0:
             raise GenerationError(f"max_concurrency must be >= 1 and max_queue >= 0, got {max_concurrency}, "
                                   f"{max_queue}")

@@ -71,16 +71,21 @@ def left_pad(prompts: Sequence[Sequence[int]], device) -> tuple[torch.Tensor, to
     return tokens, positions
 
 
+# Prompt tokens per row in one forward. Each chunk dequantizes every expert it routes to once, so bigger
+# chunks amortize that; attention is tiled either way. 20b, 2048-token prompt: chunks of 512 / 1024 / 2048
+# took 29.6 / 21.2 / 18.6 s with peak RSS 12.49 / 12.60 / 12.88 GiB.
+PREFILL_CHUNK = 2048
+
+
 @torch.no_grad()
 def prefill(model: Transformer, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
-            chunk_size: int = 512) -> torch.Tensor:
+            chunk_size: int = PREFILL_CHUNK) -> torch.Tensor:
     """Run the prompt through the model in chunks; return the last position's logits [B, V]."""
     logits = None
     for start in range(0, tokens.shape[1], chunk_size):
         end = start + chunk_size
         logits = model(tokens[:, start:end], positions[:, start:end], cache, last_only=True)[:, -1]
-        if end < tokens.shape[1]:
-            _return_freed_memory()
+        _return_freed_memory()
     return logits
 
 
@@ -93,8 +98,9 @@ def _malloc_trim():
 
 
 def _return_freed_memory() -> None:
-    """Between prefill chunks: hand glibc's freed buffers back to the OS. Each chunk's temporaries otherwise
-    pile up in malloc's heaps (20b, 2048-token prompt: peak RSS 14.10–14.15 -> 13.94–13.99 GiB)."""
+    """After each prefill chunk: hand glibc's freed buffers back to the OS. A chunk's temporaries otherwise
+    stay in malloc's heaps (20b, 2048-token prompt in chunks of 512: peak RSS 14.10–14.15 -> 13.94–13.99 GiB;
+    in one chunk of 2048, 0.5 GiB held through the decode that follows)."""
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
@@ -102,7 +108,7 @@ def _return_freed_memory() -> None:
 
 @torch.no_grad()
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], params: SamplingParams | None = None,
-             chunk_size: int = 512) -> Iterator[tuple[int, int]]:
+             chunk_size: int = PREFILL_CHUNK) -> Iterator[tuple[int, int]]:
     """Stream (row, token id) pairs as they are sampled; a row stops at a stop token or max_tokens.
 
     The stop token itself is yielded, so callers can tell a tool call (<|call|>) from an answer (<|return|>).
