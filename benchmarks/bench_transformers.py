@@ -64,13 +64,16 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=16)
     p.add_argument("--prompt", type=int, default=32, help="prompt length")
     p.add_argument("--out", type=Path, default=None, help="keep the shared checkpoint here")
+    p.add_argument("--dtypes", nargs="+", choices=("bf16", "fp32"), default=["bf16", "fp32"],
+                   help="fp32 doubles transformers' copy (8 layers in fp32 were killed for memory in 24 GiB)")
     args = p.parse_args()
     config = preset("gpt-oss-20b").replace(num_hidden_layers=args.layers, layer_types=())
     folder = args.out or Path(tempfile.mkdtemp(prefix="gptoss-shared-"))
     write_checkpoint(synthetic.random_tensors(config, seed=0), config, folder, "hf")
     prompt = torch.randint(0, 200_000, (args.prompt,), generator=torch.Generator().manual_seed(0)).tolist()
     results = {"layers": args.layers, "threads": torch.get_num_threads()}
-    for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+    for name in args.dtypes:
+        dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
         ours_tokens, ours_tps = ours_decode(folder, prompt, args.tokens, dtype)
         gc.collect()
         theirs_tokens, theirs_tps = transformers_decode(folder, prompt, args.tokens, dtype)
