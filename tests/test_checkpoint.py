@@ -202,3 +202,12 @@ def test_reader_sees_original_names_in_both_layouts(hf_checkpoint, tmp_path):
     assert (a.layout, b.layout) == ("hf", "original")
     assert a.get("block.2.attn.qkv.bias").equal(b.get("block.2.attn.qkv.bias"))
     assert math.prod(a.get("block.2.attn.qkv.weight").shape) == TINY.qkv_dim * TINY.hidden_size
+
+
+def test_written_shards_get_the_umask_mode_not_private(hf_checkpoint):
+    # safetensors' own writer leaves 0600 files: a checkpoint written for a server or container user
+    # must be as readable as the config.json beside it.
+    expected = (hf_checkpoint / "config.json").stat().st_mode & 0o777
+    shards = sorted(hf_checkpoint.glob("*.safetensors"))
+    assert len(shards) > 1
+    assert {f.name: f.stat().st_mode & 0o777 for f in shards} == {f.name: expected for f in shards}

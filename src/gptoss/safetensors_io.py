@@ -150,4 +150,10 @@ class SafetensorsFiles:
 def save_file(tensors: dict[str, torch.Tensor], path: str | Path) -> None:
     from safetensors.torch import save_file as _save
 
+    # safetensors ≥ 0.8 writes a private (0600) temporary and renames it over `path`: keep the mode the file
+    # gets from the umask (or already has), or a checkpoint written for a server or a container is unreadable.
+    path = Path(path)
+    path.touch()
+    mode = path.stat().st_mode & 0o777
     _save({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
+    path.chmod(mode)

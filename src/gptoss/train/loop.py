@@ -163,7 +163,7 @@ def save_train_state(path: Path, model: Transformer, opt: torch.optim.Optimizer,
                      weights: dict[str, torch.Tensor] | None = None, write: bool = True) -> None:
     """weights: the full state dict if not the model's own (FSDP); FSDP's AdamW moments are gathered here,
     so every rank calls this and only the one with `write` writes."""
-    from safetensors.torch import save_file
+    from ..safetensors_io import save_file  # keeps the umask's file mode
 
     weights = model.state_dict() if weights is None else weights
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in weights.items()}
@@ -180,7 +180,7 @@ def save_train_state(path: Path, model: Transformer, opt: torch.optim.Optimizer,
     tensors["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    save_file(tensors, str(path / STATE_FILE))
+    save_file(tensors, path / STATE_FILE)
     groups = [{k: v for k, v in g.items()} for g in sd["param_groups"]]
     meta = {"step": step, "param_groups": groups, "config": cfg.to_dict(), "model_config": model.config.to_original_dict()}
     (path / STATE_JSON).write_text(json.dumps(meta, indent=2) + "\n")
