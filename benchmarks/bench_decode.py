@@ -167,11 +167,17 @@ def main() -> None:
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--cold", action="store_true", help="do not touch all weight pages before timing")
     p.add_argument("--no-bf16-kernel", action="store_true", help="dense bf16 layers through F.linear (A/B)")
+    p.add_argument("--fp32-prefill-attention", action="store_true",
+                   help="prefill attention in fp32 even where the CPU has bf16 math (A/B)")
     p.add_argument("--int8-unembedding", action="store_true",
                    help="quantize the unembedding to int8 (the opt-in mode) and report its logit error")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.fp32_prefill_attention:
+        from gptoss import model as model_module
+
+        model_module._CPU_BF16_NATIVE = False
     if args.no_bf16_kernel:
         from gptoss import kernels
 
