@@ -183,11 +183,14 @@ def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, sliding_window: int
 
 SCORES_BUDGET_BYTES = 16 * 2**20  # fp32 attention scores per query tile (the materialized path)
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-# Where the CPU multiplies bf16 natively (AVX-512 BF16, AMX) a bf16 model's prefill attention runs the flash
-# kernel in bf16: fp32 accumulators and softmax, probabilities and the (fp32-cached) keys and values rounded
-# to bf16, as a bf16 cache and FlashAttention on GPUs do. 20b, 2048 tokens: attention 4.3 -> 2.1 s of a
-# 21 -> 18 s prefill; logits of the bf16 parity models no further from fp32. Elsewhere fp32 is faster.
+# Where the CPU multiplies bf16 natively (AVX-512 BF16, AMX) a bf16 model's prefill attention over at least
+# BF16_ATTENTION_MIN_QUERIES queries runs the flash kernel in bf16: fp32 accumulators and softmax,
+# probabilities and the (fp32-cached) keys and values rounded to bf16, as a bf16 cache and FlashAttention on
+# GPUs do. 20b, 2048 tokens: attention 4.3 -> 2.1 s of a 21 -> 18 s prefill; logits of the bf16 parity models
+# no further from fp32. Shorter chunks (no gain at 128 tokens) and decode steps (then the same numbers as the
+# fused decode kernel's fp32 attention) stay in fp32, as does everything where fp32 is the faster.
 _CPU_BF16_NATIVE = bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
+BF16_ATTENTION_MIN_QUERIES = 256
 
 
 def sdpa_with_sinks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor | None,
@@ -219,7 +222,7 @@ def flash_sdpa_with_sinks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sin
     out_dtype = q.dtype  # the activations' dtype (the cache may hold fp32)
     # bf16 activations on a CPU with bf16 math: the kernel in bf16, keys and values (an fp32 cache on CPU)
     # rounded as the tile gathers them. Otherwise fp32.
-    bf16 = _CPU_BF16_NATIVE and q.dtype == torch.bfloat16
+    bf16 = _CPU_BF16_NATIVE and q.dtype == torch.bfloat16 and T >= BF16_ATTENTION_MIN_QUERIES
     compute = torch.bfloat16 if bf16 else torch.promote_types(q.dtype, torch.float32)
     visible = int(mask.sum(-1).max()) if mask.numel() else 0  # the most keys one query sees
     tile = min(512, max(64, visible))  # 20b, 2048 tokens: 128 on sliding layers, 512 on full ones were fastest
