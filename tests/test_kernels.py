@@ -300,7 +300,49 @@ def test_other_instruction_sets_match(tmp_path, monkeypatch, march, simd, expert
                            bits(mxfp4.dequantize(blocks, scales, dtype)))
     check_bf16_linear(3, 70, 45, torch.bfloat16)
     test_int8_linear_matches_fp64(3, 70, 45, torch.bfloat16)
-    check_fused_decode(monkeypatch, torch.bfloat16)
+    for dtype in (torch.float32, torch.bfloat16):
+        check_swiglu(dtype, rows=3, pairs=45)
+    check_fused_decode(monkeypatch, torch.bfloat16)  # last: it leaves GPTOSS_KERNELS=0 set
+
+
+# ---------------------------------------------------------------- SwiGLU (prefill experts)
+def check_swiglu(dtype: torch.dtype, rows: int, pairs: int) -> None:
+    """kernels.swiglu = model.swiglu in fp64, rounded once: fp32 within the vector exp's few ulp, bf16 the
+    correctly rounded value or its neighbour; clamps on both sides, tails past the vectors, NaN kept."""
+    from gptoss.model import swiglu
+
+    g = torch.Generator().manual_seed(rows * 100 + pairs)
+    h = 6 * torch.randn(rows, 2 * pairs, generator=g)  # |gate|, |linear| often past the limit of 7
+    h[0, :6] = torch.tensor([float("nan"), 1.0, 1.0, float("nan"), -200.0, 3.0])  # −200: σ underflows to 0
+    h = h.to(dtype)
+    ours = kernels.swiglu(h, 1.702, 7.0)
+    exact = swiglu(h.double(), 1.702, 7.0)
+    assert ours.dtype == dtype and ours.shape == (rows, pairs)
+    assert torch.equal(ours.isnan(), exact.isnan()) and ours[0, 0].isnan() and ours[0, 1].isnan()
+    assert ours[0, 2] == 0
+    ours, exact = ours.double().nan_to_num(), exact.nan_to_num()
+    if dtype == torch.float32:
+        assert ((ours - exact).abs() <= 1e-6 * (exact.abs() + 1e-3)).all()
+    else:  # the correctly rounded value or at most one bf16 step (2^-7 of it) away, mostly the former
+        rounded = exact.to(dtype).double()
+        assert ((ours - rounded).abs() <= rounded.abs() * 2 ** -7).all()
+        assert (ours == rounded).double().mean() > 0.99
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rows,pairs", [(1, 7), (2, 8), (5, 2880), (33, 129)])
+def test_swiglu_matches_the_definition(dtype, rows, pairs):
+    needs_kernels(True)
+    check_swiglu(dtype, rows, pairs)
+
+
+def test_swiglu_kernel_declines_autograd_and_odd_widths():
+    needs_kernels(True)
+    h = torch.randn(4, 10, requires_grad=True)
+    assert kernels.swiglu(h, 1.702, 7.0) is None  # model.swiglu keeps the graph
+    with torch.no_grad():
+        assert kernels.swiglu(h, 1.702, 7.0) is not None
+    assert kernels.swiglu(torch.randn(4, 9), 1.702, 7.0) is None
 
 
 # ---------------------------------------------------------------- bf16 linear (attention, router, unembedding)

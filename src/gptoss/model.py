@@ -524,7 +524,8 @@ class MoE(nn.Module):
                 continue
             token, slot = (experts == e).nonzero(as_tuple=True)
             h = self.mlp1_weight.linear(t[token], e, self.mlp1_bias[e])  # (n, 2I)
-            h = swiglu(h, c.swiglu_alpha, c.swiglu_limit)  # (n, I)
+            act = kernels.swiglu(h, c.swiglu_alpha, c.swiglu_limit)  # one pass on CPU (None elsewhere)
+            h = act if act is not None else swiglu(h, c.swiglu_alpha, c.swiglu_limit)  # (n, I)
             y = self.mlp2_weight.linear(h, e, self.mlp2_bias[e])  # (n, D)
             out.index_add_(0, token, y.float() * weights[token, slot, None])
         return out

@@ -5,8 +5,8 @@
     mxfp4_dequantize(blocks, scales, dtype)            whole tensors (prefill path: one expert, then a GEMM)
     bf16_linear(x, weight, bias, out_dtype)            a bf16 nn.Linear for ≤ BF16_MAX_ROWS rows (decode)
     int8_linear(x, weight, scale)                      the same for int8 rows with fp32 scales (opt-in unembedding)
-    rmsnorm / decode_attention / moe_experts / decode_attention_block
-                                                       fused decode steps that model.py calls (below)
+    rmsnorm / swiglu / decode_attention / moe_experts / decode_attention_block
+                                                       fused steps that model.py calls (below)
 
 Instruction sets, chosen at build time by -march=native (`load_kernels().simd()` says which): AVX-512 BF16,
 AVX2 + FMA, or portable C++. On AVX-512 the expert kernel for bf16 activations is chosen per CPU at load
@@ -263,6 +263,21 @@ def rmsnorm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor | 
     out = torch.empty_like(x)
     lib.rmsnorm(x.data_ptr(), _DTYPE_CODES[x.dtype], x.numel() // x.shape[-1], x.shape[-1],
                 scale.contiguous().data_ptr(), float(eps), out.data_ptr())
+    return out
+
+
+def swiglu(h: torch.Tensor, alpha: float, limit: float) -> torch.Tensor | None:
+    """h [..., 2I] fp32/bf16 (gate, linear interleaved) → [..., I] in h's dtype: model.swiglu in one pass of
+    fp32 math (torch's bf16 ops round after each of six steps and allocate each); None where not applicable
+    (no kernels, not CPU, or autograd needs the graph)."""
+    lib = load_kernels() if h.device.type == "cpu" else None
+    if (lib is None or h.dtype not in _DTYPE_CODES or h.shape[-1] % 2
+            or (torch.is_grad_enabled() and h.requires_grad)):
+        return None
+    h = h.contiguous()
+    out = h.new_empty(h.shape[:-1] + (h.shape[-1] // 2,))
+    code = _DTYPE_CODES[h.dtype]
+    lib.swiglu(h.data_ptr(), code, out.numel(), float(alpha), float(limit), out.data_ptr(), code)
     return out
 
 

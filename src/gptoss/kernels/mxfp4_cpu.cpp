@@ -970,6 +970,69 @@ void decode_attention(const void* qkv, int64_t dtype, int64_t B, int64_t H, int6
   });
 }
 
+#ifdef GPTOSS_AVX2
+// Eight interleaved (gate, linear) pairs from h[2j..2j+16) as two vectors of eight; the lanes come out in the
+// order 0 1 4 5 2 3 6 7 (in-lane shuffles), which store8_pairs_order puts back.
+inline void load8_pairs(const void* h, int64_t dtype, int64_t j, __m256& gate, __m256& lin) {
+  __m256 a, b;
+  if (dtype == kBF16) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(h) + 2 * j));
+    a = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(v)), 16));
+    b = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(v, 1)), 16));
+  } else {
+    a = _mm256_loadu_ps(static_cast<const float*>(h) + 2 * j);
+    b = _mm256_loadu_ps(static_cast<const float*>(h) + 2 * j + 8);
+  }
+  gate = _mm256_shuffle_ps(a, b, 0x88);
+  lin = _mm256_shuffle_ps(a, b, 0xDD);
+}
+
+// Stores y (lanes in load8_pairs' order) to out[j..j+8) in dtype; bf16 rounded as float_to_bf16_rne.
+inline void store8_pairs_order(void* out, int64_t dtype, int64_t j, __m256 y) {
+  y = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(y), 0xD8));
+  if (dtype != kBF16) {
+    _mm256_storeu_ps(static_cast<float*>(out) + j, y);
+    return;
+  }
+  const __m256i bits = _mm256_castps_si256(y);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(y, y, _CMP_UNORD_Q)));
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(out) + j), _mm256_castsi256_si128(packed));
+}
+#endif
+
+// Clamped SwiGLU of GPT-oss (model.swiglu) on n interleaved (gate, linear) pairs of h, fp32 math, one
+// rounding to out_dtype. σ(αg) from e = e^(−|αg|) ≤ 1 (the attention's vector exp, ≈ 2 ulp; 0 below e^-87):
+// 1 / (1 + e) for αg ≥ 0, e / (1 + e) below. A NaN stays NaN (the clamps take the constant first).
+void swiglu(const void* h, int64_t h_dtype, int64_t n, float alpha, float limit, void* out, int64_t out_dtype) {
+  at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
+    int64_t j = begin;
+#ifdef GPTOSS_AVX2
+    const __m256 hi = _mm256_set1_ps(limit), lo = _mm256_set1_ps(-limit), one = _mm256_set1_ps(1.f);
+    for (; j + 8 <= end; j += 8) {
+      __m256 gate, lin;
+      load8_pairs(h, h_dtype, j, gate, lin);
+      gate = _mm256_min_ps(hi, gate);
+      lin = _mm256_min_ps(hi, _mm256_max_ps(lo, lin));
+      const __m256 z = _mm256_mul_ps(_mm256_set1_ps(alpha), gate);
+      const __m256 nz = _mm256_or_ps(z, _mm256_set1_ps(-0.0f));  // −|z|
+      // e^(−|z|), and 0 where it is below fp32's normal range (exp_nonpositive would return ≈ 2^-126)
+      const __m256 e = _mm256_and_ps(exp_nonpositive(nz), _mm256_cmp_ps(nz, _mm256_set1_ps(-87.0f), _CMP_GE_OQ));
+      const __m256 r = _mm256_div_ps(one, _mm256_add_ps(one, e));
+      const __m256 sigmoid = _mm256_blendv_ps(r, _mm256_mul_ps(e, r), z);  // z's sign bit picks e / (1 + e)
+      store8_pairs_order(out, out_dtype, j, _mm256_mul_ps(_mm256_mul_ps(gate, sigmoid), _mm256_add_ps(lin, one)));
+    }
+#endif
+    for (; j < end; ++j) {
+      const float gate = std::min(load_float(h, h_dtype, 2 * j), limit);
+      const float lin = std::min(std::max(load_float(h, h_dtype, 2 * j + 1), -limit), limit);
+      store_float(out, out_dtype, j, gate * (1.0f / (1.0f + std::exp(-alpha * gate))) * (lin + 1.0f));
+    }
+  });
+}
+
 // The MoE's experts for a few tokens (MoE._fused): t [N, D] in `dtype` (normed), experts/weights [N, k]
 // (int64 / fp32 routing), mlp1 [E, 2I, D/32, 16] + bias [E, 2I], clamped SwiGLU on interleaved (gate,
 // linear) columns rounded to `dtype`, mlp2 [E, D, I/32, 16] + bias [E, D]; out [N, D] fp32 = Σ_j w_j · y_j.
@@ -986,13 +1049,7 @@ void moe_experts(const void* t, int64_t dtype, int64_t N, int64_t D, const int64
   std::vector<float> h(static_cast<size_t>(rows * 2 * I));
   linear(x.data(), dtype, rows, D, blocks1, scales1, E, 2 * I, bias1, bias_dtype, experts, h.data());
   std::vector<uint8_t> act(rows * I * elem);
-  at::parallel_for(0, rows * I, 1024, [&](int64_t begin, int64_t end) {  // exp() is most of the glue's time
-    for (int64_t j = begin; j < end; ++j) {
-      const float gate = std::min(h[2 * j], limit);
-      const float lin = std::min(std::max(h[2 * j + 1], -limit), limit);
-      store_float(act.data(), dtype, j, gate * (1.0f / (1.0f + std::exp(-alpha * gate))) * (lin + 1.0f));
-    }
-  });
+  swiglu(h.data(), kF32, rows * I, alpha, limit, act.data(), dtype);
   std::vector<float> y(static_cast<size_t>(rows * D));
   linear(act.data(), dtype, rows, I, blocks2, scales2, E, D, bias2, bias_dtype, experts, y.data());
   for (int64_t n = 0; n < N; ++n)
@@ -1089,6 +1146,16 @@ PyObject* py_int8_linear(PyObject*, PyObject* args) {
   });
 }
 
+PyObject* py_swiglu(PyObject*, PyObject* args) {
+  long long h, h_dtype, n, out, out_dtype;
+  double alpha, limit;
+  if (!PyArg_ParseTuple(args, "LLLddLL", &h, &h_dtype, &n, &alpha, &limit, &out, &out_dtype)) return nullptr;
+  return run_without_gil([&] {
+    swiglu(ptr<const void>(h), h_dtype, n, static_cast<float>(alpha), static_cast<float>(limit), ptr<void>(out),
+           out_dtype);
+  });
+}
+
 PyObject* py_rmsnorm(PyObject*, PyObject* args) {
   long long x, dtype, M, D, scale, out;
   double eps;
@@ -1172,6 +1239,7 @@ PyMethodDef kMethods[] = {
     {"int8_linear", py_int8_linear, METH_VARARGS,
      "int8_linear(x, x_dtype, M, K, w_int8, scale_f32, N, out_f32): data pointers"},
     {"rmsnorm", py_rmsnorm, METH_VARARGS, "rmsnorm(x, dtype, M, D, scale_f32, eps, out): data pointers"},
+    {"swiglu", py_swiglu, METH_VARARGS, "swiglu(h, h_dtype, n_pairs, alpha, limit, out, out_dtype): data pointers"},
     {"decode_attention", py_decode_attention, METH_VARARGS,
      "decode_attention(qkv, dtype, B, H, K, Dh, cos, sin, cache_k, cache_v, cache_pos, S, slot, q_pos, window, "
      "sinks, out): data pointers"},
