@@ -1007,7 +1007,7 @@ inline void store8_pairs_order(void* out, int64_t dtype, int64_t j, __m256 y) {
 // rounding to out_dtype. σ(αg) from e = e^(−|αg|) ≤ 1 (the attention's vector exp, ≈ 2 ulp; 0 below e^-87):
 // 1 / (1 + e) for αg ≥ 0, e / (1 + e) below. A NaN stays NaN (the clamps take the constant first).
 void swiglu(const void* h, int64_t h_dtype, int64_t n, float alpha, float limit, void* out, int64_t out_dtype) {
-  at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n, 1024, [&](int64_t begin, int64_t end) {
     int64_t j = begin;
 #ifdef GPTOSS_AVX2
     const __m256 hi = _mm256_set1_ps(limit), lo = _mm256_set1_ps(-limit), one = _mm256_set1_ps(1.f);
