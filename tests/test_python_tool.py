@@ -129,10 +129,10 @@ def test_python_call_without_the_tool_is_answered_not_run():
 
 def test_chat_cli_python_flag(monkeypatch, capsys):
     """`gptoss chat --python` through the CLI (the model replaced by the scripted engine)."""
-    from gptoss import chat, cli
+    from gptoss import chat, cli, loading
 
     engine = Scripted(PYTHON_SCRIPT)
-    monkeypatch.setattr(cli, "load_model", lambda args: None)
+    monkeypatch.setattr(loading, "load_model", lambda *args, **kwargs: None)
     monkeypatch.setattr(chat, "model_completer", lambda model: engine)
     monkeypatch.setattr("sys.stdin", io.StringIO("/reasoning\nWhat is 2**100?\n"))
     assert cli.main(["chat", "--python", "--python-timeout", "5", "--temperature", "0"]) in (0, None)

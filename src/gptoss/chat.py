@@ -121,7 +121,7 @@ HELP = """commands: /reset (new conversation)  /effort low|medium|high  /reasoni
 
 
 def run_chat(args: argparse.Namespace) -> None:
-    from .cli import load_model, sampling_params
+    from .loading import load_model_from_args, sampling_params
 
     tok = get_tokenizer()
     params = sampling_params(args)
@@ -130,7 +130,7 @@ def run_chat(args: argparse.Namespace) -> None:
         tools.append(BUILTIN_TOOLS["calculator"])
     if args.python and not args.python_timeout > 0:
         raise GptOssError(f"--python-timeout must be a positive number of seconds, got {args.python_timeout:g}")
-    model = load_model(args)
+    model = load_model_from_args(args)
     interactive = sys.stdin.isatty()
     out = sys.stdout
 

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from .errors import GptOssError
+from .loading import add_model_args, add_sampling_args, load_model_from_args, sampling_params
 from .tools import PYTHON_TIMEOUT
 
 
@@ -38,7 +39,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     ids = tok.encode(prompt, allowed_special="all")
     if not ids:
         raise GptOssError("the prompt is empty")
-    model = load_model(args)
+    model = load_model_from_args(args)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character may span tokens
     if args.echo:
         sys.stdout.write(prompt)
@@ -108,68 +109,7 @@ def cmd_experiment(args: argparse.Namespace) -> None:
     print(f"wrote {path}")
 
 
-# ---------------------------------------------------------------- shared options
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-m", "--model", default=None, metavar="PATH",
-                   help="checkpoint folder (Hugging Face layout, or the OpenAI original/ folder); default: the "
-                        "embedded demo model (tiny, arithmetic and tool calls)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
-                   help="activation and non-expert weight dtype (experts stay MXFP4)")
-    p.add_argument("--int8-unembedding", action="store_true",
-                   help="quantize the unembedding to int8 rows after loading: half its bytes per decoded token "
-                        "(gpt-oss-20b: 3.7 -> 3.1 GB), at a small logit error (benchmarks/RESULTS.md); off by default")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-
-
-def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
-    p.add_argument("--max-tokens", type=int, default=max_tokens, help=f"tokens to generate (default {max_tokens})")
-    p.add_argument("--temperature", type=float, default=None,
-                   help="0 = greedy (default 1.0 as OpenAI advises; 0 for the embedded demo model)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
-    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
-    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
-
-
-def sampling_params(args: argparse.Namespace, stop_tokens=()):
-    from .generate import SamplingParams
-
-    temperature = args.temperature
-    if temperature is None:  # the tiny demo model shows its skills greedily; real checkpoints sample at 1.0
-        temperature = 0.0 if getattr(args, "model", None) is None else 1.0
-    params = SamplingParams(temperature=temperature, top_k=args.top_k, top_p=args.top_p,
-                            max_tokens=args.max_tokens, seed=args.seed, stop_tokens=tuple(stop_tokens))
-    try:
-        params.validate()
-    except ValueError as e:
-        raise GptOssError(f"bad sampling option: {e}") from None
-    return params
-
-
-def load_model(args: argparse.Namespace):
-    import torch
-
-    from .checkpoint import load
-
-    if args.model is None:  # the embedded demo model, hash-checked
-        from .demo import checkpoint_path
-
-        args.model = str(checkpoint_path())
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if getattr(args, "layout", None) is not None:  # under torchrun: this rank's shard (rank 0: a parallel.Leader)
-        from .parallel import load_for_rank
-
-        if getattr(args, "int8_unembedding", False):
-            raise GptOssError("--int8-unembedding does not combine with --tp/--ep (the unembedding is sharded)")
-        return load_for_rank(args.model, args.layout, device=device, dtype=getattr(torch, args.dtype))
-    model = load(args.model, device=device, dtype=getattr(torch, args.dtype), progress=not args.quiet)
-    if getattr(args, "int8_unembedding", False):
-        from .vocab import unwrap
-
-        unwrap(model).quantize_unembedding()
-    return model
-
-
+# ---------------------------------------------------------------- the parallel launcher (torchrun)
 def add_parallel_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", type=int, default=None, metavar="N",
                    help="under torchrun: split attention heads and vocabulary N ways (1 or the process count; "
@@ -177,6 +117,32 @@ def add_parallel_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ep", type=int, default=None, metavar="M",
                    help="under torchrun: split the experts into M groups (default 1: every expert's width is "
                         "split across all processes)")
+
+
+def run_parallel(args: argparse.Namespace, layout) -> None:
+    """`gptoss generate/chat/serve` on one rank under torchrun: rank 0 runs the command with a `Leader`
+    (load_model_from_args sees args.layout), the others load their shard and follow until rank 0 is done."""
+    from . import parallel
+
+    device = parallel.local_device(layout, args.device)
+    args.device, args.layout = str(device), layout
+    parallel.init(layout, device)
+    try:
+        if layout.rank == 0:
+            try:
+                if args.command == "serve":
+                    from .server import serve_command
+
+                    serve_command(args, before_start=parallel.mirror_engine_cache,
+                                  note=f"{layout.world_size} ranks, tp {layout.tp}, ep {layout.ep}")
+                else:
+                    args.func(args)
+            finally:
+                parallel.release_followers(device)  # whatever happened here
+        else:
+            parallel.follow(load_model_from_args(args))
+    finally:
+        parallel.shutdown()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -278,9 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         if layout is None:
             args.func(args)
         else:
-            from .parallel import run_command
-
-            run_command(args, layout, load_model)  # rank 0 runs the command, the others follow it
+            run_parallel(args, layout)  # rank 0 runs the command, the others follow it
     except GptOssError as e:
         print(f"gptoss {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -178,6 +178,7 @@ class Finish:
     reason: str
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens whose keys/values came from the prefix cache (not prefilled)
     queued_s: float = 0.0  # submit → prefill start
     ttft_s: float = 0.0  # submit → first token
     total_s: float = 0.0  # submit → finish

@@ -481,18 +481,13 @@ def follow(model: Transformer) -> None:
             pass
 
 
-def serve(args, load_model: Callable) -> None:
-    """`gptoss serve` on rank 0: server.serve_command with the engine's cache mirrored to the followers."""
-    from .server import serve_command
+def mirror_engine_cache(engine) -> None:
+    """`gptoss serve` on rank 0 (server.serve_command's before_start): the engine's batched cache becomes a
+    MirroredSlotCache, so the followers' twins of it stay in step."""
     from .vocab import unwrap
 
-    def mirror_cache(engine) -> None:
-        engine.cache = MirroredSlotCache(unwrap(engine.model), args.max_concurrency, engine.max_context,
-                                         engine.cache_dtype)
-
-    layout = args.layout
-    serve_command(args, load_model, before_start=mirror_cache,
-                  note=f"{layout.world_size} ranks, tp {layout.tp}, ep {layout.ep}")
+    engine.cache = MirroredSlotCache(unwrap(engine.model), engine.max_concurrency, engine.max_context,
+                                     engine.cache_dtype)
 
 
 # ---------------------------------------------------------------- the command line under torchrun
@@ -521,30 +516,14 @@ def local_device(layout: Layout, device: str | None) -> torch.device:
     return d
 
 
-def run_command(args, layout: Layout, load_model: Callable) -> None:
-    """`gptoss generate/chat/serve` on one rank: rank 0 runs the command with a `Leader` (load_model wraps
-    it), the others load their shard and follow until rank 0 is done."""
-    device = local_device(layout, args.device)
-    args.device, args.layout = str(device), layout
-    init(layout, device)
-    try:
-        if layout.rank == 0:
-            try:
-                if args.command == "serve":
-                    serve(args, load_model)
-                else:
-                    args.func(args)
-            finally:
-                _send(device, _STOP)  # release the followers, whatever happened here
-        else:
-            follow(load_model(args))
-    finally:
-        shutdown()
+def release_followers(device: torch.device) -> None:
+    """Rank 0 is done: the followers return from `follow`."""
+    _send(device, _STOP)
 
 
 def load_for_rank(path: str | Path, layout: Layout, device: torch.device | str | None = None,
                   dtype: torch.dtype = torch.bfloat16) -> nn.Module:
-    """What `gptoss.cli.load_model` returns under torchrun: rank 0 a Leader (inside a VocabSubsetModel when
+    """What `gptoss.loading.load_model` returns under torchrun: rank 0 a Leader (inside a VocabSubsetModel when
     the checkpoint has a vocabulary subset), the other ranks their plain shard."""
     reader = CheckpointReader(path)
     model = _build(Plan.make(reader.config, layout), reader.get_slice, device, dtype)

@@ -292,9 +292,9 @@ def eval_command(args: argparse.Namespace) -> None:
                                   progress=not args.quiet)
         where = f"{args.base_url} ({endpoint.resolve_model()})"
     else:
-        from ..cli import load_model
+        from ..loading import load_model_from_args
 
-        model = load_model(args)
+        model = load_model_from_args(args)
         info = training_info(args.model)
         results = evaluate(model, n, seed, args.reasoning_effort, args.max_tokens, progress=not args.quiet,
                            train_seed=info.get("data_seed", TRAIN_SEED), train_n=info.get("data_n", TRAIN_N))

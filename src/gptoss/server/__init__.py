@@ -72,19 +72,18 @@ def configure_logging(level: int = logging.INFO) -> None:
         logger.propagate = False
 
 
-def serve_command(args: argparse.Namespace, load_model: Callable | None = None, before_start: Callable | None = None,
-                  note: str | None = None) -> None:
+def serve_command(args: argparse.Namespace, before_start: Callable | None = None, note: str | None = None) -> None:
     """Load the model, start the engine and serve until Ctrl-C. `args`: model, host, port, api_key,
     max_concurrency, dtype, device, quiet (and optionally max_queue, max_context, served_model_name).
-    load_model(args) and before_start(engine) let `gptoss.parallel` load a shard and mirror the KV cache."""
+    before_start(engine) lets `gptoss.parallel` mirror the KV cache (args.layout set: this rank's shard is loaded)."""
     import uvicorn
 
     from ..engine import Engine
 
-    if load_model is None:
-        from ..cli import load_model
+    from ..loading import load_model_from_args
+
     configure_logging()
-    model = load_model(args)
+    model = load_model_from_args(args)
     name = getattr(args, "served_model_name", None) or model_name_for(args.model)
     engine = Engine(model, max_concurrency=args.max_concurrency, max_queue=getattr(args, "max_queue", 64),
                     max_context=getattr(args, "max_context", None))
@@ -103,7 +102,7 @@ def serve_command(args: argparse.Namespace, load_model: Callable | None = None, 
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
-    """The options of `gptoss serve` beyond the model options (cli.add_model_args)."""
+    """The options of `gptoss serve` beyond the model options (loading.add_model_args)."""
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
@@ -115,7 +114,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -c "from gptoss.server import main; main()" --model M ...` (what `gptoss serve` runs)."""
-    from ..cli import add_model_args
+    from ..loading import add_model_args
     from ..errors import GptOssError
 
     p = argparse.ArgumentParser(prog="gptoss serve", description=__doc__.split("\n")[0])
