@@ -192,6 +192,7 @@ class Finish:
 
 
 Outlet = Callable[["int | Finish"], None]  # receives each token id, then one Finish; runs on the engine thread
+StopRule = Callable[[list[int]], bool]  # the tokens so far → whether the answer is complete (engine thread)
 
 
 @dataclass(eq=False)
@@ -200,6 +201,7 @@ class Request:
     prompt: list[int]
     params: SamplingParams
     outlet: Outlet
+    stop_rule: StopRule | None = None  # beyond params.stop_tokens: True ends the request with reason "stop"
     tokens: list[int] = field(default_factory=list)
     cancelled: bool = False  # set by any thread; the engine drops the request at its next step
     admitted: bool = False  # left the waiting queue for a row
@@ -291,16 +293,18 @@ class Engine:
             raise ContextLengthError(len(prompt), params.max_tokens, self.max_context)
 
     def submit(self, prompt: Sequence[int], params: SamplingParams, outlet: Outlet,
-               request_id: str | None = None) -> Request:
+               request_id: str | None = None, stop_rule: StopRule | None = None) -> Request:
         """Queue a request; its tokens go to `outlet` from the engine thread. Raises EngineBusy, EngineClosed
-        or GenerationError at once, never later."""
+        or GenerationError at once, never later. stop_rule(tokens) runs after each token (e.g. "a final
+        message has ended"); True finishes the request with reason "stop"."""
         self.check(prompt, params)
         if params.temperature > 0:
             seed = params.seed if params.seed is not None else random.randrange(2**63)
             generator = torch.Generator(device=self.device).manual_seed(seed)  # as generate(): row 0 gets seed + 0
         else:
             generator = None
-        request = Request(request_id or f"req-{next(self._ids)}", list(prompt), params, outlet, generator=generator)
+        request = Request(request_id or f"req-{next(self._ids)}", list(prompt), params, outlet, stop_rule=stop_rule,
+                          generator=generator)
         with self._cond:
             if self._closed or self._thread is None:
                 raise EngineClosed("the engine is not running")
@@ -411,7 +415,7 @@ class Engine:
                 if r.params.max_tokens == 0:
                     self._finish(r, "length")
                     continue
-                if self._emit(r, greedy[i] if r.generator is None else sample(logits[i], r.params, r.generator)):
+                if self._step_row(r, logits[i], greedy[i]):
                     continue
                 self.cache.insert(len(self._active), cache, i)
                 self._active.append(r)
@@ -434,19 +438,28 @@ class Engine:
         self.steps += 1
         self.max_batch = max(self.max_batch, n)
         with self._cond:
-            done = [i for i, r in enumerate(active)
-                    if self._emit(r, greedy[i] if r.generator is None else sample(logits[i], r.params, r.generator))]
+            done = [i for i, r in enumerate(active) if self._step_row(r, logits[i], greedy[i])]
             for i in reversed(done):  # from the end, so earlier rows keep their index while we compact
                 self._remove(i, None)
 
     # ------------------------------------------------------------------ bookkeeping (under the lock)
+    def _step_row(self, r: Request, logits: torch.Tensor, greedy: int) -> bool:
+        """Sample row r's next token and emit it; True if the request is now finished. Whatever fails here
+        (sampling, the stop rule, a bug) ends this request with an error, never its neighbours in the batch."""
+        try:
+            return self._emit(r, greedy if r.generator is None else sample(logits, r.params, r.generator))
+        except Exception as e:
+            log.exception("request %s failed", r.id)
+            self._finish(r, "error", error=f"{type(e).__name__}: {e}")
+            return True
+
     def _emit(self, r: Request, token: int) -> bool:
         """Hand a token to the request's outlet; True if the request is now finished."""
         if not r.tokens:
             r.first_token = time.perf_counter()
         r.tokens.append(token)
         self._send(r, token)
-        if token in r.params.stop_tokens:
+        if token in r.params.stop_tokens or (r.stop_rule is not None and r.stop_rule(r.tokens)):
             self._finish(r, "stop")
         elif len(r.tokens) >= r.params.max_tokens or len(r.prompt) + len(r.tokens) >= self.max_context:
             self._finish(r, "length")
@@ -490,12 +503,13 @@ class TokenStream:
     Create it inside the event loop; the engine thread hands tokens over with call_soon_threadsafe.
     Call `cancel()` when the consumer stops early (a client disconnected)."""
 
-    def __init__(self, engine: Engine, prompt: Sequence[int], params: SamplingParams, request_id: str | None = None):
+    def __init__(self, engine: Engine, prompt: Sequence[int], params: SamplingParams, request_id: str | None = None,
+                 stop_rule: StopRule | None = None):
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[int | Finish] = asyncio.Queue()
         self.engine = engine
         self.finish: Finish | None = None
-        self.request = engine.submit(prompt, params, self._put, request_id)
+        self.request = engine.submit(prompt, params, self._put, request_id, stop_rule)
 
     def _put(self, item: int | Finish) -> None:
         self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
