@@ -11,9 +11,9 @@ import torch
 
 import gptoss
 from gptoss import synthetic
-from gptoss.cache import KVCache
+from gptoss.cache import KVCache, SlotCache
 from gptoss.config import preset
-from gptoss.engine import ContextLengthError, Engine, EngineBusy, Finish, SlotCache
+from gptoss.engine import ContextLengthError, Engine, EngineBusy, Finish
 from gptoss.generate import SamplingParams, generate_tokens, left_pad, prefill
 
 CONFIG = preset("tiny")  # sliding window 8: prompts and answers below wrap the ring several times

@@ -518,31 +518,36 @@ def check_fused_decode(monkeypatch, dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("Dh", [64, 16, 72], ids=lambda d: f"Dh{d}")  # 72: value columns in 64 + 8
 def test_decode_attention_matches_rope_and_sdpa(window, with_sinks, dtype, Dh):
     """kernels.decode_attention (GPT-oss's 8 query heads per kv head: the head-vectorised path) against
-    model.apply_rope + model.sdpa_with_sinks on the same cache: two rows at different positions, empty
-    slots, a window, sinks or none; the new key lands in its slot."""
+    model.apply_rope + model.sdpa_with_sinks on the same cache: two rows at different positions, each writing
+    its own slot (the engine's rows), a third cache row the call must not touch, empty slots, a window, sinks
+    or none; each new key lands in its row's slot."""
     from gptoss.model import apply_rope, attention_mask, rope_cos_sin, sdpa_with_sinks
 
     needs_kernels(True)
-    B, H, K, S, slot = 2, 16, 2, 300, 257
+    B, H, K, S = 2, 16, 2, 300
+    slots = torch.tensor([257, 283])
     g = torch.Generator().manual_seed(3)
     qkv = torch.randn(B, 1, (H + 2 * K) * Dh, generator=g).to(dtype)
-    cache_k = torch.randn(B, S, K, Dh, generator=g)
-    cache_v = torch.randn(B, S, K, Dh, generator=g)
+    cache_k = torch.randn(B + 1, S, K, Dh, generator=g)
+    cache_v = torch.randn(B + 1, S, K, Dh, generator=g)
     positions = torch.tensor([[290], [270]])
-    cache_pos = torch.arange(S).repeat(B, 1)
+    cache_pos = torch.arange(S).repeat(B + 1, 1)
     cache_pos[:, 280:] = -1  # not written yet
     cache_pos[1, :5] = -1
     sinks = torch.randn(H, generator=g) if with_sinks else None
     inv_freq = 1.0 / (150000 ** (torch.arange(0, Dh, 2).float() / Dh))
     cos, sin = rope_cos_sin(positions, inv_freq, 1.2)
     k_ref, v_ref, pos_ref = cache_k.clone(), cache_v.clone(), cache_pos.clone()
-    out = kernels.decode_attention(qkv, H, K, Dh, cos, sin, cache_k, cache_v, cache_pos, slot, positions, window,
+    out = kernels.decode_attention(qkv, H, K, Dh, cos, sin, cache_k, cache_v, cache_pos, slots, positions, window,
                                    sinks)
     q, k, v = qkv.split([H * Dh, K * Dh, K * Dh], dim=-1)
     q, k = apply_rope(q.view(B, 1, H, Dh), cos, sin), apply_rope(k.view(B, 1, K, Dh), cos, sin)
-    k_ref[:, slot], v_ref[:, slot], pos_ref[:, slot] = k[:, 0].float(), v.view(B, K, Dh).float(), positions[:, 0]
+    rows = torch.arange(B)
+    k_ref[rows, slots], v_ref[rows, slots] = k[:, 0].float(), v.view(B, K, Dh).float()
+    pos_ref[rows, slots] = positions[:, 0]
     assert torch.equal(cache_v, v_ref) and torch.equal(cache_pos, pos_ref)
     assert torch.allclose(cache_k, k_ref, rtol=1e-6, atol=1e-6)  # RoPE: the compiler may fuse a·b − c·d (FMA)
+    k_ref, v_ref, pos_ref = k_ref[:B], v_ref[:B], pos_ref[:B]
     mask = attention_mask(positions, pos_ref, window)
     ref = sdpa_with_sinks(q.view(B, 1, K, H // K, Dh), k_ref, v_ref, sinks, mask)
     assert out.dtype == dtype and out.shape == ref.shape

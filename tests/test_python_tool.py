@@ -3,6 +3,7 @@ the chat session sends `to=python` calls there and gives the output back as Harm
 
 from __future__ import annotations
 
+import contextlib
 import io
 import socket
 import time
@@ -133,7 +134,7 @@ def test_chat_cli_python_flag(monkeypatch, capsys):
 
     engine = Scripted(PYTHON_SCRIPT)
     monkeypatch.setattr(loading, "load_model", lambda *args, **kwargs: None)
-    monkeypatch.setattr(chat, "model_completer", lambda model: engine)
+    monkeypatch.setattr(chat, "model_completer", lambda model, cache_bytes: contextlib.nullcontext(engine))
     monkeypatch.setattr("sys.stdin", io.StringIO("/reasoning\nWhat is 2**100?\n"))
     assert cli.main(["chat", "--python", "--python-timeout", "5", "--temperature", "0"]) in (0, None)
     assert capsys.readouterr().out == (

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -31,13 +32,26 @@ class ChatEvent:
     name: str | None = None  # the tool, for tool_call / tool_result
 
 
-def model_completer(model) -> Complete:
-    from .generate import generate
+@contextmanager
+def model_completer(model, prefix_cache_bytes: int | None = None) -> Iterator[Complete]:
+    """Completions from `model` through a one-row Engine, whose prefix cache keeps the conversation's keys
+    and values: each turn prefills only what was added since the last one. Under torchrun (a parallel
+    Leader, whose followers mirror only plain caches) through `generate`, every turn from scratch."""
+    from .engine import DEFAULT_PREFIX_CACHE_BYTES, Engine
+    from .parallel import Leader
+    from .vocab import unwrap
 
-    def complete(prompt: Sequence[int], params: SamplingParams) -> Iterator[int]:
-        for _, token in generate(model, [list(prompt)], params):
-            yield token
-    return complete
+    if isinstance(unwrap(model), Leader):
+        from .generate import generate
+
+        def complete(prompt: Sequence[int], params: SamplingParams) -> Iterator[int]:
+            for _, token in generate(model, [list(prompt)], params):
+                yield token
+        yield complete
+        return
+    with Engine(model, max_concurrency=1, max_queue=0, prefix_cache_bytes=DEFAULT_PREFIX_CACHE_BYTES
+                if prefix_cache_bytes is None else prefix_cache_bytes) as engine:
+        yield engine.complete
 
 
 class ChatSession:
@@ -121,7 +135,7 @@ HELP = """commands: /reset (new conversation)  /effort low|medium|high  /reasoni
 
 
 def run_chat(args: argparse.Namespace) -> None:
-    from .loading import load_model_from_args, sampling_params
+    from .loading import load_model_from_args, prefix_cache_bytes, sampling_params
 
     tok = get_tokenizer()
     params = sampling_params(args)
@@ -150,57 +164,57 @@ def run_chat(args: argparse.Namespace) -> None:
         answer = read(f"[tool {call}] result> ")
         return answer if answer is not None else '{"error": "no result given"}'
 
-    session = ChatSession(model_completer(model), params, tok, args.reasoning_effort, args.system,
-                          args.developer, tools, ask=ask_tool_result,
-                          python_timeout=args.python_timeout if args.python else None)
-    show_reasoning = args.show_reasoning
-    # reasoning is dimmed on a colour terminal (https://no-color.org: NO_COLOR turns it off)
-    dim, undim = ("\033[2m", "\033[0m") if out.isatty() and not os.environ.get("NO_COLOR") else ("", "")
-    if interactive:
-        out.write(f"gptoss chat — {args.model} — reasoning {args.reasoning_effort}. /help for commands.\n")
-    while True:
-        line = read(">>> ")
-        if line is None:
-            out.write("\n" if interactive else "")
-            return
-        line = line.strip()
-        if not line:
-            continue
-        if line.startswith("/"):
-            cmd, _, arg = line.partition(" ")
-            if cmd in ("/exit", "/quit", "/bye"):
+    with model_completer(model, prefix_cache_bytes(args)) as complete:  # the engine thread ends with the chat
+        session = ChatSession(complete, params, tok, args.reasoning_effort, args.system, args.developer, tools,
+                              ask=ask_tool_result, python_timeout=args.python_timeout if args.python else None)
+        show_reasoning = args.show_reasoning
+        # reasoning is dimmed on a colour terminal (https://no-color.org: NO_COLOR turns it off)
+        dim, undim = ("\033[2m", "\033[0m") if out.isatty() and not os.environ.get("NO_COLOR") else ("", "")
+        if interactive:
+            out.write(f"gptoss chat — {args.model} — reasoning {args.reasoning_effort}. /help for commands.\n")
+        while True:
+            line = read(">>> ")
+            if line is None:
+                out.write("\n" if interactive else "")
                 return
-            if cmd == "/reset":
-                session.reset()
-                out.write("(new conversation)\n")
-            elif cmd == "/effort" and arg in ("low", "medium", "high"):
-                session.reasoning_effort = arg
-                out.write(f"(reasoning effort {arg})\n")
-            elif cmd == "/reasoning":
-                show_reasoning = not show_reasoning
-                out.write(f"(reasoning {'shown' if show_reasoning else 'hidden'})\n")
-            else:
-                out.write(HELP + "\n")
-            continue
-        channel = None
-        for event in session.send(line):
-            if event.kind in ("analysis", "commentary", "final"):
-                if event.kind != "final" and not show_reasoning:
-                    continue
-                if event.kind != channel:
-                    out.write({"analysis": "[thinking] ", "commentary": "[commentary] ", "final": ""}[event.kind]
-                              if channel is None else f"\n{'' if event.kind == 'final' else '[' + event.kind + '] '}")
-                    channel = event.kind
-                out.write(event.text if event.kind == "final" else f"{dim}{event.text}{undim}")
-            elif event.kind == "tool_call" and event.name == "python":
-                out.write(f"{chr(10) if channel else ''}[python]\n{event.text.rstrip()}\n")
-                channel = None
-            elif event.kind == "tool_call":
-                out.write(f"{chr(10) if channel else ''}[tool call] {event.name}({event.text})\n")
-                channel = None
-            elif event.kind == "tool_result":
-                sep = "\n" if event.name == "python" else " "
-                out.write(f"[tool result]{sep}{event.text}\n")
-            elif event.kind == "done":
-                out.write(f"{event.text}\n" if event.text else "\n")
-            out.flush()
+            line = line.strip()
+            if not line:
+                continue
+            if line.startswith("/"):
+                cmd, _, arg = line.partition(" ")
+                if cmd in ("/exit", "/quit", "/bye"):
+                    return
+                if cmd == "/reset":
+                    session.reset()
+                    out.write("(new conversation)\n")
+                elif cmd == "/effort" and arg in ("low", "medium", "high"):
+                    session.reasoning_effort = arg
+                    out.write(f"(reasoning effort {arg})\n")
+                elif cmd == "/reasoning":
+                    show_reasoning = not show_reasoning
+                    out.write(f"(reasoning {'shown' if show_reasoning else 'hidden'})\n")
+                else:
+                    out.write(HELP + "\n")
+                continue
+            channel = None
+            for event in session.send(line):
+                if event.kind in ("analysis", "commentary", "final"):
+                    if event.kind != "final" and not show_reasoning:
+                        continue
+                    if event.kind != channel:
+                        out.write({"analysis": "[thinking] ", "commentary": "[commentary] ", "final": ""}[event.kind]
+                                  if channel is None else f"\n{'' if event.kind == 'final' else '[' + event.kind + '] '}")
+                        channel = event.kind
+                    out.write(event.text if event.kind == "final" else f"{dim}{event.text}{undim}")
+                elif event.kind == "tool_call" and event.name == "python":
+                    out.write(f"{chr(10) if channel else ''}[python]\n{event.text.rstrip()}\n")
+                    channel = None
+                elif event.kind == "tool_call":
+                    out.write(f"{chr(10) if channel else ''}[tool call] {event.name}({event.text})\n")
+                    channel = None
+                elif event.kind == "tool_result":
+                    sep = "\n" if event.name == "python" else " "
+                    out.write(f"[tool result]{sep}{event.text}\n")
+                elif event.kind == "done":
+                    out.write(f"{event.text}\n" if event.text else "\n")
+                out.flush()

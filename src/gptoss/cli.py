@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from .errors import GptOssError
-from .loading import add_model_args, add_sampling_args, load_model_from_args, sampling_params
+from .loading import add_model_args, add_prefix_cache_arg, add_sampling_args, load_model_from_args, sampling_params
 from .tools import PYTHON_TIMEOUT
 
 
@@ -184,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--python-timeout", type=float, default=PYTHON_TIMEOUT, metavar="S",
                    help=f"time limit of one python call in seconds (default {PYTHON_TIMEOUT:g})")
     p.add_argument("--show-reasoning", action="store_true", help="print the analysis channel as it streams")
+    add_prefix_cache_arg(p)
     p.set_defaults(func=cmd_chat)
 
     from .server import add_serve_args  # argparse only: fastapi is imported when the server starts

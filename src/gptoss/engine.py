@@ -20,6 +20,13 @@ A request's logits never depend on its neighbours (rows only meet in matmuls), a
 with its own seeded generator, so its tokens equal a solo `generate_tokens` run up to fp32 summation order
 (a different batch size may change the last bits of a logit, which can flip a near-tie under greedy).
 
+Prefix caching: after its prefill, each prompt's keys and values (every layer, every position) go into a
+`PrefixCache`, and so does each finished conversation (prompt + answer); a new request whose prompt starts
+with tokens found there prefills only the rest, into a cache seeded with the stored keys. The reusable
+prefix is found by comparing token ids (Harmony drops earlier analysis messages, so a chat's next turn
+matches only up to where the renders differ), and it is exact: the seeded keys are the ones a fresh prefill
+computes, and sliding layers reuse a prefix only where the window before it is stored.
+
 Requests stream their tokens through an `outlet` callback run on the engine thread; `TokenStream` turns it
 into an async iterator for asyncio servers, `Engine.complete` into a plain iterator (chat.Complete).
 """
@@ -39,13 +46,17 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from .cache import KVCache, LayerCache, default_cache_dtype
+from .cache import CachedPrefix, KVCache, PrefixCache, SlotCache, default_cache_dtype
 from .config import ModelConfig
 from .errors import GenerationError, GptOssError
 from .generate import PREFILL_CHUNK, SamplingParams, left_pad, prefill, sample
+from .loading import DEFAULT_PREFIX_CACHE_GIB
 from .model import Transformer
 
 log = logging.getLogger("gptoss.engine")
+
+
+DEFAULT_PREFIX_CACHE_BYTES = int(DEFAULT_PREFIX_CACHE_GIB * 2**30)
 
 
 class EngineBusy(GptOssError):
@@ -63,111 +74,6 @@ class ContextLengthError(GenerationError):
         self.prompt_tokens, self.max_tokens, self.limit = prompt_tokens, max_tokens, limit
         super().__init__(f"the context limit is {limit} tokens, but {prompt_tokens + max_tokens} were requested "
                          f"({prompt_tokens} in the prompt, {max_tokens} to generate)")
-
-
-# ---------------------------------------------------------------------------------------------- cache
-class SlotLayerCache:
-    """One layer's keys and values for `slots` independent rows: row r holds the key of position p at index
-    p % capacity on sliding layers (a ring of exactly the window) and at index p on full layers (grown on
-    demand, shared capacity). Entries are [slots, capacity, K, Dh]; `pos` [slots, capacity] is −1 when empty."""
-
-    def __init__(self, slots: int, num_kv_heads: int, head_dim: int, capacity: int, ring: bool, max_len: int,
-                 device, dtype: torch.dtype):
-        self.ring, self.max_len = ring, max_len
-        self.k = torch.zeros(slots, capacity, num_kv_heads, head_dim, device=device, dtype=dtype)
-        self.v = torch.zeros_like(self.k)
-        self.pos = torch.full((slots, capacity), -1, dtype=torch.long, device=device)
-        self.span = capacity  # keys the next decode step attends to (full layers: highest position + 1)
-
-    @property
-    def capacity(self) -> int:
-        return self.k.shape[1]
-
-    def reserve(self, needed: int) -> None:
-        """Full layers: make room for positions < needed (doubling, up to max_len)."""
-        if self.ring or needed <= self.capacity:
-            return
-        new = min(max(needed, 2 * self.capacity), self.max_len)
-        pad = new - self.capacity
-        self.k = torch.cat([self.k, self.k.new_zeros(self.k.shape[0], pad, *self.k.shape[2:])], dim=1)
-        self.v = torch.cat([self.v, self.v.new_zeros(self.v.shape[0], pad, *self.v.shape[2:])], dim=1)
-        self.pos = torch.cat([self.pos, self.pos.new_full((self.pos.shape[0], pad), -1)], dim=1)
-
-    def _index(self, positions: torch.Tensor) -> torch.Tensor:
-        return positions % self.capacity if self.ring else positions
-
-    def insert(self, row: int, source: LayerCache, source_row: int) -> None:
-        """Copy a prefilled request (row `source_row` of a KVCache layer, any padding) into `row`."""
-        pos = source.pos[source_row]
-        keep = pos >= 0  # pad slots and unused capacity hold position −1
-        p = pos[keep]
-        if p.numel():
-            self.reserve(int(p.max()) + 1)
-        self.pos[row].fill_(-1)  # the previous occupant's keys must not leak into this request
-        idx = self._index(p)
-        self.k[row, idx] = source.k[source_row, keep].to(self.k.dtype)
-        self.v[row, idx] = source.v[source_row, keep].to(self.v.dtype)
-        self.pos[row, idx] = p
-
-    def move(self, src: int, dst: int) -> None:
-        self.k[dst], self.v[dst], self.pos[dst] = self.k[src], self.v[src], self.pos[src]
-        self.pos[src].fill_(-1)
-
-    def clear(self) -> None:
-        self.pos.fill_(-1)
-
-    def update(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
-        """Decode: k/v [n, 1, K, Dh] of rows 0..n-1 at `positions` [n, 1] (all ≥ 0); returns what they attend to."""
-        n, T = positions.shape
-        if T != 1:
-            raise GenerationError(f"SlotCache takes one token per row (decode), got {T}; prefill into a KVCache")
-        p = positions[:, 0]
-        rows = torch.arange(n, device=p.device)
-        idx = self._index(p)
-        self.k[rows, idx] = k[:, 0].to(self.k.dtype)
-        self.v[rows, idx] = v[:, 0].to(self.v.dtype)
-        self.pos[rows, idx] = p
-        end = self.capacity if self.ring else self.span
-        return self.k[:n, :end], self.v[:n, :end], self.pos[:n, :end]  # views: rows 0..n-1 are contiguous
-
-
-class SlotCache:
-    """Per-layer SlotLayerCaches: the batched cache of the engine's decode step (the model's `cache` argument)."""
-
-    def __init__(self, config: ModelConfig, slots: int, max_len: int, device=None,
-                 dtype: torch.dtype = torch.float32, initial_capacity: int = 256):
-        self.slots = slots
-        self.layers = [
-            SlotLayerCache(slots, config.num_key_value_heads, config.head_dim,
-                           config.sliding_window if config.is_sliding(i) else min(initial_capacity, max_len),
-                           config.is_sliding(i), max_len, device, dtype)
-            for i in range(config.num_hidden_layers)
-        ]
-
-    def layer(self, i: int) -> SlotLayerCache:
-        return self.layers[i]
-
-    def begin_step(self, max_position: int) -> None:
-        """Before a decode step whose highest query position is `max_position`: full layers attend to
-        indices 0..max_position only (shorter rows see −1 there), however long earlier requests were."""
-        for layer in self.layers:
-            layer.reserve(max_position + 1)
-            layer.span = max_position + 1
-
-    def insert(self, row: int, source: KVCache, source_row: int) -> None:
-        for mine, theirs in zip(self.layers, source.layers):
-            mine.insert(row, theirs, source_row)
-
-    def move(self, src: int, dst: int) -> None:
-        for layer in self.layers:
-            layer.move(src, dst)
-
-    def clear(self) -> None:
-        for layer in self.layers:
-            layer.clear()
-
-    def nbytes(self) -> int:
-        return sum(c.k.numel() * c.k.element_size() * 2 for c in self.layers)
 
 
 # ---------------------------------------------------------------------------------------------- requests
@@ -203,6 +109,9 @@ class Request:
     outlet: Outlet
     stop_rule: StopRule | None = None  # beyond params.stop_tokens: True ends the request with reason "stop"
     tokens: list[int] = field(default_factory=list)
+    reuse: tuple[CachedPrefix | None, int] = (None, 0)  # a prefix cache entry and how many prompt tokens it gives
+    prompt_entry: CachedPrefix | None = None  # this prompt's keys, stored after the prefill
+    finish_reason: str | None = None
     cancelled: bool = False  # set by any thread; the engine drops the request at its next step
     admitted: bool = False  # left the waiting queue for a row
     finished: bool = False
@@ -224,11 +133,12 @@ class Engine:
     max_concurrency: requests decoding together (rows of the batch); max_queue: requests waiting beyond
     those (submit raises EngineBusy past it); max_context: prompt + max_tokens limit (default: the model's);
     max_prefill_tokens: padded prompt tokens prefilled in one iteration (long prompts then run alone);
-    prefill_chunk: chunk size within a prefill.
+    prefill_chunk: chunk size within a prefill; prefix_cache_bytes: bound of the prefix cache (0: off).
     """
 
     def __init__(self, model: Transformer, max_concurrency: int = 16, max_queue: int = 64,
-                 max_context: int | None = None, max_prefill_tokens: int = 4096, prefill_chunk: int = PREFILL_CHUNK):
+                 max_context: int | None = None, max_prefill_tokens: int = 4096, prefill_chunk: int = PREFILL_CHUNK,
+                 prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES):
         if max_concurrency < 1 or max_queue < 0:
             raise GenerationError(f"max_concurrency must be >= 1 and max_queue >= 0, got {max_concurrency}, "
                                   f"{max_queue}")
@@ -241,6 +151,7 @@ class Engine:
         self.max_prefill_tokens, self.prefill_chunk = max_prefill_tokens, prefill_chunk
         self.cache_dtype = default_cache_dtype(model.dtype, self.device)
         self.cache = SlotCache(self.config, max_concurrency, self.max_context, self.device, self.cache_dtype)
+        self.prefix_cache = PrefixCache(self.config, prefix_cache_bytes) if prefix_cache_bytes > 0 else None
         self._cond = threading.Condition()
         self._waiting: deque[Request] = deque()
         self._active: list[Request] = []  # row i of the cache belongs to _active[i]
@@ -254,6 +165,8 @@ class Engine:
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> Engine:
+        if type(self.cache) is not SlotCache:  # parallel.MirroredSlotCache: the followers' caches are not seeded
+            self.prefix_cache = None
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="gptoss-engine", daemon=True)
             self._thread.start()
@@ -388,7 +301,9 @@ class Engine:
         longest = 0
         while self._waiting and len(self._active) + len(new) < self.max_concurrency:
             r = self._waiting[0]
-            longest_if = max(longest, len(r.prompt))
+            if self.prefix_cache is not None and r.reuse[0] is None:
+                r.reuse = self.prefix_cache.lookup(r.prompt)
+            longest_if = max(longest, len(r.prompt) - r.reuse[1])
             if new and longest_if * (len(new) + 1) > self.max_prefill_tokens:  # left padding counts too
                 break
             self._waiting.popleft()
@@ -400,15 +315,28 @@ class Engine:
         return new
 
     def _prefill(self, new: list[Request]) -> None:
+        """Prefill the new requests together (each from the end of its reused prefix), store their prompts'
+        keys for later requests, sample each one's first token and give it a row of the SlotCache."""
         now = time.perf_counter()
         for r in new:
             r.started = now
-        tokens, positions = left_pad([r.prompt for r in new], self.device)
-        cache = KVCache(self.config, len(new), max_len=tokens.shape[1], device=self.device, dtype=self.cache_dtype)
+        reused = [n for _, n in (r.reuse for r in new)]
+        tokens, positions = left_pad([r.prompt[n:] for r, n in zip(new, reused)], self.device)
+        positions = torch.where(positions >= 0, positions + torch.tensor(reused, device=self.device)[:, None], -1)
+        store = self.prefix_cache
+        cache = KVCache(self.config, len(new), max_len=max(reused) + tokens.shape[1], device=self.device,
+                        dtype=self.cache_dtype, keep_history=store is not None)
+        if store is not None and any(reused):
+            store.seed(cache, [r.reuse for r in new])
         logits = prefill(self.model, tokens, positions, cache, self.prefill_chunk)  # (B, V)
+        if store is not None:
+            for i, r in enumerate(new):
+                r.prompt_entry = store.entry_from_prefill(cache, i, r.prompt)
+                store.store(r.prompt_entry)
         greedy = logits.argmax(-1).tolist()
         with self._cond:
             for i, r in enumerate(new):
+                r.reuse = (None, r.reuse[1])  # the count stays for Finish; the entry may be evicted now
                 if r.cancelled:
                     self._finish(r, "cancelled")
                     continue
@@ -439,8 +367,26 @@ class Engine:
         self.max_batch = max(self.max_batch, n)
         with self._cond:
             done = [i for i, r in enumerate(active) if self._step_row(r, logits[i], greedy[i])]
+        self._store_finished(active, done)  # rows are still in place: only this thread moves them
+        with self._cond:
             for i in reversed(done):  # from the end, so earlier rows keep their index while we compact
                 self._remove(i, None)
+
+    def _store_finished(self, active: list[Request], done: list[int]) -> None:
+        """Finished conversations into the prefix cache: prompt + answer, less the last token (never fed, so
+        it has no keys; a chat's next turn renders it as <|end|> anyway where the model wrote <|return|>)."""
+        if self.prefix_cache is None:
+            return
+        for i in done:
+            r = active[i]
+            entry, r.prompt_entry = r.prompt_entry, None
+            if entry is None or r.finish_reason not in ("stop", "length") or len(r.tokens) < 2:
+                continue
+            try:
+                self.prefix_cache.store(self.prefix_cache.entry_from_slots(entry, self.cache, i,
+                                                                           r.prompt + r.tokens[:-1]))
+            except Exception:  # losing a cache entry costs a later prefill, never this request
+                log.exception("storing request %s in the prefix cache failed", r.id)
 
     # ------------------------------------------------------------------ bookkeeping (under the lock)
     def _step_row(self, r: Request, logits: torch.Tensor, greedy: int) -> bool:
@@ -481,12 +427,12 @@ class Engine:
     def _finish(self, r: Request, reason: str, error: str | None = None) -> None:
         if r.finished:
             return
-        r.finished = True
+        r.finished, r.finish_reason = True, reason
         if r.admitted:
             self._running_count -= 1
         now = time.perf_counter()
         first = r.first_token or now
-        self._send(r, Finish(reason, len(r.prompt), len(r.tokens), queued_s=(r.started or now) - r.submitted,
+        self._send(r, Finish(reason, len(r.prompt), len(r.tokens), cached_tokens=r.reuse[1], queued_s=(r.started or now) - r.submitted,
                              ttft_s=first - r.submitted, total_s=now - r.submitted, error=error))
 
     def _send(self, r: Request, item: int | Finish) -> None:

@@ -20,6 +20,9 @@ if TYPE_CHECKING:
     from .generate import SamplingParams
 
 DTYPES = ("bfloat16", "float32")
+# Keys and values kept between requests (Engine's prefix cache). gpt-oss-20b holds 96 KiB per token in the
+# fp32 CPU cache: 2 GiB keep ~21k tokens of conversations (a few long chats, or many sharing a system prompt).
+DEFAULT_PREFIX_CACHE_GIB = 2.0
 
 
 def default_device() -> str:
@@ -85,6 +88,21 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="quantize the unembedding to int8 rows after loading: half its bytes per decoded token "
                         "(gpt-oss-20b: 3.7 -> 3.1 GB), at a small logit error (benchmarks/RESULTS.md); off by default")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def add_prefix_cache_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prefix-cache-gib", type=float, default=DEFAULT_PREFIX_CACHE_GIB, metavar="GIB",
+                   help="memory for keys and values kept between requests, so that a conversation's next turn "
+                        f"(or a shared system prompt) is not prefilled again; 0 turns it off (default "
+                        f"{DEFAULT_PREFIX_CACHE_GIB:g})")
+
+
+def prefix_cache_bytes(args: argparse.Namespace) -> int:
+    """The bytes of add_prefix_cache_arg's option (its default where the namespace lacks it)."""
+    gib = getattr(args, "prefix_cache_gib", DEFAULT_PREFIX_CACHE_GIB)
+    if not gib >= 0:
+        raise GptOssError(f"--prefix-cache-gib must be >= 0, got {gib}")
+    return int(gib * 2**30)
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:

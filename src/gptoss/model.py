@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels, mxfp4
-from .cache import LayerCache
+from .cache import LayerCache, SlotLayerCache
 from .config import ModelConfig
 
 # Up to this many (token, expert) rows the MoE runs the fused MXFP4 kernel (decode, small batches); beyond
@@ -320,10 +320,10 @@ class Attention(nn.Module):
     def _fusable(self, x: torch.Tensor, cache, segments) -> bool:
         """Decode on CPU with GPT-oss's own attention (RoPE, pre-norm, no QK-norm) into an fp32 cache."""
         c = self.config
-        return (cache is not None and segments is None and x.device.type == "cpu"
+        return (segments is None and x.device.type == "cpu"
                 and not (self.training and c.dropout) and c.position_embedding == "rope" and not c.qk_norm
                 and c.norm_placement == "pre"
-                and isinstance(cache, LayerCache) and cache.k.dtype == torch.float32
+                and isinstance(cache, (LayerCache, SlotLayerCache)) and cache.fusable()
                 and not (torch.is_grad_enabled() and x.requires_grad))
 
     def _decode_fused(self, qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -331,12 +331,11 @@ class Attention(nn.Module):
         """RoPE, cache write and attention for one new token per row in one kernel call (the torch code above
         is ~45 small ops per layer, which at batch 1 cost more than their arithmetic)."""
         c = self.config
-        slot = cache.next_slot()
         out = kernels.decode_attention(qkv, c.num_attention_heads, c.num_key_value_heads, c.head_dim, cos, sin,
-                                       cache.k, cache.v, cache.pos, slot, positions, self.sliding_window,
-                                       self.sinks)
-        if out is None:
-            cache.length -= 1  # not written: the caller's torch path appends the token instead
+                                       cache.k, cache.v, cache.pos, cache.decode_slots(positions), positions,
+                                       self.sliding_window, self.sinks)
+        if out is not None:  # None: nothing written, the caller's torch path appends the token instead
+            cache.commit()
         return out
 
 
@@ -556,11 +555,11 @@ class Block(nn.Module):
         ties and the balancing bias pick the same experts as the code above): the same operations and roundings
         as attn + mlp, without the ~80 small torch ops per layer that dominate a batch-1 step on CPU."""
         m, c = self.mlp, self.mlp.config
-        slot = cache.next_slot()
-        first = kernels.decode_attention_block(x, self.attn, m, positions, cos, sin, cache, slot)
-        if first is None:
-            cache.length -= 1  # nothing was written: the torch path appends the token
+        first = kernels.decode_attention_block(x, self.attn, m, positions, cos, sin, cache,
+                                               cache.decode_slots(positions))
+        if first is None:  # nothing was written: the torch path appends the token
             return None
+        cache.commit()
         h, t, logits = first
         B, _, D = h.shape
         experts, weights = m.route(t.view(B, D), logits)

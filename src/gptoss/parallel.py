@@ -40,10 +40,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels, mxfp4
-from .cache import KVCache
+from .cache import KVCache, SlotCache
 from .checkpoint import CheckpointReader, expected_tensors
 from .config import ModelConfig
-from .engine import SlotCache
 from .errors import ConfigError, GenerationError, GptOssError
 from .model import DECODE_MAX_ROWS, Linear, MoE, MXFP4Weight, Transformer, swiglu
 

@@ -283,24 +283,26 @@ def swiglu(h: torch.Tensor, alpha: float, limit: float) -> torch.Tensor | None:
 
 def decode_attention(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int, cos: torch.Tensor,
                      sin: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, cache_pos: torch.Tensor,
-                     slot: int, positions: torch.Tensor, sliding_window: int | None,
+                     slots: torch.Tensor, positions: torch.Tensor, sliding_window: int | None,
                      sinks: torch.Tensor | None) -> torch.Tensor | None:
-    """One new token per row: RoPE on q and k, k/v written to cache slot `slot`, attention with sinks.
+    """One new token per row: RoPE on q and k, row b's k/v written to cache slot slots[b], attention with sinks.
 
-    qkv [B, 1, (H + 2K)·Dh] fp32/bf16; cos/sin [B, 1, 1, Dh/2] fp32; cache_k/v [B, S, K, Dh] fp32 (written in
-    place), cache_pos [B, S] int64 (written); positions [B, 1] int64 → [B, 1, H·Dh] in qkv's dtype."""
+    qkv [B, 1, (H + 2K)·Dh] fp32/bf16; cos/sin [B, 1, 1, Dh/2] fp32; cache_k/v [≥B, S, K, Dh] fp32 (written in
+    place, contiguous; rows beyond B untouched), cache_pos [≥B, S] int64 (written); slots [B] int64;
+    positions [B, 1] int64 → [B, 1, H·Dh] in qkv's dtype."""
     lib = load_kernels()
     if lib is None or qkv.dtype not in _DTYPE_CODES or cache_k.dtype != torch.float32:
         return None
-    B, S = cache_pos.shape
+    B, S = qkv.shape[0], cache_pos.shape[1]
     qkv = qkv.contiguous()
     cos, sin = cos.float().contiguous(), sin.float().contiguous()
     q_pos = positions.reshape(B).long().contiguous()
+    slots = slots.long().contiguous()
     sinks = None if sinks is None else sinks.float().contiguous()
     out = torch.empty(B, 1, num_heads * head_dim, dtype=qkv.dtype)
     lib.decode_attention(qkv.data_ptr(), _DTYPE_CODES[qkv.dtype], B, num_heads, num_kv_heads, head_dim,
                          cos.data_ptr(), sin.data_ptr(), cache_k.data_ptr(), cache_v.data_ptr(), cache_pos.data_ptr(),
-                         S, slot, q_pos.data_ptr(), sliding_window or 0, 0 if sinks is None else sinks.data_ptr(),
+                         S, slots.data_ptr(), q_pos.data_ptr(), sliding_window or 0, 0 if sinks is None else sinks.data_ptr(),
                          out.data_ptr())
     return out
 
@@ -331,10 +333,10 @@ def moe_experts(t: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, b
 
 
 def decode_attention_block(x: torch.Tensor, attn, mlp, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                           cache, slot: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+                           cache, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """Block.forward up to the router for one token per row: x [B, 1, D] (bf16/fp32) → (x + attention,
     mlp_norm of it, router logits [B, E]), each in x's dtype. attn/mlp: the block's Attention and MoE (bf16
-    weights, biases in x's dtype); the new k/v go to cache slot `slot` (see decode_attention)."""
+    weights, biases in x's dtype); row b's new k/v go to cache slot slots[b] (see decode_attention)."""
     lib = load_kernels()
     c = attn.config
     dense = (attn.qkv, attn.out, mlp.gate)
@@ -346,6 +348,7 @@ def decode_attention_block(x: torch.Tensor, attn, mlp, positions: torch.Tensor, 
     x = x.contiguous()
     cos, sin = cos.float().contiguous(), sin.float().contiguous()
     q_pos = positions.reshape(B).long().contiguous()
+    slots = slots.long().contiguous()
     sinks = None if attn.sinks is None else attn.sinks.float().contiguous()
     x_out, t_out = torch.empty_like(x), torch.empty_like(x)
     E = mlp.gate.weight.shape[0]
@@ -354,7 +357,8 @@ def decode_attention_block(x: torch.Tensor, attn, mlp, positions: torch.Tensor, 
     lib.decode_attention_block(
         x.data_ptr(), _DTYPE_CODES[x.dtype], B, D, attn.norm.scale.data_ptr(), float(attn.norm.eps), qkv.data_ptr(),
         attn.qkv.bias.data_ptr(), c.num_attention_heads, c.num_key_value_heads, c.head_dim, cos.data_ptr(),
-        sin.data_ptr(), cache.k.data_ptr(), cache.v.data_ptr(), cache.pos.data_ptr(), cache.pos.shape[1], slot,
+        sin.data_ptr(), cache.k.data_ptr(), cache.v.data_ptr(), cache.pos.data_ptr(), cache.pos.shape[1],
+        slots.data_ptr(),
         q_pos.data_ptr(), attn.sliding_window or 0, 0 if sinks is None else sinks.data_ptr(), out.data_ptr(),
         attn.out.bias.data_ptr(), mlp.norm.scale.data_ptr(), gate.data_ptr(), mlp.gate.bias.data_ptr(), E,
         x_out.data_ptr(), t_out.data_ptr(), logits.data_ptr())

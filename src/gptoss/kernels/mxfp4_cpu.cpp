@@ -892,11 +892,12 @@ void attend_8_heads(const float* q, const float* k, const float* v, const int64_
 // One query position per row (decode) through RoPE, the KV cache and attention with sinks (Attention.forward
 // with apply_rope, LayerCache.update and sdpa_with_sinks). qkv [B, (H + 2K)·Dh] in `dtype`, as the qkv
 // projection rounded it; cos/sin [B, Dh/2]; the cache k/v [B, S, K, Dh] fp32 and pos [B, S] int64, row b's
-// new key written at slot `slot` with position q_pos[b]; keys with 0 ≤ p ≤ q_pos and (window > 0) p > q_pos −
+// new key written at slot slots[b] with position q_pos[b] (rows of one age share a slot; the engine's rows,
+// each of its own age, do not); keys with 0 ≤ p ≤ q_pos and (window > 0) p > q_pos −
 // window are attended; sinks [H] fp32 or null; out [B, H·Dh] in `dtype`.
 void decode_attention(const void* qkv, int64_t dtype, int64_t B, int64_t H, int64_t K, int64_t Dh,
                       const float* cos, const float* sin, float* cache_k, float* cache_v, int64_t* cache_pos,
-                      int64_t S, int64_t slot, const int64_t* q_pos, int64_t window, const float* sinks,
+                      int64_t S, const int64_t* slots, const int64_t* q_pos, int64_t window, const float* sinks,
                       void* out) {
   const int64_t G = H / K, half = Dh / 2, width = (H + 2 * K) * Dh;
   std::vector<float> q(static_cast<size_t>(B * H * Dh));
@@ -912,12 +913,12 @@ void decode_attention(const void* qkv, int64_t dtype, int64_t B, int64_t H, int6
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t h = 0; h < H; ++h) rope(b, h * Dh, q.data() + (b * H + h) * Dh);
     for (int64_t kh = 0; kh < K; ++kh) {
-      float* kd = cache_k + ((b * S + slot) * K + kh) * Dh;
+      float* kd = cache_k + ((b * S + slots[b]) * K + kh) * Dh;
       rope(b, (H + kh) * Dh, kd);
-      float* vd = cache_v + ((b * S + slot) * K + kh) * Dh;
+      float* vd = cache_v + ((b * S + slots[b]) * K + kh) * Dh;
       for (int64_t i = 0; i < Dh; ++i) vd[i] = load_float(qkv, dtype, b * width + (H + K + kh) * Dh + i);
     }
-    cache_pos[b * S + slot] = q_pos[b];
+    cache_pos[b * S + slots[b]] = q_pos[b];
   }
   // The slots each row attends to (the same for all its kv heads)
   std::vector<std::vector<int64_t>> row_keys(B);
@@ -1068,15 +1069,15 @@ void moe_experts(const void* t, int64_t dtype, int64_t N, int64_t D, const int64
 void decode_attention_block(const void* x, int64_t dtype, int64_t B, int64_t D, const float* attn_norm, float eps,
                             const uint16_t* qkv_w, const void* qkv_b, int64_t H, int64_t K, int64_t Dh,
                             const float* cos, const float* sin, float* cache_k, float* cache_v, int64_t* cache_pos,
-                            int64_t S, int64_t slot, const int64_t* q_pos, int64_t window, const float* sinks,
-                            const uint16_t* out_w, const void* out_b, const float* mlp_norm, const uint16_t* gate_w,
+                            int64_t S, const int64_t* slots, const int64_t* q_pos, int64_t window,
+                            const float* sinks, const uint16_t* out_w, const void* out_b, const float* mlp_norm, const uint16_t* gate_w,
                             const void* gate_b, int64_t E, void* x_out, void* t_out, void* logits) {
   const size_t elem = dtype == kBF16 ? 2 : 4;
   const int64_t W = (H + 2 * K) * Dh;
   std::vector<uint8_t> t(B * D * elem), qkv(B * W * elem), a(B * H * Dh * elem), h(B * D * elem);
   rmsnorm(x, dtype, B, D, attn_norm, eps, t.data());
   bf16_linear(t.data(), dtype, B, D, qkv_w, W, qkv_b, dtype, qkv.data(), dtype);
-  decode_attention(qkv.data(), dtype, B, H, K, Dh, cos, sin, cache_k, cache_v, cache_pos, S, slot, q_pos, window,
+  decode_attention(qkv.data(), dtype, B, H, K, Dh, cos, sin, cache_k, cache_v, cache_pos, S, slots, q_pos, window,
                    sinks, a.data());
   bf16_linear(a.data(), dtype, B, H * Dh, out_w, D, out_b, dtype, h.data(), dtype);
   for (int64_t i = 0; i < B * D; ++i)
@@ -1166,13 +1167,14 @@ PyObject* py_rmsnorm(PyObject*, PyObject* args) {
 }
 
 PyObject* py_decode_attention(PyObject*, PyObject* args) {
-  long long qkv, dtype, B, H, K, Dh, cos, sin, ck, cv, cpos, S, slot, qpos, window, sinks, out;
+  long long qkv, dtype, B, H, K, Dh, cos, sin, ck, cv, cpos, S, slots, qpos, window, sinks, out;
   if (!PyArg_ParseTuple(args, "LLLLLLLLLLLLLLLLL", &qkv, &dtype, &B, &H, &K, &Dh, &cos, &sin, &ck, &cv, &cpos, &S,
-                        &slot, &qpos, &window, &sinks, &out))
+                        &slots, &qpos, &window, &sinks, &out))
     return nullptr;
   return run_without_gil([&] {
     decode_attention(ptr<const void>(qkv), dtype, B, H, K, Dh, ptr<const float>(cos), ptr<const float>(sin),
-                     ptr<float>(ck), ptr<float>(cv), ptr<int64_t>(cpos), S, slot, ptr<const int64_t>(qpos), window,
+                     ptr<float>(ck), ptr<float>(cv), ptr<int64_t>(cpos), S, ptr<const int64_t>(slots),
+                     ptr<const int64_t>(qpos), window,
                      ptr<const float>(sinks), ptr<void>(out));
   });
 }
@@ -1192,17 +1194,18 @@ PyObject* py_moe_experts(PyObject*, PyObject* args) {
 }
 
 PyObject* py_decode_attention_block(PyObject*, PyObject* args) {
-  long long x, dtype, B, D, attn_norm, qkv_w, qkv_b, H, K, Dh, cos, sin, ck, cv, cpos, S, slot, qpos, window, sinks,
+  long long x, dtype, B, D, attn_norm, qkv_w, qkv_b, H, K, Dh, cos, sin, ck, cv, cpos, S, slots, qpos, window, sinks,
       out_w, out_b, mlp_norm, gate_w, gate_b, E, x_out, t_out, logits;
   double eps;
   if (!PyArg_ParseTuple(args, "LLLLLdLLLLLLLLLLLLLLLLLLLLLLLL", &x, &dtype, &B, &D, &attn_norm, &eps, &qkv_w, &qkv_b,
-                        &H, &K, &Dh, &cos, &sin, &ck, &cv, &cpos, &S, &slot, &qpos, &window, &sinks, &out_w, &out_b,
+                        &H, &K, &Dh, &cos, &sin, &ck, &cv, &cpos, &S, &slots, &qpos, &window, &sinks, &out_w, &out_b,
                         &mlp_norm, &gate_w, &gate_b, &E, &x_out, &t_out, &logits))
     return nullptr;
   return run_without_gil([&] {
     decode_attention_block(ptr<const void>(x), dtype, B, D, ptr<const float>(attn_norm), static_cast<float>(eps),
                            ptr<const uint16_t>(qkv_w), ptr<const void>(qkv_b), H, K, Dh, ptr<const float>(cos),
-                           ptr<const float>(sin), ptr<float>(ck), ptr<float>(cv), ptr<int64_t>(cpos), S, slot,
+                           ptr<const float>(sin), ptr<float>(ck), ptr<float>(cv), ptr<int64_t>(cpos), S,
+                           ptr<const int64_t>(slots),
                            ptr<const int64_t>(qpos), window, ptr<const float>(sinks), ptr<const uint16_t>(out_w),
                            ptr<const void>(out_b), ptr<const float>(mlp_norm), ptr<const uint16_t>(gate_w),
                            ptr<const void>(gate_b), E, ptr<void>(x_out), ptr<void>(t_out), ptr<void>(logits));
@@ -1241,14 +1244,14 @@ PyMethodDef kMethods[] = {
     {"rmsnorm", py_rmsnorm, METH_VARARGS, "rmsnorm(x, dtype, M, D, scale_f32, eps, out): data pointers"},
     {"swiglu", py_swiglu, METH_VARARGS, "swiglu(h, h_dtype, n_pairs, alpha, limit, out, out_dtype): data pointers"},
     {"decode_attention", py_decode_attention, METH_VARARGS,
-     "decode_attention(qkv, dtype, B, H, K, Dh, cos, sin, cache_k, cache_v, cache_pos, S, slot, q_pos, window, "
+     "decode_attention(qkv, dtype, B, H, K, Dh, cos, sin, cache_k, cache_v, cache_pos, S, slots, q_pos, window, "
      "sinks, out): data pointers"},
     {"moe_experts", py_moe_experts, METH_VARARGS,
      "moe_experts(t, dtype, N, D, experts, weights, k, E, I, blocks1, scales1, bias1, blocks2, scales2, bias2, "
      "bias_dtype, alpha, limit, residual, out): data pointers"},
     {"decode_attention_block", py_decode_attention_block, METH_VARARGS,
      "decode_attention_block(x, dtype, B, D, attn_norm, eps, qkv_w, qkv_b, H, K, Dh, cos, sin, cache_k, cache_v, "
-     "cache_pos, S, slot, q_pos, window, sinks, out_w, out_b, mlp_norm, gate_w, gate_b, E, x_out, t_out, logits)"},
+     "cache_pos, S, slots, q_pos, window, sinks, out_w, out_b, mlp_norm, gate_w, gate_b, E, x_out, t_out, logits)"},
     {"simd", py_simd, METH_NOARGS, "the instruction set this build uses: 'avx512bf16', 'avx2' or 'scalar'"},
     {"experts_kernel", py_experts_kernel, METH_NOARGS,
      "the MXFP4 expert kernel bf16 activations take here: 'vdpbf16ps', 'vpermps', 'vpshufb' or 'scalar'"},

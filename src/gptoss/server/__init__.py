@@ -80,13 +80,13 @@ def serve_command(args: argparse.Namespace, before_start: Callable | None = None
 
     from ..engine import Engine
 
-    from ..loading import load_model_from_args
+    from ..loading import load_model_from_args, prefix_cache_bytes
 
     configure_logging()
     model = load_model_from_args(args)
     name = getattr(args, "served_model_name", None) or model_name_for(args.model)
     engine = Engine(model, max_concurrency=args.max_concurrency, max_queue=getattr(args, "max_queue", 64),
-                    max_context=getattr(args, "max_context", None))
+                    max_context=getattr(args, "max_context", None), prefix_cache_bytes=prefix_cache_bytes(args))
     if before_start is not None:
         before_start(engine)
     engine.start()
@@ -103,6 +103,8 @@ def serve_command(args: argparse.Namespace, before_start: Callable | None = None
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     """The options of `gptoss serve` beyond the model options (loading.add_model_args)."""
+    from ..loading import add_prefix_cache_arg
+
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
@@ -110,6 +112,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond those; more get 503 (default 64)")
     p.add_argument("--max-context", type=int, default=None, help="prompt + max_tokens limit (default: the model's)")
     p.add_argument("--served-model-name", default=None, help="model id clients use (default: the folder's name)")
+    add_prefix_cache_arg(p)
 
 
 def main(argv: list[str] | None = None) -> int:
