@@ -197,3 +197,42 @@ def test_engine_decode_runs_the_fused_kernels(monkeypatch, dtype):
                      else {"block": 0, "attention": expected})
     if dtype == torch.float32:  # bf16: a different batch size may round a near-tie the other way
         assert results == solo
+
+
+def test_chat_turns_reuse_the_conversation():
+    """`gptoss chat`'s completer (the demo model in fp32, greedy, a tool declared): from the second turn on
+    the prompt's start comes from the prefix cache (the previous prompt, and the previous answer where no
+    analysis was dropped), and every turn's answer equals the one computed without the prefix cache."""
+    from gptoss.chat import ChatSession, model_completer
+    from gptoss.loading import load_model
+    from gptoss.tools import BUILTIN_TOOLS
+
+    demo = load_model(None, device="cpu", dtype="float32", progress=False)
+    questions = ["What is 4821 + 937?", "What is 7305 - 4868?", "What is the capital of Germany?",
+                 "Calculate 82666 x 74", "What is 12 + 7?"]
+
+    def converse(cache_bytes: int) -> tuple[list[list[tuple[str, str]]], list[tuple[int, int]]]:
+        prefills = []
+        with model_completer(demo, cache_bytes) as complete:
+            engine = complete.__self__
+            real_prefill = engine._prefill
+
+            def spy(new):
+                prefills.extend((len(r.prompt), r.reuse[1]) for r in new)
+                return real_prefill(new)
+
+            engine._prefill = spy
+            session = ChatSession(complete, SamplingParams(temperature=0, max_tokens=400),
+                                  tools=[BUILTIN_TOOLS["calculator"]], reasoning_effort="high")
+            turns = [[(e.kind, e.text) for e in session.send(q)] for q in questions]
+        return turns, prefills
+
+    cached, reused = converse(2**30)
+    fresh, not_reused = converse(0)
+    assert cached == fresh
+    assert all(n == 0 for _, n in not_reused) and reused[0][1] == 0
+    # Every later model call (a turn, or the call after a tool result) reuses at least the first prompt
+    # (system, developer with the tool, first question); where Harmony dropped an earlier analysis message
+    # the renders differ from there on, so that is all some turns can reuse.
+    assert all(n >= reused[0][0] for _, n in reused[1:]), reused
+    assert sum(n for _, n in reused) > 0.8 * sum(length for length, _ in reused[1:])
