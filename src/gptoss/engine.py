@@ -133,12 +133,14 @@ class Engine:
     max_concurrency: requests decoding together (rows of the batch); max_queue: requests waiting beyond
     those (submit raises EngineBusy past it); max_context: prompt + max_tokens limit (default: the model's);
     max_prefill_tokens: padded prompt tokens prefilled in one iteration (long prompts then run alone);
-    prefill_chunk: chunk size within a prefill; prefix_cache_bytes: bound of the prefix cache (0: off).
+    prefill_chunk: chunk size within a prefill; prefix_cache_bytes: bound of the prefix cache (0: off);
+    on_finish(request, finish): called on the engine thread as each request ends (metrics, benchmarks).
     """
 
     def __init__(self, model: Transformer, max_concurrency: int = 16, max_queue: int = 64,
                  max_context: int | None = None, max_prefill_tokens: int = 4096, prefill_chunk: int = PREFILL_CHUNK,
-                 prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES):
+                 prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
+                 on_finish: Callable[[Request, Finish], None] | None = None):
         if max_concurrency < 1 or max_queue < 0:
             raise GenerationError(f"max_concurrency must be >= 1 and max_queue >= 0, got {max_concurrency}, "
                                   f"{max_queue}")
@@ -152,6 +154,7 @@ class Engine:
         self.cache_dtype = default_cache_dtype(model.dtype, self.device)
         self.cache = SlotCache(self.config, max_concurrency, self.max_context, self.device, self.cache_dtype)
         self.prefix_cache = PrefixCache(self.config, prefix_cache_bytes) if prefix_cache_bytes > 0 else None
+        self.on_finish = on_finish
         self._cond = threading.Condition()
         self._waiting: deque[Request] = deque()
         self._active: list[Request] = []  # row i of the cache belongs to _active[i]
@@ -432,8 +435,15 @@ class Engine:
             self._running_count -= 1
         now = time.perf_counter()
         first = r.first_token or now
-        self._send(r, Finish(reason, len(r.prompt), len(r.tokens), cached_tokens=r.reuse[1], queued_s=(r.started or now) - r.submitted,
-                             ttft_s=first - r.submitted, total_s=now - r.submitted, error=error))
+        finish = Finish(reason, len(r.prompt), len(r.tokens), cached_tokens=r.reuse[1],
+                        queued_s=(r.started or now) - r.submitted, ttft_s=first - r.submitted,
+                        total_s=now - r.submitted, error=error)
+        self._send(r, finish)
+        if self.on_finish is not None:
+            try:
+                self.on_finish(r, finish)
+            except Exception:
+                log.exception("on_finish failed for %s", r.id)
 
     def _send(self, r: Request, item: int | Finish) -> None:
         try:
