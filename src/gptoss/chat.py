@@ -49,7 +49,8 @@ def model_completer(model, prefix_cache_bytes: int | None = None) -> Iterator[Co
                 yield token
         yield complete
         return
-    with Engine(model, max_concurrency=1, max_queue=0, prefix_cache_bytes=DEFAULT_PREFIX_CACHE_BYTES
+    # a queue, so that a turn may start while the engine still drops the previous one (an iterator closed early)
+    with Engine(model, max_concurrency=1, max_queue=4, prefix_cache_bytes=DEFAULT_PREFIX_CACHE_BYTES
                 if prefix_cache_bytes is None else prefix_cache_bytes) as engine:
         yield engine.complete
 

@@ -304,7 +304,7 @@ class Engine:
         longest = 0
         while self._waiting and len(self._active) + len(new) < self.max_concurrency:
             r = self._waiting[0]
-            if self.prefix_cache is not None and r.reuse[0] is None:
+            if self.prefix_cache is not None:  # again at each try: a request just prefilled may match better
                 r.reuse = self.prefix_cache.lookup(r.prompt)
             longest_if = max(longest, len(r.prompt) - r.reuse[1])
             if new and longest_if * (len(new) + 1) > self.max_prefill_tokens:  # left padding counts too
