@@ -347,6 +347,7 @@ class Engine:
                     self._finish(r, "length")
                     continue
                 if self._step_row(r, logits[i], greedy[i]):
+                    r.prompt_entry = None  # no answer to store with it
                     continue
                 self.cache.insert(len(self._active), cache, i)
                 self._active.append(r)
@@ -435,7 +436,7 @@ class Engine:
             self._running_count -= 1
         now = time.perf_counter()
         first = r.first_token or now
-        finish = Finish(reason, len(r.prompt), len(r.tokens), cached_tokens=r.reuse[1],
+        finish = Finish(reason, len(r.prompt), len(r.tokens), cached_tokens=r.reuse[1] if r.started else 0,
                         queued_s=(r.started or now) - r.submitted, ttft_s=first - r.submitted,
                         total_s=now - r.submitted, error=error)
         self._send(r, finish)
