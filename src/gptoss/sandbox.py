@@ -103,7 +103,8 @@ def setup_script(argv: Sequence[str], root: str, kind: str, disk_mb: int) -> str
 def command(argv: Sequence[str], root: str, kind: str, disk_mb: int = 256) -> list[str]:
     """`argv` inside a sandbox whose new root is mounted at `root` (an empty folder; see setup_script)."""
     user = ["--user", "--map-root-user"] if kind == "userns" else []
-    return ["unshare", *user, "--mount", "--pid", "--net", "--ipc", "--uts", "--fork", "--kill-child",
+    # found on our PATH, as the probe found it (the code's environment has a PATH of its own)
+    return [shutil.which("unshare") or "unshare", *user, "--mount", "--pid", "--net", "--ipc", "--uts", "--fork", "--kill-child",
             "sh", "-c", setup_script(argv, root, kind, disk_mb)]
 
 

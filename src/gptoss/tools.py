@@ -267,7 +267,11 @@ def run_python(code: str, timeout: float = PYTHON_TIMEOUT, memory_mb: int = 2048
                         pass
                 process.kill()
         if output is None:  # timed out: keep what the code printed before
-            output, _ = process.communicate()
+            try:
+                output, _ = process.communicate(timeout=1)
+            except subprocess.TimeoutExpired as e:  # unconfined: what left the process group holds the pipe open
+                output = (e.output or b"").decode("utf-8", "replace")
+                process.stdout.close()
         elif process.returncode != 0:
             note = f"\n[exit status {process.returncode}]"
     if len(output) > PYTHON_MAX_OUTPUT:
