@@ -60,6 +60,7 @@ def test_errors_are_output_for_the_model(run):
     out = run("def f(:")
     assert "SyntaxError" in out and "ast.py" not in out  # the code's error, not the runner's
     assert run("import sys; print('x'); sys.exit(3)") == "x\n[exit status 3]"
+    assert run("import os, signal; os.kill(os.getpid(), signal.SIGKILL)") == "[killed by SIGKILL]"
 
 
 def test_time_limit_kills_the_code_and_keeps_its_output(run):

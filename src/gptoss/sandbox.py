@@ -72,18 +72,23 @@ def setup_script(argv: Sequence[str], root: str, kind: str, disk_mb: int) -> str
     host, covered by a tmpfs seen only in the new mount namespace), enter it, run `argv` without privileges."""
     q = shlex.quote
     r = q(root)
-    lines = ["set -e", "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
-             f"mount -t tmpfs -o size={disk_mb}m,mode=755,nosuid,nodev gptoss-sandbox {r}"]
+    links, folders, files, binds = [], ["/dev/shm", "/proc", "/tmp", WORKDIR], [], []
     for path in _read_only_paths():
-        target = r + q(path)
         if os.path.islink(path):  # /bin -> usr/bin on merged-/usr systems
-            lines.append(f"mkdir -p {r}{q(os.path.dirname(path))} && ln -s {q(os.readlink(path))} {target}")
+            links.append(path)
             continue
-        make = f"mkdir -p {target}" if os.path.isdir(path) else f"mkdir -p {r}{q(os.path.dirname(path))} && touch {target}"
-        lines.append(f"{make} && mount --bind -o ro,nosuid,nodev {q(os.path.realpath(path))} {target}")
-    lines += [f"mkdir -p {r}/dev/shm {r}/proc {r}/tmp {r}{WORKDIR}",
-              f"chmod 1777 {r}/tmp {r}/dev/shm"]
-    lines += [f"touch {r}/dev/{d} && mount --bind /dev/{d} {r}/dev/{d}" for d in DEVICES if os.path.exists(f"/dev/{d}")]
+        (folders if os.path.isdir(path) else files).append(path)
+        binds.append(f"mount --bind -o ro,nosuid,nodev {q(os.path.realpath(path))} {r}{q(path)}")
+    devices = [f"/dev/{d}" for d in DEVICES if os.path.exists(f"/dev/{d}")]
+    files += devices
+    binds += [f"mount --bind {d} {r}{d}" for d in devices]
+    folders += sorted({os.path.dirname(p) for p in files + links} - {"/"})
+    lines = ["set -e", "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+             f"mount -t tmpfs -o size={disk_mb}m,mode=755,nosuid,nodev gptoss-sandbox {r}",
+             "mkdir -p " + " ".join(r + q(f) for f in folders),
+             "touch " + " ".join(r + q(f) for f in files),
+             f"chmod 1777 {r}/tmp {r}/dev/shm",
+             *(f"ln -s {q(os.readlink(link))} {r}{q(link)}" for link in links), *binds]
     lines.append(f"mount -t proc -o nosuid,nodev,noexec proc {r}/proc")
     if kind == "userns":  # a user namespace inside would give the code capabilities again (over copies only)
         lines.append(f"echo 0 > {r}/proc/sys/user/max_user_namespaces")
@@ -95,8 +100,9 @@ def setup_script(argv: Sequence[str], root: str, kind: str, disk_mb: int) -> str
     lines.append(f"cd {r} && mkdir .old && pivot_root . .old && umount -l /.old && rmdir /.old")
     drop = ["setpriv"] + ([f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"] if kind == "nobody" else [])
     drop += ["--no-new-privs", "--bounding-set=-all", "--inh-caps=-all", "--"]
-    # not `exec`: this shell must stay pid 1, so that the namespace ends with the code
-    lines += [f"cd {WORKDIR}", shlex.join([*drop, *argv]), "exit $?"]
+    # Not `exec`: this shell must stay pid 1, so that the namespace ends with the code. The code runs in a
+    # subshell with the stderr we were given; this shell's own goes away (it would add "Killed" to the output).
+    lines += [f"cd {WORKDIR}", "exec 3>&2 2>/dev/null", f"(exec {shlex.join([*drop, *argv])} 2>&3 3>&-)", "exit $?"]
     return "\n".join(lines)
 
 

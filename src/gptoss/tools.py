@@ -18,6 +18,7 @@ import json
 import math
 import operator
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -224,6 +225,17 @@ except BaseException:  # the traceback of the code alone, without this prelude's
 """
 
 
+def _exit_status(status: int, sandboxed: bool) -> str:
+    """[exit status N], or [killed by SIGNAME]: Popen reports a signal as -N, the sandbox's shell as 128 + N."""
+    number = -status if status < 0 else status - 128 if sandboxed and status > 128 else 0
+    if not number:
+        return f"[exit status {status}]"
+    try:
+        return f"[killed by {signal.Signals(number).name}]"
+    except ValueError:
+        return f"[killed by signal {number}]"
+
+
 def run_python(code: str, timeout: float = PYTHON_TIMEOUT, memory_mb: int = 2048, max_processes: int = 64,
                unsafe: bool = False) -> str:
     """Run `code` in a fresh `python -I` in the sandbox (see gptoss.sandbox); its output as text.
@@ -273,7 +285,7 @@ def run_python(code: str, timeout: float = PYTHON_TIMEOUT, memory_mb: int = 2048
                 output = (e.output or b"").decode("utf-8", "replace")
                 process.stdout.close()
         elif process.returncode != 0:
-            note = f"\n[exit status {process.returncode}]"
+            note = "\n" + _exit_status(process.returncode, sandboxed=kind is not None)
     if len(output) > PYTHON_MAX_OUTPUT:
         output = output[:PYTHON_MAX_OUTPUT] + f"\n[output cut at {PYTHON_MAX_OUTPUT} characters]"
     return (output.rstrip("\n") + note).strip("\n") or "[no output]"
