@@ -223,7 +223,8 @@ def test_chat_cli_refuses_and_python_unsafe_opts_out(no_sandbox, monkeypatch, ca
     monkeypatch.setattr("sys.stdin", io.StringIO("What is 2**100?\n"))
     assert cli.main(["chat", "--python"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("gptoss chat: error: the python tool cannot isolate the model's code") and "--python-unsafe" in err
+    assert err.startswith("gptoss chat: error: the python tool cannot isolate the model's code")
+    assert "--python-unsafe" in err
     assert loaded == []  # refused before loading the model
     assert cli.main(["chat", "--python-unsafe", "--temperature", "0"]) in (0, None)
     assert "[tool result]\n1267650600228229401496703205376\n" in capsys.readouterr().out

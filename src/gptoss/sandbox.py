@@ -41,6 +41,7 @@ NOBODY = 65534
 SYSTEM_PATHS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32",
                 "/etc/ld.so.cache", "/etc/localtime")
 DEVICES = ("null", "zero", "full", "random", "urandom")
+KINDS = ("nobody", "userns")
 
 
 class SandboxUnavailable(GptOssError):
@@ -70,11 +71,13 @@ def _read_only_paths() -> list[str]:
 def setup_script(argv: Sequence[str], root: str, kind: str, disk_mb: int) -> str:
     """The shell script that `unshare` runs as pid 1: build the new root at `root` (an empty folder of the
     host, covered by a tmpfs seen only in the new mount namespace), enter it, run `argv` without privileges."""
+    if kind not in KINDS:
+        raise ValueError(f"sandbox kind must be one of {', '.join(KINDS)}, got {kind!r}")
     q = shlex.quote
     r = q(root)
     links, folders, files, binds = [], ["/dev/shm", "/proc", "/tmp", WORKDIR], [], []
     for path in _read_only_paths():
-        if os.path.islink(path):  # /bin -> usr/bin on merged-/usr systems
+        if path in SYSTEM_PATHS and os.path.islink(path):  # /bin -> usr/bin on merged-/usr systems
             links.append(path)
             continue
         (folders if os.path.isdir(path) else files).append(path)
@@ -110,8 +113,8 @@ def command(argv: Sequence[str], root: str, kind: str, disk_mb: int = 256) -> li
     """`argv` inside a sandbox whose new root is mounted at `root` (an empty folder; see setup_script)."""
     user = ["--user", "--map-root-user"] if kind == "userns" else []
     # found on our PATH, as the probe found it (the code's environment has a PATH of its own)
-    return [shutil.which("unshare") or "unshare", *user, "--mount", "--pid", "--net", "--ipc", "--uts", "--fork", "--kill-child",
-            "sh", "-c", setup_script(argv, root, kind, disk_mb)]
+    return [shutil.which("unshare") or "unshare", *user, "--mount", "--pid", "--net", "--ipc", "--uts",
+            "--fork", "--kill-child", "sh", "-c", setup_script(argv, root, kind, disk_mb)]
 
 
 def probe(kind: str) -> str | None:
@@ -125,7 +128,7 @@ def probe(kind: str) -> str | None:
         argv = command([sys.executable, "-I", "-c", "print('ok')"], root, kind)
         try:
             done = subprocess.run(argv, capture_output=True, text=True, errors="replace", timeout=30,
-                                  stdin=subprocess.DEVNULL, env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")})
+                                  stdin=subprocess.DEVNULL, env={"PATH": "/usr/bin:/bin"})
         except subprocess.TimeoutExpired:
             return "a trial sandbox did not start within 30 s"
     if done.returncode == 0 and done.stdout == "ok\n":
