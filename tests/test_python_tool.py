@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import io
 import os
+import resource
 import socket
 import time
 import uuid
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from gptoss import sandbox
+from gptoss import sandbox, tools
 from gptoss.chat import ChatSession
 from gptoss.generate import SamplingParams
 from gptoss.sandbox import SandboxUnavailable
@@ -92,6 +93,15 @@ def processes_with(token: str) -> list[int]:
         if token.encode() in cmdline and state != "Z":  # a zombie has ended
             found.append(int(pid))
     return found
+
+
+def test_output_is_cut_and_endless_output_fills_no_memory(run):
+    out = run("print('x' * 20_000)\nprint('not shown')")
+    assert out == "x" * tools.PYTHON_MAX_OUTPUT + f"\n[output cut at {tools.PYTHON_MAX_OUTPUT} characters]"
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
+    out = run("import sys\nwhile True:\n    sys.stdout.buffer.write(b'y' * 2**20)", timeout=2)  # GBs in 2 s
+    assert out.endswith(f"[output cut at {tools.PYTHON_MAX_OUTPUT} characters]\n[timed out after 2 seconds]")
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100 * 1024
 
 
 def test_memory_limit(run):

@@ -22,6 +22,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -236,6 +237,28 @@ def _exit_status(status: int, sandboxed: bool) -> str:
         return f"[killed by signal {number}]"
 
 
+def _read_in_background(process: subprocess.Popen, stdin: bytes, limit: int) -> tuple[bytearray, threading.Thread]:
+    """Feed `stdin` and collect the first `limit` bytes of stdout, each in a thread of its own (neither may
+    hold up the time limit); the rest is read and dropped, so that code printing forever fills no memory."""
+    output = bytearray()
+
+    def feed() -> None:
+        try:
+            process.stdin.write(stdin)
+            process.stdin.close()
+        except OSError:  # it ended without reading all of it
+            pass
+
+    def read() -> None:
+        while chunk := process.stdout.read1(1 << 16):
+            output.extend(chunk[:max(0, limit - len(output))])
+
+    threading.Thread(target=feed, daemon=True).start()
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    return output, reader
+
+
 def run_python(code: str, timeout: float = PYTHON_TIMEOUT, memory_mb: int = 2048, max_processes: int = 64,
                unsafe: bool = False) -> str:
     """Run `code` in a fresh `python -I` in the sandbox (see gptoss.sandbox); its output as text.
@@ -261,11 +284,12 @@ def run_python(code: str, timeout: float = PYTHON_TIMEOUT, memory_mb: int = 2048
             argv = sandbox.command(argv, folder, kind)
         # a session of its own, so that a Ctrl-C at the terminal is not sent to it as well
         process = subprocess.Popen(argv, cwd=folder, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace",
-                                   start_new_session=True)
-        output, note = None, ""
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+        # UTF-8 takes at most 4 bytes a character: enough bytes for the characters given back, and one more
+        output, reader = _read_in_background(process, code.encode(), limit=4 * (PYTHON_MAX_OUTPUT + 1))
+        note = ""
         try:
-            output, _ = process.communicate(code, timeout=timeout)
+            process.wait(timeout)
         except subprocess.TimeoutExpired:
             note = f"\n[timed out after {timeout:g} seconds]"
         finally:  # on a timeout, or Ctrl-C while waiting
@@ -278,14 +302,13 @@ def run_python(code: str, timeout: float = PYTHON_TIMEOUT, memory_mb: int = 2048
                     except ProcessLookupError:
                         pass
                 process.kill()
-        if output is None:  # timed out: keep what the code printed before
-            try:
-                output, _ = process.communicate(timeout=1)
-            except subprocess.TimeoutExpired as e:  # unconfined: what left the process group holds the pipe open
-                output = (e.output or b"").decode("utf-8", "replace")
-                process.stdout.close()
-        elif process.returncode != 0:
+                process.wait()
+        if process.returncode != 0 and not note:
             note = "\n" + _exit_status(process.returncode, sandboxed=kind is not None)
-    if len(output) > PYTHON_MAX_OUTPUT:
-        output = output[:PYTHON_MAX_OUTPUT] + f"\n[output cut at {PYTHON_MAX_OUTPUT} characters]"
-    return (output.rstrip("\n") + note).strip("\n") or "[no output]"
+        # what was printed until the end; unconfined, what left the process group may hold the pipe open
+        # for longer: then we take what came within a second
+        reader.join(timeout=1)
+    text = bytes(output).decode("utf-8", "replace").replace("\r\n", "\n").replace("\r", "\n")
+    if len(text) > PYTHON_MAX_OUTPUT:
+        text = text[:PYTHON_MAX_OUTPUT] + f"\n[output cut at {PYTHON_MAX_OUTPUT} characters]"
+    return (text.rstrip("\n") + note).strip("\n") or "[no output]"
