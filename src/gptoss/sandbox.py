@@ -2,7 +2,7 @@
 
 Each call runs as
 
-    unshare --mount --pid --net --ipc --uts --fork --kill-child [--user --map-root-user] sh -c SETUP
+    unshare --mount --pid --net --ipc --uts --cgroup --fork --kill-child [--user --map-root-user] sh -c SETUP
 
 SETUP runs as pid 1 of the new PID namespace. It builds a new root on a fresh tmpfs: the system paths that
 Python needs bound read-only (/usr, /lib…, the interpreter's prefix, ld.so.cache), /dev with null, zero,
@@ -113,7 +113,7 @@ def command(argv: Sequence[str], root: str, kind: str, disk_mb: int = 256) -> li
     """`argv` inside a sandbox whose new root is mounted at `root` (an empty folder; see setup_script)."""
     user = ["--user", "--map-root-user"] if kind == "userns" else []
     # found on our PATH, as the probe found it (the code's environment has a PATH of its own)
-    return [shutil.which("unshare") or "unshare", *user, "--mount", "--pid", "--net", "--ipc", "--uts",
+    return [shutil.which("unshare") or "unshare", *user, "--mount", "--pid", "--net", "--ipc", "--uts", "--cgroup",
             "--fork", "--kill-child", "sh", "-c", setup_script(argv, root, kind, disk_mb)]
 
 
