@@ -7,6 +7,7 @@ otherwise; root can make both), and skips, saying why, where a kind cannot be ma
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import socket
@@ -33,20 +34,14 @@ def kind(request, monkeypatch) -> str:
     """Every run_python in the test uses a sandbox of this kind."""
     if request.param == "nobody" and os.geteuid() != 0:
         pytest.skip("only root can run the code as uid 65534")
-    reason = _probe(request.param)
+    reason = probe(request.param)
     if reason is not None:
         pytest.skip(f"no {request.param!r} sandbox on this machine: {reason}")
     monkeypatch.setattr(sandbox, "isolation", lambda: request.param)
     return request.param
 
 
-_probes: dict[str, str | None] = {}
-
-
-def _probe(kind: str) -> str | None:
-    if kind not in _probes:
-        _probes[kind] = sandbox.probe(kind)
-    return _probes[kind]
+probe = functools.cache(sandbox.probe)  # once per kind and test session
 
 
 def timed(code: str, timeout: float) -> tuple[str, float]:
