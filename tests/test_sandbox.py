@@ -145,6 +145,20 @@ def test_200_forks_are_refused(kind):
     assert elapsed < 5 + 1  # the children sleeping 30 s ended with the code
 
 
+def test_fork_bomb_is_contained_and_ends_at_the_time_limit(kind):
+    if kind == "userns" and os.geteuid() == 0:
+        pytest.skip(FORK_LIMIT_EXEMPT)
+    out, elapsed = timed("import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass",
+                         timeout=2)  # every process it makes spins, forking as well
+    assert out == "[timed out after 2 seconds]"
+    assert elapsed < 2 + 1
+
+
+def test_disk_is_a_small_tmpfs(kind):
+    out = run_python("open('big', 'wb').write(bytes(300 * 2**20))", timeout=10)
+    assert "No space left on device" in out
+
+
 def test_no_network(kind):
     """Not even the raw C socket module (which the monkeypatch in the prelude does not cover) gets out."""
     token = uuid.uuid4().hex
