@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
-from . import harmony
+from . import harmony, sandbox
 from .errors import GptOssError
 from .generate import SamplingParams
 from .tokenizer import Tokenizer, get_tokenizer
@@ -60,12 +60,15 @@ class ChatSession:
                  reasoning_effort: str = "medium", model_identity: str | None = None,
                  instructions: str | None = None, tools: Sequence[Tool] = (),
                  ask: Callable[[str], str] | None = None, max_tool_rounds: int = 8,
-                 python_timeout: float | None = None):
+                 python_timeout: float | None = None, python_unsafe: bool = False):
         self.complete, self.params = complete, params
         self.tok = tokenizer or get_tokenizer()
         self.tools = {t.name: t for t in tools}
         self.ask, self.max_tool_rounds = ask, max_tool_rounds
         self.python_timeout = python_timeout  # None: no built-in python tool
+        self.python_unsafe = python_unsafe  # True: its code runs without the sandbox
+        if python_timeout is not None and not python_unsafe:
+            sandbox.isolation()  # refuse now (SandboxUnavailable), not at the model's first call
         self.reasoning_effort, self.model_identity, self.instructions = reasoning_effort, model_identity, instructions
         self.messages: list[harmony.Message] = []
 
@@ -115,7 +118,8 @@ class ChatSession:
             name = "python" if python else call.recipient.removeprefix("functions.")
             yield ChatEvent("tool_call", call.content, name)
             if python:
-                result = (run_python(call.content, self.python_timeout) if self.python_timeout is not None
+                result = (run_python(call.content, self.python_timeout, unsafe=self.python_unsafe)
+                          if self.python_timeout is not None
                           else "python is not available in this conversation")
                 # the result comes back on the call's channel (analysis), authored by the tool
                 reply = harmony.Message("tool", result, channel=call.channel or "analysis", recipient="assistant",
@@ -143,8 +147,11 @@ def run_chat(args: argparse.Namespace) -> None:
     tools: list[Tool] = load_tools(args.tools) if args.tools else []
     if args.calculator:
         tools.append(BUILTIN_TOOLS["calculator"])
-    if args.python and not args.python_timeout > 0:
+    python = args.python or args.python_unsafe
+    if python and not args.python_timeout > 0:
         raise GptOssError(f"--python-timeout must be a positive number of seconds, got {args.python_timeout:g}")
+    if python and not args.python_unsafe:
+        sandbox.isolation()  # before loading the model: SandboxUnavailable says what is missing
     model = load_model_from_args(args)
     interactive = sys.stdin.isatty()
     out = sys.stdout
@@ -167,7 +174,8 @@ def run_chat(args: argparse.Namespace) -> None:
 
     with model_completer(model, prefix_cache_bytes(args)) as complete:  # the engine thread ends with the chat
         session = ChatSession(complete, params, tok, args.reasoning_effort, args.system, args.developer, tools,
-                              ask=ask_tool_result, python_timeout=args.python_timeout if args.python else None)
+                              ask=ask_tool_result, python_timeout=args.python_timeout if python else None,
+                              python_unsafe=args.python_unsafe)
         show_reasoning = args.show_reasoning
         # reasoning is dimmed on a colour terminal (https://no-color.org: NO_COLOR turns it off)
         dim, undim = ("\033[2m", "\033[0m") if out.isatty() and not os.environ.get("NO_COLOR") else ("", "")

@@ -180,7 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tools", default=None, metavar="FILE", help="JSON file of function tools (OpenAI format)")
     p.add_argument("--calculator", action="store_true", help="offer the built-in calculator function tool")
     p.add_argument("--python", action="store_true",
-                   help="offer the built-in python tool: the model's code runs in a fresh subprocess, no network")
+                   help="offer the built-in python tool: the model's code runs in a sandbox (docs/SANDBOX.md)")
+    p.add_argument("--python-unsafe", action="store_true",
+                   help="offer the python tool WITHOUT the sandbox: the model's code can read and write your files "
+                        "and use the network (for machines that cannot make one)")
     p.add_argument("--python-timeout", type=float, default=PYTHON_TIMEOUT, metavar="S",
                    help=f"time limit of one python call in seconds (default {PYTHON_TIMEOUT:g})")
     p.add_argument("--show-reasoning", action="store_true", help="print the analysis channel as it streams")

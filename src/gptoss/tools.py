@@ -7,25 +7,27 @@ result is asked from the person at the keyboard — a human in the loop, as when
 
 The built-in `python` tool is not a function: Harmony declares it in the system message (`## python`) and
 the model writes code as the message (`<|start|>assistant to=python<|channel|>analysis code<|message|>…`).
-`run_python` runs that code in a fresh interpreter with a time limit, a memory limit and no network.
+`run_python` runs that code in a fresh interpreter in a sandbox (gptoss.sandbox: nothing of your files, no
+network, its whole process tree killed at the time limit) with time, memory and process-count limits.
 """
 
 from __future__ import annotations
 
 import ast
-import functools
 import json
 import math
 import operator
 import os
-import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from . import sandbox
 from .errors import GptOssError
 
 
@@ -186,8 +188,9 @@ PYTHON_DESCRIPTION = (
     "Nothing is kept between calls. python will time out after {timeout:g} seconds. "
     "Internet access for this session is disabled.")
 
-# Runs in the child before the code: memory and CPU-time limits (argv 1 and 2), sockets refused (even where
-# no network namespace could be made), the code compiled as "<python tool>", and a last bare expression
+# Runs in the child before the code: memory, CPU-time and process-count limits (argv 1 to 3; 0 leaves the
+# process count alone), sockets refused with a message the model understands (the sandbox's network namespace
+# is what really keeps it off the network), the code compiled as "<python tool>", and a last bare expression
 # printed as a notebook cell would.
 _PYTHON_PRELUDE = r"""
 import ast, socket, sys
@@ -195,6 +198,8 @@ try:
     import resource
     resource.setrlimit(resource.RLIMIT_AS, (int(sys.argv[1]),) * 2)
     resource.setrlimit(resource.RLIMIT_CPU, (int(sys.argv[2]),) * 2)
+    if int(sys.argv[3]):
+        resource.setrlimit(resource.RLIMIT_NPROC, (int(sys.argv[3]),) * 2)
 except ImportError:  # not POSIX: the time limit still holds, enforced by the parent
     pass
 def _no_network(*args, **kwargs):
@@ -221,45 +226,89 @@ except BaseException:  # the traceback of the code alone, without this prelude's
 """
 
 
-@functools.cache  # a property of the machine: probed once, not on every call
-def _network_namespace() -> tuple[str, ...]:
-    """`unshare -rn` (a user + network namespace: only a downed loopback) where the kernel allows it."""
-    if shutil.which("unshare") is None:
-        return ()
+def _exit_status(status: int, sandboxed: bool) -> str:
+    """[exit status N], or [killed by SIGNAME]: Popen reports a signal as -N, the sandbox's shell as 128 + N."""
+    number = -status if status < 0 else status - 128 if sandboxed and status > 128 else 0
+    if not number:
+        return f"[exit status {status}]"
     try:
-        ok = subprocess.run(["unshare", "-rn", "true"], capture_output=True, timeout=5).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        ok = False
-    return ("unshare", "-rn") if ok else ()
+        return f"[killed by {signal.Signals(number).name}]"
+    except ValueError:
+        return f"[killed by signal {number}]"
 
 
-def run_python(code: str, timeout: float = PYTHON_TIMEOUT, memory_mb: int = 2048) -> str:
-    """Run `code` in a fresh `python -I` in an empty temporary folder, without network; its output as text.
+def _read_in_background(process: subprocess.Popen, stdin: bytes, limit: int) -> tuple[bytearray, threading.Thread]:
+    """Feed `stdin` and collect the first `limit` bytes of stdout, each in a thread of its own (neither may
+    hold up the time limit); the rest is read and dropped, so that code printing forever fills no memory."""
+    output = bytearray()
 
+    def feed() -> None:
+        try:
+            process.stdin.write(stdin)
+            process.stdin.close()
+        except OSError:  # it ended without reading all of it
+            pass
+
+    def read() -> None:
+        while chunk := process.stdout.read1(1 << 16):
+            output.extend(chunk[:max(0, limit - len(output))])
+
+    threading.Thread(target=feed, daemon=True).start()
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    return output, reader
+
+
+def run_python(code: str, timeout: float = PYTHON_TIMEOUT, memory_mb: int = 2048, max_processes: int = 64,
+               unsafe: bool = False) -> str:
+    """Run `code` in a fresh `python -I` in the sandbox (see gptoss.sandbox); its output as text.
+
+    The sandbox: an empty working folder on a tmpfs, system paths read-only and nothing else of the machine's
+    files, no network, its own PID namespace (the whole tree is killed at the time limit), at most
+    `max_processes` processes and threads. SandboxUnavailable if this machine cannot make one; `unsafe=True`
+    runs the code without it (an empty temporary folder, the same time and memory limits, nothing more).
     Errors (a traceback, a timeout, the memory limit) are part of the output: the model reads them and
     can fix its code."""
-    wrapper = _network_namespace() if sys.platform.startswith("linux") else ()
-    with tempfile.TemporaryDirectory(prefix="gptoss-python-") as cwd:
-        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": cwd}
-        # -I: no environment variables, user site or cwd on the path; -u: stdout and stderr in order
-        argv = [*wrapper, sys.executable, "-I", "-u", "-X", "utf8", "-B", "-c", _PYTHON_PRELUDE,
-                str(memory_mb * 2**20), str(int(timeout) + 1)]
-        # a session of its own: on a timeout the whole process group goes, whatever the code started
-        process = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace",
-                                   start_new_session=True)
+    kind = None if unsafe else sandbox.isolation()
+    # threads count against the process limit too (Linux counts tasks): keep OpenMP/BLAS pools small
+    threads = str(min(os.cpu_count() or 1, max(1, max_processes // 4)))
+    with tempfile.TemporaryDirectory(prefix="gptoss-python-") as folder:
+        home = sandbox.WORKDIR if kind else folder
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin" if kind else os.environ.get("PATH", "/usr/bin:/bin"),
+               "HOME": home, "OMP_NUM_THREADS": threads}
+        # -I: no environment variables, user site or cwd on the path; -u: stdout and stderr in order.
+        # RLIMIT_NPROC only in the sandbox: unconfined, it would count every process of the user.
+        argv = [sys.executable, "-I", "-u", "-X", "utf8", "-B", "-c", _PYTHON_PRELUDE,
+                str(memory_mb * 2**20), str(int(timeout) + 1), str(max_processes if kind else 0)]
+        if kind:  # `folder` is only the mount point of the sandbox's own root; cwd is set inside
+            argv = sandbox.command(argv, folder, kind)
+        # a session of its own, so that a Ctrl-C at the terminal is not sent to it as well
+        process = subprocess.Popen(argv, cwd=folder, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+        # UTF-8 takes at most 4 bytes a character: enough bytes for the characters given back, and one more
+        output, reader = _read_in_background(process, code.encode(), limit=4 * (PYTHON_MAX_OUTPUT + 1))
+        note = ""
         try:
-            output, _ = process.communicate(code, timeout=timeout)
-            note = "" if process.returncode == 0 else f"\n[exit status {process.returncode}]"
+            process.wait(timeout)
         except subprocess.TimeoutExpired:
-            if os.name == "posix":
-                try:
-                    os.killpg(process.pid, 9)
-                except ProcessLookupError:
-                    pass
-            process.kill()
-            output, _ = process.communicate()
             note = f"\n[timed out after {timeout:g} seconds]"
-    if len(output) > PYTHON_MAX_OUTPUT:
-        output = output[:PYTHON_MAX_OUTPUT] + f"\n[output cut at {PYTHON_MAX_OUTPUT} characters]"
-    return (output.rstrip("\n") + note).strip("\n") or "[no output]"
+        finally:  # on a timeout, or Ctrl-C while waiting
+            if process.returncode is None:
+                # sandboxed: `unshare` dies, --kill-child kills pid 1 of the namespace, the kernel all the rest;
+                # unconfined: the process group goes (not what left it with setsid)
+                if os.name == "posix":
+                    try:
+                        os.killpg(process.pid, 9)
+                    except ProcessLookupError:
+                        pass
+                process.kill()
+                process.wait()
+        if process.returncode != 0 and not note:
+            note = "\n" + _exit_status(process.returncode, sandboxed=kind is not None)
+        # what was printed until the end; unconfined, what left the process group may hold the pipe open
+        # for longer: then we take what came within a second
+        reader.join(timeout=1)
+    text = bytes(output).decode("utf-8", "replace").replace("\r\n", "\n").replace("\r", "\n")
+    if len(text) > PYTHON_MAX_OUTPUT:
+        text = text[:PYTHON_MAX_OUTPUT] + f"\n[output cut at {PYTHON_MAX_OUTPUT} characters]"
+    return (text.rstrip("\n") + note).strip("\n") or "[no output]"
