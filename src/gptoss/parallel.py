@@ -44,7 +44,7 @@ from .cache import KVCache, SlotCache
 from .checkpoint import CheckpointReader, expected_tensors
 from .config import ModelConfig
 from .errors import ConfigError, GenerationError, GptOssError
-from .model import DECODE_MAX_ROWS, Linear, MoE, MXFP4Weight, Transformer, swiglu
+from .model import Linear, MoE, MXFP4Weight, Transformer, fused_experts_fit, swiglu
 
 
 class ShardingError(ConfigError):
@@ -252,7 +252,8 @@ class ParallelMoE(MoE):
         experts, weights = self.route(t)  # (N, k) global ids, identical on every rank
         local = experts - self.first_expert
         local = torch.where((local >= 0) & (local < self.mlp1_bias.shape[0]), local, -1)  # −1: owned elsewhere
-        if t.device.type == "cpu" and t.dtype != torch.float64 and experts.numel() <= DECODE_MAX_ROWS:
+        if t.device.type == "cpu" and t.dtype != torch.float64 and fused_experts_fit(experts.numel(),
+                                                                                     self.config.num_experts):
             out = self._owned_pairs(t, local, weights)
         else:
             out = self._grouped(t, local, weights)  # skips −1 as it skips capacity drops
