@@ -33,7 +33,7 @@ from gptoss.config import preset
 from gptoss.engine import Engine
 from gptoss.generate import SamplingParams, generate_tokens
 from gptoss.server import create_app, serve_in_thread
-from gptoss.server.app import StopStrings
+from gptoss.server.generation import StopStrings
 from gptoss.tokenizer import get_tokenizer
 from test_chat import train_to_script
 
