@@ -73,16 +73,29 @@ def configure_logging(level: int = logging.INFO) -> None:
 
 
 def serve_command(args: argparse.Namespace, before_start: Callable | None = None, note: str | None = None) -> None:
-    """Load the model, start the engine and serve until Ctrl-C. `args`: model, host, port, api_key,
-    max_concurrency, dtype, device, quiet (and optionally max_queue, max_context, served_model_name).
-    before_start(engine) lets `gptoss.parallel` mirror the KV cache (args.layout set: this rank's shard is loaded)."""
+    """Load the model, start the engine and serve until SIGTERM / SIGINT. `args`: model, host, port, api_key,
+    max_concurrency, dtype, device, quiet (and optionally max_queue, max_context, served_model_name,
+    cors_origin, shutdown_grace). before_start(engine) lets `gptoss.parallel` mirror the KV cache (args.layout
+    set: this rank's shard is loaded).
+
+    Shutdown: the listening socket closes at once; requests still queued for the engine get a 503, those
+    generating get `shutdown_grace` seconds to finish, then end with an error (an SSE error event and [DONE]
+    when streaming); then the engine thread stops."""
+    import asyncio
+
     import uvicorn
 
     from ..engine import Engine
-
     from ..loading import load_model_from_args
+    from .app import loopback_hosts
 
     configure_logging()
+    grace = float(getattr(args, "shutdown_grace", 5.0))
+    cors = list(getattr(args, "cors_origin", None) or [])
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.host.startswith("127.") and not args.api_key:
+        print(f"gptoss serve: WARNING: listening on {args.host} with no --api-key: anyone who can reach this "
+              "machine can use the model. Pass --api-key KEY (clients send 'Authorization: Bearer KEY') or bind "
+              "127.0.0.1.", file=sys.stderr)
     model = load_model_from_args(args)
     name = getattr(args, "served_model_name", None) or model_name_for(args.model)
     engine = Engine(model, max_concurrency=args.max_concurrency, max_queue=getattr(args, "max_queue", 64),
@@ -91,12 +104,31 @@ def serve_command(args: argparse.Namespace, before_start: Callable | None = None
         before_start(engine)
     engine.start()
     try:
-        app = create_app(engine, name, api_key=args.api_key)
+        app = create_app(engine, name, api_key=args.api_key, allowed_hosts=loopback_hosts(args.host),
+                         cors_origins=cors)
+        state = app.state.gptoss
+
+        class Server(uvicorn.Server):
+            """uvicorn's server, telling the app when shutdown begins (uvicorn then stops accepting and waits
+            for open connections, which the app ends within the grace period)."""
+
+            async def startup(self, sockets=None) -> None:
+                self.loop = asyncio.get_running_loop()
+                await super().startup(sockets)
+
+            def handle_exit(self, sig, frame) -> None:
+                super().handle_exit(sig, frame)
+                # uvicorn re-raises the signal once it has stopped, and SIGTERM's default action would kill
+                # the process before engine.close() below: the shutdown is handled, so it is not re-raised
+                self._captured_signals.clear()
+                if getattr(self, "loop", None) is not None:
+                    self.loop.call_soon_threadsafe(state.begin_shutdown, grace)
+
         note = note or f"{args.max_concurrency} concurrent requests, context {engine.max_context}"
         print(f"gptoss serve: {name} on http://{args.host}:{args.port} (chat page at /, API at /v1, {note})",
               file=sys.stderr)
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info",
-                    access_log=not args.quiet, timeout_graceful_shutdown=5)
+        Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info",
+                              access_log=not args.quiet, timeout_graceful_shutdown=grace + 1)).run()
     finally:
         engine.close()
 
@@ -110,6 +142,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond those; more get 503 (default 64)")
     p.add_argument("--max-context", type=int, default=None, help="prompt + max_tokens limit (default: the model's)")
     p.add_argument("--served-model-name", default=None, help="model id clients use (default: the folder's name)")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="a web origin (https://app.example) whose pages may call the API; repeatable (default none)")
+    p.add_argument("--shutdown-grace", type=float, default=5.0, metavar="SECONDS",
+                   help="on SIGTERM/SIGINT, how long requests in flight may still run (default 5)")
 
 
 def main(argv: list[str] | None = None) -> int:

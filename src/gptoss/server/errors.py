@@ -30,17 +30,34 @@ def bad_request(message: str, param: str | None = None, code: str | None = "inva
     return APIError(400, message, param, code)
 
 
-def _loc(loc: tuple) -> str:
-    """pydantic's error location as an OpenAI parameter path: messages[0].content."""
+def _param(loc: tuple, data: Any, keep_last: bool) -> str:
+    """pydantic's error location as an OpenAI parameter path (messages[0].content), walking the request's own
+    data: segments that are not keys or indices of it (union members such as 'str' or 'list[...]', tags of a
+    discriminated union) are pydantic's, not the caller's, and are left out."""
     out = ""
-    for part in loc:
+    for i, part in enumerate(loc):
+        last = i == len(loc) - 1
+        if isinstance(data, dict) and isinstance(part, str) and part in data:
+            data = data[part]
+        elif isinstance(data, list) and isinstance(part, int) and 0 <= part < len(data):
+            data = data[part]
+        elif not (last and keep_last):
+            continue
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out
 
 
-def validation_error(e: ValidationError) -> APIError:
-    err = e.errors()[0]
-    param = _loc(err["loc"])
-    if err["type"] == "missing":
+def validation_error(e: ValidationError, data: Any) -> APIError:
+    """The most specific of pydantic's errors (the deepest location: for a union, the member that got
+    furthest) as a 400 naming the parameter."""
+    err = max(e.errors(include_url=False), key=lambda err: len(err["loc"]))
+    missing = err["type"] == "missing"
+    param = _param(err["loc"], data, keep_last=missing) or None
+    if missing:
         return bad_request(f"Missing required parameter: '{param}'.", param, "missing_required_parameter")
-    return bad_request(f"Invalid value for '{param}': {err['msg']}.", param)
+    if err["type"] == "union_tag_invalid":  # an input item of an unknown type
+        param = f"{param}.type"
+        return bad_request(f"Invalid value for '{param}': {err['ctx']['tag']!r}; supported: "
+                           f"{err['ctx']['expected_tags']}.", param)
+    where = f"'{param}'" if param else "the request body"
+    return bad_request(f"Invalid value for {where}: {err['msg']}.", param)

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from fastapi import Request
 
@@ -17,6 +18,8 @@ from ..engine import Engine, Finish, TokenStream
 from ..generate import SamplingParams
 from ..tokenizer import Tokenizer
 from .errors import APIError
+
+log = logging.getLogger("gptoss.server")
 
 
 def _new_id(prefix: str) -> str:
@@ -47,9 +50,12 @@ class Piece:
             return json.dumps(value) if isinstance(value, dict) else self.text
 
 
-def _kind(channel: str | None, recipient: str | None) -> tuple[str, str | None]:
+def _kind(channel: str | None, recipient: str | None, tools: frozenset[str]) -> tuple[str, str | None]:
+    """A message's kind and, for a call, its function. A call to anything but a declared function ("functions.X"
+    with X in `tools`) is "dropped": never returned as a call (nor as content: its text is arguments)."""
     if recipient and recipient not in ("all", "user", "assistant"):
-        return "tool_call", recipient.removeprefix("functions.")
+        name = recipient.removeprefix("functions.")
+        return ("tool_call", name) if recipient.startswith("functions.") and name in tools else ("dropped", name)
     return ("reasoning" if channel == "analysis" else "content"), None
 
 
@@ -86,21 +92,39 @@ Event = tuple[str, Piece, str]  # ("open" | "delta" | "close", piece, delta text
 class Generation:
     """One request in flight: engine tokens → Harmony messages → pieces, as ("open"/"delta"/"close") events.
 
-    Constructing it submits the request, so EngineBusy / GenerationError surface before any response starts."""
+    Constructing it submits the request, so EngineBusy / GenerationError surface before any response starts.
+    `tools`: the declared function names (a call to any other is dropped). The engine stops the request once a
+    final answer has ended (harmony.FinalAnswerEnded), so a model that goes on after it is never shown."""
 
     def __init__(self, engine: Engine, tok: Tokenizer, prompt: list[int], forced: list[int], params: SamplingParams,
-                 request_id: str, stop: list[str] | None = None):
-        self.stream = TokenStream(engine, prompt, params, request_id)
+                 request_id: str, stop: list[str] | None = None, tools: frozenset[str] = frozenset()):
+        self.stream = TokenStream(engine, prompt, params, request_id,
+                                  stop_rule=harmony.FinalAnswerEnded(tok, header=forced))
         self.prompt_tokens = len(prompt)
+        self.tools = tools
         self.parser = harmony.StreamParser(tok, role="assistant")
         self.parser.feed(forced)  # the forced header is the start of the assistant's message
         self.stop = StopStrings(stop or [])
-        self.pieces: list[Piece] = []
+        self.pieces: list[Piece] = []  # what the API returns (dropped calls are not in it)
         self._open: dict[int, Piece] = {}  # Harmony message index → piece
         self.completion_tokens = 0
         self.reasoning_tokens = 0
         self.started = time.perf_counter()
         self.first_token: float | None = None
+        self.aborted: APIError | None = None  # set by abort(): the error the client gets instead of the rest
+        self.on_close: Callable[[], None] | None = None  # called once the events have ended
+
+    def abort(self, error: APIError) -> None:
+        """End this request early (the server is shutting down): the engine drops it at its next step, and the
+        client gets `error` (a status before the response starts, an error event in a stream)."""
+        if self.aborted is None and self.stream.finish is None:
+            self.aborted = error
+            self.stream.cancel()
+
+    @property
+    def queued(self) -> bool:
+        """Still waiting for a row of the engine (not yet prefilled)."""
+        return not self.stream.request.admitted and self.stream.finish is None
 
     async def events(self) -> AsyncIterator[Event]:
         try:
@@ -122,15 +146,21 @@ class Generation:
                 yield event
         finally:
             self.stream.cancel()  # a no-op when finished; otherwise the client went away
+            if self.on_close is not None:
+                self.on_close()
 
     def _piece(self, index: int, channel: str | None, recipient: str | None, out: list[Event]) -> Piece:
         piece = self._open.get(index)
         if piece is None:
-            kind, name = _kind(channel, recipient)
+            kind, name = _kind(channel, recipient, self.tools)
             piece = Piece(kind, name)
+            self._open[index] = piece
+            if kind == "dropped":
+                log.warning("%s: dropped a call to %r, which is not a declared function", self.stream.request.id,
+                            recipient)
+                return piece
             piece.id = _new_id({"reasoning": "rs_", "content": "msg_", "tool_call": "fc_"}[kind])
             piece.call_id = _new_id("call_") if kind == "tool_call" else ""
-            self._open[index] = piece
             self.pieces.append(piece)
             out.append(("open", piece, ""))
         return piece
@@ -150,12 +180,13 @@ class Generation:
                 piece.text += rest
                 out.append(("delta", piece, rest))
             piece.message = m
-            out.append(("close", piece, ""))
+            if piece.kind != "dropped":
+                out.append(("close", piece, ""))
         return out
 
     def _add(self, piece: Piece, text: str, out: list[Event]) -> None:
         piece.raw += text
-        if self.stop.hit:  # nothing is shown after a stop string
+        if self.stop.hit or piece.kind == "dropped":  # nothing is shown after a stop string
             return
         if piece.kind == "content":
             text = self.stop.feed(text)
@@ -179,6 +210,8 @@ class Generation:
         return "stop"
 
     def check_error(self) -> None:
+        if self.aborted is not None:
+            raise self.aborted
         f = self.stream.finish
         if f is not None and f.reason == "error":
             raise APIError(500, f"generation failed: {f.error}", None, "server_error", "server_error")

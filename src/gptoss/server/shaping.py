@@ -31,10 +31,24 @@ def chat_message(gen: Generation) -> dict[str, Any]:
     return message
 
 
+def _cached(gen: Generation) -> int:
+    """Prompt tokens whose keys/values came from the engine's prefix cache."""
+    return gen.finish.cached_tokens if gen.finish is not None else 0
+
+
 def chat_usage(gen: Generation) -> dict[str, Any]:
     return {"prompt_tokens": gen.prompt_tokens, "completion_tokens": gen.completion_tokens,
             "total_tokens": gen.prompt_tokens + gen.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": _cached(gen)},
             "completion_tokens_details": {"reasoning_tokens": gen.reasoning_tokens}}
+
+
+def chat_completion(gen: Generation, cid: str, created: int, model_name: str) -> dict[str, Any]:
+    return {"id": cid, "object": "chat.completion", "created": created, "model": model_name,
+            "system_fingerprint": FINGERPRINT,
+            "choices": [{"index": 0, "message": chat_message(gen), "logprobs": None,
+                         "finish_reason": gen.finish_reason()}],
+            "usage": chat_usage(gen)}
 
 
 def _part(piece: Piece, text: str) -> dict[str, Any]:
@@ -75,7 +89,10 @@ def finished_response(shell: dict[str, Any], gen: Generation) -> dict[str, Any]:
     return {**shell, "status": "incomplete" if incomplete else "completed",
             "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
             "output": [output_item(p, "completed") for p in gen.pieces],
-            "usage": {"input_tokens": gen.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
+            # cache_write_tokens: OpenAI's explicit prompt-cache writes (its ResponseUsage requires the field);
+            # this server has no such writes
+            "usage": {"input_tokens": gen.prompt_tokens,
+                      "input_tokens_details": {"cached_tokens": _cached(gen), "cache_write_tokens": 0},
                       "output_tokens": gen.completion_tokens,
                       "output_tokens_details": {"reasoning_tokens": gen.reasoning_tokens},
                       "total_tokens": gen.prompt_tokens + gen.completion_tokens}}
@@ -173,6 +190,11 @@ async def responses_stream(gen: Generation, shell: dict[str, Any],
                             name=piece.name, arguments=piece.arguments)
             if kind == "close":
                 yield event("response.output_item.done", output_index=i, item=output_item(piece, "completed"))
+        if gen.aborted is not None:  # the server is shutting down: an error event, then [DONE] as in chat
+            e = gen.aborted
+            yield event("error", code=e.code, message=e.message, param=e.param)
+            yield sse("[DONE]")
+            return
         f = gen.finish
         if f is not None and f.reason == "error":
             failed = {**shell, "status": "failed",

@@ -3,15 +3,17 @@ Responses input items as Harmony turns, and the rendered prompt."""
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from .. import harmony
 from ..tokenizer import Tokenizer
 from .errors import bad_request
-from .schemas import ChatMessage, ChatTool
+from .schemas import (ChatMessage, ChatTool, ContentPart, FunctionCallItem, InputItem, MessageItem, NamedToolChoice,
+                      ReasoningItem)
 
 TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
 
@@ -50,55 +52,55 @@ class ToolChoice:
         return {"type": "function", "name": self.name} if self.mode == "function" else self.mode
 
 
-def tool_choice(value: Any, tools: list[harmony.ToolDefinition]) -> ToolChoice:
+def tool_choice(value: Literal["none", "auto", "required"] | NamedToolChoice | None,
+                tools: list[harmony.ToolDefinition]) -> ToolChoice:
     """"auto" | "none" | "required" | {"type": "function", "function": {"name"}} (chat) / {"type", "name"}."""
     if value is None or value == "auto":
         return ToolChoice()
-    if value in ("none", "required"):
+    if isinstance(value, str):
         choice = ToolChoice(value)
-    elif isinstance(value, dict) and value.get("type") == "function":
-        function = value.get("function")  # chat: {"function": {"name"}}; responses: {"name"}
-        name = function.get("name") if isinstance(function, dict) else value.get("name")
+    else:
+        name = value.function.name if value.function is not None else value.name
+        if name is None:
+            raise bad_request("Missing required parameter: 'tool_choice.function.name'.", "tool_choice.function.name",
+                              "missing_required_parameter")
         choice = ToolChoice("function", name)
         if name not in {t.name for t in tools}:
             raise bad_request(f"Invalid value for 'tool_choice': no function named {name!r} in 'tools'.", "tool_choice")
-    else:
-        raise bad_request("Invalid value for 'tool_choice': expected 'none', 'auto', 'required' or "
-                          "{'type': 'function', ...}.", "tool_choice")
     if choice.mode != "none" and not tools:
         raise bad_request(f"Invalid value for 'tool_choice': {choice.mode!r} needs 'tools'.", "tool_choice")
     return choice
 
 
 def forced_header(tok: Tokenizer, choice: ToolChoice) -> list[int]:
-    """Assistant-header tokens appended to the prompt so the model must call a tool: the whole header for a
-    named function, up to "to=functions" for "required" (the model picks ".name"; the split matches how
-    o200k tokenizes a full header, so the model sees the token boundaries it was trained on)."""
+    """Assistant-header tokens appended to the prompt (which ends with `<|start|>assistant`) so that the model
+    must call a tool, in the order calls are rendered and were trained on: `<|start|>assistant
+    to=functions.NAME<|channel|>commentary <|constrain|>json<|message|>` (openai-harmony's rendering). A named
+    function gets the whole header; "required" gets ` to=functions` and the model picks `.NAME` and the rest
+    (the split is where o200k splits a full header, so the model sees the token boundaries it was trained on)."""
     if choice.mode == "function":
-        return [tok.channel, *tok.encode_ordinary(f"commentary to=functions.{choice.name}"),
-                *tok.encode_ordinary(" "), tok.constrain, *tok.encode_ordinary("json"), tok.message]
+        call = harmony.render_message(harmony.Message.tool_call(choice.name, ""), tok)
+        return call[2:call.index(tok.message) + 1]  # after <|start|>assistant, through <|message|>
     if choice.mode == "required":
-        return [tok.channel, *tok.encode_ordinary("commentary to=functions")]
+        return tok.encode_ordinary(" to=functions")
     return []
 
 
-def _text(content: Any, where: str, part_types: tuple[str, ...] = ("text", "input_text", "output_text")) -> str:
-    """A message content: a string, or a list of text parts (joined); anything else is a 400."""
+def _text(content: str | list[ContentPart] | None, where: str,
+          part_types: tuple[str, ...] = ("text", "input_text", "output_text")) -> str:
+    """A message content: a string, or a list of text parts (joined); other parts are a 400."""
     if content is None:
         return ""
     if isinstance(content, str):
         return content
-    if isinstance(content, list):
-        texts = []
-        for j, part in enumerate(content):
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind not in part_types or not isinstance(part.get("text"), str):
-                raise bad_request(f"Invalid value for '{where}[{j}].type': only text content parts are supported "
-                                  f"(type {' / '.join(part_types)}), got {kind or type(part).__name__!r}.",
-                                  f"{where}[{j}].type", "unsupported_content")
-            texts.append(part["text"])
-        return "".join(texts)
-    raise bad_request(f"Invalid value for '{where}': expected a string or a list of text parts.", where)
+    texts = []
+    for j, part in enumerate(content):
+        if part.type not in part_types or part.text is None:
+            raise bad_request(f"Invalid value for '{where}[{j}].type': only text content parts are supported "
+                              f"(type {' / '.join(part_types)}), got {part.type!r}.", f"{where}[{j}].type",
+                              "unsupported_content")
+        texts.append(part.text)
+    return "".join(texts)
 
 
 @dataclass
@@ -139,60 +141,43 @@ def chat_turns(messages: list[ChatMessage]) -> Turns:
     return turns
 
 
-def responses_turns(items: Any, turns: Turns) -> Turns:
-    """Responses API input (a string or a list of items) appended to `turns` (from previous_response_id)."""
-    if isinstance(items, str):
-        items = [{"role": "user", "content": items}]
-    if not isinstance(items, list):
-        raise bad_request("Invalid value for 'input': expected a string or a list of input items.", "input")
+def responses_turns(items: list[InputItem], turns: Turns) -> Turns:
+    """Responses API input items appended to `turns` (from previous_response_id)."""
     for i, item in enumerate(items):
         where = f"input[{i}]"
-        if not isinstance(item, dict):
-            raise bad_request(f"Invalid value for '{where}': expected an object.", where)
-        kind = item.get("type", "message")
-        if kind == "message":
-            role = item.get("role")
-            text = _text(item.get("content"), f"{where}.content",
-                         ("input_text", "output_text", "text", "refusal"))
-            if role in ("system", "developer"):
+        if isinstance(item, MessageItem):
+            text = _text(item.content, f"{where}.content", ("input_text", "output_text", "text", "refusal"))
+            if item.role in ("system", "developer"):
                 turns.instructions.append(text)
-            elif role == "user":
+            elif item.role == "user":
                 turns.messages.append(harmony.Message.user(text))
-            elif role == "assistant":
-                turns.messages.append(harmony.Message.assistant(text, "final"))
             else:
-                raise bad_request(f"Invalid value for '{where}.role': {role!r}; expected user, assistant, system "
-                                  "or developer.", f"{where}.role")
-        elif kind == "reasoning":
-            parts = item.get("content") or item.get("summary") or []
-            text = "".join(p.get("text", "") for p in parts if isinstance(p, dict))
+                turns.messages.append(harmony.Message.assistant(text, "final"))
+        elif isinstance(item, ReasoningItem):
+            text = "".join(p.text or "" for p in item.content or item.summary or [])
             if text:
                 turns.messages.append(harmony.Message.assistant(text, "analysis"))
-        elif kind == "function_call":
-            name, call_id = item.get("name"), item.get("call_id")
-            if not isinstance(name, str) or not TOOL_NAME.match(name) or not isinstance(call_id, str):
-                raise bad_request(f"Invalid value for '{where}': a function_call needs 'name' and 'call_id'.", where)
-            arguments = item.get("arguments", "")
-            turns.call_names[call_id] = name
-            turns.messages.append(harmony.Message.tool_call(name, arguments if isinstance(arguments, str)
-                                                            else json.dumps(arguments)))
-        elif kind == "function_call_output":
-            name = turns.call_names.get(item.get("call_id"))
+        elif isinstance(item, FunctionCallItem):
+            if not TOOL_NAME.match(item.name):
+                raise bad_request(f"Invalid value for '{where}.name': function names are 1-64 letters, digits, '_' "
+                                  f"or '-', got {item.name!r}.", f"{where}.name")
+            turns.call_names[item.call_id] = item.name
+            arguments = item.arguments if isinstance(item.arguments, str) else json.dumps(item.arguments)
+            turns.messages.append(harmony.Message.tool_call(item.name, arguments))
+        else:  # function_call_output
+            name = turns.call_names.get(item.call_id)
             if name is None:
                 raise bad_request(f"Invalid value for '{where}.call_id': no function_call with call_id "
-                                  f"{item.get('call_id')!r} precedes it.", f"{where}.call_id")
-            output = item.get("output", "")
-            text = output if isinstance(output, str) else _text(output, f"{where}.output")
-            turns.messages.append(harmony.Message.tool_result(name, text))
-        else:
-            raise bad_request(f"Invalid value for '{where}.type': {kind!r} items are not supported (message, "
-                              "reasoning, function_call, function_call_output are).", f"{where}.type")
+                                  f"{item.call_id!r} precedes it.", f"{where}.call_id")
+            turns.messages.append(harmony.Message.tool_result(name, _text(item.output, f"{where}.output")))
     return turns
 
 
 def render_prompt(tok: Tokenizer, turns: Turns, tools: list[harmony.ToolDefinition], effort: str,
-                  choice: ToolChoice) -> tuple[list[int], list[int]]:
-    """The prompt tokens (ending with any forced tool-call header) and that forced header."""
+                  choice: ToolChoice, max_context: int, param: str) -> tuple[list[int], list[int]]:
+    """The prompt tokens (ending with any forced tool-call header) and that forced header. A prompt whose text
+    cannot fit `max_context` tokens is refused before it is tokenized (see check_characters)."""
+    check_characters(tok, turns, tools, max_context, param)
     declared = [] if choice.mode == "none" else tools  # "none": the model is not told about the tools
     system = harmony.Message.system(harmony.SystemContent(reasoning_effort=effort))
     conversation = [system]
@@ -202,10 +187,30 @@ def render_prompt(tok: Tokenizer, turns: Turns, tools: list[harmony.ToolDefiniti
     try:
         prompt = harmony.render_conversation_for_completion(conversation + turns.messages, "assistant", tok)
     except harmony.HarmonyError as e:
-        raise bad_request(f"Invalid conversation: {e}.", "messages") from None
+        raise bad_request(f"Invalid conversation: {e}.", param) from None
     forced = forced_header(tok, choice)
     return prompt + forced, forced
 
+
+
+@functools.lru_cache(maxsize=4)
+def longest_token(tok: Tokenizer) -> int:
+    """The most bytes one token of the vocabulary stands for."""
+    return max(len(tok.token_bytes(i)) for i in range(tok.n_vocab) if not tok.is_special(i))
+
+
+def check_characters(tok: Tokenizer, turns: Turns, tools: list[harmony.ToolDefinition], max_context: int,
+                     param: str) -> None:
+    """Refuse, without tokenizing it, a prompt that cannot fit the context: a character is at least one byte
+    and a token at most longest_token(tok) bytes, so text of C characters is at least C / longest tokens."""
+    chars = sum(len(m.text) for m in turns.messages) + sum(map(len, turns.instructions))
+    chars += sum(len(t.name) + len(t.description) + len(json.dumps(t.parameters or {})) for t in tools)
+    bound = max_context * longest_token(tok)
+    if chars > bound:
+        raise bad_request(f"This model's maximum context length is {max_context} tokens, and the {param} has "
+                          f"{chars} characters: more tokens than that however it is tokenized (a token stands for "
+                          f"at most {longest_token(tok)} characters). Please reduce the length of the {param}.",
+                          param, "context_length_exceeded")
 
 
 def chat_tool(t: ChatTool, i: int) -> harmony.ToolDefinition:
