@@ -58,6 +58,9 @@ SCRIPT = [  # (Harmony messages after the system message, completion): what the 
       h.Message.assistant("Check the weather tool.", "analysis"), h.Message.tool_call("get_weather", CALL_ARGS),
       h.Message.tool_result("get_weather", WEATHER_RESULT)],
      "<|channel|>final<|message|>It is sunny and 21 °C in Paris.<|return|>"),
+    ([h.Message.developer(h.DeveloperContent(None, [WEATHER_DEF])), h.Message.user("What is 2+2?")],
+     # a final answer ended with <|end|>, then another one: the server must stop after the first (issue 19)
+     "<|channel|>final<|message|>2 + 2 = 4<|end|><|start|>assistant<|channel|>final<|message|>2 + 2 = 4<|return|>"),
     ([h.Message.user("Hello")],  # the chat page's test (test_server_page.py)
      "<|channel|>analysis<|message|>The user greets me.<|end|><|start|>assistant<|channel|>final<|message|>"
      "Hello! How can I help?<|return|>"),

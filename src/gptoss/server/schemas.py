@@ -18,11 +18,14 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field
 from .errors import APIError, bad_request, validation_error
 
 MAX_BODY_BYTES = 32 * 2**20
-# Values in one body: commas + '[' + '{' (an upper bound that also counts those inside strings). Decoding
-# holds the GIL (≈ 60-90 ns a value), so this bounds how long one request can stall the event loop: a
-# 32 MB body of small nested lists took 1.3 s to decode, 1,000,000 values take well under 100 ms. A
-# prompt that fits even a 131k-token context has far fewer.
-MAX_JSON_VALUES = 1_000_000
+# Decoding and validating hold the GIL (the event loop's too) for as long as they run, ≈ 0.1 µs a decoded
+# value and ≈ 2.5 µs a validated one; a 32 MB body of small nested lists took 1.3 s to decode. Two bounds
+# keep one request's hold on the loop short: commas and brackets in the raw body (an upper bound on its
+# values, counted a slice at a time) before decoding, and the values themselves (counted in Python, which
+# lets the loop run in between) before validating. A prompt that fits a 131k-token context, as text, takes a
+# few values a message.
+MAX_RAW_VALUES = 1_000_000
+MAX_VALUES = 20_000
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit seed
 
 
@@ -124,13 +127,18 @@ class ResponseFormat(_Body):
     type: str
 
 
+StopString = Annotated[str, Field(max_length=1024)]
+
+
 class ChatCompletionRequest(GenerationBody):
     messages: list[ChatMessage] = Field(min_length=1)
     tools: list[ChatTool] | None = None
     reasoning_effort: Literal["low", "medium", "high"] | None = None
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
+    # up to 4 stop strings (OpenAI's rule) of up to 1024 characters: each generated token is checked against
+    # every prefix of each (generation.StopStrings), so their length is bounded
+    stop: StopString | Annotated[list[StopString], Field(max_length=4)] | None = None
     n: int | None = None
     stream_options: StreamOptions | None = None
     logprobs: bool | None = None
@@ -230,20 +238,32 @@ def _too_large(size: int | None, limit: int) -> APIError:
     return APIError(413, f"The request body {got}; the limit is {limit} bytes.", None, "request_too_large")
 
 
-def _count_values(raw: bytes, step: int = 1 << 16) -> int:
+def _count_raw(raw: bytes, step: int = 1 << 16) -> int:
     """Commas and opening brackets in `raw`, a slice at a time: each count is short, so the event loop's thread
     gets the GIL back in between."""
     return sum(raw.count(b, i, i + step) for i in range(0, len(raw), step) for b in (b",", b"[", b"{"))
+
+
+def _count(data: Any, limit: int) -> int:
+    """JSON values in `data`, counted up to just past `limit`."""
+    n, stack = 0, [data]
+    while stack and n <= limit:
+        v = stack.pop()
+        n += 1
+        if isinstance(v, dict):
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return n
 
 
 def decode(raw: bytes, model: type[BaseModel]) -> Any:
     """JSON bytes → a validated `model`, or an APIError (400) naming the parameter. Blocking: run it in a
     worker thread. JSON nested deeper than 200 levels is refused by the decoder (pydantic_core's limit),
     never by a RecursionError."""
-    values = _count_values(raw)
-    if values > MAX_JSON_VALUES:
-        raise bad_request(f"The request body holds {values} JSON values or more; the limit is {MAX_JSON_VALUES}.",
-                          None, "invalid_json")
+    if _count_raw(raw) > MAX_RAW_VALUES:
+        raise bad_request(f"The request body has more than {MAX_RAW_VALUES} commas and brackets; it cannot hold a "
+                          f"valid request (at most {MAX_VALUES} JSON values).", None, "invalid_json")
     try:
         data = pydantic_core.from_json(raw)  # NaN / Infinity are let through, to be refused with their parameter
     except ValueError as e:
@@ -251,6 +271,9 @@ def decode(raw: bytes, model: type[BaseModel]) -> Any:
                           "object.", None, "invalid_json") from None
     if not isinstance(data, dict):
         raise bad_request(f"The request body must be a JSON object, got {type(data).__name__}.", None, "invalid_json")
+    if _count(data, MAX_VALUES) > MAX_VALUES:
+        raise bad_request(f"The request body holds more than {MAX_VALUES} JSON values (objects, arrays, strings, "
+                          "numbers); this server's limit.", None, "invalid_json")
     if model is ResponsesRequest and isinstance(data.get("input"), str):
         data["input"] = [{"type": "message", "role": "user", "content": data["input"]}]
     try:

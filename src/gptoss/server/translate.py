@@ -72,14 +72,16 @@ def tool_choice(value: Literal["none", "auto", "required"] | NamedToolChoice | N
     return choice
 
 
-def forced_header(tok: Tokenizer, choice: ToolChoice) -> list[int]:
+def forced_header(tok: Tokenizer, choice: ToolChoice, tools: list[harmony.ToolDefinition]) -> list[int]:
     """Assistant-header tokens appended to the prompt (which ends with `<|start|>assistant`) so that the model
     must call a tool, in the order calls are rendered and were trained on: `<|start|>assistant
     to=functions.NAME<|channel|>commentary <|constrain|>json<|message|>` (openai-harmony's rendering). A named
     function gets the whole header; "required" gets ` to=functions` and the model picks `.NAME` and the rest
-    (the split is where o200k splits a full header, so the model sees the token boundaries it was trained on)."""
-    if choice.mode == "function":
-        call = harmony.render_message(harmony.Message.tool_call(choice.name, ""), tok)
+    (the split is where o200k splits a full header, so the model sees the token boundaries it was trained on);
+    "required" with a single function declared is that function, named."""
+    if choice.mode == "function" or (choice.mode == "required" and len(tools) == 1):
+        name = choice.name if choice.mode == "function" else tools[0].name
+        call = harmony.render_message(harmony.Message.tool_call(name, ""), tok)
         return call[2:call.index(tok.message) + 1]  # after <|start|>assistant, through <|message|>
     if choice.mode == "required":
         return tok.encode_ordinary(" to=functions")
@@ -95,7 +97,10 @@ def _text(content: str | list[ContentPart] | None, where: str,
         return content
     texts = []
     for j, part in enumerate(content):
-        if part.type not in part_types or part.text is None:
+        if part.type in part_types and part.text is None:
+            raise bad_request(f"Missing required parameter: '{where}[{j}].text'.", f"{where}[{j}].text",
+                              "missing_required_parameter")
+        if part.type not in part_types:
             raise bad_request(f"Invalid value for '{where}[{j}].type': only text content parts are supported "
                               f"(type {' / '.join(part_types)}), got {part.type!r}.", f"{where}[{j}].type",
                               "unsupported_content")
@@ -188,7 +193,7 @@ def render_prompt(tok: Tokenizer, turns: Turns, tools: list[harmony.ToolDefiniti
         prompt = harmony.render_conversation_for_completion(conversation + turns.messages, "assistant", tok)
     except harmony.HarmonyError as e:
         raise bad_request(f"Invalid conversation: {e}.", param) from None
-    forced = forced_header(tok, choice)
+    forced = forced_header(tok, choice, declared)
     return prompt + forced, forced
 
 
