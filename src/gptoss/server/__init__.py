@@ -135,6 +135,7 @@ def serve_command(args: argparse.Namespace, before_start: Callable | None = None
                               access_log=not args.quiet, timeout_graceful_shutdown=grace + 1)).run()
     finally:
         engine.close()
+        print("gptoss serve: stopped (engine thread closed)", file=sys.stderr)
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:

@@ -174,7 +174,12 @@ class FunctionCallOutputItem(_Body):
 
 
 def _item_type(item: Any) -> Any:
-    return item.get("type", "message") if isinstance(item, dict) else getattr(item, "type", None)
+    """An input item's tag: its "type" ("message" when absent, as OpenAI's easy input messages have none); an
+    item that is no object is checked as a message, so that its error says an object was expected."""
+    if isinstance(item, dict):
+        kind = item.get("type")
+        return "message" if kind is None else kind if isinstance(kind, str) else repr(kind)
+    return getattr(item, "type", "message")
 
 
 InputItem = Annotated[Annotated[MessageItem, Tag("message")] | Annotated[ReasoningItem, Tag("reasoning")] |
