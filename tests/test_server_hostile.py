@@ -7,6 +7,7 @@ rendering), the final answer ending the turn, browser guards, and shutdown of a 
 
 from __future__ import annotations
 
+import gc
 import http.client
 import json
 import random
@@ -242,32 +243,41 @@ def test_a_chunked_upload_is_cut_off_at_the_limit(server):
 def test_health_answers_while_a_maximum_size_request_is_processed(server):
     """/health within 100 ms while the largest bodies the limits let through are decoded, validated and
     refused: a 31 MB text, and a body of the most JSON values allowed (decoding and tokenizing run in a
-    worker thread; the bounds keep what holds the GIL short)."""
+    worker thread; the bounds keep what holds the GIL short). The old server stalled /health for seconds.
+    On a shared 2-core machine the scheduler alone can delay one answer past 100 ms, so each body gets up to
+    three tries: the loop must be free in one of them, which a blocked loop never is."""
     text = {"model": M, "messages": [{"role": "user", "content": "x" * (31 * 2**20)}]}
     values = {"model": M, "messages": [{"role": "user", "content": [{"type": "text", "text": "ab"}] * 6_000}]}
-    bodies = [json.dumps(text).encode(), json.dumps(values).encode()]
-    for raw in bodies:
-        done = threading.Event()
-        result = {}
+    for raw in [json.dumps(text).encode(), json.dumps(values).encode()]:
+        worst = []
+        for _ in range(3):
+            gc.collect()  # garbage of earlier tests is not this request's doing
+            worst.append(max(_health_latencies_during(server.url, raw)))
+            if worst[-1] < 0.1:
+                break
+        assert min(worst) < 0.1, worst
 
-        def big() -> None:
-            r = httpx.post(server.url + CHAT, content=raw, headers={"Content-Type": "application/json"}, timeout=60)
-            result["r"] = r
-            done.set()
 
-        worker = threading.Thread(target=big)
+def _health_latencies_during(url: str, raw: bytes) -> list[float]:
+    done, result = threading.Event(), {}
+
+    def big() -> None:
+        result["r"] = httpx.post(url + CHAT, content=raw, headers={"Content-Type": "application/json"}, timeout=60)
+        done.set()
+
+    worker = threading.Thread(target=big)
+    latencies = []
+    with httpx.Client(base_url=url, timeout=10) as client:
+        client.get("/health")
         worker.start()
-        latencies = []
-        with httpx.Client(base_url=server.url, timeout=10) as client:
-            client.get("/health")
-            while not done.is_set():
-                t0 = time.perf_counter()
-                assert client.get("/health").status_code == 200
-                latencies.append(time.perf_counter() - t0)
-                time.sleep(0.005)
-        worker.join()
-        assert result["r"].status_code in (200, 400), result["r"].text
-        assert latencies and max(latencies) < 0.1, sorted(latencies)[-5:]
+        while not done.is_set():
+            t0 = time.perf_counter()
+            assert client.get("/health").status_code == 200
+            latencies.append(time.perf_counter() - t0)
+            time.sleep(0.005)
+    worker.join()
+    assert result["r"].status_code == 400 and result["r"].json()["error"]["code"] == "context_length_exceeded"
+    return latencies
 
 
 # ---------------------------------------------------------------------------------------------- tools
@@ -332,7 +342,8 @@ def test_a_final_answer_ends_the_turn():
                 r = client.chat.completions.create(**kw)
                 content, finish, usage = r.choices[0].message.content, r.choices[0].finish_reason, r.usage
             assert (content, finish, usage.completion_tokens) == ("2 + 2 = 4", "stop", len(first))
-        r = client.responses.create(model="s", input="What is 2+2?", tools=[{"type": "function", **WEATHER["function"]}],
+        r = client.responses.create(model="s", input="What is 2+2?",
+                                    tools=[{"type": "function", **WEATHER["function"]}],
                                     temperature=0, max_output_tokens=40)
         assert r.output_text == "2 + 2 = 4" and r.status == "completed" and len(r.output) == 1
 
@@ -431,8 +442,9 @@ BASES = [
     (CHAT, {"model": M, "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
             "temperature": 0.7, "top_p": 0.9, "seed": 1, "max_tokens": 3, "stop": ["\n"], "reasoning_effort": "low"}),
     (CHAT, {"model": M, "messages": [{"role": "user", "content": [{"type": "text", "text": "Weather?"}]},
-                                     {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function",
-                                      "function": {"name": "get_weather", "arguments": "{}"}}]},
+                                     {"role": "assistant", "content": None, "tool_calls": [
+                                         {"id": "c1", "type": "function",
+                                          "function": {"name": "get_weather", "arguments": "{}"}}]},
                                      {"role": "tool", "tool_call_id": "c1", "content": "sunny"}],
             "tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
             "max_completion_tokens": 3, "stream": True, "stream_options": {"include_usage": True}}),

@@ -43,12 +43,13 @@ class SamplingParams:
         """Raise GenerationError, naming the parameter and its valid range, for what sampling cannot honour."""
         t = self.temperature
         if not (isinstance(t, (int, float)) and math.isfinite(t) and (t == 0 or t >= self.MIN_TEMPERATURE)):
-            raise GenerationError(f"temperature must be 0 (greedy) or a finite number >= {self.MIN_TEMPERATURE:g}, "
-                                  f"got {t}")
+            raise GenerationError(f"temperature must be >= 0: 0 (greedy) or a finite number >= "
+                                  f"{self.MIN_TEMPERATURE:g} (smaller ones overflow fp32 logits), got {t}")
         if self.top_k is not None and self.top_k < 1:
             raise GenerationError(f"top_k must be >= 1, got {self.top_k}")
         if not (isinstance(self.top_p, (int, float)) and self.MIN_TOP_P <= self.top_p <= 1):
-            raise GenerationError(f"top_p must be in [{self.MIN_TOP_P:g}, 1], got {self.top_p}")
+            raise GenerationError(f"top_p must be in (0, 1] and >= {self.MIN_TOP_P:g} (fp32 sampling rounds smaller "
+                                  f"ones to 0), got {self.top_p}")
         if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed <= self.MAX_SEED):
             raise GenerationError(f"seed must be an integer in [0, 2**63 - 1], got {self.seed}")
         if self.max_tokens < 0:

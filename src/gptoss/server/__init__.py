@@ -1,6 +1,12 @@
 """`gptoss serve`: an OpenAI-compatible HTTP server (fastapi + uvicorn) over the continuous-batching engine.
 
     gptoss serve --model M [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--max-concurrency 16]
+                 [--cors-origin ORIGIN ...] [--shutdown-grace 5]
+
+On a loopback bind only loopback Host headers are answered (DNS rebinding); cross-origin browser calls are
+refused unless --cors-origin names the page's origin; --host 0.0.0.0 without --api-key prints a warning.
+SIGTERM / SIGINT: stop accepting, 503 for queued requests, --shutdown-grace seconds for those generating,
+then an error event and [DONE] for each stream still open, then the engine thread stops.
 
 Routes: POST /v1/chat/completions, POST /v1/responses (GET /v1/responses/{id}), GET /v1/models, GET /health,
 and GET / — a chat page served by the package itself (no CDN, no build step).
