@@ -33,7 +33,7 @@ from gptoss.config import preset
 from gptoss.engine import Engine
 from gptoss.generate import SamplingParams, generate_tokens
 from gptoss.server import create_app, serve_in_thread
-from gptoss.server.app import StopStrings
+from gptoss.server.generation import StopStrings
 from gptoss.tokenizer import get_tokenizer
 from test_chat import train_to_script
 
@@ -58,6 +58,9 @@ SCRIPT = [  # (Harmony messages after the system message, completion): what the 
       h.Message.assistant("Check the weather tool.", "analysis"), h.Message.tool_call("get_weather", CALL_ARGS),
       h.Message.tool_result("get_weather", WEATHER_RESULT)],
      "<|channel|>final<|message|>It is sunny and 21 °C in Paris.<|return|>"),
+    ([h.Message.developer(h.DeveloperContent(None, [WEATHER_DEF])), h.Message.user("What is 2+2?")],
+     # a final answer ended with <|end|>, then another one: the server must stop after the first (issue 19)
+     "<|channel|>final<|message|>2 + 2 = 4<|end|><|start|>assistant<|channel|>final<|message|>2 + 2 = 4<|return|>"),
     ([h.Message.user("Hello")],  # the chat page's test (test_server_page.py)
      "<|channel|>analysis<|message|>The user greets me.<|end|><|start|>assistant<|channel|>final<|message|>"
      "Hello! How can I help?<|return|>"),
@@ -253,7 +256,8 @@ def test_stop_strings_hold_back_a_possible_match():
 
 
 def test_forced_tool_choice(random_server):
-    forced = TOK.encode("<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>",
+    # the order calls are rendered in (openai-harmony; test_server_hostile checks it against its renderer)
+    forced = TOK.encode(" to=functions.get_weather<|channel|>commentary <|constrain|>json<|message|>",
                         allowed_special="all")
     prompt = render([h.Message.developer(h.DeveloperContent(None, [WEATHER_DEF])), h.Message.user("Weather?")])
     want = expected(random_model(), prompt, 12, forced)
@@ -398,6 +402,7 @@ def test_queue_full_is_503_and_a_disconnect_cancels_generation(caplog):
 
 # ---------------------------------------------------------------------------------------------- errors
 CHAT, RESP = "/v1/chat/completions", "/v1/responses"
+JSON = {"Content-Type": "application/json"}
 ERRORS = [  # (case, path, body, status, param, code); every answer is {"error": {message, type, param, code}}
     ("malformed JSON", CHAT, b'{"model": "tiny-random", "messages": [', 400, None, "invalid_json"),
     ("body not an object", CHAT, b"[1, 2]", 400, None, "invalid_json"),
@@ -472,7 +477,7 @@ ERRORS = [  # (case, path, body, status, param, code); every answer is {"error":
 
 @pytest.mark.parametrize("case,path,body,status,param,code", ERRORS, ids=[e[0] for e in ERRORS])
 def test_error_cases(random_server, case, path, body, status, param, code):
-    kw = {"content": body} if isinstance(body, bytes) else {"json": body}
+    kw = {"content": body, "headers": JSON} if isinstance(body, bytes) else {"json": body}
     r = httpx.post(random_server.url + path, timeout=30, **kw)
     assert r.status_code == status, r.text
     error = r.json()["error"]
@@ -483,7 +488,7 @@ def test_error_cases(random_server, case, path, body, status, param, code):
 
 def test_the_server_still_answers_after_every_error(random_server):
     for _, path, body, *_ in ERRORS:
-        kw = {"content": body} if isinstance(body, bytes) else {"json": body}
+        kw = {"content": body, "headers": JSON} if isinstance(body, bytes) else {"json": body}
         httpx.post(random_server.url + path, timeout=30, **kw)
     assert httpx.get(random_server.url + "/v1/chat/completions").status_code == 405  # wrong method: still JSON
     want = expected(random_model(), render([h.Message.user("Hi")]), 8)

@@ -101,10 +101,17 @@ class ChatSession:
         params = SamplingParams(**{**vars(self.params), "stop_tokens": tuple(stops)})
         for _ in range(self.max_tool_rounds + 1):
             parser = harmony.StreamParser(self.tok, role="assistant")
-            for token in self.complete(self.prompt(), params):
+            ended = harmony.FinalAnswerEnded(self.tok)  # a final answer ended with <|end|> ends the turn too
+            tokens: list[int] = []
+            stream = self.complete(self.prompt(), params)
+            for token in stream:
+                tokens.append(token)
                 delta = parser.process(token)
                 if delta is not None and delta.text and not delta.recipient:
                     yield ChatEvent(delta.channel or "final", delta.text)
+                if ended(tokens):  # what follows would be a second answer (gptoss serve stops there as well)
+                    getattr(stream, "close", lambda: None)()  # Engine.complete: cancels the request
+                    break
             new = parser.finish()
             self.messages.extend(new)
             call = new[-1] if new and new[-1].role == "assistant" and new[-1].recipient else None

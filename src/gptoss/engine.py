@@ -355,10 +355,16 @@ class Engine:
 
     def _decode(self) -> None:
         with self._cond:  # drop cancelled requests before paying for their step
-            for i in reversed(range(len(self._active))):
-                if self._active[i].cancelled:
-                    self._remove(i, "cancelled")
             active = list(self._active)
+            cancelled = [i for i, r in enumerate(active) if r.cancelled]
+            for i in cancelled:
+                self._finish(active[i], "cancelled")
+        if cancelled:  # their keys are as good as a finished request's (a chat stops reading at its answer's end)
+            self._store_finished(active, cancelled)
+            with self._cond:
+                for i in reversed(cancelled):
+                    self._remove(i, None)
+                active = list(self._active)
         if not active:
             return
         n = len(active)
@@ -384,7 +390,7 @@ class Engine:
         for i in done:
             r = active[i]
             entry, r.prompt_entry = r.prompt_entry, None
-            if entry is None or r.finish_reason not in ("stop", "length") or len(r.tokens) < 2:
+            if entry is None or r.finish_reason == "error" or len(r.tokens) < 2:
                 continue
             try:
                 self.prefix_cache.store(self.prefix_cache.entry_from_slots(entry, self.cache, i,

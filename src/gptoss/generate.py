@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import math
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -30,13 +31,27 @@ class SamplingParams:
     seed: int | None = None
     stop_tokens: Sequence[int] = field(default_factory=tuple)
 
+    # The smallest temperature and top_p that fp32 sampling honours. Dividing logits by a temperature of
+    # 1e-45 overflows them to inf (softmax then gives NaN); a top_p below fp32's smallest normal number
+    # rounds to 0 and drops every token. Both bounds leave a wide margin: temperature 1e-6 already samples
+    # the top token alone, top_p 1e-6 keeps only the top token (use temperature 0 for greedy).
+    MIN_TEMPERATURE = 1e-6
+    MIN_TOP_P = 1e-6
+    MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit integer
+
     def validate(self) -> None:
-        if not (self.temperature >= 0):
-            raise GenerationError(f"temperature must be >= 0, got {self.temperature}")
+        """Raise GenerationError, naming the parameter and its valid range, for what sampling cannot honour."""
+        t = self.temperature
+        if not (isinstance(t, (int, float)) and math.isfinite(t) and (t == 0 or t >= self.MIN_TEMPERATURE)):
+            raise GenerationError(f"temperature must be >= 0: 0 (greedy) or a finite number >= "
+                                  f"{self.MIN_TEMPERATURE:g} (smaller ones overflow fp32 logits), got {t}")
         if self.top_k is not None and self.top_k < 1:
             raise GenerationError(f"top_k must be >= 1, got {self.top_k}")
-        if not (0 < self.top_p <= 1):
-            raise GenerationError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not (isinstance(self.top_p, (int, float)) and self.MIN_TOP_P <= self.top_p <= 1):
+            raise GenerationError(f"top_p must be in (0, 1] and >= {self.MIN_TOP_P:g} (fp32 sampling rounds smaller "
+                                  f"ones to 0), got {self.top_p}")
+        if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed <= self.MAX_SEED):
+            raise GenerationError(f"seed must be an integer in [0, 2**63 - 1], got {self.seed}")
         if self.max_tokens < 0:
             raise GenerationError(f"max_tokens must be >= 0, got {self.max_tokens}")
 

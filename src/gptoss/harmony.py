@@ -751,6 +751,32 @@ def parse_messages(tokens: Iterable[int], role: str | None = "assistant",
     return parser.finish()
 
 
+class FinalAnswerEnded:
+    """A stop rule for the engine (Engine.submit(stop_rule=...)): True once an assistant message on the `final`
+    channel, addressed to nobody, has ended with <|end|>. The format's final answer ends the turn (the model
+    was trained to end it with <|return|>); a model that writes <|end|> instead and goes on starts a second
+    answer, which a client would get joined to the first. Fed only the generated tokens, after `header`
+    (the forced part of the first header, if any); incremental, so each call costs one token's parse."""
+
+    def __init__(self, tokenizer: Tokenizer | None = None, header: Sequence[int] = ()):
+        self.parser = StreamParser(tokenizer, role="assistant")
+        self.parser.feed(header)
+        self.end = self.parser.tokenizer.end
+        self.seen = 0
+
+    def __call__(self, tokens: Sequence[int]) -> bool:
+        messages = self.parser._messages
+        for token in tokens[self.seen:]:
+            self.seen += 1
+            closed = len(messages)
+            self.parser.process(token)
+            if token == self.end and len(messages) > closed:
+                m = messages[-1]
+                if m.role == "assistant" and m.channel == "final" and m.recipient in (None, "all", "user"):
+                    return True
+        return False
+
+
 # ---------------------------------------------------------------------------------------------- JSON
 def loads_lenient(text: str) -> Any | None:
     """JSON that a model wrote: as is if valid; else the first object/array in it, with a truncated end

@@ -44,7 +44,11 @@ class Endpoint:
     timeout: float = 600.0
 
     def client(self):
-        import openai
+        try:
+            import openai
+        except ImportError:
+            raise GptOssError("gptoss eval talks to the endpoint with the openai package, which is not installed: "
+                              "pip install 'gptoss[eval]' (or pip install openai)") from None
 
         return openai.OpenAI(base_url=self.base_url, api_key=self.api_key, timeout=self.timeout, max_retries=2)
 
@@ -241,7 +245,11 @@ def plot(task: str, table: list[dict[str, Any]], out: Path) -> Path | None:
     """Accuracy (with its interval) against mean completion tokens, one point per effort."""
     if len(table) < 2:
         return None
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        print("gptoss eval: no plot: matplotlib is not installed (pip install 'gptoss[eval]')", file=sys.stderr)
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

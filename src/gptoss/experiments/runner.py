@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from ..errors import GptOssError
 from ..train.moe import collapse_router
 
 TASK_SEED = 1234
@@ -294,7 +295,11 @@ def finish_plot(plt, fig, ax, path: Path, ylabel: str, xlabel: str = "step") -> 
 
 
 def pyplot():
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise GptOssError("the experiments plot with matplotlib, which is not installed: "
+                          "pip install 'gptoss[experiments]' (or pip install matplotlib)") from None
 
     matplotlib.use("Agg")  # files only; no display
     import matplotlib.pyplot as plt

@@ -1,6 +1,12 @@
 """`gptoss serve`: an OpenAI-compatible HTTP server (fastapi + uvicorn) over the continuous-batching engine.
 
     gptoss serve --model M [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--max-concurrency 16]
+                 [--cors-origin ORIGIN ...] [--shutdown-grace 5]
+
+On a loopback bind only loopback Host headers are answered (DNS rebinding); cross-origin browser calls are
+refused unless --cors-origin names the page's origin; --host 0.0.0.0 without --api-key prints a warning.
+SIGTERM / SIGINT: stop accepting, 503 for queued requests, --shutdown-grace seconds for those generating,
+then an error event and [DONE] for each stream still open, then the engine thread stops.
 
 Routes: POST /v1/chat/completions, POST /v1/responses (GET /v1/responses/{id}), GET /v1/models, GET /health,
 and GET / — a chat page served by the package itself (no CDN, no build step).
@@ -38,7 +44,11 @@ def serve_in_thread(app, host: str = "127.0.0.1", timeout: float = 60.0) -> Iter
 
     from ..errors import GptOssError
 
-    with socket.socket() as sock:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # IPPROTO_TCP named explicitly: asyncio turns Nagle's algorithm off (TCP_NODELAY) only for sockets whose
+    # proto says TCP, and accepted connections inherit it from this one. With proto 0, each response (headers
+    # and body are two writes) waited ≈ 40 ms for the client's delayed ACK: every request, every SSE chunk.
+    with socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP) as sock:
         sock.bind((host, 0))
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
         thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -73,16 +83,29 @@ def configure_logging(level: int = logging.INFO) -> None:
 
 
 def serve_command(args: argparse.Namespace, before_start: Callable | None = None, note: str | None = None) -> None:
-    """Load the model, start the engine and serve until Ctrl-C. `args`: model, host, port, api_key,
-    max_concurrency, dtype, device, quiet (and optionally max_queue, max_context, served_model_name).
-    before_start(engine) lets `gptoss.parallel` mirror the KV cache (args.layout set: this rank's shard is loaded)."""
+    """Load the model, start the engine and serve until SIGTERM / SIGINT. `args`: model, host, port, api_key,
+    max_concurrency, dtype, device, quiet (and optionally max_queue, max_context, served_model_name,
+    cors_origin, shutdown_grace). before_start(engine) lets `gptoss.parallel` mirror the KV cache (args.layout
+    set: this rank's shard is loaded).
+
+    Shutdown: the listening socket closes at once; requests still queued for the engine get a 503, those
+    generating get `shutdown_grace` seconds to finish, then end with an error (an SSE error event and [DONE]
+    when streaming); then the engine thread stops."""
+    import asyncio
+
     import uvicorn
 
     from ..engine import Engine
-
     from ..loading import load_model_from_args, prefix_cache_bytes
+    from .app import loopback_hosts
 
     configure_logging()
+    grace = float(getattr(args, "shutdown_grace", 5.0))
+    cors = list(getattr(args, "cors_origin", None) or [])
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.host.startswith("127.") and not args.api_key:
+        print(f"gptoss serve: WARNING: listening on {args.host} with no --api-key: anyone who can reach this "
+              "machine can use the model. Pass --api-key KEY (clients send 'Authorization: Bearer KEY') or bind "
+              "127.0.0.1.", file=sys.stderr)
     model = load_model_from_args(args)
     name = getattr(args, "served_model_name", None) or model_name_for(args.model)
     engine = Engine(model, max_concurrency=args.max_concurrency, max_queue=getattr(args, "max_queue", 64),
@@ -91,14 +114,34 @@ def serve_command(args: argparse.Namespace, before_start: Callable | None = None
         before_start(engine)
     engine.start()
     try:
-        app = create_app(engine, name, api_key=args.api_key)
+        app = create_app(engine, name, api_key=args.api_key, allowed_hosts=loopback_hosts(args.host),
+                         cors_origins=cors)
+        state = app.state.gptoss
+
+        class Server(uvicorn.Server):
+            """uvicorn's server, telling the app when shutdown begins (uvicorn then stops accepting and waits
+            for open connections, which the app ends within the grace period)."""
+
+            async def startup(self, sockets=None) -> None:
+                self.loop = asyncio.get_running_loop()
+                await super().startup(sockets)
+
+            def handle_exit(self, sig, frame) -> None:
+                super().handle_exit(sig, frame)
+                # uvicorn re-raises the signal once it has stopped, and SIGTERM's default action would kill
+                # the process before engine.close() below: the shutdown is handled, so it is not re-raised
+                self._captured_signals.clear()
+                if getattr(self, "loop", None) is not None:
+                    self.loop.call_soon_threadsafe(state.begin_shutdown, grace)
+
         note = note or f"{args.max_concurrency} concurrent requests, context {engine.max_context}"
         print(f"gptoss serve: {name} on http://{args.host}:{args.port} (chat page at /, API at /v1, {note})",
               file=sys.stderr)
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info",
-                    access_log=not args.quiet, timeout_graceful_shutdown=5)
+        Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info",
+                              access_log=not args.quiet, timeout_graceful_shutdown=grace + 1)).run()
     finally:
         engine.close()
+        print("gptoss serve: stopped (engine thread closed)", file=sys.stderr)
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
@@ -113,6 +156,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-context", type=int, default=None, help="prompt + max_tokens limit (default: the model's)")
     p.add_argument("--served-model-name", default=None, help="model id clients use (default: the folder's name)")
     add_prefix_cache_arg(p)
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="a web origin (https://app.example) whose pages may call the API; repeatable (default none)")
+    p.add_argument("--shutdown-grace", type=float, default=5.0, metavar="SECONDS",
+                   help="on SIGTERM/SIGINT, how long requests in flight may still run (default 5)")
 
 
 def main(argv: list[str] | None = None) -> int:
