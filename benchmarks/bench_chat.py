@@ -98,16 +98,18 @@ def run_gptoss(model, prefix_cache: bool, max_tokens: int, turns: int) -> list[d
         return [ask(client, conversation(t), max_tokens, finishes) for t in range(turns)]
 
 
-def harmony_prompts(turns: int) -> list[str]:
-    """The prompt text our server renders for each turn (the Chat Completions defaults), for llama-server."""
-    from gptoss.server.app import ChatMessage, chat_turns, render_prompt
+def harmony_prompts(turns: int) -> list[list[int]]:
+    """The prompt token ids our server renders for each turn (Chat Completions defaults), for llama-server."""
+    from gptoss.server.schemas import ChatMessage
+    from gptoss.server.translate import ToolChoice, chat_turns, render_prompt
     from gptoss.tokenizer import get_tokenizer
 
     tok = get_tokenizer()
     out = []
     for t in range(turns):
         messages = [ChatMessage.model_validate(m) for m in conversation(t)]
-        out.append(tok.decode(render_prompt(tok, chat_turns(messages), [], "medium")))
+        prompt, _ = render_prompt(tok, chat_turns(messages), [], "medium", ToolChoice("auto"), 131072, "messages")
+        out.append(prompt)
     return out
 
 
@@ -115,7 +117,7 @@ def run_llama(url: str, max_tokens: int, turns: int) -> list[dict]:
     rows = []
     for prompt in harmony_prompts(turns):
         body = json.dumps({"prompt": prompt, "n_predict": max_tokens, "temperature": 0, "cache_prompt": True,
-                           "stream": False}).encode()
+                           "stream": False}).encode()  # token ids: no second tokenizer in between
         t0 = time.perf_counter()
         with urllib.request.urlopen(urllib.request.Request(url + "/completion", body,
                                                            {"Content-Type": "application/json"})) as r:
@@ -138,15 +140,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=16, help="tokens generated per turn (default 16)")
     p.add_argument("--rounds", type=int, default=1, help="with/without pairs, alternating order (default 1)")
     p.add_argument("--llama-server", default=None, metavar="URL", help="also run the prompts through llama-server")
+    p.add_argument("--no-gptoss", action="store_true", help="only llama-server (the two may not fit in memory together)")
     args = p.parse_args(argv)
 
-    model, name = build_model(args)
     runs: dict[str, list[list[dict]]] = {"prefix cache": [], "no prefix cache": [], "llama-server": []}
-    with Engine(model, prefix_cache_bytes=0) as warm, serve_in_thread(create_app(warm, "warm")) as base:
-        openai.OpenAI(base_url=base + "/v1", api_key="x").chat.completions.create(
-            model="warm", messages=[{"role": "user", "content": "hi"}], max_tokens=2, temperature=0)
+    model, name = (None, "llama-server only") if args.no_gptoss else build_model(args)
+    if model is not None:
+        with Engine(model, prefix_cache_bytes=0) as warm, serve_in_thread(create_app(warm, "warm")) as base:
+            openai.OpenAI(base_url=base + "/v1", api_key="x").chat.completions.create(
+                model="warm", messages=[{"role": "user", "content": "hi"}], max_tokens=2, temperature=0)
     for r in range(args.rounds):
-        for cached in ((True, False) if r % 2 == 0 else (False, True)):
+        for cached in ((True, False) if r % 2 == 0 else (False, True)) if model is not None else ():
             runs["prefix cache" if cached else "no prefix cache"].append(
                 run_gptoss(model, cached, args.max_tokens, args.turns))
         if args.llama_server:

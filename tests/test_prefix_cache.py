@@ -236,3 +236,45 @@ def test_chat_turns_reuse_the_conversation():
     # the renders differ from there on, so that is all some turns can reuse.
     assert all(n >= reused[0][0] for _, n in reused[1:]), reused
     assert sum(n for _, n in reused) > 0.8 * sum(length for length, _ in reused[1:])
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "responses"])
+def test_server_turns_reuse_the_conversation(endpoint):
+    """Through the real server and the official client (the demo model in fp32, greedy): a conversation's
+    next turn — Chat Completions with the history resent, Responses with previous_response_id — reports the
+    reused prompt tokens in usage and answers exactly as a server without the prefix cache."""
+    import openai
+
+    from gptoss.loading import load_model
+    from gptoss.server import create_app, serve_in_thread
+
+    demo = load_model(None, device="cpu", dtype="float32", progress=False)
+    questions = ["What is 4821 + 937?", "What is 7305 - 4868?", "What is 12 + 7?"]
+
+    def converse(cache_bytes: int) -> list[tuple[str, int, int]]:
+        out = []
+        with Engine(demo, prefix_cache_bytes=cache_bytes) as engine, \
+                serve_in_thread(create_app(engine, "demo")) as base:
+            client = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0)
+            messages, previous = [], None
+            for q in questions:
+                if endpoint == "chat":
+                    messages.append({"role": "user", "content": q})
+                    r = client.chat.completions.create(model="demo", messages=messages, temperature=0, max_tokens=300)
+                    text = r.choices[0].message.content
+                    messages.append({"role": "assistant", "content": text})
+                    usage = (r.usage.prompt_tokens, r.usage.prompt_tokens_details.cached_tokens)
+                else:
+                    r = client.responses.create(model="demo", input=q, previous_response_id=previous,
+                                                temperature=0, max_output_tokens=300)
+                    text, previous = r.output_text, r.id
+                    usage = (r.usage.input_tokens, r.usage.input_tokens_details.cached_tokens)
+                out.append((text, *usage))
+        return out
+
+    cached, fresh = converse(2**30), converse(0)
+    assert [t for t, _, _ in cached] == [t for t, _, _ in fresh]
+    assert [p for _, p, _ in cached] == [p for _, p, _ in fresh]
+    assert all(c == 0 for _, _, c in fresh) and cached[0][2] == 0
+    for (_, previous_prompt, _), (_, prompt, reused) in zip(cached, cached[1:]):
+        assert previous_prompt <= reused < prompt  # at least the previous turn's whole prompt
