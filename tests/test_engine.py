@@ -205,6 +205,46 @@ def test_a_failing_step_fails_its_requests_not_the_engine(model, monkeypatch):
         assert engine.generate(prompt(5, 1), greedy(10))[0] == generate_tokens(model, prompt(5, 1), greedy(10))
 
 
+def test_one_failing_row_ends_only_its_request(model, monkeypatch):
+    """Nine requests stream together; one fails while sampling (an injected error, as an inf/NaN row would),
+    another in its stop rule: those two end with an error, the seven others finish with their solo answers."""
+    import gptoss.engine as engine_module
+
+    specs = [(prompt(4 + 3 * i, 50 + i), 12) for i in range(9)]
+    solo = [generate_tokens(model, p, greedy(m)) for p, m in specs]
+    poisoned = SamplingParams(temperature=0.5, max_tokens=12, seed=1)  # sampled, so it reaches sample()
+    real_sample = engine_module.sample
+
+    def sample(logits, params, generator=None):
+        if params is poisoned:
+            raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+        return real_sample(logits, params, generator)
+
+    monkeypatch.setattr(engine_module, "sample", sample)
+
+    def bad_rule(tokens: list[int]) -> bool:
+        if len(tokens) == 3:
+            raise ValueError("stop rule failed")
+        return False
+
+    outs = [Collector() for _ in specs]
+    with Engine(model, max_concurrency=9) as engine:
+        for i, ((p, m), out) in enumerate(zip(specs, outs)):
+            engine.submit(p, poisoned if i == 2 else greedy(m), out, stop_rule=bad_rule if i == 6 else None)
+        for out in outs:
+            assert out.done.wait(60)
+        assert engine.max_batch >= 7 and engine.load == (0, 0)
+        assert engine.generate(specs[0][0], greedy(specs[0][1]))[0] == solo[0]  # and the engine carries on
+    for i, out in enumerate(outs):
+        if i == 2:
+            assert out.finish.reason == "error" and "inf, nan" in out.finish.error and out.tokens == []
+        elif i == 6:
+            assert out.finish.reason == "error" and "stop rule failed" in out.finish.error
+            assert out.tokens == solo[6][:3]
+        else:
+            assert (out.finish.reason, out.tokens) == ("length", solo[i]), f"request {i}"
+
+
 def test_close_cancels_what_is_left(model):
     engine = Engine(model, max_concurrency=1, max_queue=2).start()
     q: queue.SimpleQueue = queue.SimpleQueue()
