@@ -61,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     model, name = build_model(args)
-    with Engine(model, max_concurrency=args.clients, max_queue=args.clients) as engine, \
+    # No prefix cache: both runs send the same prompts, and the second would reuse the first's keys; this
+    # measures batching (benchmarks/bench_chat.py measures the prefix cache).
+    with Engine(model, max_concurrency=args.clients, max_queue=args.clients, prefix_cache_bytes=0) as engine, \
             serve_in_thread(create_app(engine, "bench")) as base:
         url = base + "/v1"
         ask(url, -1, 4)  # warm-up (kernels, allocator)
