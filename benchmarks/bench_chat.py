@@ -26,13 +26,9 @@ import time
 import urllib.request
 
 import openai
-import torch
+from bench_server import add_model_options, build_model  # this folder is on sys.path when run as a script
 
-import gptoss
-from gptoss import synthetic
-from gptoss.config import preset
 from gptoss.engine import Engine
-from gptoss.loading import load_model
 from gptoss.server import create_app, serve_in_thread
 
 DEVELOPER = ("You are the support assistant of a company that sells and repairs bicycles. " * 3 +
@@ -49,16 +45,6 @@ TURNS = [
     ("Great, how long will all of this take, and do I need an appointment?",
      "Most repairs like this are done the same day. The shop will call you back to confirm a time."),
 ]
-
-
-def build_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
-    if args.model:
-        return load_model(args.model, device=args.device, dtype=args.dtype), args.model
-    config = preset(args.preset).replace(vocab_size=201_088)  # the Harmony tokenizer needs the full vocabulary
-    dtype = getattr(torch, args.dtype)
-    model = gptoss.Transformer(config, device=args.device, dtype=dtype)
-    model.load_state_dict(dict(synthetic.random_tensors(config, seed=0, dtype=dtype)))
-    return model, f"{args.preset} (random)"
 
 
 def conversation(turn: int) -> list[dict]:
@@ -132,10 +118,7 @@ def run_llama(url: str, max_tokens: int, turns: int) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=None, help="checkpoint folder (default: a random preset)")
-    p.add_argument("--preset", default="tiny")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--device", default="cpu")
+    add_model_options(p)
     p.add_argument("--turns", type=int, default=3, choices=range(1, len(TURNS) + 1))
     p.add_argument("--max-tokens", type=int, default=16, help="tokens generated per turn (default 16)")
     p.add_argument("--rounds", type=int, default=1, help="with/without pairs, alternating order (default 1)")

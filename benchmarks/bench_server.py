@@ -35,6 +35,14 @@ def build_model(args: argparse.Namespace) -> tuple[gptoss.Transformer, str]:
     return model, f"{args.preset} (random)"
 
 
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    """--model / --preset / --dtype / --device, as build_model reads them (bench_chat shares them)."""
+    p.add_argument("--model", default=None, help="checkpoint folder (default: a random preset)")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--device", default="cpu")
+
+
 def ask(url: str, i: int, max_tokens: int) -> tuple[str, int]:
     client = openai.OpenAI(base_url=url, api_key="bench", max_retries=0, timeout=600)
     text, tokens = "", 0
@@ -51,10 +59,7 @@ def ask(url: str, i: int, max_tokens: int) -> tuple[str, int]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=None, help="checkpoint folder (default: a random preset)")
-    p.add_argument("--preset", default="tiny")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--device", default="cpu")
+    add_model_options(p)
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--header", action="store_true", help="print the table header too")
