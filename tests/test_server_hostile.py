@@ -352,7 +352,7 @@ def test_a_final_answer_ends_the_turn():
 def test_every_response_and_event_validates_against_the_openai_types():
     """Non-streamed and streamed answers of both endpoints, with reasoning, a tool call, a final answer, an
     incomplete one, parsed with the openai package's pydantic types; usage carries cached_tokens (and the
-    cache_write_tokens that its ResponseUsage requires)."""
+    cache_write_tokens that its ResponseUsage requires), which the prefix cache fills."""
     with Engine(scripted_model(), max_concurrency=2) as engine, Server(create_app(engine, "s"), engine) as s:
         tools = [{"type": "function", **WEATHER["function"]}]
         cases = [(CHAT, {"messages": [{"role": "user", "content": QUESTION}], "tools": [WEATHER]}),
@@ -375,9 +375,13 @@ def test_every_response_and_event_validates_against_the_openai_types():
                     else:
                         usage = r.json()["usage"]
                     if path == CHAT:
-                        assert usage["prompt_tokens_details"]["cached_tokens"] == 0
+                        prompt, cached = usage["prompt_tokens"], usage["prompt_tokens_details"]["cached_tokens"]
                     else:
-                        assert usage["input_tokens_details"] == {"cached_tokens": 0, "cache_write_tokens": 0}
+                        prompt, cached = usage["input_tokens"], usage["input_tokens_details"]["cached_tokens"]
+                        assert usage["input_tokens_details"]["cache_write_tokens"] == 0
+                    # the streamed request repeats the one just answered: all of its prompt but the last
+                    # token (always run) comes from the prefix cache
+                    assert cached == prompt - 1 if stream else 0 <= cached < prompt
         assert {"response.function_call_arguments.delta", "response.reasoning_text.delta",
                 "response.output_text.delta", "response.incomplete", "response.completed"} <= seen
 
