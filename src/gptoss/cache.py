@@ -61,6 +61,9 @@ class _RowsCache:
         """Whether the fused decode kernels can write this cache (contiguous fp32 on CPU)."""
         return self.k.dtype == torch.float32 and self.k.device.type == "cpu"
 
+    def nbytes(self) -> int:
+        return (self.k.numel() + self.v.numel()) * self.k.element_size()
+
 
 class LayerCache(_RowsCache):
     def __init__(self, batch_size: int, num_kv_heads: int, head_dim: int, capacity: int, ring: bool,
@@ -87,17 +90,18 @@ class LayerCache(_RowsCache):
         """A kernel has written one token per row at decode_slots()."""
         self.length += 1
 
-    def seed(self, k: list[torch.Tensor], v: list[torch.Tensor], pos: list[torch.Tensor]) -> None:
-        """Start from stored entries (the prefix cache): row i gets k[i]/v[i] [n_i, K, Dh] at positions pos[i]
-        [n_i]; shorter rows are padded with empty slots. Only on an empty non-ring cache."""
+    def seed(self, rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]) -> None:
+        """Start from stored entries (the prefix cache): rows[i] = (k [n_i, K, Dh], v, positions [n_i]) or None;
+        shorter rows are padded with empty slots. Only on an empty cache that keeps every entry."""
         if self.length or self.ring:
             raise GenerationError("LayerCache.seed: only an empty cache that keeps every entry can be seeded")
-        n = max((p.numel() for p in pos), default=0)
+        n = max((row[2].numel() for row in rows if row is not None), default=0)
         self._check_room(n)
         self.reserve(n)
-        for i, (ki, vi, pi) in enumerate(zip(k, v, pos)):
-            if pi.numel():
-                self.k[i, :pi.numel()], self.v[i, :pi.numel()], self.pos[i, :pi.numel()] = ki, vi, pi
+        for i, row in enumerate(rows):
+            if row is not None:
+                m = row[2].numel()
+                self.k[i, :m], self.v[i, :m], self.pos[i, :m] = row
         self.length = n
 
     def entries(self, row: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -158,7 +162,7 @@ class KVCache:
         return self.layers[0].length
 
     def nbytes(self) -> int:
-        return sum(c.k.numel() * c.k.element_size() * 2 for c in self.layers)
+        return sum(layer.nbytes() for layer in self.layers)
 
 
 class SlotLayerCache(_RowsCache):
@@ -231,6 +235,8 @@ class SlotLayerCache(_RowsCache):
 class SlotCache:
     """Per-layer SlotLayerCaches: the batched cache of the engine's decode step (the model's `cache` argument)."""
 
+    seedable = True  # the engine may prefill from the prefix cache into it (not parallel's mirrored twin)
+
     def __init__(self, config: ModelConfig, slots: int, max_len: int, device=None,
                  dtype: torch.dtype = torch.float32, initial_capacity: int = 256):
         self.slots = slots
@@ -264,7 +270,7 @@ class SlotCache:
             layer.clear()
 
     def nbytes(self) -> int:
-        return sum(c.k.numel() * c.k.element_size() * 2 for c in self.layers)
+        return sum(layer.nbytes() for layer in self.layers)
 
 
 # ---------------------------------------------------------------------------------------------- prefix cache
@@ -310,6 +316,11 @@ class CachedPrefix:
 
     def __post_init__(self) -> None:
         self.nbytes = sum(t.numel() * t.element_size() for t in (*self.k, *self.v, *self.pos))
+
+    def below(self, layer: int, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Layer `layer`'s stored keys, values and positions below position n (views)."""
+        count = int(torch.searchsorted(self.pos[layer], n))  # positions ascend
+        return self.k[layer][:count], self.v[layer][:count], self.pos[layer][:count]
 
     def reusable(self, n: int) -> int:
         """The longest prefix ≤ n of `tokens` whose keys this entry can give exactly: every full layer has
@@ -366,12 +377,9 @@ class PrefixCache:
         """Fill an empty keep_history KVCache: row i starts with entry i's keys below its reuse length
         (sliding layers: every stored position below it, so the new entry keeps them too)."""
         for i, layer in enumerate(cache.layers):
-            counts = [0 if entry is None else int(torch.searchsorted(entry.pos[i], n))  # ascending: those below n
-                      for entry, n in reuse]
-            if any(counts):
-                layer.seed([None if e is None else e.k[i][:c] for (e, _), c in zip(reuse, counts)],
-                           [None if e is None else e.v[i][:c] for (e, _), c in zip(reuse, counts)],
-                           [layer.pos.new_empty(0) if e is None else e.pos[i][:c] for (e, _), c in zip(reuse, counts)])
+            rows = [None if entry is None or n == 0 else entry.below(i, n) for entry, n in reuse]
+            if any(row is not None for row in rows):
+                layer.seed(rows)
 
     def entry_from_prefill(self, cache: KVCache, row: int, tokens: list[int]) -> CachedPrefix:
         """Row `row` of a prefilled keep_history KVCache (seeded or not) as an entry for `tokens`."""

@@ -168,7 +168,7 @@ class Engine:
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> Engine:
-        if type(self.cache) is not SlotCache:  # parallel.MirroredSlotCache: the followers' caches are not seeded
+        if not self.cache.seedable:  # parallel.MirroredSlotCache
             self.prefix_cache = None
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="gptoss-engine", daemon=True)
@@ -323,7 +323,7 @@ class Engine:
         now = time.perf_counter()
         for r in new:
             r.started = now
-        reused = [n for _, n in (r.reuse for r in new)]
+        reused = [r.reuse[1] for r in new]
         tokens, positions = left_pad([r.prompt[n:] for r, n in zip(new, reused)], self.device)
         positions = torch.where(positions >= 0, positions + torch.tensor(reused, device=self.device)[:, None], -1)
         store = self.prefix_cache
@@ -360,11 +360,7 @@ class Engine:
             for i in cancelled:
                 self._finish(active[i], "cancelled")
         if cancelled:  # their keys are as good as a finished request's (a chat stops reading at its answer's end)
-            self._store_finished(active, cancelled)
-            with self._cond:
-                for i in reversed(cancelled):
-                    self._remove(i, None)
-                active = list(self._active)
+            active = self._retire(active, cancelled)
         if not active:
             return
         n = len(active)
@@ -377,10 +373,16 @@ class Engine:
         self.max_batch = max(self.max_batch, n)
         with self._cond:
             done = [i for i, r in enumerate(active) if self._step_row(r, logits[i], greedy[i])]
-        self._store_finished(active, done)  # rows are still in place: only this thread moves them
+        self._retire(active, done)
+
+    def _retire(self, active: list[Request], rows: list[int]) -> list[Request]:
+        """Finished requests in rows `rows` (ascending) of `active`: store them in the prefix cache, free their
+        rows; returns the requests still active."""
+        self._store_finished(active, rows)  # rows are still in place: only this thread moves them
         with self._cond:
-            for i in reversed(done):  # from the end, so earlier rows keep their index while we compact
+            for i in reversed(rows):  # from the end, so earlier rows keep their index while we compact
                 self._remove(i, None)
+            return list(self._active)
 
     def _store_finished(self, active: list[Request], done: list[int]) -> None:
         """Finished conversations into the prefix cache: prompt + answer, less the last token (never fed, so

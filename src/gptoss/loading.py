@@ -31,6 +31,15 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def model_path(path: str | Path | None) -> str:
+    """`path`, or the embedded demo model's folder (hash-checked) when None."""
+    if path is not None:
+        return str(path)
+    from .demo import checkpoint_path
+
+    return str(checkpoint_path())
+
+
 def load_model(path: str | Path | None = None, *, device: "str | torch.device | None" = None,
                dtype: "str | torch.dtype" = "bfloat16", int8_unembedding: bool = False, progress: bool = True,
                layout=None) -> "nn.Module":
@@ -40,10 +49,7 @@ def load_model(path: str | Path | None = None, *, device: "str | torch.device | 
     parallel.Layout under torchrun (this rank's shard; rank 0 gets a parallel.Leader)."""
     import torch
 
-    if path is None:
-        from .demo import checkpoint_path
-
-        path = checkpoint_path()
+    path = model_path(path)
     device = device or default_device()
     if isinstance(dtype, str):
         if dtype not in DTYPES:
@@ -68,10 +74,7 @@ def load_model(path: str | Path | None = None, *, device: "str | torch.device | 
 def load_model_from_args(args: argparse.Namespace) -> "nn.Module":
     """load_model with the options of add_model_args. Sets args.model to the folder loaded (the demo model's
     path when none was given), which callers name the model by."""
-    if args.model is None:
-        from .demo import checkpoint_path
-
-        args.model = str(checkpoint_path())
+    args.model = model_path(args.model)
     return load_model(args.model, device=args.device, dtype=args.dtype,
                       int8_unembedding=getattr(args, "int8_unembedding", False),
                       progress=not getattr(args, "quiet", False), layout=getattr(args, "layout", None))

@@ -408,6 +408,8 @@ class MirroredSlotCache(SlotCache):
     """The engine's batched cache on rank 0: each mutation is broadcast first, so the followers' twin (of their
     own heads) stays in step. Install it on an Engine before the engine starts."""
 
+    seedable = False  # the followers' twins are not seeded from rank 0's prefix cache
+
     def __init__(self, leader: Leader, slots: int, max_len: int, dtype: torch.dtype):
         super().__init__(leader.config, slots, max_len, leader.device, dtype)
         self.leader = leader
