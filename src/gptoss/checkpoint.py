@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import re
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping
@@ -19,8 +20,8 @@ import torch
 
 from .config import ModelConfig
 from .errors import CheckpointError, ConfigError
-from .model import Transformer
-from .safetensors_io import SafetensorsFiles, save_file
+from .model import MXFP4Weight, Transformer
+from .safetensors_io import DTYPES, SafetensorsFiles, save_file
 
 LAYOUTS = ("hf", "original")
 HF_INDEX = "model.safetensors.index.json"
@@ -195,6 +196,17 @@ class CheckpointReader:
             row += part.shape[0]
         return out
 
+    def read(self, name: str) -> torch.Tensor:
+        """The tensor in ordinary memory, read with file reads (get's mmap'd view can be evicted and re-read:
+        streaming.py keeps everything but the experts resident this way)."""
+        names = self._stored_names(name)
+        if len(names) > 1:
+            return self.get(name)  # already read into a buffer of its own
+        info = self.files.index[names[0]]
+        out = torch.empty(info.shape, dtype=DTYPES[info.dtype])
+        self.files.read_into(names[0], out)
+        return out
+
     def get_slice(self, name: str, index: tuple[slice, ...] = ()) -> torch.Tensor:
         """Only the region `index` of an original-named tensor, read without the rest (gptoss.parallel: each
         rank reads its shard). For the fused qkv of the HF layout, the row range must lie within q, k or v."""
@@ -224,16 +236,27 @@ class CheckpointReader:
 
 # ---------------------------------------------------------------- load
 def load(path: str | Path, device: torch.device | str | None = None,
-         dtype: torch.dtype = torch.bfloat16, progress: bool = False) -> Transformer:
+         dtype: torch.dtype = torch.bfloat16, progress: bool = False,
+         expert_pool_bytes: int | None = None) -> Transformer:
     """Load a checkpoint in either layout. Expert weights stay MXFP4 (uint8), memory-mapped on CPU.
+
+    expert_pool_bytes: stream the experts from disk through a pool of that many bytes (streaming.py; a model
+    larger than memory): then every other tensor but the embedding is read into ordinary memory, so that
+    memory pressure evicts nothing the model needs on every token, and the experts are not loaded at all.
 
     A checkpoint with `vocab_ids` (a vocabulary subset) loads as a vocab.VocabSubsetModel: callers keep
     using full o200k ids, and sampling never leaves the subset."""
     reader = CheckpointReader(path)
+    config = reader.config
+    streaming = expert_pool_bytes is not None
     with torch.device("meta"):
-        model = Transformer(reader.config, dtype=dtype)
+        model = Transformer(config, dtype=dtype)
+        if streaming:  # empty expert stacks: the pool holds the experts
+            for block in model.block:
+                block.mlp.mlp1_weight = MXFP4Weight(0, 2 * config.intermediate_size, config.hidden_size)
+                block.mlp.mlp2_weight = MXFP4Weight(0, config.hidden_size, config.intermediate_size)
     state = model.state_dict()
-    names = list(expected_tensors(reader.config))
+    names = list(expected_tensors(config))
     iterator = names
     if progress:
         from tqdm import tqdm
@@ -241,13 +264,26 @@ def load(path: str | Path, device: torch.device | str | None = None,
         iterator = tqdm(names, desc=f"loading {Path(path).name}", unit="tensor")
     loaded = {}
     for name in iterator:
-        tensor = reader.get(name)
+        if streaming and name.endswith((".blocks", ".scales")):
+            loaded[name] = torch.empty(state[name].shape, dtype=torch.uint8, device=device)
+            continue
+        resident = streaming and name != "embedding.weight"  # the embedding: a token reads its own row
+        tensor = reader.read(name) if resident else reader.get(name)
         target = state[name].dtype  # uint8 for MXFP4, fp32 for norms/sinks, `dtype` for the rest
         if tensor.dtype != target:
             tensor = tensor.to(target)
         loaded[name] = tensor if device is None else tensor.to(device)
     model.load_state_dict(loaded, strict=True, assign=True)
     model = model.eval().requires_grad_(False)
+    if streaming:
+        from .streaming import ExpertPool, expert_extents, expert_nbytes
+
+        slots = expert_pool_bytes // expert_nbytes(config, torch.finfo(dtype).bits // 8)
+        biases = [(block.mlp.mlp1_bias, block.mlp.mlp2_bias) for block in model.block]
+        model.expert_pool = ExpertPool(config, expert_extents(reader), biases, slots, device=device)
+        model.expert_pool.routers = [(block.mlp.norm, block.mlp.gate) for block in model.block]
+        for i, block in enumerate(model.block):
+            block.mlp.streamed = model.expert_pool.layer(i)
     if reader.vocab_ids is not None:
         from .vocab import VocabSubsetModel
 
@@ -257,6 +293,24 @@ def load(path: str | Path, device: torch.device | str | None = None,
     # times a second while decoding (≈ 3 % of a 20b decode step on CPU, measured with perf).
     gc.freeze()
     return model
+
+
+def resident_bytes(path: str | Path, dtype: torch.dtype = torch.bfloat16) -> tuple[int, int, int]:
+    """(bytes kept in memory when streaming: all but the experts and the embedding, in `dtype` where they
+    are not fp32; the experts' bytes; the whole checkpoint's bytes) from the headers."""
+    reader = CheckpointReader(path)
+    spec = expected_tensors(reader.config)
+    resident = experts = total = 0
+    for name, (shape, kind) in spec.items():
+        n = math.prod(shape)
+        stored = sum(reader.files.index[s].nbytes for s in reader._stored_names(name))
+        total += stored
+        if kind == "uint8":
+            experts += stored
+        elif name != "embedding.weight":
+            fp32 = name.endswith(("norm.scale", "sinks"))
+            resident += n * (4 if fp32 else torch.finfo(dtype).bits // 8)
+    return resident, experts, total
 
 
 # ---------------------------------------------------------------- save and convert

@@ -8,6 +8,7 @@ Heavy imports (torch) happen inside the functions: the argparse helpers must sta
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -23,6 +24,9 @@ DTYPES = ("bfloat16", "float32")
 # Keys and values kept between requests (Engine's prefix cache). gpt-oss-20b holds 96 KiB per token in the
 # fp32 CPU cache: 2 GiB keep ~21k tokens of conversations (a few long chats, or many sharing a system prompt).
 DEFAULT_PREFIX_CACHE_GIB = 2.0
+# Memory left beside the weights when a checkpoint streams (streaming.py): the key/value caches, activations
+# (a long prompt's chunk), the Python/torch runtime.
+STREAMING_HEADROOM_GIB = 1.0
 
 
 def default_device() -> str:
@@ -40,13 +44,68 @@ def model_path(path: str | Path | None) -> str:
     return str(checkpoint_path())
 
 
+def plan_memory(path: str | Path, dtype: "torch.dtype", memory_budget_gib: float | None = None,
+                available: int | None = None) -> tuple[int | None, str | None]:
+    """(bytes of the expert pool, or None to map the whole checkpoint; a message for the user, or None).
+
+    memory_budget_gib: the memory the weights may take (resident weights + expert pool). None: the checkpoint
+    is mapped whole if it fits in the available memory (cgroup limits included) with STREAMING_HEADROOM_GIB
+    to spare, else the experts stream with a budget of the available memory less that headroom."""
+    import torch
+
+    from .checkpoint import resident_bytes
+    from .streaming import available_memory, expert_nbytes, measure_read_bandwidth
+
+    resident, experts, total = resident_bytes(path, dtype)
+    available = available_memory() if available is None else available
+    headroom = int(STREAMING_HEADROOM_GIB * 2**30)
+    if memory_budget_gib is None:
+        if total + headroom <= available:
+            return None, None
+        budget = available - headroom
+    else:
+        if not memory_budget_gib > 0:
+            raise GptOssError(f"--memory-budget must be > 0 GiB, got {memory_budget_gib}")
+        budget = int(memory_budget_gib * 2**30)
+    from .checkpoint import CheckpointReader
+
+    config = CheckpointReader(path).config
+    one = expert_nbytes(config, torch.finfo(dtype).bits // 8)
+    k, layers, E = config.experts_per_token, config.num_hidden_layers, config.num_experts
+    pool = budget - resident
+    if pool < k * one:
+        need = f"the weights kept in memory take {_size(resident)} and the experts at least {_size(k * one)} more"
+        if memory_budget_gib is None:
+            raise GptOssError(f"{path}: not enough memory to run this model: {_size(available)} is "
+                              f"available, {need}, beside {STREAMING_HEADROOM_GIB:g} GiB for the rest")
+        raise GptOssError(f"{path}: --memory-budget {memory_budget_gib:g} GiB is too little: {need}")
+    slots = min(pool // one, E * layers)
+    share = slots / (E * layers)
+    per_token = layers * k * one * (1 - share)  # uniform routing: real models reuse experts more than this
+    files = sorted(Path(path).glob("*.safetensors")) or sorted(Path(path).glob("*/*.safetensors"))
+    bandwidth = measure_read_bandwidth(files[-1]) if files else 0.0
+    speed = bandwidth / per_token if per_token else float("inf")
+    why = (f"{total / 2**30:.1f} GiB does not fit in the {available / 2**30:.1f} GiB of memory available"
+           if memory_budget_gib is None else f"--memory-budget {memory_budget_gib:g} GiB")
+    message = (f"streaming experts from disk ({why}): {_size(resident)} of weights stay in memory, "
+               f"{slots} of {E * layers} experts ({share:.0%}) are kept in a {_size(slots * one)} pool; "
+               f"about {per_token / 1e6:.0f} MB read per token at the {bandwidth / 1e9:.2f} GB/s measured: "
+               f"≈ {speed:.1f} tokens/s at most")
+    return slots * one, message
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
 def load_model(path: str | Path | None = None, *, device: "str | torch.device | None" = None,
                dtype: "str | torch.dtype" = "bfloat16", int8_unembedding: bool = False, progress: bool = True,
-               layout=None) -> "nn.Module":
+               layout=None, memory_budget_gib: float | None = None) -> "nn.Module":
     """A model ready for inference: the checkpoint folder `path` (either layout; None: the embedded demo model,
     hash-checked) on `device` (None: cuda if available, else cpu), non-expert weights in `dtype` (experts stay
     MXFP4). int8_unembedding: quantize the unembedding rows (Transformer.quantize_unembedding). layout: a
-    parallel.Layout under torchrun (this rank's shard; rank 0 gets a parallel.Leader)."""
+    parallel.Layout under torchrun (this rank's shard; rank 0 gets a parallel.Leader). memory_budget_gib: see
+    plan_memory; a model that does not fit streams its experts from disk (streaming.py), said once on stderr."""
     import torch
 
     path = model_path(path)
@@ -60,10 +119,15 @@ def load_model(path: str | Path | None = None, *, device: "str | torch.device | 
 
         if int8_unembedding:
             raise GptOssError("--int8-unembedding does not combine with --tp/--ep (the unembedding is sharded)")
+        if memory_budget_gib is not None:
+            raise GptOssError("--memory-budget does not combine with --tp/--ep yet (each rank maps its shard)")
         return load_for_rank(path, layout, device=device, dtype=dtype)
     from .checkpoint import load
 
-    model = load(path, device=device, dtype=dtype, progress=progress)
+    pool_bytes, message = plan_memory(path, dtype, memory_budget_gib)
+    if message:
+        print(f"gptoss: {message}", file=sys.stderr, flush=True)
+    model = load(path, device=device, dtype=dtype, progress=progress, expert_pool_bytes=pool_bytes)
     if int8_unembedding:
         from .vocab import unwrap
 
@@ -77,7 +141,8 @@ def load_model_from_args(args: argparse.Namespace) -> "nn.Module":
     args.model = model_path(args.model)
     return load_model(args.model, device=args.device, dtype=args.dtype,
                       int8_unembedding=getattr(args, "int8_unembedding", False),
-                      progress=not getattr(args, "quiet", False), layout=getattr(args, "layout", None))
+                      progress=not getattr(args, "quiet", False), layout=getattr(args, "layout", None),
+                      memory_budget_gib=getattr(args, "memory_budget", None))
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -90,6 +155,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--int8-unembedding", action="store_true",
                    help="quantize the unembedding to int8 rows after loading: half its bytes per decoded token "
                         "(gpt-oss-20b: 3.7 -> 3.1 GB), at a small logit error (benchmarks/RESULTS.md); off by default")
+    p.add_argument("--memory-budget", type=float, default=None, metavar="GIB",
+                   help="memory the weights may take; a checkpoint larger than that streams its experts from disk "
+                        "through a pool of the most recently used ones (default: the memory available, less "
+                        f"{STREAMING_HEADROOM_GIB:g} GiB; a checkpoint that fits is mapped whole)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 

@@ -422,6 +422,23 @@ class DenseExpertWeight(nn.Module):
         return self.weight.numel() * self.weight.element_size()
 
 
+class ExpertWeights(NamedTuple):
+    """The expert tensors a MoE layer computes with, and which row of them holds each expert: the layer's own
+    (rows None: row e is expert e) or the slots of a streaming pool (streaming.ExpertPool: rows[e] is expert
+    e's slot, −1 where it is not resident)."""
+    mlp1_weight: "MXFP4Weight | DenseExpertWeight"
+    mlp1_bias: torch.Tensor
+    mlp2_weight: "MXFP4Weight | DenseExpertWeight"
+    mlp2_bias: torch.Tensor
+    rows: torch.Tensor | None = None
+
+    def row(self, e: int) -> int:
+        return e if self.rows is None else int(self.rows[e])
+
+    def rows_of(self, experts: torch.Tensor) -> torch.Tensor:
+        return experts if self.rows is None else self.rows[experts]
+
+
 class Routing(NamedTuple):
     """What a MoE layer decided (kept while `record_routing` is on, for router losses and load metrics)."""
     logits: torch.Tensor  # (N, E) router logits
@@ -451,6 +468,9 @@ class MoE(nn.Module):
         self.register_buffer("expert_bias", None, persistent=False)
         self.record_routing = False
         self.routing: Routing | None = None
+        # Inference on a model larger than memory: the experts live in a streaming.LayerExperts (a pool of
+        # slots filled from the checkpoint on demand) instead of mlp1_weight/mlp2_weight (then empty).
+        self.streamed = None
         if config.mlp_type != "moe":  # one dense FFN (GPT-2: GELU, width I; "swiglu": GPT-oss's, width 2I → I)
             width = 2 * I if config.mlp_type == "swiglu" else I
             self.mlp1 = Linear(D, width, bias=True, device=device, dtype=dtype)
@@ -480,7 +500,12 @@ class MoE(nn.Module):
         c = self.config
         post = c.norm_placement == "post"
         t = (x if post else self.norm(x)).reshape(B * T, D)
-        out = self._experts(t.to(x.dtype)) if c.mlp_type == "moe" else self._dense(t)  # (N, D)
+        if c.mlp_type != "moe":
+            out = self._dense(t)
+        elif self.streamed is not None:  # x guesses the next layer's experts (read while these compute)
+            out = self._experts(t.to(x.dtype), hint=x)
+        else:
+            out = self._experts(t.to(x.dtype))  # (N, D)
         out = out.view(B, T, D).to(x.dtype)
         out = self.norm(out) if post else out
         p = c.dropout if self.training else 0.0
@@ -493,8 +518,9 @@ class MoE(nn.Module):
         h = F.gelu(h, approximate="tanh") if c.mlp_type == "gelu" else swiglu(h, c.swiglu_alpha, c.swiglu_limit)
         return self.mlp2(h)
 
-    def _experts(self, t: torch.Tensor) -> torch.Tensor:
-        """Route t [N, D] to the top-k experts and mix their outputs → [N, D] (fp32)."""
+    def _experts(self, t: torch.Tensor, hint: torch.Tensor | None = None) -> torch.Tensor:
+        """Route t [N, D] to the top-k experts and mix their outputs → [N, D] (fp32). hint: the residual
+        stream, for a streamed layer's guess at the next layer's experts."""
         logits = self.gate(t)  # (N, E)
         experts, weights = self.route(t, logits)  # (N, k) each
         selected = experts
@@ -502,40 +528,67 @@ class MoE(nn.Module):
             experts = capacity_drop(experts, self.config.num_experts, self.capacity_factor)
         if self.record_routing:
             self.routing = Routing(logits, selected, experts)
-        if (t.device.type == "cpu" and t.dtype != torch.float64
-                and fused_experts_fit(experts.numel(), self.config.num_experts)
-                and isinstance(self.mlp1_weight, MXFP4Weight) and self.capacity_factor is None
-                and not (torch.is_grad_enabled() and t.requires_grad)):  # the fused kernel has no backward
-            return self._fused(t, experts, weights)
-        return self._grouped(t, experts, weights)
+        fused = (t.device.type == "cpu" and t.dtype != torch.float64
+                 and fused_experts_fit(experts.numel(), self.config.num_experts)
+                 and isinstance(self.mlp1_weight, MXFP4Weight) and self.capacity_factor is None
+                 and not (torch.is_grad_enabled() and t.requires_grad))  # the fused kernel has no backward
+        if self.streamed is None:
+            w = self.expert_weights()
+            return self._fused(t, experts, weights, w) if fused else self._grouped(t, experts, weights, w)
+        out = torch.zeros(t.shape[0], self.config.hidden_size, dtype=torch.float32, device=t.device)
+        if fused:  # tokens whose experts the pool holds at once (all of them, unless it is small)
+            for tokens, w in self.streamed.token_groups(experts, hint):
+                if tokens is None:
+                    return self._fused(t, experts, weights, w)
+                out[tokens] = self._fused(t[tokens], experts[tokens], weights[tokens], w)
+            return out
+        for w in self.streamed.waves(experts, hint):  # as many experts at a time as the pool holds, ascending
+            self._grouped(t, experts, weights, w, out)
+        return out
 
-    def _fused(self, t: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def expert_weights(self) -> ExpertWeights:
+        """This layer's own expert tensors (not streamed)."""
+        return ExpertWeights(self.mlp1_weight, self.mlp1_bias, self.mlp2_weight, self.mlp2_bias)
+
+    def fused_kernel(self, t: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, w: ExpertWeights,
+                     residual: torch.Tensor | None = None) -> torch.Tensor | None:
+        """kernels.moe_experts on the tensors of `w` (None where the kernel cannot run)."""
+        c = self.config
+        return kernels.moe_experts(t, w.rows_of(experts), weights, w.mlp1_weight.blocks, w.mlp1_weight.scales,
+                                   w.mlp1_bias, w.mlp2_weight.blocks, w.mlp2_weight.scales, w.mlp2_bias,
+                                   c.swiglu_alpha, c.swiglu_limit, residual=residual)
+
+    def _fused(self, t: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor,
+               w: ExpertWeights) -> torch.Tensor:
         """Decode: each (token, expert) pair is a row; the kernel reads only the chosen experts' MXFP4 bytes."""
         c, (N, k) = self.config, experts.shape
-        out = kernels.moe_experts(t, experts, weights, self.mlp1_weight.blocks, self.mlp1_weight.scales,
-                                  self.mlp1_bias, self.mlp2_weight.blocks, self.mlp2_weight.scales, self.mlp2_bias,
-                                  c.swiglu_alpha, c.swiglu_limit)
+        out = self.fused_kernel(t, experts, weights, w)
         if out is not None:  # the same steps as below in one call
             return out
-        rows = experts.reshape(N * k)
-        h = kernels.mxfp4_linear(t.repeat_interleave(k, dim=0), self.mlp1_weight.blocks, self.mlp1_weight.scales,
-                                 self.mlp1_bias, rows)  # (N·k, 2I) fp32
+        rows = w.rows_of(experts).reshape(N * k)
+        h = kernels.mxfp4_linear(t.repeat_interleave(k, dim=0), w.mlp1_weight.blocks, w.mlp1_weight.scales,
+                                 w.mlp1_bias, rows)  # (N·k, 2I) fp32
         h = swiglu(h, c.swiglu_alpha, c.swiglu_limit).to(t.dtype)  # (N·k, I), rounded as the GEMM path does
-        y = kernels.mxfp4_linear(h, self.mlp2_weight.blocks, self.mlp2_weight.scales, self.mlp2_bias, rows)
+        y = kernels.mxfp4_linear(h, w.mlp2_weight.blocks, w.mlp2_weight.scales, w.mlp2_bias, rows)
         return (y.view(N, k, -1) * weights[..., None]).sum(dim=1)  # (N, D) fp32
 
-    def _grouped(self, t: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Prefill: group tokens by expert, one matmul per active expert, each expert dequantized once."""
+    def _grouped(self, t: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor,
+                 w: ExpertWeights | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Prefill: group tokens by expert, one matmul per active expert, each expert dequantized once, in
+        ascending expert order (experts that `w` does not hold are skipped: another wave adds them to `out`)."""
         c = self.config
-        out = torch.zeros(t.shape[0], c.hidden_size, dtype=torch.float32, device=t.device)
+        w = self.expert_weights() if w is None else w
+        if out is None:
+            out = torch.zeros(t.shape[0], c.hidden_size, dtype=torch.float32, device=t.device)
         for e in experts.unique().tolist():
-            if e < 0:  # assignments dropped for capacity
+            row = w.row(e) if e >= 0 else -1
+            if row < 0:  # assignments dropped for capacity, or an expert of another wave
                 continue
             token, slot = (experts == e).nonzero(as_tuple=True)
-            h = self.mlp1_weight.linear(t[token], e, self.mlp1_bias[e])  # (n, 2I)
+            h = w.mlp1_weight.linear(t[token], row, w.mlp1_bias[row])  # (n, 2I)
             act = kernels.swiglu(h, c.swiglu_alpha, c.swiglu_limit)  # one pass on CPU (None elsewhere)
             h = act if act is not None else swiglu(h, c.swiglu_alpha, c.swiglu_limit)  # (n, I)
-            y = self.mlp2_weight.linear(h, e, self.mlp2_bias[e])  # (n, D)
+            y = w.mlp2_weight.linear(h, row, w.mlp2_bias[row])  # (n, D)
             out.index_add_(0, token, y.float() * weights[token, slot, None])
         return out
 
@@ -564,7 +617,7 @@ class Block(nn.Module):
         """A decode step of this block in two kernel calls around the router's top-k (kept in torch, so that
         ties and the balancing bias pick the same experts as the code above): the same operations and roundings
         as attn + mlp, without the ~80 small torch ops per layer that dominate a batch-1 step on CPU."""
-        m, c = self.mlp, self.mlp.config
+        m = self.mlp
         first = kernels.decode_attention_block(x, self.attn, m, positions, cos, sin, cache,
                                                cache.decode_slots(positions))
         if first is None:  # nothing was written: the torch path appends the token
@@ -573,9 +626,8 @@ class Block(nn.Module):
         h, t, logits = first
         B, _, D = h.shape
         experts, weights = m.route(t.view(B, D), logits)
-        y = kernels.moe_experts(t.view(B, D), experts, weights, m.mlp1_weight.blocks, m.mlp1_weight.scales,
-                                m.mlp1_bias, m.mlp2_weight.blocks, m.mlp2_weight.scales, m.mlp2_bias,
-                                c.swiglu_alpha, c.swiglu_limit, residual=h.view(B, D))
+        w = m.expert_weights() if m.streamed is None else m.streamed.resident(experts, hint=h)
+        y = None if w is None else m.fused_kernel(t.view(B, D), experts, weights, w, residual=h.view(B, D))
         return m(h) if y is None else y.view(B, 1, D)  # None: biases in another dtype (the torch MoE then)
 
 
