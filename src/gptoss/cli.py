@@ -32,6 +32,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     from .generate import generate
     from .tokenizer import get_tokenizer
+    from .vocab import unwrap
 
     tok = get_tokenizer()
     params = sampling_params(args, stop_tokens=(tok.endoftext,))
@@ -47,6 +48,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
         sys.stdout.write(decoder.decode(tok.decode_bytes([token])))
         sys.stdout.flush()
     sys.stdout.write(decoder.decode(b"", final=True) + "\n")
+    pool = getattr(unwrap(model), "expert_pool", None)
+    if pool is not None and not args.quiet:  # what streaming the experts cost
+        print(f"gptoss: {pool.stats.summary()}", file=sys.stderr)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:

@@ -27,6 +27,7 @@ DEFAULT_PREFIX_CACHE_GIB = 2.0
 # Memory left beside the weights when a checkpoint streams (streaming.py): the key/value caches, activations
 # (a long prompt's chunk), the Python/torch runtime.
 STREAMING_HEADROOM_GIB = 1.0
+STREAMING_PREFIX_CACHE_GIB = 0.25  # the prefix cache's default bound then (a few thousand tokens of a chat)
 
 
 def default_device() -> str:
@@ -45,12 +46,13 @@ def model_path(path: str | Path | None) -> str:
 
 
 def plan_memory(path: str | Path, dtype: "torch.dtype", memory_budget_gib: float | None = None,
-                available: int | None = None) -> tuple[int | None, str | None]:
+                available: int | None = None, reserve: int = 0) -> tuple[int | None, str | None]:
     """(bytes of the expert pool, or None to map the whole checkpoint; a message for the user, or None).
 
     memory_budget_gib: the memory the weights may take (resident weights + expert pool). None: the checkpoint
     is mapped whole if it fits in the available memory (cgroup limits included) with STREAMING_HEADROOM_GIB
-    to spare, else the experts stream with a budget of the available memory less that headroom."""
+    to spare, else the experts stream with a budget of the available memory less that headroom and `reserve`
+    (bytes the caller will take besides: the prefix cache)."""
     import torch
 
     from .checkpoint import resident_bytes
@@ -62,7 +64,7 @@ def plan_memory(path: str | Path, dtype: "torch.dtype", memory_budget_gib: float
     if memory_budget_gib is None:
         if total + headroom <= available:
             return None, None
-        budget = available - headroom
+        budget = available - headroom - reserve
     else:
         if not memory_budget_gib > 0:
             raise GptOssError(f"--memory-budget must be > 0 GiB, got {memory_budget_gib}")
@@ -75,6 +77,8 @@ def plan_memory(path: str | Path, dtype: "torch.dtype", memory_budget_gib: float
     pool = budget - resident
     if pool < k * one:
         need = f"the weights kept in memory take {_size(resident)} and the experts at least {_size(k * one)} more"
+        if reserve:
+            need += f" (and {_size(reserve)} is kept for the prefix cache: --prefix-cache-gib)"
         if memory_budget_gib is None:
             raise GptOssError(f"{path}: not enough memory to run this model: {_size(available)} is "
                               f"available, {need}, beside {STREAMING_HEADROOM_GIB:g} GiB for the rest")
@@ -100,12 +104,13 @@ def _size(n: float) -> str:
 
 def load_model(path: str | Path | None = None, *, device: "str | torch.device | None" = None,
                dtype: "str | torch.dtype" = "bfloat16", int8_unembedding: bool = False, progress: bool = True,
-               layout=None, memory_budget_gib: float | None = None) -> "nn.Module":
+               layout=None, memory_budget_gib: float | None = None, memory_reserve: int = 0) -> "nn.Module":
     """A model ready for inference: the checkpoint folder `path` (either layout; None: the embedded demo model,
     hash-checked) on `device` (None: cuda if available, else cpu), non-expert weights in `dtype` (experts stay
     MXFP4). int8_unembedding: quantize the unembedding rows (Transformer.quantize_unembedding). layout: a
     parallel.Layout under torchrun (this rank's shard; rank 0 gets a parallel.Leader). memory_budget_gib: see
-    plan_memory; a model that does not fit streams its experts from disk (streaming.py), said once on stderr."""
+    plan_memory (memory_reserve: its `reserve`); a model that does not fit streams its experts from disk
+    (streaming.py), said once on stderr."""
     import torch
 
     path = model_path(path)
@@ -124,7 +129,7 @@ def load_model(path: str | Path | None = None, *, device: "str | torch.device | 
         return load_for_rank(path, layout, device=device, dtype=dtype)
     from .checkpoint import load
 
-    pool_bytes, message = plan_memory(path, dtype, memory_budget_gib)
+    pool_bytes, message = plan_memory(path, dtype, memory_budget_gib, reserve=memory_reserve)
     if message:
         print(f"gptoss: {message}", file=sys.stderr, flush=True)
     model = load(path, device=device, dtype=dtype, progress=progress, expert_pool_bytes=pool_bytes)
@@ -139,10 +144,20 @@ def load_model_from_args(args: argparse.Namespace) -> "nn.Module":
     """load_model with the options of add_model_args. Sets args.model to the folder loaded (the demo model's
     path when none was given), which callers name the model by."""
     args.model = model_path(args.model)
-    return load_model(args.model, device=args.device, dtype=args.dtype,
-                      int8_unembedding=getattr(args, "int8_unembedding", False),
-                      progress=not getattr(args, "quiet", False), layout=getattr(args, "layout", None),
-                      memory_budget_gib=getattr(args, "memory_budget", None))
+    # A streamed model's prefix cache must fit beside it: its bound is reserved, and unless it was given it
+    # shrinks to STREAMING_PREFIX_CACHE_GIB (prefix_cache_bytes reads args.streaming_experts).
+    reserve = 0
+    if hasattr(args, "prefix_cache_gib"):
+        given = args.prefix_cache_gib is not None
+        reserve = prefix_cache_bytes(args) if given else int(STREAMING_PREFIX_CACHE_GIB * 2**30)
+    model = load_model(args.model, device=args.device, dtype=args.dtype,
+                       int8_unembedding=getattr(args, "int8_unembedding", False),
+                       progress=not getattr(args, "quiet", False), layout=getattr(args, "layout", None),
+                       memory_budget_gib=getattr(args, "memory_budget", None), memory_reserve=reserve)
+    from .vocab import unwrap
+
+    args.streaming_experts = getattr(unwrap(model), "expert_pool", None) is not None
+    return model
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -163,15 +178,17 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_prefix_cache_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prefix-cache-gib", type=float, default=DEFAULT_PREFIX_CACHE_GIB, metavar="GIB",
+    p.add_argument("--prefix-cache-gib", type=float, default=None, metavar="GIB",
                    help="memory for keys and values kept between requests, so that a conversation's next turn "
                         f"(or a shared system prompt) is not prefilled again; 0 turns it off (default "
-                        f"{DEFAULT_PREFIX_CACHE_GIB:g})")
+                        f"{DEFAULT_PREFIX_CACHE_GIB:g}; {STREAMING_PREFIX_CACHE_GIB:g} when experts stream from disk)")
 
 
 def prefix_cache_bytes(args: argparse.Namespace) -> int:
     """The bytes of add_prefix_cache_arg's option (its default where the namespace lacks it)."""
-    gib = getattr(args, "prefix_cache_gib", DEFAULT_PREFIX_CACHE_GIB)
+    gib = getattr(args, "prefix_cache_gib", None)
+    if gib is None:
+        gib = STREAMING_PREFIX_CACHE_GIB if getattr(args, "streaming_experts", False) else DEFAULT_PREFIX_CACHE_GIB
     if not gib >= 0:
         raise GptOssError(f"--prefix-cache-gib must be >= 0, got {gib}")
     return int(gib * 2**30)
