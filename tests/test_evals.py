@@ -290,3 +290,15 @@ def test_cli_errors(argv, message, capsys):
 
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_confidence_intervals():
+    """Wilson for one right/wrong sample per question (k=3 of n=10: [0.1078, 0.6032], worked by hand from
+    Wilson's formula, centre 0.3555, half-width 0.2477); the clustered interval over per-question means otherwise."""
+    lo, hi = runner.wilson(3, 10)
+    assert (round(lo, 4), round(hi, 4)) == (0.1078, 0.6032)
+    assert runner.confidence_interval([[1], [0], [0], [1], [0], [0], [0], [1], [0], [0]], True) == (lo, hi)
+    per_question = [[1, 0], [1, 1], [0, 0], [1, 1]]  # means 0.5, 1, 0, 1: sd 0.479, se 0.239
+    lo, hi = runner.confidence_interval(per_question, True)
+    assert (lo, hi) == (pytest.approx(0.625 - 1.959964 * 0.2393568), 1.0)  # clipped at 1
+    assert runner.confidence_interval([[1, 1]] * 5, True) == runner.wilson(5, 5)  # no spread: Wilson over questions

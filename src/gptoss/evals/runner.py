@@ -249,8 +249,11 @@ def confidence_interval(per_question: list[list[float]], binary: bool) -> tuple[
     if binary and all(len(q) == 1 for q in per_question):
         return wilson(sum(q[0] for q in per_question), n)
     means = np.array([np.mean(q) for q in per_question])
+    if binary and means.min() == means.max() in (0.0, 1.0):  # all right or all wrong: no spread to measure
+        return wilson(float(means.sum()), n)
     se = float(np.std(means, ddof=1)) / math.sqrt(n) if n > 1 else 0.0
-    return float(means.mean()) - Z95 * se, float(means.mean()) + Z95 * se
+    lo, hi = float(means.mean()) - Z95 * se, float(means.mean()) + Z95 * se
+    return (max(0.0, lo), min(1.0, hi)) if binary else (lo, hi)  # an accuracy lies in [0, 1]
 
 
 def summarize(task: str, rows: list[dict[str, Any]], efforts: tuple[str, ...], seed: int = 0
