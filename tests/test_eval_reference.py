@@ -392,7 +392,8 @@ def test_package_evals_score_recorded_replies_as_we_do(monkeypatch):
     theirs = aime_mod.AIME25Eval(n_repeats=1)(_Sampler(lambda p: replies[p]))
     ours = [runner.grade_answer("aime", replies[j.messages[0]["content"]], j.expected, False)["score"]
             for j in datasets.jobs("aime", items, 1)]
-    assert theirs.score == pytest.approx(np.mean(ours)) and len(theirs.htmls) == 2 * len(ours)  # I and II: one file twice
+    # AIME25Eval reads I and II: our one file twice
+    assert theirs.score == pytest.approx(np.mean(ours)) and len(theirs.htmls) == 2 * len(ours)
 
     gpqa_file = EXAMPLES / "gpqa_diamond.csv"
     monkeypatch.setattr(gpqa_mod.pandas, "read_csv", lambda url: read_csv(gpqa_file))

@@ -3,7 +3,8 @@ code does, cache per (item, effort, sample) so that a rerun resumes, and report 
 
     gptoss eval aime --data aime2025-I.jsonl --model path/to/gpt-oss-20b
     gptoss eval gpqa --data gpqa_diamond.csv --base-url http://127.0.0.1:8000/v1 --concurrency 64
-    gptoss eval healthbench --data hard_2025-05-08-21-00-10.jsonl --base-url URL --grader-base-url https://api.openai.com/v1
+    gptoss eval healthbench --data hard_2025-05-08-21-00-10.jsonl --base-url URL \
+        --grader-base-url https://api.openai.com/v1
 
 Defaults are the reference's (gpt_oss/evals/__main__.py): efforts low, medium and high; temperature 1.0; 8 samples
 per question for aime and gpqa, 1 for healthbench; no output limit below the context (the reference asks for
@@ -403,6 +404,19 @@ def parse_efforts(text: str | None) -> tuple[str, ...]:
     return efforts
 
 
+@contextlib.contextmanager
+def _endpoint_errors(api_error, out: Path) -> Iterator[None]:
+    """An endpoint that cannot be reached or refuses (wrong URL, key, model id) as one line naming its URL."""
+    try:
+        yield
+    except api_error as e:
+        url = getattr(getattr(e, "request", None), "url", None)
+        status = getattr(e, "status_code", None)
+        raise GptOssError(f"{url or 'the endpoint'}: {type(e).__name__}{f' ({status})' if status else ''}: "
+                          f"{getattr(e, 'message', e)}; replies so far are kept in {out / 'results.jsonl'}, a rerun "
+                          "resumes") from None
+
+
 def eval_command(args: argparse.Namespace) -> None:
     if not args.data:
         raise GptOssError(f"gptoss eval {args.task} needs --data FILE (datasets are never downloaded; "
@@ -425,7 +439,13 @@ def eval_command(args: argparse.Namespace) -> None:
                         strict=args.strict, grader=grader)
     samples = args.samples or SAMPLES[args.task]
     out = Path(args.out or f"eval-{args.task}")
-    with contextlib.ExitStack() as stack:
+    try:
+        import openai
+
+        api_error: type[Exception] | tuple = openai.APIError
+    except ImportError:  # Endpoint.client names the missing extra
+        api_error = ()
+    with contextlib.ExitStack() as stack, _endpoint_errors(api_error, out):
         if args.base_url:
             endpoint = Endpoint(args.base_url, args.served_model, args.api_key)
         else:
