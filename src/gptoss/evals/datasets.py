@@ -30,7 +30,7 @@ from ..errors import GptOssError
 from . import graders
 
 TASKS = ("aime", "gpqa", "healthbench")
-LETTERS = "ABCD"
+LETTERS = graders.LETTERS
 
 # task → role → the column names accepted, in order of preference (the first the file has is used).
 COLUMNS: dict[str, dict[str, tuple[str, ...]]] = {

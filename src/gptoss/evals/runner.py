@@ -29,7 +29,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +102,6 @@ class Settings:
     grader: Endpoint | None = None
     grader_temperature: float = graders.GRADER_TEMPERATURE
     grader_max_tokens: int = graders.GRADER_MAX_TOKENS
-    extra_body: dict[str, Any] = field(default_factory=dict)
 
 
 def ask(client, model: str, messages: list[dict[str, str]], effort: str, s: Settings, sample: int) -> dict[str, Any]:
