@@ -86,18 +86,18 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    """Evaluate a model: demo (the embedded model's held-out skills), or aime / gpqa / healthbench from your
-    own JSONL files, against the local engine (--model) or any OpenAI-compatible endpoint (--base-url)."""
+    """Evaluate a model: demo (the embedded model's held-out skills), or aime / gpqa / healthbench from the
+    datasets' own files, prompted and graded as openai/gpt-oss's evals, against the local engine (--model) or
+    any OpenAI-compatible endpoint (--base-url)."""
     if args.task == "demo":
         from .demo.eval import eval_command
 
+        args.reasoning_effort = args.reasoning_effort or "medium"
         if args.reasoning_effort not in ("low", "medium", "high"):
             raise GptOssError("gptoss eval demo: --reasoning-effort must be one of low, medium, high")
         args.max_tokens = args.max_tokens or 512
     else:
-        from .evals.runner import eval_command
-
-        args.max_tokens = args.max_tokens or 4096
+        from .evals.runner import eval_command  # the reference's defaults: all efforts, no output limit
     eval_command(args)
 
 
@@ -208,9 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.add_argument("--n", type=int, default=None, help="demo: questions per category (default 100)")
     p.add_argument("--seed", type=int, default=None, help="demo: held-out set seed; others: sampling/shuffle seed")
-    p.add_argument("--reasoning-effort", default="medium",
-                   help="low, medium or high; aime/gpqa/healthbench take a list, e.g. low,medium,high")
-    p.add_argument("--max-tokens", type=int, default=None, help="tokens per model call (default: demo 512, else 4096)")
+    p.add_argument("--reasoning-effort", default=None,
+                   help="low, medium or high (demo default: medium); aime/gpqa/healthbench take a list (default: "
+                        "low,medium,high, as the reference)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="tokens per model call (default: demo 512, else up to the context, as the reference)")
     p.add_argument("--out", default=None, help="demo: write per-question results (JSONL) here; other tasks: "
                                                "the output folder (default eval-TASK; rerunning resumes)")
     from .evals.runner import add_eval_args
