@@ -121,6 +121,7 @@ def test_plan_memory_maps_what_fits_and_streams_what_does_not(checkpoint):
         plan_memory(checkpoint, torch.bfloat16, available=headroom + resident)
     with pytest.raises(GptOssError, match="--memory-budget"):
         plan_memory(checkpoint, torch.bfloat16, memory_budget_gib=resident / 2**30)
+    assert plan_memory(checkpoint, torch.bfloat16, memory_budget_gib=total / 2**30) == (None, None)  # fits
     with pytest.raises(GptOssError, match="must be > 0"):
         plan_memory(checkpoint, torch.bfloat16, memory_budget_gib=0)
 

@@ -49,7 +49,8 @@ def plan_memory(path: str | Path, dtype: "torch.dtype", memory_budget_gib: float
                 available: int | None = None, reserve: int = 0) -> tuple[int | None, str | None]:
     """(bytes of the expert pool, or None to map the whole checkpoint; a message for the user, or None).
 
-    memory_budget_gib: the memory the weights may take (resident weights + expert pool). None: the checkpoint
+    memory_budget_gib: the memory the weights may take (resident weights + expert pool; a budget as large as
+    the checkpoint maps it whole, as a machine with room for it does). None: the checkpoint
     is mapped whole if it fits in the available memory (cgroup limits included) with STREAMING_HEADROOM_GIB
     to spare, else the experts stream with a budget of the available memory less that headroom and `reserve`
     (bytes the caller will take besides: the prefix cache)."""
@@ -68,7 +69,9 @@ def plan_memory(path: str | Path, dtype: "torch.dtype", memory_budget_gib: float
     else:
         if not memory_budget_gib > 0:
             raise GptOssError(f"--memory-budget must be > 0 GiB, got {memory_budget_gib}")
-        budget = int(memory_budget_gib * 2**30)
+        budget = int(min(memory_budget_gib, 2**40) * 2**30)
+        if budget >= total:  # everything fits: map the checkpoint whole
+            return None, None
     from .checkpoint import CheckpointReader
 
     config = CheckpointReader(path).config
