@@ -98,15 +98,14 @@ def test_stability_via_the_cli(tmp_path):
     assert set(runs) == set(VARIANTS)
     for r in runs.values():  # the replayed meter agrees with the trainer's logged score (window 10 at 12 steps)
         grads = [m["grad_norm"] for m in r["metrics"]]
-        recent = [i for i in spike_steps(grads, 10) if i >= len(grads) - 10]
-        assert len(recent) == round(r["metrics"][-1]["spike_score_grad_norm"] * 10)
+        assert 100 * len(spike_steps(grads, 10)) / len(grads) == r["metrics"][-1]["spike_score_grad_norm"]
     # the norm variants change the forward, not the data: same targets, different first-step gradients
     first = {k: r["metrics"][0] for k, r in runs.items()}
     assert len({m["targets"] for m in first.values()}) == 1 and len({m["grad_norm"] for m in first.values()}) == 4
     values = [1.0 + 0.01 * (i % 3) for i in range(30)] + [5.0] + [1.0] * 5
-    assert spike_steps(values, 1000) == [30]
-    meter = SpikeMeter(1000)
-    assert [meter.add(v) for v in values][30] == 1 / 31
+    assert spike_steps(values, 30) == [30] and spike_steps(values, 1000) == []  # no full 1000-value window
+    meter = SpikeMeter(30)
+    assert [meter.add(v) for v in values][30] == 100 / 31
 
 
 def test_ladder_rungs_and_smoke(tmp_path):

@@ -293,9 +293,14 @@ class Attention(nn.Module):
             self.sinks = nn.Parameter(torch.zeros(config.num_attention_heads, dtype=torch.float32, device=device))
         self.out = Linear(config.num_attention_heads * config.head_dim, config.hidden_size, bias=True,
                              device=device, dtype=dtype)
-        if config.qk_norm:  # per-head RMSNorm of queries and keys before RoPE (OLMo-2, Qwen3); off in GPT-oss
-            self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps, device=device)
-            self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps, device=device)
+        if config.qk_norm:  # RMSNorm of queries and keys before RoPE; off in GPT-oss
+            # OLMo-2 (Team OLMo 2024, §2.1 and §3.3.2; transformers' Olmo2Attention) normalises the whole q and k projections
+            # (num_heads·head_dim) before the head split; Qwen3 normalises each head over head_dim ("per_head")
+            whole = config.qk_norm == "olmo2"
+            q_dim = config.num_attention_heads * config.head_dim if whole else config.head_dim
+            k_dim = config.num_key_value_heads * config.head_dim if whole else config.head_dim
+            self.q_norm = RMSNorm(q_dim, config.rms_norm_eps, device=device)
+            self.k_norm = RMSNorm(k_dim, config.rms_norm_eps, device=device)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache=None, segments: torch.Tensor | None = None) -> torch.Tensor:
@@ -310,8 +315,10 @@ class Attention(nn.Module):
         # Fused rows: all query heads, then key heads, then value heads; query head h uses kv head h // G.
         q, k, v = qkv.split([c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim,
                              c.num_key_value_heads * c.head_dim], dim=-1)
+        if c.qk_norm == "olmo2":  # over (H·Dh) and (K·Dh)
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.view(B, T, c.num_attention_heads, c.head_dim), k.view(B, T, c.num_key_value_heads, c.head_dim)
-        if c.qk_norm:
+        if c.qk_norm == "per_head":  # over Dh
             q, k = self.q_norm(q), self.k_norm(k)
         if c.position_embedding == "rope":
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -429,16 +436,27 @@ class Routing(NamedTuple):
     experts: torch.Tensor  # (N, k) the same after the capacity limit: −1 where the assignment was dropped
 
 
-def capacity_drop(experts: torch.Tensor, num_experts: int, capacity_factor: float) -> torch.Tensor:
-    """Expert capacity (Switch Transformer): each expert takes at most ⌈N·k/E · factor⌉ assignments; the rest
-    become −1 (dropped: that slot adds nothing, the token keeps its residual). Queue order: every token's
-    first choice before any second choice (GShard), tokens in order within a slot."""
+def capacity_drop(experts: torch.Tensor, num_experts: int, capacity_factor: float,
+                  priority: torch.Tensor | None = None) -> torch.Tensor:
+    """Expert capacity (Switch Transformer, §2.2 "expert capacity"): each expert takes at most ⌈N·k/E · factor⌉
+    assignments; the rest become −1 (dropped: that slot adds nothing, the token keeps its residual). Queue order:
+    every token's first choice before any second choice (GShard, Lepikhin et al. 2020, §2.2), and within a
+    slot tokens by position, or, given `priority` [N], by descending priority (ties by position): V-MoE's Batch
+    Prioritized Routing (Riquelme et al. 2021, §4), which ranks tokens by their top routing weight. In a causal
+    LM that lets later tokens decide whether an earlier one is dropped (a leak positional order avoids)."""
     N, k = experts.shape
     capacity = math.ceil(round(N * k / num_experts * capacity_factor, 9))
-    order = experts.t().reshape(-1)  # (k·N,) slot-major
-    onehot = F.one_hot(order, num_experts)  # (k·N, E)
+    order = None
+    if priority is not None:
+        order = torch.sort(priority, descending=True, stable=True).indices  # (N,) token ranks
+        experts = experts[order]
+    flat = experts.t().reshape(-1)  # (k·N,) slot-major
+    onehot = F.one_hot(flat.clamp(min=0), num_experts) * (flat >= 0)[:, None]  # (k·N, E)
     place = (onehot.cumsum(0) * onehot).sum(-1) - 1  # position of each assignment in its expert's queue
-    return torch.where((place < capacity).view(k, N).t(), experts, -1)
+    kept = torch.where((place < capacity).view(k, N).t(), experts, -1)
+    if order is not None:
+        kept = torch.empty_like(kept).index_copy_(0, order, kept)
+    return kept
 
 
 class MoE(nn.Module):
@@ -448,6 +466,10 @@ class MoE(nn.Module):
         E, D, I = config.num_experts, config.hidden_size, config.intermediate_size
         self.norm = make_norm(config, D, device=device)
         self.capacity_factor: float | None = None
+        self.capacity_priority = "position"  # or "score" (capacity_drop)
+        # Data parallel: gathers a [n, ...] tensor from every rank → ([world·n, ...] in rank order, this rank's
+        # first row), so that capacity is decided over the global micro-batch exactly as one process would.
+        self.capacity_gather = None
         self.register_buffer("expert_bias", None, persistent=False)
         self.record_routing = False
         self.routing: Routing | None = None
@@ -499,7 +521,7 @@ class MoE(nn.Module):
         experts, weights = self.route(t, logits)  # (N, k) each
         selected = experts
         if self.capacity_factor is not None:
-            experts = capacity_drop(experts, self.config.num_experts, self.capacity_factor)
+            experts = self._capacity(experts, logits)
         if self.record_routing:
             self.routing = Routing(logits, selected, experts)
         if (t.device.type == "cpu" and t.dtype != torch.float64
@@ -508,6 +530,19 @@ class MoE(nn.Module):
                 and not (torch.is_grad_enabled() and t.requires_grad)):  # the fused kernel has no backward
             return self._fused(t, experts, weights)
         return self._grouped(t, experts, weights)
+
+    def _capacity(self, experts: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """capacity_drop over this micro-batch, or over the global one under data parallelism (capacity_gather)."""
+        priority = None
+        if self.capacity_priority == "score":  # a token's top router probability (softmax over all experts)
+            priority = torch.softmax(logits.detach().float(), dim=-1).max(-1).values
+        if self.capacity_gather is None:
+            return capacity_drop(experts, self.config.num_experts, self.capacity_factor, priority)
+        everyone, first = self.capacity_gather(experts)
+        if priority is not None:
+            priority = self.capacity_gather(priority)[0]
+        kept = capacity_drop(everyone, self.config.num_experts, self.capacity_factor, priority)
+        return kept[first:first + experts.shape[0]]
 
     def _fused(self, t: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Decode: each (token, expert) pair is a row; the kernel reads only the chosen experts' MXFP4 bytes."""

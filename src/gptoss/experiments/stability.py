@@ -5,12 +5,11 @@ Claim tested (OLMo-2, Team OLMo 2024, §3.2–3.3): normalising each sublayer's 
 ("reordered norm", x + Norm(f(x))) and RMSNorm on queries and keys make training more stable; their 7B runs
 went from a gradient-norm spike score of 0.108 to 0.069 with these changes (plus others in the same step).
 
-Spike score (OLMo-2): the share of steps whose value exceeds the mean of the trailing window of values by more
-than 7 standard deviations (train/stability.py, logged by the trainer for the gradient norm, before clipping,
-and for the loss). OLMo-2 uses a 1000-step window over runs of ~10⁶ steps; these runs have ~10³, so the window
-is scaled to 100 steps, and the score is the share of spike steps after the first window (the warm-up transient:
-post-norm starts with gradient norms ~100× their later level, which would inflate the standard deviation of a
-run-long window and hide later spikes). Reported in %, as OLMo-2 defines it.
+Spike score (OLMo 2 §3.2, train/stability.py): the percentage of the values of the whole series that lie at least
+7 standard deviations (either side) from the mean of the `window` values before them; logged by the trainer for
+the gradient norm (before clipping) and the loss. OLMo-2's window is 1000 steps of runs ~10⁶ steps long; these
+runs have ~10³, so the window is scaled to 100 steps (values with fewer predecessors are never spikes: the
+warm-up transient, where post-norm starts with gradient norms ~100× their later level, is not judged).
 """
 
 from __future__ import annotations
@@ -23,8 +22,8 @@ NAME = "stability"
 DESCRIPTION = "pre-norm vs post-norm vs QK-norm vs post-norm + QK-norm at a spike-provoking learning rate"
 VARIANTS = {"pre-norm": {},  # GPT-oss
             "post-norm": {"norm_placement": "post"},
-            "QK-norm": {"qk_norm": True},
-            "post-norm + QK-norm": {"norm_placement": "post", "qk_norm": True}}  # OLMo-2
+            "QK-norm": {"qk_norm": "olmo2"},
+            "post-norm + QK-norm": {"norm_placement": "post", "qk_norm": "olmo2"}}  # OLMo-2
 LR = 0.1  # 33× the other experiments' 3e-3: pre-norm runs spike here (gradient norms 100× their median)
 WINDOW = 100  # trailing window of the spike score (steps)
 RUNS = len(VARIANTS) * 3
@@ -35,15 +34,10 @@ def window_for(steps: int) -> int:
 
 
 def spike_steps(values: list[float], window: int) -> list[int]:
-    """Indices of the steps the trainer's SpikeMeter counts as spikes (the same meter, replayed)."""
-    from ..train.stability import SpikeMeter
+    """Indices of the values that OLMo-2's spike score counts (train/stability.py; the trainer's meter)."""
+    from ..train.stability import spike_flags
 
-    meter, out = SpikeMeter(window), []
-    for i, v in enumerate(values):
-        meter.add(v)
-        if meter.last_was_spike:
-            out.append(i)
-    return out
+    return [i for i, spike in enumerate(spike_flags(values, window)) if spike]
 
 
 def run(ctx: Context) -> str:
@@ -58,7 +52,7 @@ def run(ctx: Context) -> str:
     rows = []
     for label, runs in by.items():
         count = [len(spikes_after(r, "grad_norm", window)) for r in runs]
-        counted = max(1, steps - window)
+        counted = max(1, steps)  # OLMo-2: a share of the whole series
         grad = [100 * c / counted for c in count]
         loss_spk = [100 * len(spikes_after(r, "loss", window)) / counted for r in runs]
         peak = [max(m["grad_norm"] for m in r["metrics"][window:] or r["metrics"]) for r in runs]
@@ -71,15 +65,15 @@ def run(ctx: Context) -> str:
                             "peak grad norm (after the first window)", "median grad norm", "final loss", "held-out loss"], rows)
     plot(ctx, by, window)
     return (f"Learning rate {LR} → {LR / 10} (cosine, warmup 5 %), grad clip 1.0, mean ± sd over {len(ctx.seeds)} "
-            f"seeds. Spike score: % of steps whose value exceeds the mean of the {window} steps before it by > 7 "
-            f"sd (OLMo-2's definition, window scaled), counted over steps {window + 1}..{steps}; 'final loss' = mean "
+            f"seeds. Spike score: % of all {steps} steps whose value lies ≥ 7 sd (either side) from the mean of the "
+            f"{window} steps before it (OLMo-2's definition, window scaled); 'final loss' = mean "
             "of the last 10 steps.\n\n"
             f"{table}\n![loss](loss.png)\n\n![gradient norm](grad_norm.png)\n")
 
 
 def spikes_after(run: dict, key: str, window: int) -> list[int]:
-    """Spike steps once the window is full (the warm-up transient excluded)."""
-    return [i for i in spike_steps([m[key] for m in run["metrics"]], window) if i >= window]
+    """Spike steps (only values with a full window before them can be spikes)."""
+    return spike_steps([m[key] for m in run["metrics"]], window)
 
 
 def plot(ctx: Context, by: dict[str, list[dict]], window: int) -> None:

@@ -63,10 +63,12 @@ class OptimSection:
 @dataclass
 class MoESection:
     """MoE training options; every default leaves routing exactly as GPT-oss does it (see train/moe.py)."""
-    aux_loss_coef: float = 0.0  # Switch load-balancing loss (transformers' form); 0.01 is Switch's choice
-    z_loss_coef: float = 0.0  # ST-MoE router z-loss; 1e-3 is ST-MoE's choice
+    aux_loss_coef: float = 0.0  # Switch load-balancing loss α, added per MoE layer; 0.01 is Switch's choice
+    aux_loss: str = "per_layer"  # "per_layer" (Switch) or "pooled" (transformers' load_balancing_loss_func)
+    z_loss_coef: float = 0.0  # ST-MoE router z-loss, added per MoE layer; 1e-3 is ST-MoE's choice
     bias_update_rate: float = 0.0  # DeepSeek-V3 selection-bias step γ per optimizer step (0: off; 1e-3 theirs)
     capacity_factor: float = 0.0  # expert capacity ⌈tokens·k/E · factor⌉, overflow dropped (0: unlimited)
+    capacity_priority: str = "position"  # who is dropped first: later tokens ("position") or low-score ("score")
 
 
 @dataclass
@@ -193,7 +195,9 @@ class TrainConfig:
                    ("train", "dtype"): ("bfloat16", "float32"),
                    ("train", "save_layout"): ("hf", "original"),
                    ("train", "save_dtype"): ("bfloat16", "float32"),
-                   ("train", "parallel"): ("ddp", "fsdp")}
+                   ("train", "parallel"): ("ddp", "fsdp"),
+                   ("moe", "aux_loss"): ("per_layer", "pooled"),
+                   ("moe", "capacity_priority"): ("position", "score")}
         for (section, name), allowed in choices.items():
             if getattr(getattr(self, section), name) not in allowed:
                 raise bad(section, name, f"must be one of {', '.join(map(repr, allowed))}")

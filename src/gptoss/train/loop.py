@@ -89,6 +89,7 @@ def build_model(cfg: TrainConfig, device: torch.device) -> Transformer:
         init_weights(model, cfg.train.seed)
     for m in moe_layers(model):
         m.capacity_factor = cfg.moe.capacity_factor or None
+        m.capacity_priority = cfg.moe.capacity_priority
         if cfg.moe.bias_update_rate > 0:
             m.expert_bias = torch.zeros(model.config.num_experts)
     record_routing(model, True)  # for the router losses and the load metrics
@@ -280,6 +281,9 @@ def _train(cfg, documents, token_map, progress, max_steps, on_step, prepare, inf
     data = PackedDataset(documents, cfg.data.seq_len, model.config.vocab_size, seed=t.seed,
                          shuffle=cfg.data.shuffle, token_map=token_map, source=cfg.source)
     o, m_cfg = cfg.optim, cfg.moe
+    if info.enabled and m_cfg.capacity_factor:  # capacity over the global micro-batch, as one process
+        for m in moe_layers(model):
+            m.capacity_gather = distributed.row_gather(info)
     step_loss = distributed.wrap(LMLoss(model), model.block, t.parallel, info, device)
     fused = {"fused": False} if device.type == "cpu" else {}
     opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
@@ -329,7 +333,7 @@ def _train(cfg, documents, token_map, progress, max_steps, on_step, prepare, inf
                 b = distributed.rank_slice(b, info, cfg.source).to(device)
                 with amp:
                     loss = step_loss(b.tokens, b.targets, b.mask, b.positions, b.segments)
-                    aux, z = router_losses(model, reduce)
+                    aux, z = router_losses(model, reduce, m_cfg.aux_loss)
                 # × W: DDP/FSDP average the ranks' gradients, the one-process gradient is their sum (the
                 # ranks' aux losses add up to the global one; the z-loss is a mean, the ranks' average)
                 total = loss * W / max(1, n_targets)
