@@ -74,6 +74,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     cfg = load_config(args.config)
     if args.resume:
         cfg.train.resume = True
+    if args.threads is not None:
+        cfg.train.threads = args.threads
     dist = from_env()  # torchrun sets RANK / WORLD_SIZE; read here once and passed down
     result = train(cfg, progress=not args.quiet, dist=dist)
     if result.checkpoint is not None and dist.is_main:
@@ -217,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help=cmd_train.__doc__, description=cmd_train.__doc__)
     p.add_argument("config", help="training config (.toml)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: [train] threads, else torch's own setting)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 

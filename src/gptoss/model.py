@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from . import kernels, mxfp4
@@ -492,12 +493,14 @@ def grouped_experts(t: torch.Tensor, experts: torch.Tensor, weights: torch.Tenso
     which = flat[rows]  # (M,) their experts, ascending
     offs = torch.bincount(which, minlength=E).cumsum(0).to(torch.int32)  # (E,) end row of each expert's group
     token = rows // k
-    x = t[token].to(dtype)  # (M, D)
-    h = F.grouped_mm(x, w1.to(dtype).transpose(1, 2), offs=offs) + b1[which].to(dtype)  # (M, 2I); bias grads summed in fp32
+    # index_select, not t[token]: its backward (index_add) is deterministic, advanced indexing's (an
+    # accumulating index_put) is not on multi-threaded CPUs, and a token appears in k rows
+    x = t.index_select(0, token).to(dtype)  # (M, D)
+    h = F.grouped_mm(x, w1.to(dtype).transpose(1, 2), offs=offs) + b1.index_select(0, which).to(dtype)  # (M, 2I)
     h = swiglu(h, alpha, limit)  # (M, I)
-    y = F.grouped_mm(h.to(dtype), w2.to(dtype).transpose(1, 2), offs=offs) + b2[which].to(dtype)  # (M, D)
+    y = F.grouped_mm(h.to(dtype), w2.to(dtype).transpose(1, 2), offs=offs) + b2.index_select(0, which).to(dtype)  # (M, D)
     out = torch.zeros(N, w2.shape[1], dtype=torch.float32, device=t.device)
-    return out.index_add(0, token, y.float() * weights.reshape(-1)[rows, None])
+    return out.index_add(0, token, y.float() * weights.reshape(-1).index_select(0, rows)[:, None])
 
 
 class Routing(NamedTuple):
@@ -702,6 +705,7 @@ class Transformer(nn.Module):
                                    for i in range(config.num_hidden_layers))
         self.norm = make_norm(config, config.hidden_size, device=device)
         self.unembedding = Linear(config.hidden_size, config.vocab_size, bias=False, device=device, dtype=dtype)
+        self.checkpointing = False  # training: recompute each block in the backward instead of keeping its inside
 
     @property
     def dtype(self) -> torch.dtype:
@@ -739,7 +743,10 @@ class Transformer(nn.Module):
         if self.config.dropout and self.training:
             x = F.dropout(x, self.config.dropout)
         for i, block in enumerate(self.block):
-            x = block(x, positions, cos, sin, None if cache is None else cache.layer(i), segments)
+            if self.checkpointing and cache is None and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, positions, cos, sin, None, segments, use_reentrant=False)
+            else:
+                x = block(x, positions, cos, sin, None if cache is None else cache.layer(i), segments)
         return self.norm(x)
 
     def expert_nbytes(self) -> int:

@@ -10,9 +10,12 @@
     [optim]
     lr = 3e-3
     min_lr = 3e-4              # cosine decays lr to min_lr at the last step, after warmup_steps of linear warmup
+    # val_files = ["heldout.jsonl"]          # validation loss every [train] eval_every steps and at the end
     [train]
     steps = 500
     out_dir = "runs/tiny"
+    # eval_every = 100
+    # checkpointing = true     # activation checkpointing (recompute each block in the backward)
     [lora]                     # optional: LoRA fine-tuning of an init_from checkpoint
     rank = 8
 
@@ -46,6 +49,7 @@ class DataSection:
     txt_split: str = "file"  # a .txt file is one document ("file"), one per blank-line paragraph, or per line
     append_eot: bool = True  # end each text document with <|endoftext|> (a learned document boundary)
     shuffle: bool = True  # shuffle documents once (seeded) and sequences every epoch
+    val_files: list[str] = field(default_factory=list)  # held-out documents: val_loss every [train] eval_every steps
 
 
 @dataclass
@@ -92,7 +96,11 @@ class TrainSection:
     save_layout: str = "hf"  # layout of the saved inference checkpoint: "hf" or "original"
     save_dtype: str = "bfloat16"  # dtype of its dense tensors (experts are always MXFP4)
     resume: bool = False  # continue from the newest step-* folder in out_dir
-    spike_window: int = 1000  # trailing window of the OLMo-2 spike score (steps)
+    spike_window: int = 1000  # rolling window of the OLMo-2 spike score (steps; train/stability.py)
+    eval_every: int = 0  # validation loss on [data] val_files every N steps (0: only at the last step)
+    checkpointing: bool = False  # activation checkpointing: keep each block's input, recompute its inside
+    threads: int = 0  # torch intra-op threads for the run (0: leave torch's setting; `gptoss train --threads`)
+    peak_tflops: float = 0.0  # the hardware's peak, for MFU (0: known GPUs only; train/throughput.py)
     parallel: str = "ddp"  # under torchrun (world size > 1): "ddp" (replicated) or "fsdp" (sharded, FSDP2)
 
 
@@ -189,8 +197,11 @@ class TrainConfig:
                 raise bad("lora", "dropout", "must be in [0, 1)")
         if self.optim.min_lr > self.optim.lr:
             raise bad("optim", "min_lr", f"must be <= lr = {self.optim.lr}")
-        if self.train.save_every < 0:
-            raise bad("train", "save_every", "must be >= 0")
+        for name in ("save_every", "eval_every", "threads", "peak_tflops"):
+            if getattr(self.train, name) < 0:
+                raise bad("train", name, "must be >= 0")
+        if self.train.eval_every and not self.data.val_files:
+            raise bad("train", "eval_every", "needs [data] val_files (the held-out documents)")
         choices = {("data", "txt_split"): ("file", "paragraph", "line"),
                    ("train", "dtype"): ("bfloat16", "float32"),
                    ("train", "save_layout"): ("hf", "original"),
