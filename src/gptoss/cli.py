@@ -231,10 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-minutes", type=float, default=30.0, help="wall-clock budget (default 30)")
     p.add_argument("--quick", action="store_true", help="a 5-minute budget")
     p.add_argument("--out", default=None, help="output folder (default experiments/NAME)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (default 0 1 2)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
+                   help="training seeds (default 0 1 2 3 4: five, the least a claim on a difference rests on)")
     p.add_argument("--steps", type=int, default=None, help="steps per run (default: from the budget)")
-    p.add_argument("--start", default="natural", choices=["natural", "collapsed"],
-                   help="router init: natural (default) or collapsed onto experts 0 and 1")
+    p.add_argument("--start", default="natural", choices=["natural", "collapsed", "staggered"],
+                   help="router init: natural (default), collapsed onto experts 0 and 1, or staggered (layer i "
+                        "onto experts i·k … i·k + k − 1)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: tiny models)")
     p.add_argument("-q", "--quiet", action="store_true", help="no per-run log lines")
     p.set_defaults(func=cmd_experiment)

@@ -49,26 +49,56 @@ def run(ctx: Context) -> str:
         for label, model in VARIANTS.items():
             train_run(ctx, label, seed, steps, model=model, optim=optim, train=train)
     by = {label: [r for r in ctx.runs if r["label"] == label] for label in VARIANTS}
-    rows = []
+    rows, counts, held = [], {}, {}
     for label, runs in by.items():
         count = [len(spikes_after(r, "grad_norm", window)) for r in runs]
+        counts[label] = count
         counted = max(1, steps)  # OLMo-2: a share of the whole series
         grad = [100 * c / counted for c in count]
         loss_spk = [100 * len(spikes_after(r, "loss", window)) / counted for r in runs]
         peak = [max(m["grad_norm"] for m in r["metrics"][window:] or r["metrics"]) for r in runs]
         median = [statistics.median(m["grad_norm"] for m in r["metrics"]) for r in runs]
         loss = [tail_mean([m["loss"] for m in r["metrics"]]) for r in runs]
-        held = [r["heldout_loss"] for r in runs]
+        held[label] = [r["heldout_loss"] for r in runs]
         rows.append([label, mean_sd(grad), " / ".join(map(str, count)), mean_sd(loss_spk),
-                     mean_sd(peak), mean_sd(median), mean_sd(loss), mean_sd(held)])
+                     mean_sd(peak), mean_sd(median), mean_sd(loss), mean_sd(held[label]), collapses(runs)])
     table = markdown_table(["variant", "grad-norm spike score %", "grad spikes per seed", "loss spike score %",
-                            "peak grad norm (after the first window)", "median grad norm", "final loss", "held-out loss"], rows)
+                            "peak grad norm (after the first window)", "median grad norm", "final loss",
+                            "held-out loss", "collapsed layers (seed: layer)"], rows)
+    tests = "\n".join(f"- {label} vs pre-norm: {comparison(counts['pre-norm'], counts[label], held['pre-norm'], held[label])}"
+                      for label in VARIANTS if label != "pre-norm")
     plot(ctx, by, window)
     return (f"Learning rate {LR} → {LR / 10} (cosine, warmup 5 %), grad clip 1.0, mean ± sd over {len(ctx.seeds)} "
             f"seeds. Spike score: % of all {steps} steps whose value lies ≥ 7 sd (either side) from the mean of the "
             f"{window} steps before it (OLMo-2's definition, window scaled); 'final loss' = mean "
-            "of the last 10 steps.\n\n"
-            f"{table}\n![loss](loss.png)\n\n![gradient norm](grad_norm.png)\n")
+            "of the last 10 steps. 'Collapsed layers': a layer whose expert load over the last 10 steps has entropy "
+            "< log 2 + 0.1 (≤ about 2 of 8 experts in use).\n\n"
+            f"{table}\nTests against pre-norm (spikes: total counts over the seeds, exact conditional binomial test "
+            "of two Poisson counts with equal exposure, two-sided; held-out loss: paired t-test by seed):\n\n"
+            f"{tests}\n\n![loss](loss.png)\n\n![gradient norm](grad_norm.png)\n")
+
+
+def comparison(base: list[int], other: list[int], base_held: list[float], other_held: list[float]) -> str:
+    from scipy import stats
+
+    a, b = sum(base), sum(other)
+    p_spikes = stats.binomtest(b, a + b, 0.5).pvalue if a + b else 1.0
+    d = [y - x for x, y in zip(base_held, other_held)]
+    p_held = stats.ttest_rel(other_held, base_held).pvalue if len(d) > 1 and statistics.pstdev(d) > 0 else float("nan")
+    return (f"grad-norm spikes {b} vs {a} (p = {p_spikes:.2g}); held-out loss {statistics.mean(d):+.3f} ± "
+            f"{statistics.stdev(d) if len(d) > 1 else 0:.3f} (p = {p_held:.2g})")
+
+
+def collapses(runs: list[dict]) -> str:
+    """Every run whose routing collapsed in some layer (an unexpected event to report, not to average away)."""
+    import math
+
+    out = []
+    for r in runs:
+        for i in range(len(r["metrics"][0]["load_entropy"])):
+            if tail_mean([m["load_entropy"][i] for m in r["metrics"]]) < math.log(2) + 0.1:
+                out.append(f"{r['seed']}: {i}")
+    return ", ".join(out) or "none"
 
 
 def spikes_after(run: dict, key: str, window: int) -> list[int]:
