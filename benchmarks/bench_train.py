@@ -3,7 +3,8 @@
 Each round runs one process per side (old/new order alternating between rounds) that trains the `small` preset
 (6 layers, hidden 256, 8 experts top-2, vocab 4096) on random tokens with `gptoss.train.train` — the public
 loop, so each side measures its own code — and reports its median step time over `--steps` steps after one
-warm-up step. The ratio old/new is taken per round (same minute of a shared machine); the summary gives the
+warm-up step, both in process CPU time (with one thread: the work done, little moved by other tenants of a
+shared machine) and in wall time. The ratio old/new is taken per round (same minutes); the summary gives the
 median ratio, its range, and a paired t-test on the log step times (two-sided p).
 
     python benchmarks/bench_train.py --baseline ff4b1e2 --rounds 6 --steps 4
@@ -46,12 +47,15 @@ def worker(args: argparse.Namespace) -> None:
              "moe": {"aux_loss_coef": 0.01},
              "train": {"steps": args.steps + 2, "out_dir": out, "device": "cpu", **json.loads(args.train_json)}}
         cfg = TrainConfig.from_dict(d)
-        result = train(cfg, documents=docs, progress=False, max_steps=args.steps + 1)
-    times = [m["time_s"] for m in result.metrics[1:]]
-    print(json.dumps({"median_s": statistics.median(times), "times": times}))
+        cpu = []  # process CPU time at the end of each step: with one thread, the work done, whatever the load
+        result = train(cfg, documents=docs, progress=False, max_steps=args.steps + 1,
+                       on_step=lambda row: cpu.append(time.process_time()))
+    wall = [m["time_s"] for m in result.metrics[1:]]
+    cpu_steps = [b - a for a, b in zip(cpu, cpu[1:])]
+    print(json.dumps({"wall_s": statistics.median(wall), "cpu_s": statistics.median(cpu_steps)}))
 
 
-def run_side(src: Path, args: argparse.Namespace, train_json: str, model_json: str) -> float:
+def run_side(src: Path, args: argparse.Namespace, train_json: str, model_json: str) -> dict:
     env = dict(os.environ, PYTHONPATH=str(src), OMP_WAIT_POLICY="PASSIVE")
     cmd = [sys.executable, __file__, "--worker", "--steps", str(args.steps), "--batch", str(args.batch),
            "--seq", str(args.seq), "--threads", str(args.threads), "--train-json", train_json,
@@ -59,7 +63,7 @@ def run_side(src: Path, args: argparse.Namespace, train_json: str, model_json: s
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
     if done.returncode:
         raise SystemExit(f"worker on {src} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])["median_s"]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def paired_t(log_ratios: list[float]) -> float:
@@ -100,16 +104,20 @@ def main(argv: list[str] | None = None) -> int:
             order = ["old", "new"] if r % 2 == 0 else ["new", "old"]
             t = {name: run_side(*sides[name][:1], args, *sides[name][1:]) for name in order}
             rows.append(t)
-            print(f"round {r + 1}: old {t['old']:.3f} s/step, new {t['new']:.3f} s/step, "
-                  f"old/new {t['old'] / t['new']:.2f}×  ({time.strftime('%H:%M:%S')})", flush=True)
-    ratios = [t["old"] / t["new"] for t in rows]
-    old, new = [t["old"] for t in rows], [t["new"] for t in rows]
-    p_value = paired_t([math.log(x) for x in ratios])
+            print(f"round {r + 1}: CPU s/step old {t['old']['cpu_s']:.3f} new {t['new']['cpu_s']:.3f} "
+                  f"({t['old']['cpu_s'] / t['new']['cpu_s']:.2f}×); wall s/step old {t['old']['wall_s']:.3f} "
+                  f"new {t['new']['wall_s']:.3f} ({t['old']['wall_s'] / t['new']['wall_s']:.2f}×)  "
+                  f"({time.strftime('%H:%M:%S')})", flush=True)
     print(f"\nsmall preset, batch {args.batch} × {args.seq} tokens, {args.threads} thread(s), {args.rounds} rounds × "
-          f"{args.steps} steps; new-side options train={args.new_train} model={args.new_model}")
-    print(f"old step {statistics.median(old):.3f} s ({min(old):.3f}–{max(old):.3f}), new {statistics.median(new):.3f} s "
-          f"({min(new):.3f}–{max(new):.3f}); old/new median {statistics.median(ratios):.2f}× "
-          f"(range {min(ratios):.2f}–{max(ratios):.2f}×), paired t-test on log times p = {p_value:.2g}")
+          f"{args.steps} steps (medians per process); new-side options train={args.new_train} model={args.new_model}")
+    for key, what in (("cpu_s", "process CPU time per step"), ("wall_s", "wall time per step")):
+        old, new = [t["old"][key] for t in rows], [t["new"][key] for t in rows]
+        ratios = [a / b for a, b in zip(old, new)]
+        p_value = paired_t([math.log(x) for x in ratios])
+        print(f"{what}: old {statistics.median(old):.3f} s ({min(old):.3f}–{max(old):.3f}), new "
+              f"{statistics.median(new):.3f} s ({min(new):.3f}–{max(new):.3f}); old/new median "
+              f"{statistics.median(ratios):.2f}× (range {min(ratios):.2f}–{max(ratios):.2f}×), paired t-test on "
+              f"log times p = {p_value:.2g}")
     return 0
 
 
