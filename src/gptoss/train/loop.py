@@ -7,6 +7,7 @@ the forward may run under bf16 autocast.
 
 On disk, out_dir/step-NNNNNN/ holds
   model/                      an inference checkpoint (gptoss.load reads it; experts quantized to MXFP4)
+  adapter/                    with [lora] on qkv/out: the adapters alone, PEFT's format (train/lora.py)
   train_state.safetensors     fp32 weights, AdamW moments, RNG state: everything exact resume needs
   train_state.json            step, optimizer hyper-parameters, the resolved training config
 and out_dir/metrics.jsonl gets one line per step.
@@ -38,7 +39,7 @@ from .config import TrainConfig
 from . import distributed, throughput
 from .data import Batch, Document, PackedDataset, TokenMap, read_documents
 from .distributed import DistInfo, full_tensor
-from .lora import add_lora, lora_modules
+from .lora import PEFT_MODULES, add_lora, lora_modules, save_peft_adapter
 from .moe import LoadMeter, moe_layers, record_routing, router_losses, update_expert_bias
 from .stability import SpikeMeter
 
@@ -447,5 +448,9 @@ def save_checkpoint(out_dir: Path, model: Transformer, opt: torch.optim.Optimize
     weights = {k: full_tensor(v) for k, v in model.state_dict().items()}
     if model.config.checkpoint_compatible and info.is_main:  # else: train state only
         save_model(model, path / "model", cfg.train.save_layout, getattr(torch, cfg.train.save_dtype), weights)
+    lo = cfg.lora
+    if lo.rank and info.is_main and all(t in PEFT_MODULES for t in lo.targets):  # the adapter alone, for PEFT
+        save_peft_adapter(model, path / "adapter", lo.rank, lo.alpha, lo.targets, lo.dropout,
+                          str(cfg.path(cfg.model.init_from)), weights)
     save_train_state(path, model, opt, step, cfg, weights, write=info.is_main)
     return path
