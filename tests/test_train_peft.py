@@ -57,3 +57,24 @@ def test_router_adapters_have_no_peft_form(tmp_path):
     add_lora(model, 2, 4.0, ["qkv", "gate"])
     with pytest.raises(ConfigError, match="'gate'.*no PEFT counterpart"):
         save_peft_adapter(model, tmp_path / "a", 2, 4.0, ["qkv", "gate"])
+
+
+def test_lora_base_is_bf16_under_bf16_autocast_and_adapters_stay_fp32(tmp_path):
+    """[lora] base_dtype "auto": the frozen non-expert weights in bf16 when the forward runs in bf16 (half the
+    memory of the 20b's 1.8B of them), experts still MXFP4, adapters fp32 (the optimizer's master copy)."""
+    from gptoss.model import MXFP4Weight
+    from gptoss.train.loop import build_model
+    from test_train_lora import lora_config, random_checkpoint
+
+    ckpt = random_checkpoint(tmp_path / "ckpt")
+    cfg = lora_config(tmp_path, ckpt, steps=3)
+    cfg.train.dtype = "bfloat16"
+    model = build_model(cfg, torch.device("cpu"))
+    attn = model.block[0].attn
+    assert attn.qkv.weight.dtype == torch.bfloat16 and model.embedding.weight.dtype == torch.bfloat16
+    assert attn.qkv.lora_A.dtype == torch.float32 and attn.qkv.lora_A.requires_grad
+    assert isinstance(model.block[0].mlp.mlp1_weight, MXFP4Weight)
+    result = train(cfg, documents=permutation_task(n_docs=20), progress=False)
+    assert result.losses[-1] < result.losses[0]
+    cfg.train.dtype, cfg.train.out_dir = "float32", str(tmp_path / "fp32")
+    assert build_model(cfg, torch.device("cpu")).block[0].attn.qkv.weight.dtype == torch.float32

@@ -82,6 +82,9 @@ class LoRASection:
     alpha: float = 16.0  # the update is scaled by alpha / rank
     targets: list[str] = field(default_factory=lambda: ["qkv", "out"])  # also "gate" (the router)
     dropout: float = 0.0  # on the adapter's input only
+    # dtype of the frozen base weights outside the experts: "auto" = bfloat16 under bf16 autocast ([train] dtype;
+    # the forward rounds them to bf16 anyway, and the 20b's 1.8B of them then take 3.6 GB, not 7.2), else float32
+    base_dtype: str = "auto"
 
 
 @dataclass
@@ -195,6 +198,8 @@ class TrainConfig:
                 raise bad("lora", "alpha", "must be > 0")
             if not 0 <= self.lora.dropout < 1:
                 raise bad("lora", "dropout", "must be in [0, 1)")
+            if self.lora.base_dtype not in ("auto", "bfloat16", "float32"):
+                raise bad("lora", "base_dtype", "must be one of 'auto', 'bfloat16', 'float32'")
         if self.optim.min_lr > self.optim.lr:
             raise bad("optim", "min_lr", f"must be <= lr = {self.optim.lr}")
         for name in ("save_every", "eval_every", "threads", "peak_tflops"):

@@ -74,11 +74,19 @@ def init_weights(model: Transformer, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32) * s)
 
 
+def base_dtype(cfg: TrainConfig) -> torch.dtype:
+    """fp32 weights to train; with LoRA the frozen base may be bf16 ([lora] base_dtype)."""
+    choice = cfg.lora.base_dtype if cfg.lora.rank else "float32"
+    if choice == "auto":
+        choice = "bfloat16" if cfg.train.dtype == "bfloat16" else "float32"
+    return getattr(torch, choice)
+
+
 def build_model(cfg: TrainConfig, device: torch.device) -> Transformer:
     """A trainable model: fp32 weights, dense experts. From a checkpoint (init_from) or freshly initialised.
     With [lora]: the checkpoint frozen as loaded (experts stay MXFP4) plus trainable adapters."""
     if cfg.model.init_from is not None:
-        model = load(cfg.path(cfg.model.init_from), dtype=torch.float32)
+        model = load(cfg.path(cfg.model.init_from), dtype=base_dtype(cfg))
     else:
         model = Transformer(cfg.model_config(), device="meta", dtype=torch.float32)
         model = model.to_empty(device="cpu")
