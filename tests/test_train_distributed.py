@@ -35,6 +35,8 @@ def write_run(tmp_path, parallel: str, lora: bool) -> None:
         # gradient reduction's summation order) and reorder near-ties; it is checked in-process in
         # test_train_formulas.test_capacity_over_ranks_equals_one_process.
         capacity = 'capacity_factor = 1.0\n'
+    # FSDP with activation checkpointing: the recomputed forward gathers the other rank's routing again
+    checkpointing = "checkpointing = true\n" if parallel == "fsdp" and not lora else ""
     (tmp_path / f"{parallel}.toml").write_text(model + f"""
 [data]
 files = ["d.jsonl"]
@@ -47,7 +49,7 @@ warmup_steps = 1
 aux_loss_coef = 0.01
 z_loss_coef = 1e-3
 {capacity}[train]
-steps = 4
+{checkpointing}steps = 4
 grad_accum = 2
 device = "cpu"
 dtype = "float32"
