@@ -1,25 +1,26 @@
-"""Training-step time of the `small` preset: this tree against a baseline commit, paired.
+"""Training-step time of the `small` preset: this tree against a baseline commit, paired step by step.
 
-Each round runs one process per side (old/new order alternating between rounds) that trains the `small` preset
-(6 layers, hidden 256, 8 experts top-2, vocab 4096) on random tokens with `gptoss.train.train` — the public
-loop, so each side measures its own code — and reports its median step time over `--steps` steps after one
-warm-up step, both in process CPU time (with one thread: the work done, little moved by other tenants of a
-shared machine) and in wall time. The ratio old/new is taken per round (same minutes); the summary gives the
-median ratio, its range, and a paired t-test on the log step times (two-sided p).
+The baseline's `src/gptoss` (git archive of --baseline) is imported beside this tree's as a second package,
+`gptoss_old`, in the same process. Each side builds its trainable model with its own `train.loop.build_model`
+(the `small` preset: 6 layers, hidden 256, 8 experts top-2, vocab 4096; fp32 weights, bf16 autocast as `gptoss
+train` runs) and AdamW, and a step is its own forward (`lm_loss_sum` + `router_losses`, Switch aux 0.01),
+backward, gradient clipping and optimizer step on the same batch of random tokens. Steps alternate old, new,
+new, old, … so that each pair shares the minute (this machine is shared, its load moves by 3× within minutes);
+after --warmup steps per side, the ratio old/new is taken per pair. Reported: median step times with their
+range, the median ratio with its range, and a paired t-test on the log step times (two-sided p).
+The metrics/logging/checkpoint parts of the loop are not in the timed step.
 
-    python benchmarks/bench_train.py --baseline ff4b1e2 --rounds 6 --steps 4
+    python benchmarks/bench_train.py --baseline ff4b1e2 --pairs 12
     python benchmarks/bench_train.py --baseline ff4b1e2 --new-train '{"checkpointing": true}'
-
---new-train / --new-model: JSON of [train] / [model] fields given to the new side only (options the baseline
-lacks, e.g. checkpointing).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
-import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -27,43 +28,54 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def worker(args: argparse.Namespace) -> None:
-    import torch
-
-    torch.set_num_threads(args.threads)
-    from gptoss.train import TrainConfig, train
-    from gptoss.train.data import Document
-
-    g = torch.Generator().manual_seed(0)
-    docs = [Document(torch.randint(0, 4096, (args.seq + 1,), generator=g).tolist())
-            for _ in range(args.batch * (args.steps + 2))]
-    with tempfile.TemporaryDirectory() as out:
-        d = {"model": {"preset": "small", **json.loads(args.model_json)},
-             "data": {"seq_len": args.seq, "batch_size": args.batch},
-             "optim": {"lr": 1e-3, "warmup_steps": 1},
-             "moe": {"aux_loss_coef": 0.01},
-             "train": {"steps": args.steps + 2, "out_dir": out, "device": "cpu", **json.loads(args.train_json)}}
-        cfg = TrainConfig.from_dict(d)
-        cpu = []  # process CPU time at the end of each step: with one thread, the work done, whatever the load
-        result = train(cfg, documents=docs, progress=False, max_steps=args.steps + 1,
-                       on_step=lambda row: cpu.append(time.process_time()))
-    wall = [m["time_s"] for m in result.metrics[1:]]
-    cpu_steps = [b - a for a, b in zip(cpu, cpu[1:])]
-    print(json.dumps({"wall_s": statistics.median(wall), "cpu_s": statistics.median(cpu_steps)}))
+def import_baseline(rev: str, tmp: Path):
+    """The baseline's package, importable as `gptoss_old` (its imports inside the package are relative)."""
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "src/gptoss"], capture_output=True,
+                             check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive, check=True)
+    shutil.move(str(tmp / "src" / "gptoss"), str(tmp / "gptoss_old"))
+    sys.path.insert(0, str(tmp))
+    return importlib.import_module("gptoss_old")
 
 
-def run_side(src: Path, args: argparse.Namespace, train_json: str, model_json: str) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(src), OMP_WAIT_POLICY="PASSIVE")
-    cmd = [sys.executable, __file__, "--worker", "--steps", str(args.steps), "--batch", str(args.batch),
-           "--seq", str(args.seq), "--threads", str(args.threads), "--train-json", train_json,
-           "--model-json", model_json]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
-    if done.returncode:
-        raise SystemExit(f"worker on {src} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+class Side:
+    """One version's model, optimizer and step."""
+
+    def __init__(self, pkg: str, args: argparse.Namespace, extra_train: dict, tmp: Path):
+        train_mod = importlib.import_module(f"{pkg}.train")
+        self.loop = importlib.import_module(f"{pkg}.train.loop")
+        self.moe = importlib.import_module(f"{pkg}.train.moe")
+        data_mod = importlib.import_module(f"{pkg}.train.data")
+        cfg = train_mod.TrainConfig.from_dict({
+            "model": {"preset": "small"}, "data": {"seq_len": args.seq, "batch_size": args.batch},
+            "moe": {"aux_loss_coef": 0.01},
+            "train": {"out_dir": str(tmp / pkg), "device": "cpu", **extra_train}})
+        torch.manual_seed(0)
+        self.model = self.loop.build_model(cfg, torch.device("cpu"))
+        self.loop.init_weights(self.model, 0)
+        self.opt = torch.optim.AdamW(self.loop.param_groups(self.model, 0.1), lr=1e-4, fused=False)
+        g = torch.Generator().manual_seed(0)
+        docs = [data_mod.Document(torch.randint(0, 4096, (args.seq + 1,), generator=g).tolist())
+                for _ in range(args.batch)]
+        self.batch = data_mod.PackedDataset(docs, args.seq, self.model.config.vocab_size, shuffle=False).batch(
+            list(range(args.batch)))
+        self.times: list[float] = []
+
+    def step(self) -> None:
+        t0 = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, n = self.loop.lm_loss_sum(self.model, self.batch)
+            aux, _ = self.moe.router_losses(self.model)
+        (loss / n + 0.01 * aux).backward()
+        torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.times.append(time.perf_counter() - t0)
 
 
 def paired_t(log_ratios: list[float]) -> float:
@@ -78,46 +90,39 @@ def paired_t(log_ratios: list[float]) -> float:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--baseline", default="main", help="git revision of the old side (default main)")
-    p.add_argument("--rounds", type=int, default=6)
-    p.add_argument("--steps", type=int, default=4, help="timed steps per process (after one warm-up step)")
+    p.add_argument("--pairs", type=int, default=12, help="timed (old, new) step pairs")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per side first")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--new-train", default="{}", help="JSON [train] fields for the new side only")
-    p.add_argument("--new-model", default="{}", help="JSON [model] fields for the new side only")
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--train-json", default="{}", help=argparse.SUPPRESS)
-    p.add_argument("--model-json", default="{}", help=argparse.SUPPRESS)
+    p.add_argument("--new-train", default="{}", help="JSON [train] fields for the new side only (e.g. checkpointing)")
     args = p.parse_args(argv)
-    if args.worker:
-        worker(args)
-        return 0
+    torch.set_num_threads(args.threads)
+    sys.path.insert(0, str(ROOT / "src"))  # the new side is this tree, not whatever `pip install -e` points at
     with tempfile.TemporaryDirectory() as tmp:
-        old_src = Path(tmp) / "old"
-        old_src.mkdir()
-        archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.baseline, "src"], capture_output=True,
-                                 check=True).stdout
-        subprocess.run(["tar", "-x", "-C", str(old_src)], input=archive, check=True)
-        sides = {"old": (old_src / "src", "{}", "{}"), "new": (ROOT / "src", args.new_train, args.new_model)}
-        rows = []
-        for r in range(args.rounds):
-            order = ["old", "new"] if r % 2 == 0 else ["new", "old"]
-            t = {name: run_side(*sides[name][:1], args, *sides[name][1:]) for name in order}
-            rows.append(t)
-            print(f"round {r + 1}: CPU s/step old {t['old']['cpu_s']:.3f} new {t['new']['cpu_s']:.3f} "
-                  f"({t['old']['cpu_s'] / t['new']['cpu_s']:.2f}×); wall s/step old {t['old']['wall_s']:.3f} "
-                  f"new {t['new']['wall_s']:.3f} ({t['old']['wall_s'] / t['new']['wall_s']:.2f}×)  "
-                  f"({time.strftime('%H:%M:%S')})", flush=True)
-    print(f"\nsmall preset, batch {args.batch} × {args.seq} tokens, {args.threads} thread(s), {args.rounds} rounds × "
-          f"{args.steps} steps (medians per process); new-side options train={args.new_train} model={args.new_model}")
-    for key, what in (("cpu_s", "process CPU time per step"), ("wall_s", "wall time per step")):
-        old, new = [t["old"][key] for t in rows], [t["new"][key] for t in rows]
-        ratios = [a / b for a, b in zip(old, new)]
-        p_value = paired_t([math.log(x) for x in ratios])
-        print(f"{what}: old {statistics.median(old):.3f} s ({min(old):.3f}–{max(old):.3f}), new "
-              f"{statistics.median(new):.3f} s ({min(new):.3f}–{max(new):.3f}); old/new median "
-              f"{statistics.median(ratios):.2f}× (range {min(ratios):.2f}–{max(ratios):.2f}×), paired t-test on "
-              f"log times p = {p_value:.2g}")
+        import_baseline(args.baseline, Path(tmp))
+        old = Side("gptoss_old", args, {}, Path(tmp))
+        new = Side("gptoss", args, json.loads(args.new_train), Path(tmp))
+        print(f"old: {sys.modules['gptoss_old'].__file__}\nnew: {sys.modules['gptoss'].__file__}", flush=True)
+        for _ in range(args.warmup):
+            old.step()
+            new.step()
+        old.times.clear()
+        new.times.clear()
+        for i in range(args.pairs):
+            for side in ((old, new) if i % 2 == 0 else (new, old)):
+                side.step()
+            print(f"pair {i + 1}: old {old.times[-1]:.3f} s, new {new.times[-1]:.3f} s, "
+                  f"{old.times[-1] / new.times[-1]:.2f}×  ({time.strftime('%H:%M:%S')})", flush=True)
+    ratios = [a / b for a, b in zip(old.times, new.times)]
+    p_value = paired_t([math.log(x) for x in ratios])
+    print(f"\nsmall preset, batch {args.batch} × {args.seq} tokens, bf16 autocast, {args.threads} thread(s), "
+          f"{args.pairs} alternating pairs after {args.warmup} warm-up steps; baseline {args.baseline}; new-side "
+          f"[train] options {args.new_train}")
+    print(f"old step {statistics.median(old.times):.3f} s ({min(old.times):.3f}–{max(old.times):.3f}), new "
+          f"{statistics.median(new.times):.3f} s ({min(new.times):.3f}–{max(new.times):.3f}); old/new median "
+          f"{statistics.median(ratios):.2f}× (range {min(ratios):.2f}–{max(ratios):.2f}×), paired t-test on log "
+          f"times p = {p_value:.2g}")
     return 0
 
 
