@@ -411,6 +411,33 @@ def swiglu(h: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
     return gate * torch.sigmoid(alpha * gate) * (linear + 1)
 
 
+def grouped_experts(t: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, w1: torch.Tensor,
+                    b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """The experts of dense weights (training) as two grouped GEMMs: the (token, expert) rows sorted by expert,
+    each projection one `F.grouped_mm` call over all experts (no Python loop, one autograd node each).
+
+    t [N, D], experts/weights [N, k] (−1: dropped for capacity), w1 [E, 2I, D], b1 [E, 2I], w2 [E, D, I],
+    b2 [E, D] → [N, D] fp32. Under autocast the GEMMs run in its dtype (grouped_mm has no autocast rule)."""
+    N, k = experts.shape
+    E = w1.shape[0]
+    dtype = torch.get_autocast_dtype(t.device.type) if torch.is_autocast_enabled(t.device.type) else t.dtype
+    flat = experts.reshape(-1)  # (N·k,) token-major
+    kept = (flat >= 0).nonzero().squeeze(1)
+    rank = torch.argsort(flat[kept], stable=True)
+    rows = kept[rank]  # (M,) the kept assignments, grouped by expert
+    which = flat[rows]  # (M,) their experts, ascending
+    offs = torch.bincount(which, minlength=E).cumsum(0).to(torch.int32)  # (E,) end row of each expert's group
+    token = rows // k
+    # index_select, not t[token]: its backward (index_add) is deterministic, advanced indexing's (an
+    # accumulating index_put) is not on multi-threaded CPUs, and a token appears in k rows
+    x = t.index_select(0, token).to(dtype)  # (M, D)
+    h = F.grouped_mm(x, w1.to(dtype).transpose(1, 2), offs=offs) + b1.index_select(0, which).to(dtype)  # (M, 2I)
+    h = swiglu(h, alpha, limit)  # (M, I)
+    y = F.grouped_mm(h.to(dtype), w2.to(dtype).transpose(1, 2), offs=offs) + b2.index_select(0, which).to(dtype)  # (M, D)
+    out = torch.zeros(N, w2.shape[1], dtype=torch.float32, device=t.device)
+    return out.index_add(0, token, y.float() * weights.reshape(-1).index_select(0, rows)[:, None])
+
+
 class _MXFP4Linear(torch.autograd.Function):
     """x @ W_eᵀ + b with W_e dequantized from MXFP4 in the forward and again in the backward: autograd keeps
     only the uint8 blocks/scales, never a dense expert (LoRA fine-tuning through frozen MXFP4 experts)."""
@@ -476,33 +503,6 @@ class DenseExpertWeight(nn.Module):
         return self.weight.numel() * self.weight.element_size()
 
 
-def grouped_experts(t: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, w1: torch.Tensor,
-                    b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
-    """The experts of dense weights (training) as two grouped GEMMs: the (token, expert) rows sorted by expert,
-    each projection one `F.grouped_mm` call over all experts (no Python loop, one autograd node each).
-
-    t [N, D], experts/weights [N, k] (−1: dropped for capacity), w1 [E, 2I, D], b1 [E, 2I], w2 [E, D, I],
-    b2 [E, D] → [N, D] fp32. Under autocast the GEMMs run in its dtype (grouped_mm has no autocast rule)."""
-    N, k = experts.shape
-    E = w1.shape[0]
-    dtype = torch.get_autocast_dtype(t.device.type) if torch.is_autocast_enabled(t.device.type) else t.dtype
-    flat = experts.reshape(-1)  # (N·k,) token-major
-    kept = (flat >= 0).nonzero().squeeze(1)
-    rank = torch.argsort(flat[kept], stable=True)
-    rows = kept[rank]  # (M,) the kept assignments, grouped by expert
-    which = flat[rows]  # (M,) their experts, ascending
-    offs = torch.bincount(which, minlength=E).cumsum(0).to(torch.int32)  # (E,) end row of each expert's group
-    token = rows // k
-    # index_select, not t[token]: its backward (index_add) is deterministic, advanced indexing's (an
-    # accumulating index_put) is not on multi-threaded CPUs, and a token appears in k rows
-    x = t.index_select(0, token).to(dtype)  # (M, D)
-    h = F.grouped_mm(x, w1.to(dtype).transpose(1, 2), offs=offs) + b1.index_select(0, which).to(dtype)  # (M, 2I)
-    h = swiglu(h, alpha, limit)  # (M, I)
-    y = F.grouped_mm(h.to(dtype), w2.to(dtype).transpose(1, 2), offs=offs) + b2.index_select(0, which).to(dtype)  # (M, D)
-    out = torch.zeros(N, w2.shape[1], dtype=torch.float32, device=t.device)
-    return out.index_add(0, token, y.float() * weights.reshape(-1).index_select(0, rows)[:, None])
-
-
 class Routing(NamedTuple):
     """What a MoE layer decided (kept while `record_routing` is on, for router losses and load metrics)."""
     logits: torch.Tensor  # (N, E) router logits
@@ -560,6 +560,19 @@ class MoE(nn.Module):
         # Training options, set above, off for GPT-oss: expert capacity, a selection-only bias (DeepSeek-V3,
         # expert_bias (E,) when bias balancing is on), routing recorded for router losses.
 
+    def _capacity(self, experts: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """capacity_drop over this micro-batch, or over the global one under data parallelism (capacity_gather)."""
+        priority = None
+        if self.capacity_priority == "score":  # a token's top router probability (softmax over all experts)
+            priority = torch.softmax(logits.detach().float(), dim=-1).max(-1).values
+        if self.capacity_gather is None:
+            return capacity_drop(experts, self.config.num_experts, self.capacity_factor, priority)
+        everyone, first = self.capacity_gather(experts)
+        if priority is not None:
+            priority = self.capacity_gather(priority)[0]
+        kept = capacity_drop(everyone, self.config.num_experts, self.capacity_factor, priority)
+        return kept[first:first + experts.shape[0]]
+
     def route(self, t: torch.Tensor, logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """t [N, D] → expert ids [N, k] and weights [N, k]: softmax over the top-k router logits only."""
         logits = self.gate(t) if logits is None else logits  # (N, E)
@@ -604,19 +617,6 @@ class MoE(nn.Module):
                 and not (torch.is_grad_enabled() and t.requires_grad)):  # the fused kernel has no backward
             return self._fused(t, experts, weights)
         return self._grouped(t, experts, weights)
-
-    def _capacity(self, experts: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """capacity_drop over this micro-batch, or over the global one under data parallelism (capacity_gather)."""
-        priority = None
-        if self.capacity_priority == "score":  # a token's top router probability (softmax over all experts)
-            priority = torch.softmax(logits.detach().float(), dim=-1).max(-1).values
-        if self.capacity_gather is None:
-            return capacity_drop(experts, self.config.num_experts, self.capacity_factor, priority)
-        everyone, first = self.capacity_gather(experts)
-        if priority is not None:
-            priority = self.capacity_gather(priority)[0]
-        kept = capacity_drop(everyone, self.config.num_experts, self.capacity_factor, priority)
-        return kept[first:first + experts.shape[0]]
 
     def _fused(self, t: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Decode: each (token, expert) pair is a row; the kernel reads only the chosen experts' MXFP4 bytes."""

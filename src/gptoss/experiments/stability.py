@@ -117,7 +117,7 @@ def plot(ctx: Context, by: dict[str, list[dict]], window: int) -> None:
             for s, r in enumerate(runs):
                 y = np.array([m[key] for m in r["metrics"]])
                 x = np.arange(1, len(y) + 1)
-                ax.plot(x, y, color=f"C{c}", alpha=1.0 - 0.3 * s, lw=0.7, label=f"{label}, seed {r['seed']}")
+                ax.plot(x, y, color=f"C{c}", alpha=max(0.3, 1.0 - 0.15 * s), lw=0.7, label=f"{label}, seed {r['seed']}")
                 spike = spikes_after(r, key, window)
                 ax.plot(x[spike], y[spike], "kx", ms=5, label="spike (> 7 sd)" if s == 0 and spike else None)
             ax.axvline(window, color="gray", ls=":", lw=0.8)
