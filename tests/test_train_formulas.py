@@ -95,9 +95,10 @@ def test_spike_score_as_olmo2_defines_it():
 
 
 def qk_model(qk_norm) -> gptoss.Transformer:
-    config = preset("tiny").replace(vocab_size=64, qk_norm=qk_norm, rms_norm_eps=1e-12)  # eps: the only scale a norm sees
+    config = preset("tiny").replace(vocab_size=64, num_hidden_layers=2, layer_types=(), qk_norm=qk_norm,
+                                    rms_norm_eps=1e-12)  # eps: the only scale a norm sees
     model = gptoss.Transformer(config, dtype=torch.float64)
-    state = dict(synthetic.random_tensors(preset("tiny").replace(vocab_size=64), seed=0, dtype=torch.float64))
+    state = dict(synthetic.random_tensors(config.replace(qk_norm=False), seed=0, dtype=torch.float64))
     model.load_state_dict(state, strict=False)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # non-trivial norm scales, so that the scale's shape matters too
