@@ -79,7 +79,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     dist = from_env()  # torchrun sets RANK / WORLD_SIZE; read here once and passed down
     result = train(cfg, progress=not args.quiet, dist=dist)
     if result.checkpoint is not None and dist.is_main:
-        print(f"saved {result.checkpoint / 'model'} (final loss {result.losses[-1]:.4f})" if result.losses
+        saved = result.checkpoint / "model"  # absent where the layouts cannot hold the model (e.g. QK-norm)
+        saved = saved if saved.exists() else result.checkpoint / "train_state.safetensors"
+        print(f"saved {saved} (final loss {result.losses[-1]:.4f})" if result.losses
               else f"nothing to do: {result.checkpoint} is already at step {cfg.train.steps}")
 
 
