@@ -147,7 +147,8 @@ def our_grad(model, name: str) -> torch.Tensor:
 
 
 def test_gradients_match_transformers(tmp_path):
-    """fp32, LM loss + 0.5 · router load-balancing loss (transformers' load_balancing_loss_func): the loss
+    """fp32, LM loss + 0.5 · router load-balancing loss (transformers' load_balancing_loss_func, our
+    aux_loss = "pooled"): the loss
     terms agree and every parameter's gradient is within 1e-4 relative (to its largest entry) of
     transformers' GptOssForCausalLM."""
     config = GRAD_CONFIG
@@ -174,7 +175,7 @@ def test_gradients_match_transformers(tmp_path):
     batch.mask = torch.ones(2, T, dtype=torch.bool)
     batch.mask[:, -1] = False
     loss_sum, n = lm_loss_sum(model, batch)
-    aux, _ = router_losses(model)
+    aux, _ = router_losses(model, aux_loss="pooled")  # transformers pools the layers
     torch.testing.assert_close(aux, out.aux_loss, rtol=1e-5, atol=0)
     loss = loss_sum / n + 0.5 * aux
     torch.testing.assert_close(loss, out.loss, rtol=1e-5, atol=0)
@@ -229,9 +230,14 @@ def test_router_loss_formulas_in_float64():
     chosen = [x.topk(2, -1).indices for x in logits]
     from gptoss.train.moe import load_balancing_loss, z_loss
 
-    # Switch: E · Σ_e f_e P_e over the tokens of both layers, f_e = share of tokens with e in their top-2
+    # Switch, per layer: E · Σ_e f_e P_e with f_e = share of the layer's tokens with e in their top-2, summed
+    f = [torch.bincount(c.reshape(-1), minlength=4).double() / 10 for c in chosen]
+    P = [x.softmax(-1).mean(0) for x in logits]
+    per_layer = sum(4 * (fi * Pi).sum() for fi, Pi in zip(f, P))
+    torch.testing.assert_close(load_balancing_loss(logits, chosen, 4).double(), per_layer)
+    # pooled (transformers): the same product over the tokens of both layers together
     f = torch.stack([torch.bincount(c.reshape(-1), minlength=4) for c in chosen]).sum(0).double() / 20
     P = torch.cat([x.softmax(-1) for x in logits]).mean(0)
-    torch.testing.assert_close(load_balancing_loss(logits, chosen, 4).double(), 4 * (f * P).sum())
-    expected = sum(torch.logsumexp(x, -1).pow(2).mean() for x in logits) / 2
+    torch.testing.assert_close(load_balancing_loss(logits, chosen, 4, mode="pooled").double(), 4 * (f * P).sum())
+    expected = sum(torch.logsumexp(x, -1).pow(2).mean() for x in logits)  # ST-MoE: summed over layers
     torch.testing.assert_close(z_loss(logits).double(), expected)

@@ -78,10 +78,14 @@ def cmd_train(args: argparse.Namespace) -> None:
     cfg = load_config(args.config)
     if args.resume:
         cfg.train.resume = True
+    if args.threads is not None:
+        cfg.train.threads = args.threads
     dist = from_env()  # torchrun sets RANK / WORLD_SIZE; read here once and passed down
     result = train(cfg, progress=not args.quiet, dist=dist)
     if result.checkpoint is not None and dist.is_main:
-        print(f"saved {result.checkpoint / 'model'} (final loss {result.losses[-1]:.4f})" if result.losses
+        saved = result.checkpoint / "model"  # absent where the layouts cannot hold the model (e.g. QK-norm)
+        saved = saved if saved.exists() else result.checkpoint / "train_state.safetensors"
+        print(f"saved {saved} (final loss {result.losses[-1]:.4f})" if result.losses
               else f"nothing to do: {result.checkpoint} is already at step {cfg.train.steps}")
 
 
@@ -223,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help=cmd_train.__doc__, description=cmd_train.__doc__)
     p.add_argument("config", help="training config (.toml)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: [train] threads, else torch's own setting)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
@@ -233,10 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-minutes", type=float, default=30.0, help="wall-clock budget (default 30)")
     p.add_argument("--quick", action="store_true", help="a 5-minute budget")
     p.add_argument("--out", default=None, help="output folder (default experiments/NAME)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (default 0 1 2)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
+                   help="training seeds (default 0 1 2 3 4: five, the least a claim on a difference rests on)")
     p.add_argument("--steps", type=int, default=None, help="steps per run (default: from the budget)")
-    p.add_argument("--start", default="natural", choices=["natural", "collapsed"],
-                   help="router init: natural (default) or collapsed onto experts 0 and 1")
+    p.add_argument("--start", default="natural", choices=["natural", "collapsed", "staggered"],
+                   help="router init: natural (default), collapsed onto experts 0 and 1, or staggered (layer i "
+                        "onto experts i·k … i·k + k − 1)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: tiny models)")
     p.add_argument("-q", "--quiet", action="store_true", help="no per-run log lines")
     p.set_defaults(func=cmd_experiment)

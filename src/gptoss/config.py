@@ -18,6 +18,7 @@ from .errors import ConfigError
 # Architecture options of the training stack; GPT-oss is every default. The first two keep the checkpoint's
 # tensor list (post-norm, dropout); the others add or remove tensors the GPT-oss layouts have no slot for.
 VARIANTS = ("norm_placement", "dropout", "qk_norm", "norm_type", "position_embedding", "mlp_type", "attention_sinks")
+QK_NORMS = (False, "olmo2", "per_head")
 SLIDING = "sliding_attention"
 FULL = "full_attention"
 MXFP4_BLOCK = 32  # values per MXFP4 block (OCP Microscaling spec)
@@ -53,7 +54,9 @@ class ModelConfig:
     layer_types: tuple[str, ...] = field(default=())  # empty = alternating, sliding first
     # Training variants (not in GPT-oss; written to config.json only when they differ from it):
     norm_placement: str = "pre"  # "pre" (GPT-oss) or "post" (OLMo-2: norm on each sublayer's output)
-    qk_norm: bool = False  # RMSNorm of each query and key head before RoPE (OLMo-2)
+    # QK-norm, before RoPE: "olmo2" = RMSNorm over the whole q and k projections (num_heads·head_dim, OLMo-2),
+    # "per_head" = RMSNorm of each head over head_dim (Qwen3); False = none (GPT-oss)
+    qk_norm: bool | str = False
     # GPT-2-style ablations (one code path from GPT-2 to GPT-oss; MHA is num_key_value_heads =
     # num_attention_heads, all-global attention is layer_types of "full_attention" only):
     dropout: float = 0.0  # on attention weights, each residual branch and the embeddings, in training (GPT-2: 0.1)
@@ -125,9 +128,13 @@ class ModelConfig:
                               f"num_hidden_layers is {self.num_hidden_layers}")
         if self.norm_placement not in ("pre", "post"):
             raise bad("norm_placement", "must be 'pre' or 'post'")
-        for name in ("qk_norm", "attention_sinks"):
-            if not isinstance(getattr(self, name), bool):
-                raise bad(name, "must be true or false")
+        if not isinstance(self.attention_sinks, bool):
+            raise bad("attention_sinks", "must be true or false")
+        if self.qk_norm is True:
+            raise bad("qk_norm", "is ambiguous: use 'olmo2' (RMSNorm over the whole q and k projections, OLMo-2) "
+                                 "or 'per_head' (RMSNorm of each head, Qwen3)")
+        if self.qk_norm not in QK_NORMS:
+            raise bad("qk_norm", "must be false, 'olmo2' or 'per_head'")
         for name, allowed in (("norm_type", ("rms", "layer")), ("position_embedding", ("rope", "learned")),
                               ("mlp_type", ("moe", "swiglu", "gelu"))):
             if getattr(self, name) not in allowed:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 EXPERIMENTS = {
     "routing": "gptoss.experiments.routing",    # router collapse: none vs Switch aux loss vs DeepSeek-V3 bias
+    "routing-layers": "gptoss.experiments.routing_layers",  # layers collapsed apart: aux loss per layer vs pooled
     "capacity": "gptoss.experiments.capacity",  # capacity factor 1.0 / 1.25 / 2.0 / ∞: drops, loss, tokens/s
     "stability": "gptoss.experiments.stability",  # pre/post-norm × QK-norm at a high lr: OLMo-2's spike score
     "ladder": "gptoss.experiments.ladder",  # GPT-2 → GPT-oss, one architecture change at a time
@@ -31,7 +32,7 @@ def get(name: str):
     return importlib.import_module(EXPERIMENTS[name])
 
 
-def run_experiment(name: str, out: str, budget_minutes: float = 30.0, seeds: tuple[int, ...] = (0, 1, 2),
+def run_experiment(name: str, out: str, budget_minutes: float = 30.0, seeds: tuple[int, ...] = (0, 1, 2, 3, 4),
                    steps: int | None = None, start: str = "natural", size: str = "default",
                    progress: bool = True, command: str = "", threads: int | None = 1) -> Path:
     """Run one experiment and write results.md, runs.json and its plots to `out`; returns results.md.

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import GptOssError
-from ..train.moe import collapse_router
+from ..train.moe import collapse_router, collapse_router_by_layer
 
 TASK_SEED = 1234
 CLUSTERS, CLUSTER_VOCAB = 8, 16
@@ -175,7 +175,8 @@ def base_config(out_dir: Path, seed: int, steps: int, moe: dict | None = None, s
     return d
 
 
-STARTS: dict[str, Callable | None] = {"natural": None, "collapsed": collapse_router}
+STARTS: dict[str, Callable | None] = {"natural": None, "collapsed": collapse_router,
+                                      "staggered": collapse_router_by_layer}
 
 
 @dataclass

@@ -10,9 +10,12 @@
     [optim]
     lr = 3e-3
     min_lr = 3e-4              # cosine decays lr to min_lr at the last step, after warmup_steps of linear warmup
+    # val_files = ["heldout.jsonl"]          # validation loss every [train] eval_every steps and at the end
     [train]
     steps = 500
     out_dir = "runs/tiny"
+    # eval_every = 100
+    # checkpointing = true     # activation checkpointing (recompute each block in the backward)
     [lora]                     # optional: LoRA fine-tuning of an init_from checkpoint
     rank = 8
 
@@ -46,6 +49,7 @@ class DataSection:
     txt_split: str = "file"  # a .txt file is one document ("file"), one per blank-line paragraph, or per line
     append_eot: bool = True  # end each text document with <|endoftext|> (a learned document boundary)
     shuffle: bool = True  # shuffle documents once (seeded) and sequences every epoch
+    val_files: list[str] = field(default_factory=list)  # held-out documents: val_loss every [train] eval_every steps
 
 
 @dataclass
@@ -63,10 +67,12 @@ class OptimSection:
 @dataclass
 class MoESection:
     """MoE training options; every default leaves routing exactly as GPT-oss does it (see train/moe.py)."""
-    aux_loss_coef: float = 0.0  # Switch load-balancing loss (transformers' form); 0.01 is Switch's choice
-    z_loss_coef: float = 0.0  # ST-MoE router z-loss; 1e-3 is ST-MoE's choice
+    aux_loss_coef: float = 0.0  # Switch load-balancing loss α, added per MoE layer; 0.01 is Switch's choice
+    aux_loss: str = "per_layer"  # "per_layer" (Switch) or "pooled" (transformers' load_balancing_loss_func)
+    z_loss_coef: float = 0.0  # ST-MoE router z-loss, added per MoE layer; 1e-3 is ST-MoE's choice
     bias_update_rate: float = 0.0  # DeepSeek-V3 selection-bias step γ per optimizer step (0: off; 1e-3 theirs)
     capacity_factor: float = 0.0  # expert capacity ⌈tokens·k/E · factor⌉, overflow dropped (0: unlimited)
+    capacity_priority: str = "position"  # who is dropped first: later tokens ("position") or low-score ("score")
 
 
 @dataclass
@@ -76,6 +82,9 @@ class LoRASection:
     alpha: float = 16.0  # the update is scaled by alpha / rank
     targets: list[str] = field(default_factory=lambda: ["qkv", "out"])  # also "gate" (the router)
     dropout: float = 0.0  # on the adapter's input only
+    # dtype of the frozen base weights outside the experts: "auto" = bfloat16 under bf16 autocast ([train] dtype;
+    # the forward rounds them to bf16 anyway, and the 20b's 1.8B of them then take 3.6 GB, not 7.2), else float32
+    base_dtype: str = "auto"
 
 
 @dataclass
@@ -90,7 +99,11 @@ class TrainSection:
     save_layout: str = "hf"  # layout of the saved inference checkpoint: "hf" or "original"
     save_dtype: str = "bfloat16"  # dtype of its dense tensors (experts are always MXFP4)
     resume: bool = False  # continue from the newest step-* folder in out_dir
-    spike_window: int = 1000  # trailing window of the OLMo-2 spike score (steps)
+    spike_window: int = 1000  # rolling window of the OLMo-2 spike score (steps; train/stability.py)
+    eval_every: int = 0  # validation loss on [data] val_files every N steps (0: only at the last step)
+    checkpointing: bool = False  # activation checkpointing: keep each block's input, recompute its inside
+    threads: int = 0  # torch intra-op threads for the run (0: leave torch's setting; `gptoss train --threads`)
+    peak_tflops: float = 0.0  # the hardware's peak, for MFU (0: known GPUs only; train/throughput.py)
     parallel: str = "ddp"  # under torchrun (world size > 1): "ddp" (replicated) or "fsdp" (sharded, FSDP2)
 
 
@@ -185,15 +198,22 @@ class TrainConfig:
                 raise bad("lora", "alpha", "must be > 0")
             if not 0 <= self.lora.dropout < 1:
                 raise bad("lora", "dropout", "must be in [0, 1)")
+            if self.lora.base_dtype not in ("auto", "bfloat16", "float32"):
+                raise bad("lora", "base_dtype", "must be one of 'auto', 'bfloat16', 'float32'")
         if self.optim.min_lr > self.optim.lr:
             raise bad("optim", "min_lr", f"must be <= lr = {self.optim.lr}")
-        if self.train.save_every < 0:
-            raise bad("train", "save_every", "must be >= 0")
+        for name in ("save_every", "eval_every", "threads", "peak_tflops"):
+            if getattr(self.train, name) < 0:
+                raise bad("train", name, "must be >= 0")
+        if self.train.eval_every and not self.data.val_files:
+            raise bad("train", "eval_every", "needs [data] val_files (the held-out documents)")
         choices = {("data", "txt_split"): ("file", "paragraph", "line"),
                    ("train", "dtype"): ("bfloat16", "float32"),
                    ("train", "save_layout"): ("hf", "original"),
                    ("train", "save_dtype"): ("bfloat16", "float32"),
-                   ("train", "parallel"): ("ddp", "fsdp")}
+                   ("train", "parallel"): ("ddp", "fsdp"),
+                   ("moe", "aux_loss"): ("per_layer", "pooled"),
+                   ("moe", "capacity_priority"): ("position", "score")}
         for (section, name), allowed in choices.items():
             if getattr(getattr(self, section), name) not in allowed:
                 raise bad(section, name, f"must be one of {', '.join(map(repr, allowed))}")

@@ -106,6 +106,18 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return t
 
 
+def row_gather(info: DistInfo):
+    """For MoE.capacity_gather: t [n, ...] of every rank → ([world·n, ...] in rank order, this rank's first row).
+    Rank slices are contiguous (rank_slice), so the concatenation is the global micro-batch's rows in order."""
+
+    def gather(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+        parts = [torch.empty_like(t) for _ in range(info.world_size)]
+        dist.all_gather(parts, t.contiguous())
+        return torch.cat(parts), info.rank * t.shape[0]
+
+    return gather
+
+
 def shard_like(full: dict[str, torch.Tensor], like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Full tensors (a saved state) → shards placed as the DTensors of `like` (a FSDP2 model's state dict);
     plain tensors pass through. A collective where `like` holds DTensors."""

@@ -7,6 +7,7 @@ the forward may run under bf16 autocast.
 
 On disk, out_dir/step-NNNNNN/ holds
   model/                      an inference checkpoint (gptoss.load reads it; experts quantized to MXFP4)
+  adapter/                    with [lora] on qkv/out: the adapters alone, PEFT's format (train/lora.py)
   train_state.safetensors     fp32 weights, AdamW moments, RNG state: everything exact resume needs
   train_state.json            step, optimizer hyper-parameters, the resolved training config
 and out_dir/metrics.jsonl gets one line per step.
@@ -35,10 +36,10 @@ from ..checkpoint import load, write_checkpoint
 from ..errors import ConfigError
 from ..model import DenseExpertWeight, MXFP4Weight, Transformer
 from .config import TrainConfig
-from . import distributed
+from . import distributed, throughput
 from .data import Batch, Document, PackedDataset, TokenMap, read_documents
 from .distributed import DistInfo, full_tensor
-from .lora import add_lora, lora_modules
+from .lora import PEFT_MODULES, add_lora, lora_modules, save_peft_adapter
 from .moe import LoadMeter, moe_layers, record_routing, router_losses, update_expert_bias
 from .stability import SpikeMeter
 
@@ -73,11 +74,19 @@ def init_weights(model: Transformer, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32) * s)
 
 
+def base_dtype(cfg: TrainConfig) -> torch.dtype:
+    """fp32 weights to train; with LoRA the frozen base may be bf16 ([lora] base_dtype)."""
+    choice = cfg.lora.base_dtype if cfg.lora.rank else "float32"
+    if choice == "auto":
+        choice = "bfloat16" if cfg.train.dtype == "bfloat16" else "float32"
+    return getattr(torch, choice)
+
+
 def build_model(cfg: TrainConfig, device: torch.device) -> Transformer:
     """A trainable model: fp32 weights, dense experts. From a checkpoint (init_from) or freshly initialised.
     With [lora]: the checkpoint frozen as loaded (experts stay MXFP4) plus trainable adapters."""
     if cfg.model.init_from is not None:
-        model = load(cfg.path(cfg.model.init_from), dtype=torch.float32)
+        model = load(cfg.path(cfg.model.init_from), dtype=base_dtype(cfg))
     else:
         model = Transformer(cfg.model_config(), device="meta", dtype=torch.float32)
         model = model.to_empty(device="cpu")
@@ -89,9 +98,11 @@ def build_model(cfg: TrainConfig, device: torch.device) -> Transformer:
         init_weights(model, cfg.train.seed)
     for m in moe_layers(model):
         m.capacity_factor = cfg.moe.capacity_factor or None
+        m.capacity_priority = cfg.moe.capacity_priority
         if cfg.moe.bias_update_rate > 0:
             m.expert_bias = torch.zeros(model.config.num_experts)
     record_routing(model, True)  # for the router losses and the load metrics
+    model.checkpointing = cfg.train.checkpointing
     return model.to(device).train()
 
 
@@ -139,6 +150,32 @@ def lm_loss_sum(model: Transformer, batch: Batch) -> tuple[torch.Tensor, int]:
     h = h[batch.mask]  # (n, D)
     logits = model.unembedding(h).float()  # (n, V)
     return F.cross_entropy(logits, batch.targets[batch.mask], reduction="sum"), int(batch.mask.sum())
+
+
+def evaluate(model: Transformer, data: PackedDataset, batch_size: int, info: DistInfo, device: torch.device,
+             amp) -> float:
+    """Mean next-token loss over every sequence of `data` (validation), without gradients, in eval mode.
+
+    Every rank runs the same batches (FSDP's collectives need it), each its slice: a last batch that does not
+    split evenly is padded with copies of its first sequence whose targets are all masked."""
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(2, dtype=torch.float64)
+    W = info.world_size
+    with torch.no_grad():
+        for start in range(0, data.num_samples, batch_size):
+            ids = list(range(start, min(start + batch_size, data.num_samples)))
+            pad = -len(ids) % W
+            b = data.batch(ids + [ids[0]] * pad)
+            if pad:
+                b.mask[len(ids):] = False
+            b = distributed.rank_slice(b, info).to(device)
+            with amp:
+                loss, n = lm_loss_sum(model, b)
+            totals += torch.tensor([loss.item(), n], dtype=torch.float64)
+    totals = distributed.all_reduce_sum(totals, info)
+    model.train(was_training)
+    return float(totals[0] / totals[1].clamp(min=1))
 
 
 class LMLoss(torch.nn.Module):
@@ -248,6 +285,18 @@ def train(cfg: TrainConfig, documents: Sequence[Document] | None = None, token_m
     """
     info = distributed.from_env() if dist is None else dist
     t = cfg.train
+    threads = torch.get_num_threads()
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    try:
+        return _train_joined(cfg, documents, token_map, progress, max_steps, on_step, prepare, info)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_joined(cfg, documents, token_map, progress, max_steps, on_step, prepare, info: DistInfo) -> TrainResult:
+    """train() inside the process group (joined here if torchrun started us and nobody did yet)."""
+    t = cfg.train
     device = distributed.local_device(info, resolve_device(t.device))
     joined = info.enabled and not torch.distributed.is_initialized()
     distributed.init(info, device)
@@ -279,7 +328,16 @@ def _train(cfg, documents, token_map, progress, max_steps, on_step, prepare, inf
                                    append_eot=cfg.data.append_eot)
     data = PackedDataset(documents, cfg.data.seq_len, model.config.vocab_size, seed=t.seed,
                          shuffle=cfg.data.shuffle, token_map=token_map, source=cfg.source)
+    val_data = None
+    if cfg.data.val_files:
+        val_docs = read_documents([cfg.path(f) for f in cfg.data.val_files], txt_split=cfg.data.txt_split,
+                                  append_eot=cfg.data.append_eot)
+        val_data = PackedDataset(val_docs, cfg.data.seq_len, model.config.vocab_size, shuffle=False,
+                                 token_map=token_map, source=f"{cfg.source} [data] val_files")
     o, m_cfg = cfg.optim, cfg.moe
+    if info.enabled and m_cfg.capacity_factor:  # capacity over the global micro-batch, as one process
+        for m in moe_layers(model):
+            m.capacity_gather = distributed.row_gather(info)
     step_loss = distributed.wrap(LMLoss(model), model.block, t.parallel, info, device)
     fused = {"fused": False} if device.type == "cpu" else {}
     opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
@@ -296,6 +354,8 @@ def _train(cfg, documents, token_map, progress, max_steps, on_step, prepare, inf
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         metrics_file.write_text("".join(line + "\n" for line in kept))
+    flops_token = throughput.flops_per_token(model.config, cfg.data.seq_len)
+    peak = throughput.peak_tflops(device, t.peak_tflops)
     spikes = {"grad_norm": SpikeMeter(t.spike_window), "loss": SpikeMeter(t.spike_window)}
     for line in kept:  # the spike score's history continues across a resume
         row = json.loads(line)
@@ -329,7 +389,7 @@ def _train(cfg, documents, token_map, progress, max_steps, on_step, prepare, inf
                 b = distributed.rank_slice(b, info, cfg.source).to(device)
                 with amp:
                     loss = step_loss(b.tokens, b.targets, b.mask, b.positions, b.segments)
-                    aux, z = router_losses(model, reduce)
+                    aux, z = router_losses(model, reduce, m_cfg.aux_loss)
                 # × W: DDP/FSDP average the ranks' gradients, the one-process gradient is their sum (the
                 # ranks' aux losses add up to the global one; the z-loss is a mean, the ranks' average)
                 total = loss * W / max(1, n_targets)
@@ -355,12 +415,18 @@ def _train(cfg, documents, token_map, progress, max_steps, on_step, prepare, inf
                 update_expert_bias(model, meter.selected, m_cfg.bias_update_rate)
             dt = time.perf_counter() - t0
             loss_value = loss_sum / max(1, n_targets)
+            tokens = per_step * cfg.data.seq_len  # all processes together
+            tflops = flops_token * tokens / dt / 1e12  # model FLOP/s achieved, all processes
             row = {"step": step + 1, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
-                   "targets": n_targets, "tokens": per_step * cfg.data.seq_len,
-                   "tokens_per_s": per_step * cfg.data.seq_len / dt, "time_s": dt,
+                   "targets": n_targets, "tokens": tokens, "tokens_per_s": tokens / dt, "time_s": dt,
+                   "model_tflops": tflops, "mfu": tflops / (peak * info.world_size) if peak else None,
+                   "peak_mem_gib": throughput.peak_memory_gib(device),
                    "aux_loss": aux_sum, "z_loss": z_sum, **meter.metrics()}
             row["spike_score_grad_norm"] = spikes["grad_norm"].add(grad_norm)
             row["spike_score_loss"] = spikes["loss"].add(loss_value)
+            done = step + 1
+            if val_data is not None and (done == end or (t.eval_every and done % t.eval_every == 0)):
+                row["val_loss"] = evaluate(model, val_data, cfg.data.batch_size, info, device, amp)
             log.write(json.dumps(row) + "\n")
             log.flush()
             result.losses.append(loss_value)
@@ -369,8 +435,13 @@ def _train(cfg, documents, token_map, progress, max_steps, on_step, prepare, inf
                 on_step(row)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
-            done = step + 1
+                shown = {"loss": f"{loss_value:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{row['tokens_per_s']:.0f}"}
+                if "val_loss" in row:
+                    shown["val"] = f"{row['val_loss']:.4f}"
+                if row["mfu"] is not None:
+                    shown["mfu"] = f"{100 * row['mfu']:.1f}%"
+                shown["mem"] = f"{row['peak_mem_gib']:.1f}G"
+                bar.set_postfix(shown)
             if done == t.steps or (t.save_every and done % t.save_every == 0):
                 result.checkpoint = save_checkpoint(out_dir, model, opt, done, cfg, info)
     if bar is not None:
@@ -385,5 +456,9 @@ def save_checkpoint(out_dir: Path, model: Transformer, opt: torch.optim.Optimize
     weights = {k: full_tensor(v) for k, v in model.state_dict().items()}
     if model.config.checkpoint_compatible and info.is_main:  # else: train state only
         save_model(model, path / "model", cfg.train.save_layout, getattr(torch, cfg.train.save_dtype), weights)
+    lo = cfg.lora
+    if lo.rank and info.is_main and all(t in PEFT_MODULES for t in lo.targets):  # the adapter alone, for PEFT
+        save_peft_adapter(model, path / "adapter", lo.rank, lo.alpha, lo.targets, lo.dropout,
+                          str(cfg.path(cfg.model.init_from)), weights)
     save_train_state(path, model, opt, step, cfg, weights, write=info.is_main)
     return path

@@ -8,11 +8,15 @@ one expert at a time and the backward recomputes it (model._MXFP4Linear), so no 
 
 `merge_lora` folds B·A·(alpha/rank) into the base weights; the saved checkpoint (train/loop.py
 `export_tensors`) writes merged weights and the expert blocks/scales exactly as they were loaded.
+`save_peft_adapter` writes the adapters alone in PEFT's format for transformers' GptOss (`adapter_config.json` +
+`adapter_model.safetensors`), loadable with `peft.PeftModel.from_pretrained` onto the base checkpoint.
 """
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -81,3 +85,53 @@ def merge_lora(model: Transformer) -> Transformer:
         plain.bias = m.bias
         setattr(parent, attr, plain)
     return model
+
+
+# Our fused qkv projection is three in transformers' GptOss (q_proj, k_proj, v_proj). Its update s·B·A splits
+# exactly by rows of B: q_proj gets (A, B[:H·Dh]), k_proj (A, B[H·Dh:(H+K)·Dh]), v_proj (A, the rest) — one A
+# shared, as if each had the same down-projection. The router (our "gate") is no nn.Linear in transformers'
+# GptOss (GptOssTopKRouter), so PEFT cannot hold an adapter for it.
+PEFT_MODULES = {"qkv": ("q_proj", "k_proj", "v_proj"), "out": ("o_proj",)}
+
+
+def peft_tensors(state: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
+    """The adapters of a LoRA model's state dict under PEFT's names for transformers' GptOssForCausalLM."""
+    out = {}
+    H, K, Dh = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    bounds = {"q_proj": (0, H * Dh), "k_proj": (H * Dh, (H + K) * Dh), "v_proj": ((H + K) * Dh, (H + 2 * K) * Dh)}
+    for name, a in state.items():
+        if not name.endswith(".lora_A"):
+            continue
+        owner = name[: -len(".lora_A")]  # block.N.attn.qkv
+        _, layer, sub, target = owner.split(".")
+        kind = {"attn.qkv": "qkv", "attn.out": "out", "mlp.gate": "gate"}[f"{sub}.{target}"]
+        if kind not in PEFT_MODULES:
+            raise ConfigError(f"LoRA target {kind!r} ({owner}) has no PEFT counterpart in transformers' GptOss "
+                              "(its router is not an nn.Linear); the merged checkpoint holds it")
+        b = state[owner + ".lora_B"]
+        for module in PEFT_MODULES[kind]:
+            lo, hi = bounds.get(module, (0, b.shape[0]))
+            prefix = f"base_model.model.model.layers.{layer}.self_attn.{module}"
+            out[f"{prefix}.lora_A.weight"] = a.detach().float().cpu().clone()  # a copy each: safetensors refuses shared memory
+            out[f"{prefix}.lora_B.weight"] = b[lo:hi].detach().float().cpu().contiguous()
+    return out
+
+
+def save_peft_adapter(model: Transformer, path: str | Path, rank: int, alpha: float, targets: list[str],
+                      dropout: float = 0.0, base_model: str | None = None,
+                      state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the adapters on their own as a PEFT LoRA adapter for transformers' GptOss: adapter_config.json +
+    adapter_model.safetensors. state: the full state dict if not the model's own (gathered FSDP shards)."""
+    from ..safetensors_io import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = peft_tensors(model.state_dict() if state is None else state, model.config)
+    save_file(tensors, path / "adapter_model.safetensors")
+    modules = [m for t in targets for m in PEFT_MODULES[t]]
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+              "r": rank, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": modules,
+              "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
+              "init_lora_weights": True, "inference_mode": True, "modules_to_save": None}
+    (path / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return path

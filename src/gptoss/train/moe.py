@@ -2,11 +2,17 @@
 
 The MoE layers record their routing while `record_routing` is on (model.MoE.routing: router logits [N, E]
 and the chosen experts [N, k], −1 where an assignment was dropped for capacity); everything here reads those.
-- Load-balancing loss, Switch Transformer (Fedus et al. 2021, eq. 4–6) in the form transformers uses for
-  GptOss/Mixtral (`load_balancing_loss_func`): over the tokens of all layers together,
-  E · Σ_e f_e · P_e with f_e the fraction of tokens choosing expert e among their top-k (counts, no gradient)
-  and P_e the mean softmax probability of e over all experts. Balanced routing gives k.
-- Router z-loss, ST-MoE (Zoph et al. 2022, eq. 5): mean over tokens of logsumexp(logits)², averaged over layers.
+- Load-balancing loss, Switch Transformer (Fedus et al. 2021, §2.2, eq. 4–6): per MoE layer
+  N_E · Σ_e f_e · P_e, with f_e the fraction of tokens dispatched to expert e (eq. 5) and P_e the mean router
+  probability of e over all experts (eq. 6); "For each Switch layer, this auxiliary loss is added to the total
+  model loss", so the layers' losses are summed. Switch routes top-1 (Σ_e f_e = 1); for top-k we count each
+  token's k choices (Σ_e f_e = k, as transformers' GptOss/Mixtral do), so a balanced layer gives k and a layer
+  whose every token picks the same k experts gives E.
+  `aux_loss = "pooled"` keeps transformers' `load_balancing_loss_func`, which pools the counts and
+  probabilities of all layers before the product: expert e of layer 0 and expert e of layer 1 are then one
+  expert, and layers that collapse onto different experts look balanced (a known problem there).
+- Router z-loss, ST-MoE (Zoph et al. 2022, §3.1, eq. 5): per router, the mean over tokens of
+  logsumexp(logits)²; summed over the MoE layers like the load-balancing loss.
 - Bias balancing, DeepSeek-V3 (§2.1.2): a per-expert bias added to the logits for top-k selection only;
   after each step b_e += γ · sign(mean load − load_e).
 """
@@ -34,41 +40,75 @@ def collapse_router(model: Transformer) -> None:
             m.gate.bias[:2] = 2.0
 
 
+def collapse_router_by_layer(model: Transformer) -> None:
+    """Make every token of layer i prefer experts i·k … i·k + k − 1 (mod E) by a wide margin (router bias 2 vs
+    0): layers collapsed onto *different* experts. With E = L·k every expert is used by exactly one layer, so
+    the statistics pooled over layers look perfectly balanced while each layer uses k of its E experts (the
+    start of `gptoss experiment routing --start staggered`)."""
+    with torch.no_grad():
+        for i, m in enumerate(moe_layers(model)):
+            k, E = m.config.experts_per_token, m.config.num_experts
+            m.gate.bias.zero_()
+            m.gate.bias[[(i * k + j) % E for j in range(k)]] = 2.0
+
+
 def record_routing(model: Transformer, on: bool = True) -> None:
     for m in moe_layers(model):
         m.record_routing = on
         m.routing = None
 
 
-def load_balancing_loss(router_logits: list[torch.Tensor], experts: list[torch.Tensor],
-                        num_experts: int, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-    """transformers' `load_balancing_loss_func` (no attention mask): logits [N, E] and top-k choices [N, k]
-    per layer (choices made before any capacity drop).
+AUX_LOSS_MODES = ("per_layer", "pooled")
 
-    reduce (data parallel: a sum over ranks): f_e and the token count then cover the whole global micro-batch
-    and P_e is this rank's share of the probability sum, so the ranks' losses add up to the one-process loss
-    (gradients included: f_e carries none)."""
-    counts = torch.zeros(num_experts, dtype=torch.float32, device=router_logits[0].device)
-    prob_sum = torch.zeros(num_experts, dtype=torch.float32, device=router_logits[0].device)
-    rows = 0
-    for logits, chosen in zip(router_logits, experts):
-        counts = counts + torch.bincount(chosen.reshape(-1), minlength=num_experts).float()
-        prob_sum = prob_sum + torch.softmax(logits.float(), dim=-1).sum(0)
-        rows += logits.shape[0]
+
+def switch_loss_per_layer(router_logits: list[torch.Tensor], experts: list[torch.Tensor], num_experts: int,
+                          reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Switch Transformer's load-balancing loss (§2.2, eq. 4 without α) of each MoE layer → [layers].
+
+    router_logits [N, E] and top-k choices [N, k] per layer (choices made before any capacity drop).
+    f_e = (assignments to e) / N (no gradient: a count), P_e = mean over tokens of softmax(logits)_e.
+    reduce (data parallel: a sum over ranks): f_e and N then cover the whole global micro-batch and P_e is
+    this rank's share of the probability sum, so the ranks' losses add up to the one-process loss (gradients
+    included: f_e carries none)."""
+    device = router_logits[0].device
+    counts = torch.stack([torch.bincount(c.reshape(-1), minlength=num_experts).float() for c in experts])  # (L, E)
+    prob_sum = torch.stack([torch.softmax(x.float(), dim=-1).sum(0) for x in router_logits])  # (L, E)
+    rows = torch.tensor([float(x.shape[0]) for x in router_logits], device=device)  # (L,)
     if reduce is not None:
-        counts = reduce(counts)
-        rows = reduce(torch.tensor(float(rows), device=counts.device))
-    return num_experts * (counts / rows * prob_sum / rows).sum()
+        counts, rows = reduce(counts), reduce(rows)
+    f = counts / rows[:, None]
+    P = prob_sum / rows[:, None]
+    return num_experts * (f * P).sum(-1)
+
+
+def load_balancing_loss(router_logits: list[torch.Tensor], experts: list[torch.Tensor], num_experts: int,
+                        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                        mode: str = "per_layer") -> torch.Tensor:
+    """The load-balancing loss to add (times its coefficient α) to the LM loss.
+
+    mode "per_layer" (Switch, §2.2): the sum over MoE layers of switch_loss_per_layer.
+    mode "pooled" (transformers' `load_balancing_loss_func`, no attention mask): one Switch product over the
+    tokens of all layers together (counts and probability sums pooled, N = layers × tokens)."""
+    if mode == "per_layer":
+        return switch_loss_per_layer(router_logits, experts, num_experts, reduce).sum()
+    if mode != "pooled":
+        raise ValueError(f"aux_loss mode must be one of {AUX_LOSS_MODES}, got {mode!r}")
+    pooled_logits = [torch.cat([x.float() for x in router_logits])]
+    pooled_experts = [torch.cat([c.reshape(c.shape[0], -1) for c in experts])]
+    return switch_loss_per_layer(pooled_logits, pooled_experts, num_experts, reduce)[0]
 
 
 def z_loss(router_logits: list[torch.Tensor]) -> torch.Tensor:
-    return torch.stack([torch.logsumexp(x.float(), dim=-1).pow(2).mean() for x in router_logits]).mean()
+    """ST-MoE's router z-loss (§3.1, eq. 5 without its coefficient): per layer (1/N) Σ_i logsumexp(x_i)²,
+    summed over the MoE layers (each router adds its own, as ST-MoE adds it per MoE layer)."""
+    return torch.stack([torch.logsumexp(x.float(), dim=-1).pow(2).mean() for x in router_logits]).sum()
 
 
-def router_losses(model: Transformer, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def router_losses(model: Transformer, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                  aux_loss: str = "per_layer") -> tuple[torch.Tensor, torch.Tensor]:
     """(load-balancing loss, z-loss) of the forward just run with routing recorded; `reduce`: see
-    load_balancing_loss (the z-loss is a per-token mean: the ranks' mean equals the global one)."""
+    switch_loss_per_layer (the z-loss is a per-token mean: the ranks' mean equals the global one);
+    aux_loss: "per_layer" or "pooled" (load_balancing_loss)."""
     layers = [m for m in moe_layers(model) if m.routing is not None]
     if not layers:  # a dense FFN (mlp_type = "gelu"/"swiglu"): no router
         zero = torch.zeros((), device=model.device)
@@ -76,7 +116,7 @@ def router_losses(model: Transformer, reduce: Callable[[torch.Tensor], torch.Ten
     logits = [m.routing.logits for m in layers]
     chosen = [m.routing.selected for m in layers]
     E = model.config.num_experts
-    return load_balancing_loss(logits, chosen, E, reduce), z_loss(logits)
+    return load_balancing_loss(logits, chosen, E, reduce, aux_loss), z_loss(logits)
 
 
 class LoadMeter:

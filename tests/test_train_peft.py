@@ -1,0 +1,80 @@
+"""LoRA adapters saved in PEFT's format load with `peft` onto transformers' GptOss and give our LoRA model's logits
+(the `small` preset's shape, random weights); the merged checkpoint saved beside them gives the same."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import gptoss
+from gptoss.config import preset
+from gptoss.train import TrainConfig, train
+from gptoss.train.lora import save_peft_adapter
+from hf_reference import load_with_transformers, make_reference
+from test_train import permutation_task
+
+peft = pytest.importorskip("peft")
+
+
+def test_peft_loads_our_adapter_onto_transformers_gptoss(tmp_path):
+    config = preset("small").replace(num_hidden_layers=2, layer_types=())  # the small preset's widths, 2 layers
+    hf = make_reference(config, tmp_path / "base", seed=2)
+    cfg = TrainConfig.from_dict({
+        "model": {"preset": None, "init_from": str(tmp_path / "base")},
+        "data": {"seq_len": 32, "batch_size": 2},
+        "optim": {"lr": 3e-2, "min_lr": 3e-2, "warmup_steps": 0},
+        "lora": {"rank": 4, "alpha": 8.0, "targets": ["qkv", "out"]},
+        "train": {"steps": 2, "out_dir": str(tmp_path / "run"), "device": "cpu", "dtype": "float32",
+                  "save_dtype": "float32"}})
+    result = train(cfg, documents=permutation_task(n_docs=20, alphabet=32), progress=False)
+    adapter = result.checkpoint / "adapter"
+    meta = json.loads((adapter / "adapter_config.json").read_text())
+    assert meta["peft_type"] == "LORA" and meta["r"] == 4 and meta["lora_alpha"] == 8.0
+    assert sorted(meta["target_modules"]) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+
+    tokens = torch.randint(0, config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
+    ours = result.model.eval()
+    with torch.no_grad():
+        base = hf(tokens).logits
+        ref = ours(tokens)
+        tuned = peft.PeftModel.from_pretrained(hf, str(adapter)).eval()
+        theirs = tuned(tokens).logits
+    assert (ref - base).abs().max() > 1e-3  # the adapters changed the model
+    torch.testing.assert_close(theirs, ref, rtol=1e-4, atol=1e-4)
+    # the merged checkpoint of the same step, read by transformers itself
+    merged = load_with_transformers(result.checkpoint / "model")
+    with torch.no_grad():
+        torch.testing.assert_close(merged(tokens).logits, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_router_adapters_have_no_peft_form(tmp_path):
+    from gptoss.errors import ConfigError
+    from gptoss.train.lora import add_lora
+
+    model = gptoss.Transformer(preset("tiny"), dtype=torch.float32)
+    add_lora(model, 2, 4.0, ["qkv", "gate"])
+    with pytest.raises(ConfigError, match="'gate'.*no PEFT counterpart"):
+        save_peft_adapter(model, tmp_path / "a", 2, 4.0, ["qkv", "gate"])
+
+
+def test_lora_base_is_bf16_under_bf16_autocast_and_adapters_stay_fp32(tmp_path):
+    """[lora] base_dtype "auto": the frozen non-expert weights in bf16 when the forward runs in bf16 (half the
+    memory of the 20b's 1.8B of them), experts still MXFP4, adapters fp32 (the optimizer's master copy)."""
+    from gptoss.model import MXFP4Weight
+    from gptoss.train.loop import build_model
+    from test_train_lora import lora_config, random_checkpoint
+
+    ckpt = random_checkpoint(tmp_path / "ckpt")
+    cfg = lora_config(tmp_path, ckpt, steps=3)
+    cfg.train.dtype = "bfloat16"
+    model = build_model(cfg, torch.device("cpu"))
+    attn = model.block[0].attn
+    assert attn.qkv.weight.dtype == torch.bfloat16 and model.embedding.weight.dtype == torch.bfloat16
+    assert attn.qkv.lora_A.dtype == torch.float32 and attn.qkv.lora_A.requires_grad
+    assert isinstance(model.block[0].mlp.mlp1_weight, MXFP4Weight)
+    result = train(cfg, documents=permutation_task(n_docs=20), progress=False)
+    assert result.losses[-1] < result.losses[0]
+    cfg.train.dtype, cfg.train.out_dir = "float32", str(tmp_path / "fp32")
+    assert build_model(cfg, torch.device("cpu")).block[0].attn.qkv.weight.dtype == torch.float32
