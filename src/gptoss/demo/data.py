@@ -16,6 +16,13 @@
 3. Everything else gets a short "I don't know" that says what the model can do: general questions,
    arithmetic beyond the scope above when no calculator is declared, conversions without the tool.
 
+Two versions, chosen by `data_version` in the recipe TOML (version 1 draws exactly the random numbers it always
+did, so the shipped model stays reproducible): version 1 is the shipped model's data; version 2 (issue 23)
+phrases the questions from the training family of gptoss.demo.phrasing (the held-out family is never used for
+training), puts filler words outside the vocabulary around 30 % of the questions with numbers, restates the
+operands in the analysis at every effort, writes each subtraction column's borrow decision before the column
+(`2-1<6, 12-6-1=5`), and draws carry/borrow-heavy 4-digit pairs for 30 % of additions and subtractions.
+
 A conversation is a list of message dicts {role, content, channel?, recipient?, content_type?} (the
 format `gptoss.train` reads from JSONL `messages`); `to_document` renders one for training, keeping the
 current turn's analysis (the reasoning the model must learn to write) and flagging only assistant tokens.
@@ -317,10 +324,21 @@ def _tool_thought(effort: str, name: str, what: str) -> str:
 
 CONVERT_HELDOUT = ["I have {v} {f}, how many {t} is that?", "{v} {f} to {t} please", "Turn {v} {f} into {t}.",
                    "What does {v} {f} come to in {t}?", "Express {v} {f} in {t}", "{v} {f} equals how many {t}?"]
-# Words a user may put around a question: in version-2 training some arithmetic questions carry a few of them
-# (read as the unknown token, like a general question's words), so that unknown words alone do not mean "refuse".
+# Words a user may put around a question: in version-2 training many questions with numbers carry a few of them,
+# left out of the vocabulary (read as the unknown token, like a general question's words), so that unknown words
+# alone do not mean "refuse": what decides is whether the question states numbers and an operator in scope.
 FILLER = ["honestly", "my teacher asked", "for my shop", "before lunch", "in my notebook", "for the recipe",
-          "my friend says", "I think", "for the train ticket", "on the invoice", "at the market", "by tomorrow"]
+          "my friend says", "I think", "for the train ticket", "on the invoice", "at the market", "by tomorrow",
+          "sorry to bother you", "my kid wants to know", "real quick", "for a spreadsheet", "be careful",
+          "no calculator here", "double check it", "this is for work"]
+FILLER_P = 0.3
+
+
+def with_filler(rng: random.Random, q: str) -> str:
+    """The question with one or two filler phrases before and/or after it."""
+    before, after = rng.choice([(1, 0), (0, 1), (1, 1), (2, 0), (0, 2)])
+    pick = lambda k: ", ".join(rng.sample(FILLER, k))  # noqa: E731
+    return (pick(before) + ": " if before else "") + q + (" (" + pick(after) + ")" if after else "")
 
 
 def _phrased(rng: random.Random, phrasing: str | None, template: str, **values: Any) -> str:
@@ -360,9 +378,8 @@ def make_example(rng: random.Random, kind: str | None = None, heldout: bool = Fa
                 a, b = b, a  # mostly non-negative results, still some negative ones
             work, result = (work_add if kind == "add" else work_sub)(a, b, effort, version)
         q = question(rng, kind, a, b, phrasing)
-        if version >= 2 and phrasing == "train" and rng.random() < 0.08:
-            q = rng.choice(FILLER) + ": " + q if rng.random() < 0.5 else q + " (" + rng.choice(FILLER) + ")"
-            free = True
+        if version >= 2 and phrasing == "train" and rng.random() < FILLER_P:
+            q, free = with_filler(rng, q), True
         sym = OPS[kind][1]
         msgs = [analysis(work), final(f"{a} {sym} {b} = {result}")]
         return _example(kind, effort, tools, q, msgs, answer=str(result), rng=rng, free=free, version=version)
@@ -378,6 +395,8 @@ def make_example(rng: random.Random, kind: str | None = None, heldout: bool = Fa
         else:
             q = question(rng, op_word, a, b) if op_word else rng.choice(
                 ["What is {a} / {b}?", "{a} / {b}", "Divide {a} by {b}.", "What is {a} divided by {b}?"]).format(a=a, b=b)
+        if version >= 2 and phrasing == "train" and rng.random() < FILLER_P:
+            q, free = with_filler(rng, q), True
         expr = f"{a} {op} {b}"
         result = calculator_result(expr)
         value = json.loads(result)["result"]
@@ -389,7 +408,8 @@ def make_example(rng: random.Random, kind: str | None = None, heldout: bool = Fa
                  "content": result},
                 final(f"{a} {sym} {b} = {fmt_number(value)}")]
         return _example(kind, effort, tools, q, msgs, answer=fmt_number(value),
-                        call={"name": "calculator", "arguments": {"expression": expr}}, rng=rng, version=version)
+                        call={"name": "calculator", "arguments": {"expression": expr}}, rng=rng, free=free,
+                        version=version)
     if kind in ("convert", "no_converter"):
         uf, ut = rng.choice(PAIRS)
         v = rng.choice([rng.randint(1, 100), rng.randint(1, 1000), round(rng.uniform(0.5, 100), 1)])
@@ -428,8 +448,10 @@ def make_example(rng: random.Random, kind: str | None = None, heldout: bool = Fa
             q = question(rng, op, a, max(b, 2) if op == "div" else b, phrasing)
         else:
             q = question(rng, op, a, b) if op != "div" else f"What is {a} / {max(b, 2)}?"
+        if version >= 2 and phrasing == "train" and rng.random() < FILLER_P:
+            q, free = with_filler(rng, q), True
         return _example(kind, effort, tools, q, [analysis(SHORT_THOUGHTS[kind][effort]), final(TOO_BIG)], rng=rng,
-                        version=version)
+                        free=free, version=version)
     if kind == "general":
         tools = rng.choice([(), (), ("calculator",), ("convert_units",)])
         held = heldout or phrasing == "heldout"
