@@ -62,6 +62,8 @@ SKILLS_LINE = ("I can add and subtract whole numbers of up to 4 digits, multiply
 DONT_KNOW = "I don't know. " + SKILLS_LINE
 TOO_BIG = ("I can't work that out reliably by hand: " + SKILLS_LINE[2:].replace(", and use the tools I am given", "")
            + " Give me a calculator tool and I will use it.")
+TOO_BIG_V2 = ("I can't work that out reliably by hand: " + SKILLS_LINE.replace(", and use the tools I am given", "")
+              + " Give me a calculator tool and I will use it.")  # version 1's text lost its "I"
 NO_CONVERTER = "I don't know: I have no unit converter tool. " + SKILLS_LINE
 GREETING = "Hello! I am a tiny GPT-oss demo model. " + SKILLS_LINE
 
@@ -450,7 +452,8 @@ def make_example(rng: random.Random, kind: str | None = None, heldout: bool = Fa
             q = question(rng, op, a, b) if op != "div" else f"What is {a} / {max(b, 2)}?"
         if version >= 2 and phrasing == "train" and rng.random() < FILLER_P:
             q, free = with_filler(rng, q), True
-        return _example(kind, effort, tools, q, [analysis(SHORT_THOUGHTS[kind][effort]), final(TOO_BIG)], rng=rng,
+        return _example(kind, effort, tools, q, [analysis(SHORT_THOUGHTS[kind][effort]),
+                                                 final(TOO_BIG if version == 1 else TOO_BIG_V2)], rng=rng,
                         free=free, version=version)
     if kind == "general":
         tools = rng.choice([(), (), ("calculator",), ("convert_units",)])
