@@ -140,14 +140,23 @@ def test_hard_pairs_are_mostly_carries_and_borrows():
     assert borrows / 500 > 1.5 and carries / 500 > 1.5  # uniform pairs: 1.35 borrows and 1.8 carries per 4 columns
 
 
-def test_version1_data_is_unchanged_by_the_version2_options():
-    """The shipped model's recipe must stay reproducible: version 1 draws no extra random numbers."""
-    v1 = [ex.messages for ex in D.generate(seed=9, n=300)]
-    again = [ex.messages for ex in D.generate(seed=9, n=300, version=1)]
-    assert v1 == again
-    assert all(not ex.free for ex in D.generate(seed=9, n=300))
-    first_add = next(ex for ex in D.generate(seed=9, n=300) if ex.kind == "add" and ex.effort == "low")
-    assert not first_add.messages[-2]["content"].startswith(first_add.messages[-1]["content"].split(" =")[0])
+def test_version1_data_keeps_its_templates_and_reasoning():
+    """The shipped model's recipe must stay reproducible: version 1 questions come from its own templates
+    (TEMPLATES, WORD_TEMPLATES), its reasoning has no version-2 lines, its refusal text is its own."""
+    def pattern(template: str) -> str:
+        t = re.escape(template).replace(r"\{a\}", r"\d+").replace(r"\{b\}", r"\d+")
+        return t.replace(r"\{op\}", "(?:" + "|".join(re.escape(o) for ops, _ in D.OPS.values() for o in ops) + ")")
+
+    frames = [pattern(t) for t in D.TEMPLATES + [t.replace("{a}{op}{b}", "{a} {op} {b}") for t in D.TEMPLATES]]
+    frames += [pattern(t) for ts in D.WORD_TEMPLATES.values() for t in ts]
+    for ex in D.generate(seed=9, n=600):
+        if ex.kind in ("add", "sub", "mul"):
+            assert any(re.fullmatch(f, ex.question) for f in frames), ex.question
+            assert not ex.free and not re.search(r"\d-\d(?:<|>=)\d, ", ex.messages[-2]["content"])
+            if ex.effort == "low":  # version 1 does not restate the operands at low effort
+                assert not ex.messages[-2]["content"].startswith(ex.messages[-1]["content"].split(" =")[0])
+        if ex.kind == "too_big":
+            assert ex.messages[-1]["content"] == D.TOO_BIG
 
 
 def test_version2_conversations_parse_in_openai_harmony_and_end_with_one_return(oh):  # noqa: F811
