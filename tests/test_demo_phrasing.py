@@ -187,3 +187,26 @@ def test_repeated_answers_are_caught():
     assert repeated(D.DONT_KNOW + " " + D.DONT_KNOW)
     assert not repeated("2 + 2 = 4") and not repeated(D.DONT_KNOW) and not repeated(D.TOO_BIG)
     assert not repeated("27.3 in = 69.34 cm") and not repeated(D.GREETING)
+
+
+def scripted(text: str):
+    """A `complete` function that writes `text` whatever the prompt (a stand-in model for the eval's session)."""
+    def complete(prompt, params):
+        return iter(TOK.encode(text, allowed_special="all"))
+    return complete
+
+
+def test_eval_sees_how_the_final_answer_ends():
+    from gptoss.demo.eval import final_stop, run_one
+
+    ex = next(e for e in heldout(1, family="heldout", train_n=2000) if e.kind == "add")
+    final = "<|start|>assistant<|channel|>final<|message|>"
+    cases = {"return": f"<|channel|>analysis<|message|>x<|end|>{final}{ex.messages[-1]['content']}<|return|>",
+             # the issue's report: a second answer after <|end|>; the chat session cuts it, the eval counts it
+             "end": f"<|channel|>final<|message|>{ex.messages[-1]['content']}<|end|>{final}2 + 2 = 4<|return|>",
+             "none": f"<|channel|>final<|message|>{ex.messages[-1]['content']}"}
+    for stop, text in cases.items():
+        assert final_stop(TOK.encode(text, allowed_special="all"), TOK) == stop
+        r = run_one(ex, scripted(text), "medium", 64, "heldout")
+        assert (r.stop, r.final, r.correct, r.repeated) == (stop, ex.messages[-1]["content"], True, False), stop
+    assert final_stop(TOK.encode("<|channel|>analysis<|message|>x<|end|>", allowed_special="all"), TOK) is None

@@ -65,6 +65,8 @@ class Result:
     reasoning: str = ""
     correct: bool = False
     repeated: bool = False  # the final answer stated twice / two answers joined
+    stop: str | None = None  # what the model wrote after its final answer: "return" | "end" | "none"; None: no
+    #                          final answer, or not observable (through a server)
     call_ok: bool | None = None  # tool examples: a valid call with the right arguments
     seconds: float = 0.0
 
@@ -157,9 +159,46 @@ def score(ex: data.Example, r: Result) -> Result:
     return r
 
 
+class _Recorded:
+    """A completion stream that keeps the tokens it hands out (to see how the model ended its final answer)."""
+
+    def __init__(self, stream, sink: list[int]):
+        self.stream, self.sink = stream, sink
+
+    def __iter__(self):
+        for token in self.stream:
+            self.sink.append(token)
+            yield token
+
+    def close(self) -> None:
+        getattr(self.stream, "close", lambda: None)()
+
+
+def final_stop(tokens: Sequence[int], tok) -> str | None:
+    """How the first final message of a completion ends: "return" (<|return|>, the turn's end, as trained),
+    "end" (<|end|>: the model would go on with another message; the chat and the server cut there), "none"
+    (no end token: max_tokens or <|endoftext|>); None when the completion has no final message."""
+    header = tok.encode("<|channel|>final<|message|>", allowed_special="all")
+    starts = [i for i in range(len(tokens) - len(header) + 1) if list(tokens[i:i + len(header)]) == header]
+    if not starts:
+        return None
+    for t in tokens[starts[0] + len(header):]:
+        if t == tok.return_:
+            return "return"
+        if t in (tok.end, tok.call):
+            return "end"
+    return "none"
+
+
 def run_one(ex: data.Example, complete, effort: str, max_tokens: int, family: str = "template") -> Result:
     tools = [DEMO_TOOLS[name] for name in ex.tools]
-    session = ChatSession(complete, SamplingParams(temperature=0, max_tokens=max_tokens), reasoning_effort=effort,
+    completions: list[list[int]] = []
+
+    def recorded(prompt, params):
+        completions.append([])
+        return _Recorded(complete(prompt, params), completions[-1])
+
+    session = ChatSession(recorded, SamplingParams(temperature=0, max_tokens=max_tokens), reasoning_effort=effort,
                           tools=tools, max_tool_rounds=2)
     r = Result(ex.kind, family, ex.question, list(ex.tools), ex.answer, ex.call)
     t0 = time.perf_counter()
@@ -171,6 +210,7 @@ def run_one(ex: data.Example, complete, effort: str, max_tokens: int, family: st
         elif event.kind == "tool_call":
             r.calls.append({"name": event.name, "arguments": event.text})
     r.seconds = time.perf_counter() - t0
+    r.stop = final_stop(completions[-1], session.tok) if completions else None
     return score(ex, r)
 
 
@@ -300,6 +340,8 @@ def summary(results: Sequence[Result]) -> dict[str, Any]:
         "refusal_rate": rate(refusal),
         "false_refusals": {"n": len(in_scope), "count": sum(bool(REFUSAL.search(r.final)) for r in in_scope)},
         "repeated": {"n": len(results), "count": sum(r.repeated for r in results)},
+        "unclean_stops": {"n": sum(r.stop is not None for r in results),
+                          "count": sum(r.stop in ("end", "none") for r in results)},
         "by_kind": by_kind,
     }
 
@@ -322,6 +364,10 @@ def markdown(s: dict[str, Any], header: str = "") -> str:
     lines.append(f"\nIn-scope questions refused: {fr['count']} of {fr['n']}.")
     if "repeated" in s:
         lines.append(f"Answers repeated or joined: {s['repeated']['count']} of {s['repeated']['n']}.")
+    if s.get("unclean_stops", {}).get("n"):
+        u = s["unclean_stops"]
+        lines.append(f"Final answers not ended with <|return|> (the chat and the server cut them): {u['count']} of "
+                     f"{u['n']}.")
     return "\n".join(line for line in lines if line is not None).strip()
 
 
