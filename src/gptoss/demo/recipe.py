@@ -182,8 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg.data.shuffle = False  # documents() lays out whole samples; the trainer must keep their order
     docs = documents(examples, cfg.data.seq_len, cfg.train.steps * cfg.data.batch_size * cfg.train.grad_accum, seed)
     targets = sum(sum(d.targets) for d in docs)
-    print(f"data: {n} conversations (seed {seed}, version {version}), {sum(len(d.tokens) for d in docs)} tokens, {targets} targets, "
-          f"vocabulary {ids.numel()} rows ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+    print(f"data: {n} conversations (seed {seed}, version {version}), {sum(len(d.tokens) for d in docs)} tokens, "
+          f"{targets} targets, vocabulary {ids.numel()} rows ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
 
     t1 = time.perf_counter()
     if not args.skip_train:
@@ -197,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
     if rows:  # the steps' own times: a resumed run's total, not just this invocation's
         train_s = sum(r["time_s"] for r in rows)
-    info = {"data_seed": seed, "data_n": n, "data_version": version, "steps": cfg.train.steps, "train_seconds": round(train_s),
+    info = {"data_seed": seed, "data_n": n, "data_version": version, "steps": cfg.train.steps,
+            "train_seconds": round(train_s),
             "final_loss": rows[-1]["loss"] if rows else None,
             "loss_last_50": sum(r["loss"] for r in rows[-50:]) / max(1, len(rows[-50:])) if rows else None,
             "vocab_rows": int(ids.numel()), "config": cfg.to_dict(), "torch_threads": torch.get_num_threads()}
