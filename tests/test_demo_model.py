@@ -110,24 +110,154 @@ def test_server_tool_call_round_trip_with_the_openai_client():
             assert same_number(final_number(r.choices[0].message.content), ex.answer), (ex.question, r)
 
 
-def test_eval_demo_against_the_real_server_matches_the_local_engine(tmp_path):
-    """`gptoss eval demo --base-url` (a subprocess, the openai client) against `gptoss serve`'s app on
-    loopback gives, item by item, what the in-process engine gives: same final text, tool calls, score."""
+@pytest.fixture(scope="module")
+def local_and_remote(tmp_path_factory):
+    """`gptoss eval demo --base-url` (a subprocess, the openai client) against `gptoss serve`'s app on loopback,
+    and the in-process engine, on the same items of both families."""
     from gptoss.demo import eval as E
     from gptoss.engine import Engine
     from gptoss.server import create_app, serve_in_thread
 
+    out = tmp_path_factory.mktemp("remote") / "remote.jsonl"
     model = demo.load()
-    local = E.evaluate(model, 2, progress=False, concurrency=4)
+    local = E.evaluate(model, 2, progress=False, concurrency=4, heldout_n=2)
     with Engine(model, max_concurrency=4) as engine, serve_in_thread(create_app(engine, demo.NAME)) as url:
         done = subprocess.run([sys.executable, "-m", "gptoss", "eval", "demo", "--base-url", url + "/v1", "--n", "2",
-                               "--out", str(tmp_path / "remote.jsonl"), "-q"],
+                               "--heldout-n", "2", "--out", str(out), "-q"],
                               capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert "| arithmetic, final answer exact | 6 |" in done.stdout and demo.NAME in done.stdout
-    remote = [json.loads(line) for line in (tmp_path / "remote.jsonl").read_text().splitlines()]
-    assert len(remote) == len(local) == 14
+    remote = [json.loads(line) for line in out.read_text().splitlines()]
+    return local, remote, done.stdout
+
+
+def mismatches(local, remote, family: str) -> list:
+    assert len(remote) == len(local) == 28
+    out = []
     for a, b in zip(local, remote):
-        assert (b["kind"], b["question"]) == (a.kind, a.question)
-        assert (b["final"], b["calls"], b["correct"]) == (a.final, a.calls, a.correct), a.question
-    assert sum(r.correct for r in local) >= 10  # a trained model, not an empty comparison
+        assert (b["family"], b["kind"], b["question"]) == (a.family, a.kind, a.question)
+        if a.family == family and (b["final"], b["calls"], b["correct"], b["repeated"]) != \
+                (a.final, a.calls, a.correct, a.repeated):
+            out.append((a.question, a.final, b["final"]))
+    return out
+
+
+def test_eval_demo_against_the_real_server_matches_the_local_engine(local_and_remote):
+    """Item by item the same final text, tool calls, score, on the template family."""
+    local, remote, stdout = local_and_remote
+    assert "| arithmetic, final answer exact | 6 |" in stdout and demo.NAME in stdout
+    assert stdout.index("Held-out phrasing") < stdout.index("Template family")
+    assert not mismatches(local, remote, "template")
+    assert sum(r.correct for r in local if r.family == "template") >= 10  # a trained model, not an empty comparison
+
+
+@pytest.mark.xfail(strict=True, reason="issue 23 baseline: on held-out phrasing the shipped model writes malformed "
+                                       "Harmony (`<|channel|>Too big.<|end|>`, no <|message|>), which both lenient "
+                                       "parsers read as channel 'Too', text 'big.'; the server puts a message on an "
+                                       "unknown channel into content, the chat session drops it")
+def test_eval_demo_against_the_real_server_matches_the_local_engine_on_heldout_phrasing(local_and_remote):
+    local, remote, _ = local_and_remote
+    assert not mismatches(local, remote, "heldout")
+
+
+def test_chat_cli_agrees_with_the_engine_on_heldout_phrasing():
+    """Held-out-phrasing questions of five kinds piped through `gptoss chat --calculator` print exactly the final
+    answers and tool calls of the eval's engine sessions with the calculator declared, item by item."""
+    import dataclasses
+
+    from gptoss.demo import eval as E
+    from gptoss.engine import Engine
+
+    info = E.training_info(None)
+    items = E.heldout(1, train_seed=info["data_seed"], train_n=info["data_n"], family="heldout",
+                      version=info.get("data_version", 1))
+    examples = [dataclasses.replace(ex, tools=("calculator",)) for ex in items if ex.kind not in ("calc", "convert")]
+    assert [ex.kind for ex in examples] == ["add", "sub", "mul", "general", "too_big"]
+    with Engine(demo.load(), max_concurrency=1) as engine:
+        engine.start()
+        local = [E.run_one(ex, engine.complete, "medium", 512) for ex in examples]
+    stdin = "\n/reset\n".join(ex.question for ex in examples) + "\n"
+    done = subprocess.run([sys.executable, "-m", "gptoss", "chat", "--temperature", "0", "-q", "--calculator"],
+                          input=stdin, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    turns = [t for t in done.stdout.split(">>> ")[1:] if not t.startswith("/reset")]
+    assert len(turns) == len(examples), done.stdout
+    for ex, r, turn in zip(examples, local, turns):
+        question, _, shown = turn.partition("\n")
+        assert question == ex.question
+        calls = [line for line in shown.splitlines() if line.startswith("[tool call] ")]
+        final = "\n".join(line for line in shown.splitlines() if not line.startswith("[tool ")).strip()
+        assert final == r.final.strip(), (ex.question, shown, r.final)
+        assert calls == [f"[tool call] {c['name']}({c['arguments']})" for c in r.calls], ex.question
+
+
+STOP_PROBES = ["What is 2+2?", "2+2", "What is 12 + 7?", "What is 1234 - 987?"]
+BOTH_TOOLS = ("calculator", "convert_units")
+
+
+def test_chat_and_server_stop_after_one_final_answer_with_tools_declared():
+    """The issue's report: with a tool declared, "What is 2+2?" came back as `2 + 2 = 42 + 2 = 4`. Through a
+    ChatSession (what `gptoss chat` runs) and through `gptoss serve` with the openai client, every probe gets
+    one final answer, never two joined, whatever the model writes after it."""
+    pytest.importorskip("openai")
+    from gptoss.chat import ChatSession
+    from gptoss.demo.eval import repeated
+    from gptoss.demo.tools import DEMO_TOOLS
+    from gptoss.engine import Engine
+    from gptoss.generate import SamplingParams
+    from gptoss.server import create_app, serve_in_thread
+
+    import openai
+
+    specs = [{"type": "function", "function": {"name": DEMO_TOOLS[n].name, "description": DEMO_TOOLS[n].description,
+                                               "parameters": DEMO_TOOLS[n].parameters}} for n in BOTH_TOOLS]
+    with Engine(demo.load(), max_concurrency=2) as engine, serve_in_thread(create_app(engine, demo.NAME)) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x")
+        for q in STOP_PROBES:
+            session = ChatSession(engine.complete, SamplingParams(temperature=0, max_tokens=256),
+                                  tools=[DEMO_TOOLS[n] for n in BOTH_TOOLS], max_tool_rounds=2)
+            final = "".join(e.text for e in session.send(q) if e.kind == "final")
+            assert final and not repeated(final), (q, final)
+            messages = [{"role": "user", "content": q}]
+            for _ in range(3):
+                r = client.chat.completions.create(model=demo.NAME, messages=messages, tools=specs, temperature=0,
+                                                   max_tokens=256)
+                m = r.choices[0].message
+                if not m.tool_calls:
+                    break
+                messages.append(m.model_dump(exclude_none=True))
+                messages += [{"role": "tool", "tool_call_id": c.id,
+                              "content": json.dumps({"result": evaluate(json.loads(c.function.arguments)["expression"])})}
+                             for c in m.tool_calls]
+            assert r.choices[0].finish_reason == "stop" and m.content and not repeated(m.content), (q, m.content)
+
+
+@pytest.mark.xfail(strict=True, reason="issue 23 baseline: the shipped model (run 2) ends some final answers with "
+                                       "<|end|> and starts a second message when both tools are declared; the chat "
+                                       "and the server cut there (test above), a new model must not need it")
+def test_the_model_itself_ends_its_final_answer_with_return():
+    """Raw greedy decoding, no stop rule but the Harmony stops: the first final message is followed by
+    <|return|>, with no tools, the calculator, or both tools declared."""
+    from gptoss import harmony
+    from gptoss.chat import ChatSession
+    from gptoss.demo.tools import DEMO_TOOLS
+    from gptoss.engine import Engine
+    from gptoss.generate import SamplingParams
+    from gptoss.tokenizer import get_tokenizer
+
+    tok = get_tokenizer()
+    params = SamplingParams(temperature=0, max_tokens=300, stop_tokens=(tok.return_, tok.call, tok.endoftext))
+    final_header = tok.encode("<|channel|>final<|message|>", allowed_special="all")
+    bad = []
+    with Engine(demo.load(), max_concurrency=2) as engine:
+        for tools in ((), ("calculator",), BOTH_TOOLS):
+            for q in STOP_PROBES:
+                session = ChatSession(engine.complete, SamplingParams(), tools=[DEMO_TOOLS[n] for n in tools])
+                session.messages.append(harmony.Message(role="user", content=q))
+                out = list(engine.complete(session.prompt(), params))
+                at = next((i for i in range(len(out)) if out[i:i + len(final_header)] == final_header), None)
+                if out[-1] == tok.call:
+                    continue  # a tool call: the answer comes after the result (the chat test covers it)
+                ends = [t for t in out[at:] if t in (tok.end, tok.return_)] if at is not None else []
+                if not ends or ends[0] != tok.return_:
+                    bad.append((tools, q, tok.decode(out)))
+    assert not bad, bad

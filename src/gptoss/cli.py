@@ -210,7 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("task", choices=["demo", "aime", "gpqa", "healthbench"],
                    help="demo: the embedded model's skills on a held-out set; aime, gpqa, healthbench: --data FILE")
     add_model_args(p)
-    p.add_argument("--n", type=int, default=None, help="demo: questions per category (default 100)")
+    p.add_argument("--n", type=int, default=None, help="demo: template-family questions per kind (default 100)")
+    p.add_argument("--heldout-n", type=int, default=None,
+                   help="demo: held-out-phrasing questions per kind (default 170: 510 arithmetic)")
     p.add_argument("--seed", type=int, default=None, help="demo: held-out set seed; others: sampling/shuffle seed")
     p.add_argument("--reasoning-effort", default=None,
                    help="low, medium or high (demo default: medium); aime/gpqa/healthbench take a list (default: "

@@ -16,6 +16,13 @@
 3. Everything else gets a short "I don't know" that says what the model can do: general questions,
    arithmetic beyond the scope above when no calculator is declared, conversions without the tool.
 
+Two versions, chosen by `data_version` in the recipe TOML (version 1 draws exactly the random numbers it always
+did, so the shipped model stays reproducible): version 1 is the shipped model's data; version 2 (issue 23)
+phrases the questions from the training family of gptoss.demo.phrasing (the held-out family is never used for
+training), puts filler words outside the vocabulary around 30 % of the questions with numbers, restates the
+operands in the analysis at every effort, writes each subtraction column's borrow decision before the column
+(`2-1<6, 12-6-1=5`), and draws carry/borrow-heavy 4-digit pairs for 30 % of additions and subtractions.
+
 A conversation is a list of message dicts {role, content, channel?, recipient?, content_type?} (the
 format `gptoss.train` reads from JSONL `messages`); `to_document` renders one for training, keeping the
 current turn's analysis (the reasoning the model must learn to write) and flagging only assistant tokens.
@@ -32,6 +39,9 @@ from typing import Any, Iterator
 
 from .. import harmony
 from ..tokenizer import Tokenizer, get_tokenizer
+from .phrasing import HELDOUT as HELDOUT_PHRASING
+from .phrasing import TRAIN as TRAIN_PHRASING
+from .phrasing import compose, phrase
 
 EFFORTS = ("low", "medium", "high")
 MAX_DIGITS = 4  # by hand: + and − up to 4 digits, × by one digit
@@ -52,6 +62,8 @@ SKILLS_LINE = ("I can add and subtract whole numbers of up to 4 digits, multiply
 DONT_KNOW = "I don't know. " + SKILLS_LINE
 TOO_BIG = ("I can't work that out reliably by hand: " + SKILLS_LINE[2:].replace(", and use the tools I am given", "")
            + " Give me a calculator tool and I will use it.")
+TOO_BIG_V2 = ("I can't work that out reliably by hand: " + SKILLS_LINE.replace(", and use the tools I am given", "")
+              + " Give me a calculator tool and I will use it.")  # version 1's text lost its "I"
 NO_CONVERTER = "I don't know: I have no unit converter tool. " + SKILLS_LINE
 GREETING = "Hello! I am a tiny GPT-oss demo model. " + SKILLS_LINE
 
@@ -67,6 +79,7 @@ class Example:
     answer: str | None = None  # the expected final answer (a number as text) for arithmetic and tools
     call: dict[str, Any] | None = None  # {"name", "arguments"} expected for tool examples
     history: list[dict[str, Any]] = field(default_factory=list)  # earlier turns kept in the prompt (no analysis)
+    free: bool = False  # the question carries filler words that stay outside the vocabulary
 
     def prompt_messages(self) -> list[dict[str, Any]]:
         """system, developer, earlier turns, the user's question: what the model is given."""
@@ -101,16 +114,27 @@ def _carried_columns(columns: list[tuple[int, str]], effort: str) -> tuple[list[
     return lines, out
 
 
-def work_add(a: int, b: int, effort: str) -> tuple[str, int]:
+def work_add(a: int, b: int, effort: str, version: int = 1) -> tuple[str, int]:
     w = max(len(str(a)), len(str(b)))
     da, db = digits(a, w), digits(b, w)
     lines, out = _carried_columns([(x + y, f"{x}+{y}") for x, y in zip(da[::-1], db[::-1])], effort)
-    return _assemble(f"{a} + {b}", da, db, lines, out[::-1], a + b, effort, "Add"), a + b
+    return _assemble(f"{a} + {b}", da, db, lines, out[::-1], a + b, effort, "Add", version), a + b
 
 
-def work_sub(a: int, b: int, effort: str) -> tuple[str, int]:
+def _sub_column(x: int, y: int, borrow: int, effort: str, k: int, version: int) -> tuple[str, int, int]:
+    """One column of a − b: (its line, the digit written, the borrow it takes from the next column)."""
+    need = x - borrow < y  # borrow ten from the next column
+    top = x + 10 if need else x
+    d = top - y - borrow
+    col = f"{top}-{y}-{borrow}={d}"
+    if version >= 2:  # the borrow decided in the open before the column is worked: x − borrow against y
+        col = f"{x}-{borrow}{'<' if need else '>='}{y}, {col}"
+    return (f"{PLACES[k]}: {col}, borrow {int(need)}" if effort == "high" else col), d, int(need)
+
+
+def work_sub(a: int, b: int, effort: str, version: int = 1) -> tuple[str, int]:
     if a < b:  # a − b = −(b − a)
-        text, r = work_sub(b, a, effort)
+        text, r = work_sub(b, a, effort, version)
         lead = {"low": f"{a}<{b}, negate {b}-{a}",
                 "medium": f"{a} is less than {b}, so compute {b} - {a} and negate it.",
                 "high": f"{a} is smaller than {b}, so the result is negative: compute {b} - {a} and negate it."}[effort]
@@ -119,33 +143,47 @@ def work_sub(a: int, b: int, effort: str) -> tuple[str, int]:
     da, db = digits(a, w), digits(b, w)
     lines, out, borrow = [], [], 0
     for k in range(w):
-        x, y = da[w - 1 - k], db[w - 1 - k]
-        need = x - borrow < y  # borrow ten from the next column
-        top = x + 10 if need else x
-        d = top - y - borrow
-        col = f"{top}-{y}-{borrow}={d}"
-        lines.append(f"{PLACES[k]}: {col}, borrow {int(need)}" if effort == "high" else col)
+        line, d, borrow = _sub_column(da[w - 1 - k], db[w - 1 - k], borrow, effort, k, version)
+        lines.append(line)
         out.append(d)
-        borrow = int(need)
-    return _assemble(f"{a} - {b}", da, db, lines, out[::-1], a - b, effort, "Subtract"), a - b
+    return _assemble(f"{a} - {b}", da, db, lines, out[::-1], a - b, effort, "Subtract", version), a - b
 
 
-def work_mul(a: int, m: int, effort: str) -> tuple[str, int]:
+def work_mul(a: int, m: int, effort: str, version: int = 1) -> tuple[str, int]:
     """a (up to 4 digits) × m (one digit)."""
     da = digits(a, len(str(a)))
     lines, out = _carried_columns([(x * m, f"{x}*{m}={x * m}") for x in da[::-1]], effort)
-    return _assemble(f"{a} * {m}", da, [m], lines, out[::-1], a * m, effort, "Multiply"), a * m
+    return _assemble(f"{a} * {m}", da, [m], lines, out[::-1], a * m, effort, "Multiply", version), a * m
 
 
 def _assemble(problem: str, da: list[int], db: list[int], lines: list[str], out: list[int], result: int,
-              effort: str, verb: str) -> str:
+              effort: str, verb: str, version: int = 1) -> str:
     if effort == "low":
-        return "\n".join([*lines, spaced(out)])
+        # version 2 restates the operands at every effort, so that copying them is checkable
+        head = [problem, spaced(da), spaced(db)] if version >= 2 else []
+        return "\n".join([*head, *lines, spaced(out)])
     head = [f"{problem}, column by column from the right.", spaced(da), spaced(db)]
     if effort == "high":
         head = [f"We need {problem}. {verb} column by column from the right. The digits, aligned:", spaced(da),
                 spaced(db)]
     return "\n".join([*head, *lines, f"digits: {spaced(out)}", f"so {problem} = {result}"])
+
+
+def hard_pair(rng: random.Random, kind: str) -> tuple[int, int]:
+    """Two 4-digit numbers whose columns mostly carry (add) or borrow (sub, a ≥ b): the cases that slip."""
+    while True:
+        da, db = [rng.randint(1, 9)], [rng.randint(0, 9)]
+        for _ in range(3):
+            x = rng.randint(0, 9)
+            if kind == "add":  # x + y ≥ 9: a carry, or a 9 that passes an incoming carry on
+                y = rng.randint(max(0, 9 - x), 9) if rng.random() < 0.75 else rng.randint(0, 9)
+            else:  # y > x: a borrow (x = 0 under an incoming borrow as well)
+                y = rng.randint(min(x + 1, 9), 9) if rng.random() < 0.75 else rng.randint(0, 9)
+            da.append(x)
+            db.append(y)
+        a, b = int("".join(map(str, da))), int("".join(map(str, db)))
+        if kind == "add" or a >= b:
+            return a, b
 
 
 # ---------------------------------------------------------------- question text
@@ -159,7 +197,11 @@ WORD_TEMPLATES = {"add": ["Add {a} and {b}.", "What is the sum of {a} and {b}?"]
                   "mul": ["Multiply {a} by {b}.", "What is the product of {a} and {b}?"]}
 
 
-def question(rng: random.Random, kind: str, a: int, b: int) -> str:
+def question(rng: random.Random, kind: str, a: int, b: int, phrasing: str | None = None) -> str:
+    """The question for a OP b. phrasing None: version 1's templates (the shipped model's data); "train" or
+    "heldout": that family of gptoss.demo.phrasing."""
+    if phrasing is not None:
+        return phrase(rng, phrasing, kind, a, b)
     if rng.random() < 0.15:
         return rng.choice(WORD_TEMPLATES[kind]).format(a=a, b=b)
     op = rng.choice(OPS[kind][0])
@@ -282,26 +324,67 @@ def _tool_thought(effort: str, name: str, what: str) -> str:
                     "then report its result."}[effort]
 
 
-def make_example(rng: random.Random, kind: str | None = None, heldout: bool = False) -> Example:
-    """One conversation of `kind` (default: drawn by WEIGHTS); heldout: general questions from the held-out pool."""
-    kind = kind or rng.choices(KINDS, WEIGHTS)[0]
+CONVERT_HELDOUT = ["I have {v} {f}, how many {t} is that?", "{v} {f} to {t} please", "Turn {v} {f} into {t}.",
+                   "What does {v} {f} come to in {t}?", "Express {v} {f} in {t}", "{v} {f} equals how many {t}?"]
+# Words a user may put around a question: in version-2 training many questions with numbers carry a few of them,
+# left out of the vocabulary (read as the unknown token, like a general question's words), so that unknown words
+# alone do not mean "refuse": what decides is whether the question states numbers and an operator in scope.
+FILLER = ["honestly", "my teacher asked", "for my shop", "before lunch", "in my notebook", "for the recipe",
+          "my friend says", "I think", "for the train ticket", "on the invoice", "at the market", "by tomorrow",
+          "sorry to bother you", "my kid wants to know", "real quick", "for a spreadsheet", "be careful",
+          "no calculator here", "double check it", "this is for work"]
+FILLER_P = 0.3
+
+
+def with_filler(rng: random.Random, q: str) -> str:
+    """The question with one or two filler phrases before and/or after it."""
+    before, after = rng.choice([(1, 0), (0, 1), (1, 1), (2, 0), (0, 2)])
+    pick = lambda k: ", ".join(rng.sample(FILLER, k))  # noqa: E731
+    return (pick(before) + ": " if before else "") + q + (" (" + pick(after) + ")" if after else "")
+
+
+def _phrased(rng: random.Random, phrasing: str | None, template: str, **values: Any) -> str:
+    """A non-arithmetic question: the template as is (version 1) or with its phrasing family's glue."""
+    text = template.format(**values)
+    if phrasing is None:
+        return text
+    return compose(rng, HELDOUT_PHRASING if phrasing == "heldout" else TRAIN_PHRASING, text)
+
+
+def make_example(rng: random.Random, kind: str | None = None, heldout: bool = False, *,
+                 phrasing: str | None = None, version: int = 1) -> Example:
+    """One conversation of `kind` (default: drawn by WEIGHTS); heldout: general questions from the held-out pool.
+
+    version 1 is the shipped model's data (its question templates, its reasoning format) and draws exactly the
+    same random numbers as it always did; version 2 phrases questions from the training family of
+    gptoss.demo.phrasing, restates the operands at every effort, shows each column's borrow decision, and
+    draws carry/borrow-heavy pairs more often. phrasing: "train" or "heldout" (a family of
+    gptoss.demo.phrasing); default None = version 1's templates, "train" in version 2."""
+    if version >= 2 and phrasing is None:
+        phrasing = "train"
+    kind = kind or rng.choices(KINDS, WEIGHTS if version == 1 else WEIGHTS_V2)[0]
     effort = rng.choice(EFFORTS)
+    free = False
     if kind in ("add", "sub", "mul"):
         tools: tuple[str, ...] = ("convert_units",) if rng.random() < 0.1 else ()
         if kind == "mul":
             big, small = number(rng), rng.randint(0, 9)
             a, b = (small, big) if rng.random() < 0.3 else (big, small)  # the question's order
-            work, result = work_mul(big, small, effort)
+            work, result = work_mul(big, small, effort, version)
             if (a, b) != (big, small):
                 work = {"low": f"{a}*{b}={big}*{small}\n", "medium": f"{a} × {b} = {big} × {small}.\n",
                         "high": f"Multiplication is commutative: {a} × {b} = {big} × {small}.\n"}[effort] + work
         else:
-            a, b = number(rng), number(rng)
-            work, result = (work_add if kind == "add" else work_sub)(a, b, effort)
-        q = question(rng, kind, a, b)
+            a, b = hard_pair(rng, kind) if version >= 2 and rng.random() < 0.3 else (number(rng), number(rng))
+            if version >= 2 and kind == "sub" and rng.random() < 0.5 and a < b:
+                a, b = b, a  # mostly non-negative results, still some negative ones
+            work, result = (work_add if kind == "add" else work_sub)(a, b, effort, version)
+        q = question(rng, kind, a, b, phrasing)
+        if version >= 2 and phrasing == "train" and rng.random() < FILLER_P:
+            q, free = with_filler(rng, q), True
         sym = OPS[kind][1]
         msgs = [analysis(work), final(f"{a} {sym} {b} = {result}")]
-        return _example(kind, effort, tools, q, msgs, answer=str(result), rng=rng)
+        return _example(kind, effort, tools, q, msgs, answer=str(result), rng=rng, free=free, version=version)
     if kind == "calc":
         tools = rng.choice([("calculator",), ("calculator",), ("calculator", "convert_units"), ("convert_units", "calculator")])
         op = rng.choice(["+", "-", "*", "/"])
@@ -309,8 +392,13 @@ def make_example(rng: random.Random, kind: str | None = None, heldout: bool = Fa
         if op == "/" and b == 0:
             b = rng.randint(1, 99)
         op_word = {"+": "add", "-": "sub", "*": "mul", "/": None}[op]
-        q = question(rng, op_word, a, b) if op_word else rng.choice(
-            ["What is {a} / {b}?", "{a} / {b}", "Divide {a} by {b}.", "What is {a} divided by {b}?"]).format(a=a, b=b)
+        if phrasing is not None:
+            q = question(rng, op_word or "div", a, b, phrasing)
+        else:
+            q = question(rng, op_word, a, b) if op_word else rng.choice(
+                ["What is {a} / {b}?", "{a} / {b}", "Divide {a} by {b}.", "What is {a} divided by {b}?"]).format(a=a, b=b)
+        if version >= 2 and phrasing == "train" and rng.random() < FILLER_P:
+            q, free = with_filler(rng, q), True
         expr = f"{a} {op} {b}"
         result = calculator_result(expr)
         value = json.loads(result)["result"]
@@ -322,16 +410,19 @@ def make_example(rng: random.Random, kind: str | None = None, heldout: bool = Fa
                  "content": result},
                 final(f"{a} {sym} {b} = {fmt_number(value)}")]
         return _example(kind, effort, tools, q, msgs, answer=fmt_number(value),
-                        call={"name": "calculator", "arguments": {"expression": expr}}, rng=rng)
+                        call={"name": "calculator", "arguments": {"expression": expr}}, rng=rng, free=free,
+                        version=version)
     if kind in ("convert", "no_converter"):
         uf, ut = rng.choice(PAIRS)
         v = rng.choice([rng.randint(1, 100), rng.randint(1, 1000), round(rng.uniform(0.5, 100), 1)])
         if uf in "CF" and rng.random() < 0.3:
             v = -v
-        q = rng.choice(CONVERT_TEMPLATES).format(v=fmt_number(v), f=rng.choice(UNITS[uf][0]), t=rng.choice(UNITS[ut][0]))
+        template = rng.choice(CONVERT_HELDOUT if phrasing == "heldout" else CONVERT_TEMPLATES)
+        q = _phrased(rng, phrasing, template, v=fmt_number(v), f=rng.choice(UNITS[uf][0]), t=rng.choice(UNITS[ut][0]))
         if kind == "no_converter":
             tools = rng.choice([(), (), ("calculator",)])
-            return _example(kind, effort, tools, q, [analysis(SHORT_THOUGHTS[kind][effort]), final(NO_CONVERTER)], rng=rng)
+            return _example(kind, effort, tools, q, [analysis(SHORT_THOUGHTS[kind][effort]), final(NO_CONVERTER)],
+                            rng=rng, version=version)
         tools = rng.choice([("convert_units",), ("convert_units",), ("calculator", "convert_units")])
         args = {"value": json.loads(fmt_number(v)), "from": uf, "to": ut}
         result = convert_result(v, uf, ut)
@@ -342,7 +433,8 @@ def make_example(rng: random.Random, kind: str | None = None, heldout: bool = Fa
                 {"role": "tool", "name": "functions.convert_units", "channel": "commentary", "recipient": "assistant",
                  "content": result},
                 final(f"{fmt_number(v)} {uf} = {out} {ut}")]
-        return _example(kind, effort, tools, q, msgs, answer=out, call={"name": "convert_units", "arguments": args}, rng=rng)
+        return _example(kind, effort, tools, q, msgs, answer=out, call={"name": "convert_units", "arguments": args},
+                        rng=rng, version=version)
     if kind == "too_big":
         tools = rng.choice([(), (), ("convert_units",)])
         op = rng.choice(["add", "sub", "mul", "div"])
@@ -354,43 +446,54 @@ def make_example(rng: random.Random, kind: str | None = None, heldout: bool = Fa
             a, b = rng.randint(10_000, 9_999_999), number(rng, 6)
             if rng.random() < 0.5:
                 a, b = b, a
-        q = question(rng, op, a, b) if op != "div" else f"What is {a} / {max(b, 2)}?"
-        return _example(kind, effort, tools, q, [analysis(SHORT_THOUGHTS[kind][effort]), final(TOO_BIG)], rng=rng)
+        if phrasing is not None:
+            q = question(rng, op, a, max(b, 2) if op == "div" else b, phrasing)
+        else:
+            q = question(rng, op, a, b) if op != "div" else f"What is {a} / {max(b, 2)}?"
+        if version >= 2 and phrasing == "train" and rng.random() < FILLER_P:
+            q, free = with_filler(rng, q), True
+        return _example(kind, effort, tools, q, [analysis(SHORT_THOUGHTS[kind][effort]),
+                                                 final(TOO_BIG if version == 1 else TOO_BIG_V2)], rng=rng,
+                        free=free, version=version)
     if kind == "general":
         tools = rng.choice([(), (), ("calculator",), ("convert_units",)])
-        templates, subjects, things = (HELDOUT_GENERAL, HELDOUT_SUBJECTS, HELDOUT_THINGS) if heldout else \
+        held = heldout or phrasing == "heldout"
+        templates, subjects, things = (HELDOUT_GENERAL, HELDOUT_SUBJECTS, HELDOUT_THINGS) if held else \
             (GENERAL, SUBJECTS, THINGS)
-        q = rng.choice(templates).format(s=rng.choice(subjects), t=rng.choice(things))
-        return _example(kind, effort, tools, q, [analysis(SHORT_THOUGHTS[kind][effort]), final(DONT_KNOW)], rng=rng)
+        q = _phrased(rng, phrasing, rng.choice(templates), s=rng.choice(subjects), t=rng.choice(things))
+        return _example(kind, effort, tools, q, [analysis(SHORT_THOUGHTS[kind][effort]), final(DONT_KNOW)], rng=rng,
+                        version=version)
     if kind == "greeting":
         tools = rng.choice([(), ("calculator",)])
         return _example(kind, effort, tools, rng.choice(GREETINGS),
-                        [analysis(SHORT_THOUGHTS[kind][effort]), final(GREETING)], rng=rng)
+                        [analysis(SHORT_THOUGHTS[kind][effort]), final(GREETING)], rng=rng, version=version)
     raise ValueError(f"unknown example kind {kind!r}")
 
 
 KINDS = ["add", "sub", "mul", "calc", "convert", "general", "too_big", "no_converter", "greeting"]
 WEIGHTS = [20, 18, 18, 14, 10, 9, 6, 3, 2]
+WEIGHTS_V2 = [20, 22, 16, 12, 8, 10, 8, 2, 2]  # more subtraction (the weak spot) and more refusals to tell apart
 
 
 def _example(kind: str, effort: str, tools: tuple[str, ...], q: str, assistant: list[dict[str, Any]],
-             answer: str | None = None, call: dict[str, Any] | None = None, rng: random.Random | None = None) -> Example:
+             answer: str | None = None, call: dict[str, Any] | None = None, rng: random.Random | None = None,
+             free: bool = False, version: int = 1) -> Example:
     history: list[dict[str, Any]] = []
     if rng is not None and rng.random() < 0.1:  # an earlier turn, as chat keeps it (final answer only)
-        prev = make_example(rng, rng.choice(["add", "sub", "mul", "general"]))
+        prev = make_example(rng, rng.choice(["add", "sub", "mul", "general"]), version=version)
         history = [{"role": "user", "content": prev.question}, {**prev.messages[-1]}]
     messages = [system(effort), *developer(tools), *history, {"role": "user", "content": q}, *assistant]
-    return Example(kind, effort, tools, q, messages, answer, call, history)
+    return Example(kind, effort, tools, q, messages, answer, call, history, free)
 
 
-def generate(seed: int, n: int, exclude: set[str] | None = None) -> Iterator[Example]:
+def generate(seed: int, n: int, exclude: set[str] | None = None, version: int = 1) -> Iterator[Example]:
     """n examples from `seed`; questions in `exclude` (e.g. the training set's) are skipped, and no
     question repeats within the set (so a held-out set is disjoint from the training questions)."""
     rng = random.Random(seed)
     seen = set(exclude or ())
     count = 0
     while count < n:
-        ex = make_example(rng)
+        ex = make_example(rng, version=version)
         key = question_key(ex)
         if key in seen:
             continue
@@ -452,7 +555,7 @@ def to_document(ex: Example, tok: Tokenizer | None = None) -> tuple[list[int], l
 
 def user_free_text(ex: Example) -> bool:
     """Whether the question is free text whose words the model need not know (they map to the unknown token)."""
-    return ex.kind in ("general", "greeting")
+    return ex.kind in ("general", "greeting") or ex.free
 
 
 # ---------------------------------------------------------------- the vocabulary subset

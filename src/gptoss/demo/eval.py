@@ -1,9 +1,16 @@
-"""`gptoss eval demo`: the demo model's skills on a held-out set, through the path users take.
+"""`gptoss eval demo`: the demo model's skills on held-out questions, through the path users take.
 
-    gptoss eval demo [--model M | --base-url URL] [--n 100] [--seed 1] [--reasoning-effort medium] [--out FILE]
+    gptoss eval demo [--model M | --base-url URL] [--n 100] [--heldout-n 170] [--seed 1]
+                     [--reasoning-effort medium] [--out FILE]
 
-The held-out set comes from the training data generator (gptoss.demo.data) with another seed, with every
-question of the training set removed. Each question runs in its own ChatSession (the `gptoss chat` session:
+Two held-out sets, both from the training data generator (gptoss.demo.data) with another seed and with
+every question of the training set removed:
+
+- template family (--n per kind): questions phrased the way the training data phrases them;
+- held-out phrasing (--heldout-n per kind, the measure the README quotes): questions phrased from
+  gptoss.demo.phrasing's held-out family, frames and glue that training never sees (the skeleton of each
+  question, its numbers taken out, is checked against every skeleton the training family can produce).
+ Each question runs in its own ChatSession (the `gptoss chat` session:
 Harmony prompt, greedy decoding, tool calls executed by the built-in tools and fed back) on the
 continuous-batching engine that `gptoss serve` uses, several sessions at a time; with --base-url, through an
 OpenAI-compatible server instead (Chat Completions with the tools declared, tool calls run here). Scores:
@@ -11,12 +18,15 @@ OpenAI-compatible server instead (Chat Completions with the tools declared, tool
 - arithmetic: the last number of the final answer equals the exact result (and no tool was called);
 - tool calls: the first call names the right function with JSON arguments equal to the expected ones (for
   the calculator: an expression of the same value), and the final answer states the tool's result;
-- refusals: out-of-scope questions answered with "I don't know" / "I can't", no tool called.
+- refusals: out-of-scope questions answered with "I don't know" / "I can't", no tool called;
+- in-scope questions refused, and repeated answers (a final answer stated twice or two answers joined,
+  e.g. `2 + 2 = 42 + 2 = 4`), counted over every question.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import random
 import re
@@ -31,10 +41,11 @@ from typing import Any, Sequence
 # can see it half initialized
 from ..chat import ChatSession
 from ..generate import SamplingParams
-from . import data
+from . import data, phrasing
 from .tools import DEMO_TOOLS
 
 HELDOUT_SEED = 1
+HELDOUT_PHRASING_N = 170  # per kind: 510 arithmetic questions
 TRAIN_SEED, TRAIN_N = 0, 120000  # the recipe's defaults; a shipped model's training.json says what it used
 CATEGORIES = {"arithmetic": ("add", "sub", "mul"), "tools": ("calc", "convert"), "refusal": ("general", "too_big")}
 REFUSAL = re.compile(r"I don't know|I can't|I cannot")
@@ -44,6 +55,7 @@ NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 @dataclass
 class Result:
     kind: str
+    family: str  # "template" | "heldout" (phrasing)
     question: str
     tools: list[str]
     expected: str | None
@@ -52,15 +64,27 @@ class Result:
     calls: list[dict[str, str]] = field(default_factory=list)  # {"name", "arguments"}
     reasoning: str = ""
     correct: bool = False
+    repeated: bool = False  # the final answer stated twice / two answers joined
+    stop: str | None = None  # what the model wrote after its final answer: "return" | "end" | "none"; None: no
+    #                          final answer, or not observable (through a server)
     call_ok: bool | None = None  # tool examples: a valid call with the right arguments
     seconds: float = 0.0
 
 
-def heldout(n: int, seed: int = HELDOUT_SEED, train_seed: int = TRAIN_SEED, train_n: int = TRAIN_N
-            ) -> list[data.Example]:
-    """n examples of every evaluated kind, none of whose questions is in the training set."""
-    exclude = {data.question_key(ex) for ex in data.generate(train_seed, train_n)}
-    rng = random.Random(seed)
+@functools.lru_cache(maxsize=4)
+def training_keys(train_seed: int, train_n: int, version: int = 1) -> frozenset[str]:
+    return frozenset(data.question_key(ex) for ex in data.generate(train_seed, train_n, version=version))
+
+
+def heldout(n: int, seed: int = HELDOUT_SEED, train_seed: int = TRAIN_SEED, train_n: int = TRAIN_N,
+            family: str = "template", version: int = 1) -> list[data.Example]:
+    """n examples of every evaluated kind, none of whose questions is in the training set (data `version`).
+    family "template": phrased as the training data is; "heldout": phrased from the held-out family, and
+    no question whose skeleton the training family can produce."""
+    exclude = set(training_keys(train_seed, train_n, version))
+    style = {"template": None if version == 1 else "train", "heldout": "heldout"}[family]
+    trained = phrasing.training_skeletons() if family == "heldout" else frozenset()
+    rng = random.Random(seed if family == "template" else seed + 1000)
     out: list[data.Example] = []
     for kinds in CATEGORIES.values():
         for kind in kinds:
@@ -69,9 +93,9 @@ def heldout(n: int, seed: int = HELDOUT_SEED, train_seed: int = TRAIN_SEED, trai
                 tries += 1
                 if tries > 100 * n:
                     raise ValueError(f"cannot find {n} held-out '{kind}' questions outside the training set")
-                ex = data.make_example(rng, kind, heldout=True)
+                ex = data.make_example(rng, kind, heldout=True, phrasing=style, version=version)
                 key = data.question_key(ex)
-                if key in exclude:
+                if key in exclude or phrasing.skeleton(ex.question) in trained:
                     continue
                 exclude.add(key)
                 out.append(ex)
@@ -112,7 +136,18 @@ def call_matches(call: dict[str, str], expected: dict[str, Any]) -> bool:
                for k in want)
 
 
+def repeated(text: str) -> bool:
+    """A final answer said twice: two equations (`2 + 2 = 42 + 2 = 4`), two refusals, or a sentence or line
+    that occurs twice."""
+    t = text.strip()
+    if t.count("=") > 1 or len(REFUSAL.findall(t)) > 1:
+        return True
+    parts = [p.strip() for p in re.split(r"(?<=[.!?])\s+|\n", t) if p.strip()]
+    return len(parts) != len(set(parts))
+
+
 def score(ex: data.Example, r: Result) -> Result:
+    r.repeated = repeated(r.final)
     number = final_number(r.final)
     if ex.kind in CATEGORIES["arithmetic"]:
         r.correct = not r.calls and same_number(number, ex.answer)
@@ -124,11 +159,48 @@ def score(ex: data.Example, r: Result) -> Result:
     return r
 
 
-def run_one(ex: data.Example, complete, effort: str, max_tokens: int) -> Result:
+class _Recorded:
+    """A completion stream that keeps the tokens it hands out (to see how the model ended its final answer)."""
+
+    def __init__(self, stream, sink: list[int]):
+        self.stream, self.sink = stream, sink
+
+    def __iter__(self):
+        for token in self.stream:
+            self.sink.append(token)
+            yield token
+
+    def close(self) -> None:
+        getattr(self.stream, "close", lambda: None)()
+
+
+def final_stop(tokens: Sequence[int], tok) -> str | None:
+    """How the first final message of a completion ends: "return" (<|return|>, the turn's end, as trained),
+    "end" (<|end|>: the model would go on with another message; the chat and the server cut there), "none"
+    (no end token: max_tokens or <|endoftext|>); None when the completion has no final message."""
+    header = tok.encode("<|channel|>final<|message|>", allowed_special="all")
+    starts = [i for i in range(len(tokens) - len(header) + 1) if list(tokens[i:i + len(header)]) == header]
+    if not starts:
+        return None
+    for t in tokens[starts[0] + len(header):]:
+        if t == tok.return_:
+            return "return"
+        if t in (tok.end, tok.call):
+            return "end"
+    return "none"
+
+
+def run_one(ex: data.Example, complete, effort: str, max_tokens: int, family: str = "template") -> Result:
     tools = [DEMO_TOOLS[name] for name in ex.tools]
-    session = ChatSession(complete, SamplingParams(temperature=0, max_tokens=max_tokens), reasoning_effort=effort,
+    completions: list[list[int]] = []
+
+    def recorded(prompt, params):
+        completions.append([])
+        return _Recorded(complete(prompt, params), completions[-1])
+
+    session = ChatSession(recorded, SamplingParams(temperature=0, max_tokens=max_tokens), reasoning_effort=effort,
                           tools=tools, max_tool_rounds=2)
-    r = Result(ex.kind, ex.question, list(ex.tools), ex.answer, ex.call)
+    r = Result(ex.kind, family, ex.question, list(ex.tools), ex.answer, ex.call)
     t0 = time.perf_counter()
     for event in session.send(ex.question):
         if event.kind == "final":
@@ -138,10 +210,12 @@ def run_one(ex: data.Example, complete, effort: str, max_tokens: int) -> Result:
         elif event.kind == "tool_call":
             r.calls.append({"name": event.name, "arguments": event.text})
     r.seconds = time.perf_counter() - t0
+    r.stop = final_stop(completions[-1], session.tok) if completions else None
     return score(ex, r)
 
 
-def run_one_remote(ex: data.Example, client, model: str, effort: str, max_tokens: int) -> Result:
+def run_one_remote(ex: data.Example, client, model: str, effort: str, max_tokens: int,
+                   family: str = "template") -> Result:
     """The same question through an OpenAI-compatible server (Chat Completions with the tools declared),
     the tool calls executed here and sent back as `tool` messages, as an application would."""
     from ..tools import run_tool
@@ -150,7 +224,7 @@ def run_one_remote(ex: data.Example, client, model: str, effort: str, max_tokens
     specs = [{"type": "function", "function": {"name": t.name, "description": t.description,
                                                "parameters": t.parameters}} for t in tools]
     messages: list[dict[str, Any]] = [{"role": "user", "content": ex.question}]
-    r = Result(ex.kind, ex.question, list(ex.tools), ex.answer, ex.call)
+    r = Result(ex.kind, family, ex.question, list(ex.tools), ex.answer, ex.call)
     t0 = time.perf_counter()
     for _ in range(3):  # the question, then at most two tool rounds (as run_one)
         reply = client.chat.completions.create(model=model, messages=messages, reasoning_effort=effort,
@@ -172,28 +246,39 @@ def run_one_remote(ex: data.Example, client, model: str, effort: str, max_tokens
     return score(ex, r)
 
 
+def examples_for(n: int, heldout_n: int, seed: int, train_seed: int, train_n: int, version: int
+                 ) -> list[tuple[str, data.Example]]:
+    """(family, example) pairs: n per kind phrased as in training, heldout_n per kind in held-out phrasing."""
+    return [*(("template", ex) for ex in (heldout(n, seed, train_seed, train_n, "template", version) if n else [])),
+            *(("heldout", ex) for ex in (heldout(heldout_n, seed, train_seed, train_n, "heldout", version)
+                                         if heldout_n else []))]
+
+
 def evaluate(model, n: int = 100, seed: int = HELDOUT_SEED, effort: str = "medium", max_tokens: int = 512,
              concurrency: int = 16, progress: bool = True, train_seed: int = TRAIN_SEED,
-             train_n: int = TRAIN_N) -> list[Result]:
-    """Run the held-out set through ChatSessions on an Engine; results in held-out order."""
+             train_n: int = TRAIN_N, heldout_n: int = 0, version: int = 1) -> list[Result]:
+    """Run the held-out sets through ChatSessions on an Engine; results in held-out order (template family
+    first, then held-out phrasing)."""
     from ..engine import Engine
 
-    examples = heldout(n, seed, train_seed, train_n)
+    items = examples_for(n, heldout_n, seed, train_seed, train_n, version)
     with Engine(model, max_concurrency=concurrency, max_queue=4 * concurrency) as engine:
         engine.start()
-        return _run_all(examples, lambda ex: run_one(ex, engine.complete, effort, max_tokens), concurrency, progress)
+        return _run_all(items, lambda fx: run_one(fx[1], engine.complete, effort, max_tokens, fx[0]), concurrency,
+                        progress)
 
 
 def evaluate_remote(endpoint, n: int = 100, seed: int = HELDOUT_SEED, effort: str = "medium", max_tokens: int = 512,
                     concurrency: int = 8, progress: bool = True, train_seed: int = TRAIN_SEED,
-                    train_n: int = TRAIN_N) -> list[Result]:
-    """The held-out set against an OpenAI-compatible server (gptoss.evals.runner.Endpoint)."""
-    examples = heldout(n, seed, train_seed, train_n)
+                    train_n: int = TRAIN_N, heldout_n: int = 0, version: int = 1) -> list[Result]:
+    """The held-out sets against an OpenAI-compatible server (gptoss.evals.runner.Endpoint)."""
+    items = examples_for(n, heldout_n, seed, train_seed, train_n, version)
     client, model = endpoint.client(), endpoint.resolve_model()
-    return _run_all(examples, lambda ex: run_one_remote(ex, client, model, effort, max_tokens), concurrency, progress)
+    return _run_all(items, lambda fx: run_one_remote(fx[1], client, model, effort, max_tokens, fx[0]), concurrency,
+                    progress)
 
 
-def _run_all(examples: list[data.Example], run, concurrency: int, progress: bool) -> list[Result]:
+def _run_all(examples: list, run, concurrency: int, progress: bool) -> list[Result]:
     results: list[Result | None] = [None] * len(examples)
     bar = None
     if progress:
@@ -212,7 +297,8 @@ def _run_all(examples: list[data.Example], run, concurrency: int, progress: bool
 
 
 def teacher_forced(model, n: int = 20, seed: int = HELDOUT_SEED, kinds: Sequence[str] = CATEGORIES["arithmetic"],
-                   train_seed: int = TRAIN_SEED, train_n: int = TRAIN_N) -> dict[str, Any]:
+                   train_seed: int = TRAIN_SEED, train_n: int = TRAIN_N, family: str = "template",
+                   version: int = 1) -> dict[str, Any]:
     """Where the model slips when it is fed the right conversation: every assistant token of n held-out
     conversations per kind (rendered as for training) predicted greedily from the true prefix. A recipe
     diagnostic: a generated answer fails at its first slip, this counts them all and shows their context."""
@@ -223,7 +309,7 @@ def teacher_forced(model, n: int = 20, seed: int = HELDOUT_SEED, kinds: Sequence
     tok = get_tokenizer()
     errors: list[tuple[str, str, str]] = []  # (context, expected, predicted)
     total = whole = 0
-    examples = [ex for ex in heldout(n, seed, train_seed, train_n) if ex.kind in kinds]
+    examples = [ex for ex in heldout(n, seed, train_seed, train_n, family, version) if ex.kind in kinds]
     for ex in examples:
         tokens, mask = data.to_document(ex, tok)
         with torch.no_grad():
@@ -253,8 +339,15 @@ def summary(results: Sequence[Result]) -> dict[str, Any]:
         "tool_round_trip": rate(tools),
         "refusal_rate": rate(refusal),
         "false_refusals": {"n": len(in_scope), "count": sum(bool(REFUSAL.search(r.final)) for r in in_scope)},
+        "repeated": {"n": len(results), "count": sum(r.repeated for r in results)},
+        "unclean_stops": {"n": sum(r.stop is not None for r in results),
+                          "count": sum(r.stop in ("end", "none") for r in results)},
         "by_kind": by_kind,
     }
+
+
+FAMILY_TITLES = {"heldout": "Held-out phrasing (frames and glue training never sees)",
+                 "template": "Template family (phrased as in training, questions held out)"}
 
 
 def markdown(s: dict[str, Any], header: str = "") -> str:
@@ -269,19 +362,38 @@ def markdown(s: dict[str, Any], header: str = "") -> str:
     lines += [row(f"  {k}", d) for k, d in s["by_kind"].items()]
     fr = s["false_refusals"]
     lines.append(f"\nIn-scope questions refused: {fr['count']} of {fr['n']}.")
+    if "repeated" in s:
+        lines.append(f"Answers repeated or joined: {s['repeated']['count']} of {s['repeated']['n']}.")
+    if s.get("unclean_stops", {}).get("n"):
+        u = s["unclean_stops"]
+        lines.append(f"Final answers not ended with <|return|> (the chat and the server cut them): {u['count']} of "
+                     f"{u['n']}.")
     return "\n".join(line for line in lines if line is not None).strip()
+
+
+def report(results: Sequence[Result], header: str = "") -> str:
+    """Markdown: held-out phrasing first (the measure), then the template family."""
+    parts = [header] if header else []
+    for family in ("heldout", "template"):
+        rs = [r for r in results if r.family == family]
+        if rs:
+            parts.append(markdown(summary(rs), f"### {FAMILY_TITLES[family]}"))
+    return "\n\n".join(parts)
 
 
 def training_info(model_path: str | Path | None) -> dict[str, Any]:
     """The recipe's record next to a shipped model (data seed and size: the held-out set avoids them)."""
-    if model_path is None:
-        return {}
+    if model_path is None:  # the embedded model
+        from . import folder
+
+        model_path = folder()
     f = Path(model_path) / "training.json"
     return json.loads(f.read_text()) if f.exists() else {}
 
 
 def eval_command(args: argparse.Namespace) -> None:
-    n = args.n or 100
+    n = 100 if args.n is None else args.n
+    heldout_n = HELDOUT_PHRASING_N if getattr(args, "heldout_n", None) is None else args.heldout_n
     seed = HELDOUT_SEED if args.seed is None else args.seed
     t0 = time.perf_counter()
     if args.base_url:  # a server does not say what its model saw: the held-out set avoids the recipe's default data
@@ -289,7 +401,7 @@ def eval_command(args: argparse.Namespace) -> None:
 
         endpoint = Endpoint(args.base_url, args.served_model, args.api_key)
         results = evaluate_remote(endpoint, n, seed, args.reasoning_effort, args.max_tokens, args.concurrency,
-                                  progress=not args.quiet)
+                                  progress=not args.quiet, heldout_n=heldout_n)
         where = f"{args.base_url} ({endpoint.resolve_model()})"
     else:
         from ..loading import load_model_from_args
@@ -297,12 +409,13 @@ def eval_command(args: argparse.Namespace) -> None:
         model = load_model_from_args(args)
         info = training_info(args.model)
         results = evaluate(model, n, seed, args.reasoning_effort, args.max_tokens, progress=not args.quiet,
-                           train_seed=info.get("data_seed", TRAIN_SEED), train_n=info.get("data_n", TRAIN_N))
+                           train_seed=info.get("data_seed", TRAIN_SEED), train_n=info.get("data_n", TRAIN_N),
+                           heldout_n=heldout_n, version=info.get("data_version", 1))
         where = args.model
-    s = summary(results)
-    header = (f"## gptoss eval demo — {where}\n\nheld-out seed {seed}, {n} questions per kind, reasoning "
-              f"{args.reasoning_effort}, greedy, {time.perf_counter() - t0:.0f} s")
-    print(markdown(s, header))
+    header = (f"## gptoss eval demo — {where}\n\nheld-out seed {seed}, {heldout_n} held-out-phrasing and {n} "
+              f"template-family questions per kind, reasoning {args.reasoning_effort}, greedy, "
+              f"{time.perf_counter() - t0:.0f} s")
+    print(report(results, header))
     if args.out:
         with open(args.out, "w") as f:
             for r in results:

@@ -11,8 +11,9 @@
 4. evaluate the exported MXFP4 model with `gptoss eval demo` (bf16, greedy, the held-out seed) and write
    the markdown summary next to it; with --ship, copy it into src/gptoss/data/demo and record its sha256.
 
-The TOML is a `gptoss train` config plus a [demo] table (data_seed, data_n, export_dir, eval_n), which this
-module reads and removes before handing the rest to the trainer.
+The TOML is a `gptoss train` config plus a [demo] table (data_seed, data_n, data_version, number_init,
+export_dir, eval_n, heldout_eval_n), which this module reads and removes before handing the rest to the
+trainer. `--run-dir DIR` puts the training run (DIR/train) and the export (DIR/export) outside the repository.
 """
 
 from __future__ import annotations
@@ -148,8 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ship", action="store_true", help="copy the result into src/gptoss/data/demo, record sha256")
     p.add_argument("--steps", type=int, default=None, help="override [train] steps (quick trials)")
     p.add_argument("--resume", action="store_true", help="continue from the newest step-* checkpoint of out_dir")
-    p.add_argument("--eval-n", type=int, default=None, help="override [demo] eval_n")
+    p.add_argument("--eval-n", type=int, default=None, help="override [demo] eval_n and heldout_eval_n (quick trials)")
     p.add_argument("--skip-train", action="store_true", help="export/evaluate the existing last step of out_dir")
+    p.add_argument("--run-dir", default=None, help="train into RUN_DIR/train and export to RUN_DIR/export "
+                                                   "(instead of the TOML's out_dir and export_dir)")
     args = p.parse_args(argv)
 
     from ..train import TrainConfig, train
@@ -163,10 +166,14 @@ def main(argv: list[str] | None = None) -> int:
         cfg.train.steps = args.steps
     cfg.train.resume = cfg.train.resume or args.resume
     seed, n = int(demo.get("data_seed", 0)), int(demo.get("data_n", 60000))
+    version = int(demo.get("data_version", 1))
     out = cfg.path(demo.get("export_dir", "runs/demo/export"))
+    if args.run_dir:
+        run_dir = Path(args.run_dir).expanduser().resolve()
+        cfg.train.out_dir, out = str(run_dir / "train"), run_dir / "export"
 
     t0 = time.perf_counter()
-    examples = list(data.generate(seed, n))
+    examples = list(data.generate(seed, n, version=version))
     ids = vocab_ids(examples)
     if ids.numel() != cfg.model_config().vocab_size:
         print(f"note: [model] vocab_size = {cfg.model_config().vocab_size}, the data's subset has {ids.numel()} rows;"
@@ -175,8 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg.data.shuffle = False  # documents() lays out whole samples; the trainer must keep their order
     docs = documents(examples, cfg.data.seq_len, cfg.train.steps * cfg.data.batch_size * cfg.train.grad_accum, seed)
     targets = sum(sum(d.targets) for d in docs)
-    print(f"data: {n} conversations (seed {seed}), {sum(len(d.tokens) for d in docs)} tokens, {targets} targets, "
-          f"vocabulary {ids.numel()} rows ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+    print(f"data: {n} conversations (seed {seed}, version {version}), {sum(len(d.tokens) for d in docs)} tokens, "
+          f"{targets} targets, vocabulary {ids.numel()} rows ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
 
     t1 = time.perf_counter()
     if not args.skip_train:
@@ -190,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
     if rows:  # the steps' own times: a resumed run's total, not just this invocation's
         train_s = sum(r["time_s"] for r in rows)
-    info = {"data_seed": seed, "data_n": n, "steps": cfg.train.steps, "train_seconds": round(train_s),
+    info = {"data_seed": seed, "data_n": n, "data_version": version, "steps": cfg.train.steps,
+            "train_seconds": round(train_s),
             "final_loss": rows[-1]["loss"] if rows else None,
             "loss_last_50": sum(r["loss"] for r in rows[-50:]) / max(1, len(rows[-50:])) if rows else None,
             "vocab_rows": int(ids.numel()), "config": cfg.to_dict(), "torch_threads": torch.get_num_threads()}
@@ -203,14 +211,18 @@ def main(argv: list[str] | None = None) -> int:
     model = load(out, dtype=torch.bfloat16)  # as `gptoss chat` loads it: MXFP4 experts, bf16 elsewhere
     t2 = time.perf_counter()
     eval_n = args.eval_n or int(demo.get("eval_n", 100))
-    results = E.evaluate(model, eval_n, E.HELDOUT_SEED, "medium", train_seed=seed, train_n=n)
-    header = (f"## gptoss eval demo — {out.name}\n\n`gptoss eval demo --model {out} --n {eval_n}` (held-out seed "
-              f"{E.HELDOUT_SEED}, reasoning medium, greedy, bf16 + MXFP4 experts; {time.perf_counter() - t2:.0f} s). "
-              f"Trained {info['steps']} steps in {train_s / 60:.1f} min of step time, final loss {info['final_loss']}.")
-    tf = E.teacher_forced(model, min(eval_n, 20), E.HELDOUT_SEED, train_seed=seed, train_n=n)
+    heldout_n = args.eval_n or int(demo.get("heldout_eval_n", E.HELDOUT_PHRASING_N))
+    results = E.evaluate(model, eval_n, E.HELDOUT_SEED, "medium", train_seed=seed, train_n=n, heldout_n=heldout_n,
+                         version=version)
+    header = (f"## gptoss eval demo — {out.name}\n\n`gptoss eval demo --model {out} --n {eval_n} --heldout-n "
+              f"{heldout_n}` (held-out seed {E.HELDOUT_SEED}, reasoning medium, greedy, bf16 + MXFP4 experts; "
+              f"{time.perf_counter() - t2:.0f} s). Trained {info['steps']} steps in {train_s / 60:.1f} min of step "
+              f"time, final loss {info['final_loss']}.")
+    tf = E.teacher_forced(model, min(eval_n, 20), E.HELDOUT_SEED, train_seed=seed, train_n=n, family="heldout",
+                          version=version)
     slips = "; ".join(f"`{c!r}` → {want!r} (wrote {got!r})" for c, want, got in tf["errors"][:6])
-    md = E.markdown(E.summary(results), header) + (
-        f"\n\nTeacher-forced on {tf['conversations']} held-out arithmetic conversations: {tf['all_right']} without a "
+    md = E.report(results, header) + (
+        f"\n\nTeacher-forced on {tf['conversations']} held-out-phrasing arithmetic conversations: {tf['all_right']} without a "
         f"slip, {tf['token_errors']} wrong tokens of {tf['tokens']} the model writes. First slips: {slips}")
     (out / "EVAL.md").write_text(md + "\n")
     print(md)

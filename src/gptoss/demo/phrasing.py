@@ -1,0 +1,174 @@
+"""How users phrase the demo's questions: a training family and a held-out family of phrasings.
+
+A held-out set drawn from the training templates measures memorisation of the templates, not the skill
+(PITFALLS.md). So the ways of asking are split in two families, and training never sees the held-out one:
+
+- whole question frames ("Please calculate {e}", "From {a}, subtract {b}") — each family its own;
+- the glue around them: polite prefixes, trailing text, end punctuation, letter case, spacing around the
+  operator — each family its own pools (held-out: ALL CAPS, `12+ 7`, `??`, "Excuse me, ", " :)" ...).
+
+What both families share are the atoms a reader cannot be expected to guess: digits, thousands separators,
+and the operator words and symbols themselves (`+ plus add sum`, `- minus subtract take away`,
+`* x × times multiplied by product`, `/ ÷ divided by`), in the casings a question can give them. A model
+that has never seen "×" cannot know it multiplies; one that has seen "×" in "933 × 8 = ?" can be asked to
+read "What would 933 × 8 be??". Letter case is only partly held out for the same reason (o200k's `PLUS`
+and ` plus` are unrelated tokens): both families use as-is, lower case and ALL CAPS; Title Case Every Word
+is held out. The skeleton check is case-folded, so no held-out question is a training phrasing in another
+case.
+
+`phrase(rng, family, op, a, b)` writes one question; `skeleton(q)` is its phrasing with the numbers taken out
+(case-folded, spaces collapsed): the held-out family's skeletons are disjoint from every skeleton the training
+family can produce (`training_skeletons()` enumerates them all; tests/test_demo_phrasing.py checks it).
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import random
+import re
+from dataclasses import dataclass
+
+# Operator atoms, shared by both families: the expression forms ({a} OP {b}); the first is the canonical one.
+OPERATORS = {"add": ["+", "plus"], "sub": ["-", "minus"], "mul": ["*", "×", "x", "times", "multiplied by"],
+             "div": ["/", "÷", "divided by"]}
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    expression: tuple[str, ...]  # frames around an expression {e} = "{a} OP {b}"
+    words: dict[str, tuple[str, ...]]  # op → frames in words, with {a} and {b} (a is the minuend / multiplicand)
+    spacing: tuple[str, ...]  # how OP sits between the numbers (symbols only; words always take single spaces)
+    prefixes: tuple[str, ...]
+    suffixes: tuple[str, ...]
+    ends: tuple[str, ...]  # replaces the frame's own end punctuation ("" keeps it)
+    cases: tuple[str, ...]  # "as is" | "lower" | "upper" | "title"
+
+
+# The version-1 question templates (the shipped model's training data) are all in the training family.
+TRAIN = Family(
+    name="train",
+    expression=("What is {e}?", "{e}", "{e} = ?", "Compute {e}.", "what is {e}", "Calculate {e}", "How much is {e}?",
+                "What's {e}?", "Please work out {e}.", "{e}?", "Can you compute {e}?", "Solve {e}.", "Evaluate {e}",
+                "Find {e}.", "What does {e} equal?", "Work out {e}", "Tell me {e}.", "{e} =", "What is the result of {e}?",
+                "Could you calculate {e}?", "I want to know {e}", "Help me with {e}", "{e} is what?", "Do the math: {e}",
+                "Answer this: {e}", "Whats {e}", "Can you solve {e} for me?", "What is the answer to {e}?"),
+    words={"add": ("Add {a} and {b}.", "What is the sum of {a} and {b}?", "Sum of {a} and {b}", "Add {b} to {a}",
+                   "What do I get if I add {a} and {b}?"),
+           "sub": ("Subtract {b} from {a}.", "What is {a} take away {b}?", "Take {b} away from {a}",
+                   "What is left if I subtract {b} from {a}?", "Take away {b} from {a}."),
+           "mul": ("Multiply {a} by {b}.", "What is the product of {a} and {b}?", "Multiply {a} and {b}",
+                   "{b} times {a} is?", "What do I get if I multiply {a} by {b}?"),
+           "div": ("Divide {a} by {b}.", "What is {a} divided by {b}?", "Divide {a} by {b}, please")},
+    spacing=(" {op} ", " {op} ", " {op} ", "{op}", "  {op}  "),
+    prefixes=("", "", "", "", "Hi, ", "Hey, ", "Quick question: ", "Hello! ", "Ok, ", "Math question: ", "Hi! "),
+    suffixes=("", "", "", "", " thanks", " Thank you.", " please", " (no rush)", " Thanks.", " asap"),
+    ends=("", "", "", "?", "."),
+    cases=("as is", "as is", "as is", "as is", "lower", "upper"),
+)
+
+HELDOUT = Family(
+    name="heldout",
+    expression=("Please calculate {e}", "How much does {e} make?", "What do you get for {e}?", "{e} equals what?",
+                "Could you work out {e}?", "I need {e}.", "Give me {e}", "Can you tell me what {e} is?",
+                "Result of {e}?", "What would {e} be?", "Quickly, {e}", "So {e}?", "Figure out {e} for me",
+                "What is {e} exactly?", "Determine {e}.", "Can you do {e}", "Help: {e}", "Let me know {e}",
+                "What's the value of {e}?", "{e} makes?"),
+    words={"add": ("Add up {a} and {b}.", "What do {a} and {b} add up to?", "The sum of {a} and {b} is?",
+                   "Sum {a} and {b} please", "Please add {a} and {b}"),
+           "sub": ("From {a}, subtract {b}.", "What is {b} subtracted from {a}?", "{a} take away {b}",
+                   "Please subtract {b} from {a}", "How much is {a} take away {b}?"),
+           "mul": ("Product of {a} and {b}?", "Multiply {a} with {b}", "What is {a} multiplied by {b} exactly?",
+                   "Please multiply {a} by {b}", "The product of {a} and {b} is?"),
+           "div": ("Please divide {a} by {b}", "{a} divided by {b} is?", "What does {a} divided by {b} come to?")},
+    spacing=("{op} ", " {op}", " {op} ", "{op}"),
+    prefixes=("", "", "Hi there, ", "Excuse me, ", "Um, ", "Yo ", "Dear model, ", "Question: ", "Hello, "),
+    suffixes=("", "", " Thanks!", " Cheers.", " thx", " I need it for homework.", " :)", " thank you very much"),
+    ends=("", "", "??", " ?", "?!", "..."),
+    cases=("as is", "as is", "as is", "lower", "upper", "title"),
+)
+FAMILIES = {"train": TRAIN, "heldout": HELDOUT}
+
+
+def with_separators(n: int) -> str:
+    return f"{n:,}"
+
+
+def number_text(rng: random.Random, n: int, separators: float) -> str:
+    """A number as a user types it: 4195, or with thousands separators (4,195) some of the time."""
+    return with_separators(n) if abs(n) >= 1000 and rng.random() < separators else str(n)
+
+
+def _case(text: str, case: str) -> str:
+    if case == "lower":
+        return text.lower()
+    if case == "upper":
+        return text.upper()
+    if case == "title":
+        return " ".join(w[:1].upper() + w[1:] for w in text.split(" "))
+    return text
+
+
+def _finish(frame: str, end: str) -> str:
+    return frame.rstrip("?.!") + end if end else frame
+
+
+def phrase(rng: random.Random, family: Family | str, op: str, a: int, b: int, words: float = 0.2,
+           separators: float = 0.1) -> str:
+    """One question asking for a OP b (op: add, sub, mul, div), phrased from `family`."""
+    fam = FAMILIES[family] if isinstance(family, str) else family
+    ta, tb = number_text(rng, a, separators), number_text(rng, b, separators)
+    if rng.random() < words:
+        frame = rng.choice(fam.words[op]).format(a=ta, b=tb)
+    else:
+        sym = rng.choice(OPERATORS[op])
+        if fam is TRAIN and sym[0].isalpha() and rng.random() < 0.15:
+            sym = sym.title()  # operator words in every casing a held-out question can give them (Title Case)
+        space = " {op} " if sym[0].isalpha() else rng.choice(fam.spacing)
+        e = ta + space.format(op=sym) + tb
+        frame = rng.choice(fam.expression).format(e=e)
+    return compose(rng, fam, frame)
+
+
+def compose(rng: random.Random, fam: Family, frame: str) -> str:
+    """A frame with the family's glue around it: end punctuation, prefix, suffix, letter case."""
+    text = _finish(frame, rng.choice(fam.ends))
+    prefix = rng.choice(fam.prefixes)
+    if prefix and text[:1].isalpha():
+        text = text[0].lower() + text[1:]
+    text = prefix + text + rng.choice(fam.suffixes)
+    return _case(text, rng.choice(fam.cases))
+
+
+NUMBER = re.compile(r"\d{1,3}(?:,\d{3})+|\d+")
+
+
+def skeleton(question: str) -> str:
+    """The phrasing of a question without its numbers: case-folded, spaces collapsed, numbers → N."""
+    return " ".join(NUMBER.sub("N", question).casefold().split())
+
+
+def numbers(question: str) -> list[int]:
+    """The numbers a question states, in order (thousands separators read)."""
+    return [int(m.replace(",", "")) for m in NUMBER.findall(question)]
+
+
+@functools.lru_cache(maxsize=None)
+def training_skeletons() -> frozenset[str]:
+    """Every skeleton the training family can produce (all frames × operators × spacing × glue × case)."""
+    out: set[str] = set()
+    fam = TRAIN
+    frames: list[str] = []
+    for op, syms in OPERATORS.items():
+        for sym in syms:
+            spaces = {" {op} "} if sym[0].isalpha() else set(fam.spacing)
+            frames += [f.format(e="1" + s.format(op=sym) + "2") for f in fam.expression for s in spaces]
+        frames += [f.format(a="1", b="2") for f in fam.words[op]]
+    for frame, end, prefix, suffix in itertools.product(frames, set(fam.ends), set(fam.prefixes), set(fam.suffixes)):
+        text = _finish(frame, end)
+        if prefix and text[:1].isalpha():
+            text = text[0].lower() + text[1:]
+        # every case of the training family folds to the same skeleton
+        out.add(skeleton(prefix + text + suffix))
+    return frozenset(out)

@@ -1,0 +1,212 @@
+"""Held-out phrasing for the demo model (gptoss.demo.phrasing) and the version-2 training data.
+
+The held-out family must be phrasings training never produces (checked against every skeleton the training
+family can produce, and against generated version-1 and version-2 training data), each question must state
+exactly the operands it asks about, the version-2 reasoning must check out column by column (the borrow
+decisions included), and the rendered conversations must parse in openai-harmony as the messages they came
+from, ending the turn with exactly one <|return|>.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+import pytest
+
+from gptoss import harmony
+from gptoss.demo import data as D
+from gptoss.demo import phrasing as P
+from gptoss.demo.eval import heldout, repeated
+from gptoss.tokenizer import get_tokenizer
+from test_harmony import from_oh, oh  # noqa: F401  (the openai-harmony fixture, offline)
+
+TOK = get_tokenizer()
+OPS = ("add", "sub", "mul", "div")
+
+
+def test_heldout_family_is_disjoint_from_every_training_phrasing():
+    trained = P.training_skeletons()
+    rng = random.Random(0)
+    held = {P.skeleton(P.phrase(rng, "heldout", rng.choice(OPS), rng.randint(0, 9999), rng.randint(0, 9999)))
+            for _ in range(5000)}
+    assert len(held) > 2000  # varied, not a handful of frames
+    assert not held & trained
+    # the frames themselves differ too, case folded (not only the glue around them)
+    for op in OPS:
+        assert not {f.casefold() for f in P.HELDOUT.words[op]} & {f.casefold() for f in P.TRAIN.words[op]}
+    assert not {f.casefold() for f in P.HELDOUT.expression} & {f.casefold() for f in P.TRAIN.expression}
+    assert not set(P.HELDOUT.prefixes) - {""} & set(P.TRAIN.prefixes)
+    assert not set(P.HELDOUT.suffixes) - {""} & set(P.TRAIN.suffixes)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_training_data_never_phrases_a_question_the_heldout_way(version):
+    """Both the shipped model's data (version 1) and version 2: every arithmetic question is a training-family
+    phrasing (version 2: up to filler words), and none is a held-out skeleton."""
+    trained = P.training_skeletons()
+    examples = [ex for ex in D.generate(seed=0, n=4000, version=version) if ex.kind in ("add", "sub", "mul", "calc")]
+    skeletons = {P.skeleton(ex.question) for ex in examples}
+    clean = {P.skeleton(ex.question) for ex in examples if not ex.free}
+    assert clean <= trained, sorted(clean - trained)[:5]
+    held = {P.skeleton(ex.question) for ex in heldout(30, family="heldout", train_n=2000, version=version)}
+    assert not held & skeletons
+
+
+def test_heldout_questions_state_their_operands_and_answers():
+    seen_separators = 0
+    for ex in heldout(60, family="heldout", train_n=2000):
+        if ex.kind not in ("add", "sub", "mul", "calc"):
+            continue
+        a, sym, b, result = re.fullmatch(r"(\d+) ([-+×÷]) (\d+) = (-?[\d.]+)", ex.messages[-1]["content"]).groups()
+        assert sorted(P.numbers(ex.question)) == sorted([int(a), int(b)]), ex.question
+        seen_separators += bool(re.search(r"\d,\d{3}", ex.question))
+        assert ex.answer == result
+    assert seen_separators > 0  # thousands separators do occur
+
+
+def test_subtract_from_reverses_the_operands():
+    rng = random.Random(1)
+    for family in ("train", "heldout"):
+        for _ in range(300):
+            q = P.phrase(rng, family, "sub", 4195, 1932, words=1.0, separators=0)
+            if "from" in q.casefold():  # "subtract 1932 from 4195", "from 4195, subtract 1932"
+                assert q.casefold().index("1932") < q.casefold().index("from") < q.casefold().index("4195") or \
+                    q.casefold().index("from") < q.casefold().index("4195") < q.casefold().index("1932"), q
+
+
+def test_operator_atoms_of_heldout_questions_occur_in_training():
+    """A held-out question may be phrased in new ways, but its operator words are ones training uses."""
+    train_tokens = set()
+    for ex in D.generate(seed=0, n=6000, version=2):
+        if not D.user_free_text(ex):
+            train_tokens.update(TOK.encode_ordinary(ex.question))
+    for op, syms in P.OPERATORS.items():
+        for sym in syms:
+            for form in {sym, sym.title()}:
+                ids = TOK.encode_ordinary(f"1 {form} 2")
+                assert set(ids) <= train_tokens | set(TOK.encode_ordinary("1 2")), (op, form)
+
+
+def replay_v2(work: str) -> tuple[list[int], list[int]]:
+    """The digits a version-2 subtraction writes (least significant first) and the borrows it declares; every
+    line re-checked: the comparison x − borrow against y decides the borrow, the column uses it."""
+    digits, borrows, borrow = [], [], 0
+    for line in work.splitlines():
+        m = re.fullmatch(r"(?:\w+: )?(\d)-(\d)(<|>=)(\d), (\d+)-(\d)-(\d)=(\d)(?:, borrow (\d))?", line)
+        if not m:
+            continue
+        x, b_in, cmp, y, top, y2, b2, d = m.groups()[:8]
+        x, b_in, y, top, y2, b2, d = map(int, (x, b_in, y, top, y2, b2, d))
+        assert b_in == b2 == borrow and y == y2
+        need = x - b_in < y
+        assert cmp == ("<" if need else ">=") and top == x + 10 * need and d == top - y - b_in
+        if m.group(9) is not None:
+            assert int(m.group(9)) == need
+        digits.append(d)
+        borrows.append(int(need))
+        borrow = int(need)
+    return digits, borrows
+
+
+@pytest.mark.parametrize("effort", D.EFFORTS)
+def test_version2_reasoning_restates_operands_and_shows_each_borrow(effort):
+    rng = random.Random(11)
+    for _ in range(300):
+        a, b = D.hard_pair(rng, "sub") if rng.random() < 0.5 else (D.number(rng), D.number(rng))
+        work, r = D.work_sub(a, b, effort, version=2)
+        assert r == a - b
+        big, small = max(a, b), min(a, b)
+        assert f"{big} - {small}" in work  # the operands restated, at every effort
+        assert D.spaced(D.digits(big, len(str(big)))) in work.splitlines()
+        written, borrows = replay_v2(work)
+        assert len(written) == len(str(big)) and int("".join(map(str, written[::-1]))) == big - small
+        assert borrows[-1] == 0  # nothing is borrowed past the leading digit
+    for _ in range(200):
+        a, b = D.number(rng), D.number(rng)
+        work, r = D.work_add(a, b, effort, version=2)
+        assert r == a + b and f"{a} + {b}" in work
+
+
+def test_hard_pairs_are_mostly_carries_and_borrows():
+    rng = random.Random(2)
+    borrows = carries = 0
+    for _ in range(500):
+        a, b = D.hard_pair(rng, "sub")
+        assert 1000 <= a <= 9999 and a >= b
+        borrows += sum(replay_v2(D.work_sub(a, b, "medium", version=2)[0])[1])
+        a, b = D.hard_pair(rng, "add")
+        carries += sum(x + y >= 10 for x, y in zip(D.digits(a, 4), D.digits(b, 4)))
+    assert borrows / 500 > 1.5 and carries / 500 > 1.5  # uniform pairs: 1.35 borrows and 1.8 carries per 4 columns
+
+
+def test_version1_data_keeps_its_templates_and_reasoning():
+    """The shipped model's recipe must stay reproducible: version 1 questions come from its own templates
+    (TEMPLATES, WORD_TEMPLATES), its reasoning has no version-2 lines, its refusal text is its own."""
+    def pattern(template: str) -> str:
+        t = re.escape(template).replace(r"\{a\}", r"\d+").replace(r"\{b\}", r"\d+")
+        return t.replace(r"\{op\}", "(?:" + "|".join(re.escape(o) for ops, _ in D.OPS.values() for o in ops) + ")")
+
+    frames = [pattern(t) for t in D.TEMPLATES + [t.replace("{a}{op}{b}", "{a} {op} {b}") for t in D.TEMPLATES]]
+    frames += [pattern(t) for ts in D.WORD_TEMPLATES.values() for t in ts]
+    for ex in D.generate(seed=9, n=600):
+        if ex.kind in ("add", "sub", "mul"):
+            assert any(re.fullmatch(f, ex.question) for f in frames), ex.question
+            assert not ex.free and not re.search(r"\d-\d(?:<|>=)\d, ", ex.messages[-2]["content"])
+            if ex.effort == "low":  # version 1 does not restate the operands at low effort
+                assert not ex.messages[-2]["content"].startswith(ex.messages[-1]["content"].split(" =")[0])
+        if ex.kind == "too_big":
+            assert ex.messages[-1]["content"] == D.TOO_BIG
+
+
+def test_version2_conversations_parse_in_openai_harmony_and_end_with_one_return(oh):  # noqa: F811
+    lib, encoding = oh
+    checked = set()
+    for ex in D.generate(seed=5, n=400, version=2):
+        if ex.kind in checked and len(checked) < 9:
+            continue
+        checked.add(ex.kind)
+        tokens, mask = D.to_document(ex, TOK)
+        n_prompt = max(i for i, m in enumerate(ex.messages) if m["role"] == "user") + 1
+        prompt = harmony.render_conversation_for_completion([D.message(m) for m in ex.messages[:n_prompt]],
+                                                            "assistant", TOK)
+        assert tokens[:len(prompt)] == prompt
+        completion = tokens[len(prompt):]
+        assert completion[-1] == TOK.return_ and completion.count(TOK.return_) == 1
+        parsed = [from_oh(m) for m in encoding.parse_messages_from_completion_tokens(completion, lib.Role.ASSISTANT)]
+        want = [(m["role"], m.get("name"), m.get("channel"), m.get("recipient"), m.get("content_type"), m["content"])
+                for m in ex.messages[n_prompt:]]
+        assert parsed == want, ex.question
+        assert mask[-1]  # the <|return|> is a training target
+    assert checked >= {"add", "sub", "mul", "calc", "convert", "general", "too_big"}
+
+
+def test_repeated_answers_are_caught():
+    assert repeated("2 + 2 = 42 + 2 = 4")
+    assert repeated("1234 - 987 = 247\n1234 - 987 = 247")
+    assert repeated(D.DONT_KNOW + " " + D.DONT_KNOW)
+    assert not repeated("2 + 2 = 4") and not repeated(D.DONT_KNOW) and not repeated(D.TOO_BIG)
+    assert not repeated("27.3 in = 69.34 cm") and not repeated(D.GREETING)
+
+
+def scripted(text: str):
+    """A `complete` function that writes `text` whatever the prompt (a stand-in model for the eval's session)."""
+    def complete(prompt, params):
+        return iter(TOK.encode(text, allowed_special="all"))
+    return complete
+
+
+def test_eval_sees_how_the_final_answer_ends():
+    from gptoss.demo.eval import final_stop, run_one
+
+    ex = next(e for e in heldout(1, family="heldout", train_n=2000) if e.kind == "add")
+    final = "<|start|>assistant<|channel|>final<|message|>"
+    cases = {"return": f"<|channel|>analysis<|message|>x<|end|>{final}{ex.messages[-1]['content']}<|return|>",
+             # the issue's report: a second answer after <|end|>; the chat session cuts it, the eval counts it
+             "end": f"<|channel|>final<|message|>{ex.messages[-1]['content']}<|end|>{final}2 + 2 = 4<|return|>",
+             "none": f"<|channel|>final<|message|>{ex.messages[-1]['content']}"}
+    for stop, text in cases.items():
+        assert final_stop(TOK.encode(text, allowed_special="all"), TOK) == stop
+        r = run_one(ex, scripted(text), "medium", 64, "heldout")
+        assert (r.stop, r.final, r.correct, r.repeated) == (stop, ex.messages[-1]["content"], True, False), stop
+    assert final_stop(TOK.encode("<|channel|>analysis<|message|>x<|end|>", allowed_special="all"), TOK) is None
