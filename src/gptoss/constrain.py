@@ -190,7 +190,9 @@ def _fresh_matcher(grammar: str, tokenizer: Tokenizer):
     is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, lltok)
     if is_error:
         message = messages[0] if messages else "invalid grammar"
-        raise ConstraintError(f"the schema cannot be enforced: {message}", _keyword(message))
+        # llguidance appends the grammar around the error: the first line says what failed
+        short = message.split("\n")[0].split("failed to compile JSON schema: ")[-1]
+        raise ConstraintError(f"the schema cannot be enforced: {short}", _keyword(message))
     matcher = llguidance.LLMatcher(lltok, grammar, log_level=0)
     if matcher.is_error():
         message = matcher.get_error()
@@ -213,20 +215,23 @@ def apply_bitmask(logits: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=4)
-def closing_tiers(tokenizer: Tokenizer, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Two bool [V] masks for closing an answer in few tokens: (closers: tokens made only of `"`, `}`, `]`;
-    short values and separators: a digit, `,`, `:`, `""`, `[]`, `{}`, true, false, null)."""
-    closers = torch.zeros(tokenizer.n_vocab, dtype=torch.bool)
-    short = torch.zeros(tokenizer.n_vocab, dtype=torch.bool)
+def closing_tiers(tokenizer: Tokenizer, device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
+    """Bool [V] masks, in the order the guide prefers them when it closes an answer: tokens that end a string
+    (`"`, `"}`, `"]}`: a quote first, then only `}` and `]`), tokens that end arrays and objects (only `}` and
+    `]`), short values and separators (a digit, `,`, `:`, `""`, `[]`, `{}`, true, false, null). Inside a
+    string `}` is just a character, so the quote tier comes first; outside one, a quote is allowed only where
+    a string may begin (`""` then closes it)."""
+    quote, brackets, short = (torch.zeros(tokenizer.n_vocab, dtype=torch.bool) for _ in range(3))
     values = {b"0", b"1", b"2", b"3", b"4", b"5", b"6", b"7", b"8", b"9", b",", b":", b'""', b"[]", b"{}",
               b"true", b"false", b"null"}
-    enc = tokenizer.encoding
-    for text, i in enc._mergeable_ranks.items():
-        if text and not text.strip(b'"}]'):
-            closers[i] = True
+    for text, i in tokenizer.encoding._mergeable_ranks.items():
+        if text[:1] == b'"' and not text[1:].strip(b"}]"):
+            quote[i] = True
+        elif text and not text.strip(b"}]"):
+            brackets[i] = True
         elif text in values:
             short[i] = True
-    return closers.to(device), short.to(device)
+    return quote.to(device), brackets.to(device), short.to(device)
 
 
 class Guide:
