@@ -145,6 +145,20 @@ def json_rule(schema: Any, strict: bool = True) -> str:
     return "%json " + json.dumps({**schema, "x-guidance": {**options, **schema.get("x-guidance", {})}})
 
 
+def read_schema(path: str) -> dict[str, Any]:
+    """A JSON schema from a file (`--json-schema FILE`); ConstraintError naming the file if it is not one."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            schema = json.load(f)
+    except OSError as e:
+        raise ConstraintError(f"--json-schema {path}: cannot read it ({e.strerror})") from None
+    except ValueError as e:
+        raise ConstraintError(f"--json-schema {path}: not valid JSON ({e})") from None
+    if not isinstance(schema, dict):
+        raise ConstraintError(f"--json-schema {path}: a JSON schema is an object, got {type(schema).__name__}")
+    return schema
+
+
 def _NAME_OK(name: str) -> bool:
     return bool(name) and all(c.isalnum() or c in "_-" for c in name) and name.isascii()
 
