@@ -174,10 +174,15 @@ def run_chat(args: argparse.Namespace) -> None:
         sandbox.isolation()  # before loading the model: SandboxUnavailable says what is missing
     response_format = None
     if getattr(args, "json_schema", None):
-        from .constrain import read_schema
+        from .constrain import Constraint, ConstraintError, read_schema
 
         path = args.json_schema
-        response_format = harmony.ResponseFormat(Path(path).stem.replace(".", "_") or "answer", read_schema(path))
+        schema = read_schema(path)
+        try:  # before the model loads
+            Constraint.json_schema(schema).check(tok)
+        except ConstraintError as e:
+            raise GptOssError(f"--json-schema {path}: {e}") from None
+        response_format = harmony.ResponseFormat(Path(path).stem.replace(".", "_") or "answer", schema)
     model = load_model_from_args(args)
     interactive = sys.stdin.isatty()
     out = sys.stdout

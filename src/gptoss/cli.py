@@ -36,10 +36,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
     tok = get_tokenizer()
     params = sampling_params(args, stop_tokens=(tok.endoftext,))
     if args.json_schema:  # the whole completion is JSON of the schema, then <|endoftext|>
-        from .constrain import Constraint, read_schema
+        from .constrain import Constraint, ConstraintError, read_schema
 
         params.constraint = Constraint.json_schema(read_schema(args.json_schema), harmony=False)
-        params.constraint.check(tok)
+        try:
+            params.constraint.check(tok)
+        except ConstraintError as e:
+            raise GptOssError(f"--json-schema {args.json_schema}: {e}") from None
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     ids = tok.encode(prompt, allowed_special="all")
     if not ids:

@@ -195,6 +195,15 @@ def _keyword(message: str) -> str | None:
     return None
 
 
+def _refuse(message: str) -> None:
+    # llguidance appends the grammar around the error: its first line says what failed
+    short = message.split("\n")[0].split("failed to compile JSON schema: ")[-1]
+    keyword = _keyword(message)
+    if keyword is not None:
+        raise ConstraintError(f"unsupported JSON-Schema keyword '{keyword}' ({short})", keyword)
+    raise ConstraintError(f"the schema cannot be enforced: {short}")
+
+
 @functools.lru_cache(maxsize=128)
 def _fresh_matcher(grammar: str, tokenizer: Tokenizer):
     """A compiled grammar at its start (requests copy it: compiling a schema costs ms, a copy µs)."""
@@ -203,14 +212,10 @@ def _fresh_matcher(grammar: str, tokenizer: Tokenizer):
     lltok = ll_tokenizer(tokenizer)
     is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, lltok)
     if is_error:
-        message = messages[0] if messages else "invalid grammar"
-        # llguidance appends the grammar around the error: the first line says what failed
-        short = message.split("\n")[0].split("failed to compile JSON schema: ")[-1]
-        raise ConstraintError(f"the schema cannot be enforced: {short}", _keyword(message))
+        _refuse(messages[0] if messages else "invalid grammar")
     matcher = llguidance.LLMatcher(lltok, grammar, log_level=0)
     if matcher.is_error():
-        message = matcher.get_error()
-        raise ConstraintError(f"the schema cannot be enforced: {message}", _keyword(message))
+        _refuse(matcher.get_error())
     return matcher
 
 

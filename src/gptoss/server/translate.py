@@ -282,8 +282,7 @@ def _check(constraint: Constraint, tok: Tokenizer, param: str, what: str) -> Non
     try:
         constraint.check(tok)
     except ConstraintError as e:
-        keyword = f"the keyword '{e.keyword}' is not supported" if e.keyword else "it cannot be enforced"
-        raise bad_request(f"Invalid schema for {what}: {keyword} ({e}).", param, "invalid_json_schema") from None
+        raise bad_request(f"Invalid schema for {what}: {e}.", param, "invalid_json_schema") from None
 
 
 def structured_constraint(tok: Tokenizer, answer: AnswerFormat | None, tools: list[harmony.ToolDefinition],
