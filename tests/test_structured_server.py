@@ -54,7 +54,7 @@ def server():
 def test_chat_parse_with_pydantic_models(server, model):
     client = server.client()
     for seed in range(2):
-        r = client.chat.completions.parse(model=M, messages=USER, response_format=model, seed=seed, max_tokens=300)
+        r = client.chat.completions.parse(model=M, messages=USER, response_format=model, seed=seed, max_tokens=200)
         assert r.choices[0].finish_reason == "stop"
         parsed = r.choices[0].message.parsed
         assert isinstance(parsed, model) and parsed == model.model_validate_json(r.choices[0].message.content)
@@ -97,7 +97,7 @@ def test_the_schema_is_declared_to_the_model(server):
 
 def test_json_object(server):
     for stream in (False, True):
-        kw = dict(model=M, messages=USER, response_format={"type": "json_object"}, max_tokens=300, seed=3)
+        kw = dict(model=M, messages=USER, response_format={"type": "json_object"}, max_tokens=80, seed=3)
         if stream:
             text = "".join(c.choices[0].delta.content or "" for c in server.client().chat.completions.create(
                 stream=True, **kw) if c.choices)
