@@ -302,10 +302,15 @@ def structured_constraint(tok: Tokenizer, answer: AnswerFormat | None, tools: li
                    f"function '{spec.name}'")
     if choice.mode == "function" or (choice.mode == "required" and len(specs) == 1):
         spec = next(s for s in specs if s.name == (choice.name if choice.mode == "function" else specs[0].name))
-        return Constraint.harmony(tools=[spec], forced="function") if spec.strict else None
-    if choice.mode == "required":
-        return Constraint.harmony(tools=specs, forced=" to=functions")
-    if answer is None and not any(s.strict for s in specs):
-        return None
-    return Constraint.harmony(answer=answer.schema if answer else None, strict=answer.strict if answer else True,
-                              tools=specs, reasoning_budget=reasoning_budget)
+        constraint = Constraint.harmony(tools=[spec], forced="function") if spec.strict else None
+    elif choice.mode == "required":
+        constraint = Constraint.harmony(tools=specs, forced=" to=functions")
+    elif answer is None and not any(s.strict for s in specs):
+        constraint = None
+    else:
+        constraint = Constraint.harmony(answer=answer.schema if answer else None,
+                                        strict=answer.strict if answer else True, tools=specs,
+                                        reasoning_budget=reasoning_budget)
+    if constraint is not None:  # compiled here, in the worker thread, not in the event loop at submit
+        _check(constraint, tok, tools_param if answer is None else answer.param, "this request")
+    return constraint
