@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from .errors import GenerationError, GptOssError
-from .tokenizer import VOCAB_SIZE, Tokenizer, get_tokenizer
+from .tokenizer import Tokenizer, get_tokenizer
 
 # JSON whitespace, bounded: a run of at most 16 at each place JSON allows it. Unbounded whitespace is how
 # constrained models loop (newline after newline); 16 still allows indented, pretty-printed output.
@@ -95,11 +95,10 @@ class Constraint:
         `tools`: the name is held to theirs), or "function" (the whole header is in the prompt: only the
         arguments of tools[0] and <|call|> are left)."""
         rules = [f"ANALYSIS: {FREE_TEXT}", f"TEXT: {FREE_TEXT}"]
-        args = []
         for i, t in enumerate(tools):
-            if not _NAME_OK(t.name):
-                raise ConstraintError(f"tool name {t.name!r} cannot appear in a grammar", None)
-            args.append(f"args_{i}")
+            if not _plain_name(t.name):
+                raise ConstraintError(f"tool name {t.name!r}: only letters, digits, '_' and '-' can appear in a "
+                                      "grammar")
             # a strict tool's arguments follow its schema; any other's are a JSON object (what the API returns)
             body = json_rule(t.parameters or {"type": "object"}, True) if t.strict else json_rule({"type": "object"})
             rules.append(f"args_{i}: {body}")
@@ -159,7 +158,7 @@ def read_schema(path: str) -> dict[str, Any]:
     return schema
 
 
-def _NAME_OK(name: str) -> bool:
+def _plain_name(name: str) -> bool:
     return bool(name) and all(c.isalnum() or c in "_-" for c in name) and name.isascii()
 
 
