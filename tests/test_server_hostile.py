@@ -150,8 +150,10 @@ PROBES = [  # (case, path, body, extra headers, status, param, code, words the m
      "input[1].call_id", "invalid_value", ["string"]),
     ('text.format "json"', RESP, {"model": M, "input": "Hi", "text": {"format": "json"}}, {}, 400, "text.format",
      "invalid_value", []),
-    ("text.format json_schema", RESP, {"model": M, "input": "Hi", "text": {"format": {"type": "json_schema"}}}, {},
-     400, "text.format.type", "invalid_value", ["text"]),
+    ("text.format json_schema without a name", RESP, {"model": M, "input": "Hi", "text": {"format": {
+        "type": "json_schema"}}}, {}, 400, "text.format.name", "missing_required_parameter", ["name"]),
+    ("text.format of an unknown type", RESP, {"model": M, "input": "Hi", "text": {"format": {"type": "yaml"}}}, {},
+     400, "text.format.type", "invalid_value", ["json_schema"]),
     ("JSON nested 100,000 deep", CHAT, NESTED, {}, 400, None, "invalid_json", ["recursion"]),
     ("metadata value not a string", RESP, {"model": M, "input": "Hi", "metadata": {"k": {"deep": 1}}}, {}, 400,
      "metadata.k", "invalid_value", []),

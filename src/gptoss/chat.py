@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
@@ -60,7 +61,8 @@ class ChatSession:
                  reasoning_effort: str = "medium", model_identity: str | None = None,
                  instructions: str | None = None, tools: Sequence[Tool] = (),
                  ask: Callable[[str], str] | None = None, max_tool_rounds: int = 8,
-                 python_timeout: float | None = None, python_unsafe: bool = False):
+                 python_timeout: float | None = None, python_unsafe: bool = False,
+                 response_format: harmony.ResponseFormat | None = None, reasoning_budget: int | None = None):
         self.complete, self.params = complete, params
         self.tok = tokenizer or get_tokenizer()
         self.tools = {t.name: t for t in tools}
@@ -70,6 +72,16 @@ class ChatSession:
         if python_timeout is not None and not python_unsafe:
             sandbox.isolation()  # refuse now (SandboxUnavailable), not at the model's first call
         self.reasoning_effort, self.model_identity, self.instructions = reasoning_effort, model_identity, instructions
+        # a structured answer: declared in the developer message, enforced on every model call (constrain.py)
+        self.response_format, self.constraint = response_format, None
+        if response_format is not None:
+            if python_timeout is not None:
+                raise GptOssError("a JSON schema for the answers cannot be combined with the python tool")
+            from .constrain import Constraint, ToolSpec
+
+            self.constraint = Constraint.harmony(answer=response_format.schema, reasoning_budget=reasoning_budget,
+                                                 tools=[ToolSpec(t.name, t.parameters) for t in tools])
+            self.constraint.check(self.tok)  # refuse an unsupported schema now, not at the first answer
         self.messages: list[harmony.Message] = []
 
     # -------------------------------------------------------- the conversation
@@ -81,9 +93,10 @@ class ChatSession:
         if self.model_identity:
             system.model_identity = self.model_identity
         out = [harmony.Message.system(system)]
-        if self.instructions or self.tools:
+        if self.instructions or self.tools or self.response_format:
             defs = [harmony.ToolDefinition(t.name, t.description, t.parameters) for t in self.tools.values()]
-            out.append(harmony.Message.developer(harmony.DeveloperContent(self.instructions, defs)))
+            out.append(harmony.Message.developer(harmony.DeveloperContent(self.instructions, defs,
+                                                                          self.response_format)))
         return out
 
     def prompt(self) -> list[int]:
@@ -98,7 +111,7 @@ class ChatSession:
         self.messages.append(harmony.Message(role="user", content=text))
         # <|endoftext|> is not a Harmony stop, but a model that emits it has nothing more to say
         stops = set(harmony.stop_tokens_for_assistant_actions(self.tok)) | {self.tok.endoftext}
-        params = SamplingParams(**{**vars(self.params), "stop_tokens": tuple(stops)})
+        params = SamplingParams(**{**vars(self.params), "stop_tokens": tuple(stops), "constraint": self.constraint})
         for _ in range(self.max_tool_rounds + 1):
             parser = harmony.StreamParser(self.tok, role="assistant")
             ended = harmony.FinalAnswerEnded(self.tok)  # a final answer ended with <|end|> ends the turn too
@@ -159,6 +172,17 @@ def run_chat(args: argparse.Namespace) -> None:
         raise GptOssError(f"--python-timeout must be a positive number of seconds, got {args.python_timeout:g}")
     if python and not args.python_unsafe:
         sandbox.isolation()  # before loading the model: SandboxUnavailable says what is missing
+    response_format = None
+    if getattr(args, "json_schema", None):
+        from .constrain import Constraint, ConstraintError, read_schema
+
+        path = args.json_schema
+        schema = read_schema(path)
+        try:  # before the model loads
+            Constraint.json_schema(schema).check(tok)
+        except ConstraintError as e:
+            raise GptOssError(f"--json-schema {path}: {e}") from None
+        response_format = harmony.ResponseFormat(Path(path).stem.replace(".", "_") or "answer", schema)
     model = load_model_from_args(args)
     interactive = sys.stdin.isatty()
     out = sys.stdout
@@ -182,7 +206,7 @@ def run_chat(args: argparse.Namespace) -> None:
     with model_completer(model, prefix_cache_bytes(args)) as complete:  # the engine thread ends with the chat
         session = ChatSession(complete, params, tok, args.reasoning_effort, args.system, args.developer, tools,
                               ask=ask_tool_result, python_timeout=args.python_timeout if python else None,
-                              python_unsafe=args.python_unsafe)
+                              python_unsafe=args.python_unsafe, response_format=response_format)
         show_reasoning = args.show_reasoning
         # reasoning is dimmed on a colour terminal (https://no-color.org: NO_COLOR turns it off)
         dim, undim = ("\033[2m", "\033[0m") if out.isatty() and not os.environ.get("NO_COLOR") else ("", "")

@@ -36,6 +36,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     tok = get_tokenizer()
     params = sampling_params(args, stop_tokens=(tok.endoftext,))
+    if args.json_schema:  # the whole completion is JSON of the schema, then <|endoftext|>
+        from .constrain import Constraint, ConstraintError, read_schema
+
+        params.constraint = Constraint.json_schema(read_schema(args.json_schema), harmony=False)
+        try:
+            params.constraint.check(tok)
+        except ConstraintError as e:
+            raise GptOssError(f"--json-schema {args.json_schema}: {e}") from None
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     ids = tok.encode(prompt, allowed_special="all")
     if not ids:
@@ -45,6 +53,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.echo:
         sys.stdout.write(prompt)
     for _, token in generate(model, [ids], params):
+        if token == tok.endoftext and params.constraint is not None:
+            break  # the end of a constrained completion, not text
         sys.stdout.write(decoder.decode(tok.decode_bytes([token])))
         sys.stdout.flush()
     sys.stdout.write(decoder.decode(b"", final=True) + "\n")
@@ -176,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(p, max_tokens=128)
     add_parallel_args(p)
     p.add_argument("--echo", action="store_true", help="print the prompt before the completion")
+    p.add_argument("--json-schema", default=None, metavar="FILE",
+                   help="the completion is JSON matching this schema (docs/STRUCTURED.md)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help=cmd_chat.__doc__, description=cmd_chat.__doc__)
@@ -195,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--python-timeout", type=float, default=PYTHON_TIMEOUT, metavar="S",
                    help=f"time limit of one python call in seconds (default {PYTHON_TIMEOUT:g})")
     p.add_argument("--show-reasoning", action="store_true", help="print the analysis channel as it streams")
+    p.add_argument("--json-schema", default=None, metavar="FILE",
+                   help="every answer is JSON matching this schema; reasoning stays free (docs/STRUCTURED.md)")
     add_prefix_cache_arg(p)
     p.set_defaults(func=cmd_chat)
 

@@ -48,6 +48,7 @@ import torch
 
 from .cache import CachedPrefix, KVCache, PrefixCache, SlotCache, default_cache_dtype
 from .config import ModelConfig
+from .constrain import Guide
 from .errors import GenerationError, GptOssError
 from .generate import PREFILL_CHUNK, SamplingParams, left_pad, prefill, sample
 from .loading import DEFAULT_PREFIX_CACHE_GIB
@@ -116,6 +117,7 @@ class Request:
     admitted: bool = False  # left the waiting queue for a row
     finished: bool = False
     generator: torch.Generator | None = None
+    guide: Guide | None = None  # params.constraint's state: masks this request's logits, follows its tokens
     submitted: float = field(default_factory=time.perf_counter)
     started: float = 0.0
     first_token: float = 0.0
@@ -219,8 +221,9 @@ class Engine:
             generator = torch.Generator(device=self.device).manual_seed(seed)  # as generate(): row 0 gets seed + 0
         else:
             generator = None
+        guide = Guide(params.constraint, params.max_tokens) if params.constraint is not None else None
         request = Request(request_id or f"req-{next(self._ids)}", list(prompt), params, outlet, stop_rule=stop_rule,
-                          generator=generator)
+                          generator=generator, guide=guide)
         with self._cond:
             if self._closed or self._thread is None:
                 raise EngineClosed("the engine is not running")
@@ -403,9 +406,16 @@ class Engine:
     # ------------------------------------------------------------------ bookkeeping (under the lock)
     def _step_row(self, r: Request, logits: torch.Tensor, greedy: int) -> bool:
         """Sample row r's next token and emit it; True if the request is now finished. Whatever fails here
-        (sampling, the stop rule, a bug) ends this request with an error, never its neighbours in the batch."""
+        (sampling, the stop rule, a bug) ends this request with an error, never its neighbours in the batch.
+        A constrained request masks its own row of logits first (the batch's argmax is then not its own)."""
         try:
-            return self._emit(r, greedy if r.generator is None else sample(logits, r.params, r.generator))
+            if r.guide is not None:
+                logits = r.guide.mask(logits.float())
+                greedy = int(logits.argmax())
+            token = greedy if r.generator is None else sample(logits, r.params, r.generator)
+            if r.guide is not None:
+                r.guide.advance(token)
+            return self._emit(r, token)
         except Exception as e:
             log.exception("request %s failed", r.id)
             self._finish(r, "error", error=f"{type(e).__name__}: {e}")
@@ -418,7 +428,8 @@ class Engine:
         r.tokens.append(token)
         self._send(r, token)
         if token in r.params.stop_tokens or (r.stop_rule is not None and r.stop_rule(r.tokens)):
-            self._finish(r, "stop")
+            # an answer the constraint had to close early, near max_tokens, was cut: "length", as OpenAI
+            self._finish(r, "length" if r.guide is not None and r.guide.cut else "stop")
         elif len(r.tokens) >= r.params.max_tokens or len(r.prompt) + len(r.tokens) >= self.max_context:
             self._finish(r, "length")
         elif r.cancelled:

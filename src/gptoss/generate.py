@@ -13,13 +13,16 @@ import ctypes.util
 import functools
 import math
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 
 from .cache import KVCache, default_cache_dtype
 from .errors import GenerationError
 from .model import Transformer
+
+if TYPE_CHECKING:
+    from .constrain import Constraint
 
 
 @dataclass
@@ -30,6 +33,7 @@ class SamplingParams:
     max_tokens: int = 256
     seed: int | None = None
     stop_tokens: Sequence[int] = field(default_factory=tuple)
+    constraint: Constraint | None = None  # the completion must follow it (constrain.py): JSON schemas, Harmony
 
     # The smallest temperature and top_p that fp32 sampling honours. Dividing logits by a temperature of
     # 1e-45 overflows them to inf (softmax then gives NaN); a top_p below fp32's smallest normal number
@@ -145,6 +149,11 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], params: Sampl
     generators = None
     if params.seed is not None:
         generators = [torch.Generator(device=device).manual_seed(params.seed + i) for i in range(B)]
+    guides = None
+    if params.constraint is not None:
+        from .constrain import Guide
+
+        guides = [Guide(params.constraint, params.max_tokens) for _ in range(B)]
     logits = prefill(model, tokens, positions, cache, chunk_size)
     next_pos = positions[:, -1] + 1
     active = [True] * B
@@ -153,7 +162,10 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], params: Sampl
         step = torch.zeros(B, dtype=torch.long, device=device)
         for i in range(B):
             if active[i]:
-                token = sample(logits[i], params, generators[i] if generators else None)
+                row = logits[i] if guides is None else guides[i].mask(logits[i].float())
+                token = sample(row, params, generators[i] if generators else None)
+                if guides is not None:
+                    guides[i].advance(token)
                 step[i] = token
                 yield i, token
                 if token in stop:

@@ -105,15 +105,32 @@ class SystemContent:
 
 
 @dataclass
+class ResponseFormat:
+    """A structured-output format the final answer must follow (the Harmony guide's "# Response Formats"
+    section of the developer message: `## name`, an optional `// description` line, the JSON schema)."""
+    name: str
+    schema: dict[str, Any]
+    description: str | None = None
+
+    def render_text(self) -> str:
+        comment = f"// {self.description}\n" if self.description else ""
+        return f"## {self.name}\n\n{comment}{json_compact(self.schema)}"
+
+
+@dataclass
 class DeveloperContent:
-    """The developer message: instructions ("system prompt" in other APIs) and the function tools."""
+    """The developer message: instructions ("system prompt" in other APIs), the function tools, and the
+    response format of a structured output."""
     instructions: str | None = None
     tools: list[ToolDefinition] = field(default_factory=list)
+    response_format: ResponseFormat | None = None
 
     def render_text(self) -> str:
         sections = ["# Instructions", self.instructions] if self.instructions is not None else []
         if self.tools:
             sections.append(tools_section([ToolNamespace("functions", None, self.tools)]))
+        if self.response_format is not None:
+            sections += ["# Response Formats", self.response_format.render_text()]
         return "\n\n".join(sections)
 
 

@@ -115,7 +115,7 @@ def serve_command(args: argparse.Namespace, before_start: Callable | None = None
     engine.start()
     try:
         app = create_app(engine, name, api_key=args.api_key, allowed_hosts=loopback_hosts(args.host),
-                         cors_origins=cors)
+                         cors_origins=cors, reasoning_budget=getattr(args, "reasoning_budget", None))
         state = app.state.gptoss
 
         class Server(uvicorn.Server):
@@ -158,6 +158,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     add_prefix_cache_arg(p)
     p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="a web origin (https://app.example) whose pages may call the API; repeatable (default none)")
+    p.add_argument("--reasoning-budget", type=int, default=None, metavar="N",
+                   help="under a structured output (response_format, text.format, strict tools): at most N analysis "
+                        "tokens, then the answer is forced to begin (default: no bound but max_tokens)")
     p.add_argument("--shutdown-grace", type=float, default=5.0, metavar="SECONDS",
                    help="on SIGTERM/SIGINT, how long requests in flight may still run (default 5)")
 

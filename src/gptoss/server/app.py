@@ -47,8 +47,8 @@ from .generation import SSE_HEADERS, Generation, _drain, _new_id, until_disconne
 from .schemas import MAX_BODY_BYTES, ChatCompletionRequest, GenerationBody, ResponsesRequest, decode, read_body
 from .shaping import chat_completion, chat_stream, conversation_after, finished_response, response_shell, \
     responses_stream
-from .translate import ToolChoice, Turns, _unsupported_tool, chat_tool, chat_turns, check_unique, longest_token, \
-    render_prompt, responses_turns, tool_choice, tool_definition
+from .translate import ToolChoice, Turns, _unsupported_tool, answer_format, chat_tool, chat_turns, check_unique, \
+    longest_token, render_prompt, responses_turns, structured_constraint, tool_choice, tool_definition
 
 log = logging.getLogger("gptoss.server")
 
@@ -178,8 +178,10 @@ SHUTTING_DOWN = "The server is shutting down; retry on another instance or later
 
 
 class ServerState:
-    def __init__(self, engine: Engine, model_name: str, tokenizer: Tokenizer, max_stored: int, max_body: int):
+    def __init__(self, engine: Engine, model_name: str, tokenizer: Tokenizer, max_stored: int, max_body: int,
+                 reasoning_budget: int | None = None):
         self.engine, self.model_name, self.tok = engine, model_name, tokenizer
+        self.reasoning_budget = reasoning_budget  # analysis tokens allowed before a structured answer
         self.created = int(time.time())
         self.responses: OrderedDict[str, StoredResponse] = OrderedDict()
         self.max_stored, self.max_body = max_stored, max_body
@@ -227,29 +229,33 @@ class ServerState:
         for name in ("frequency_penalty", "presence_penalty"):
             if getattr(body, name) not in (None, 0, 0.0):
                 raise bad_request(f"Invalid value for '{name}': only 0 is supported.", name)
-        if body.response_format is not None and body.response_format.type != "text":
-            raise bad_request("Invalid value for 'response_format': only {'type': 'text'} is supported.",
-                              "response_format.type")
+        answer = answer_format(body.response_format, "response_format", nested=True)
         stop = [body.stop] if isinstance(body.stop, str) else body.stop
         tools = check_unique([chat_tool(t, i) for i, t in enumerate(body.tools or [])])
+        strict = {t.function.name: bool(t.function.strict) for t in body.tools or [] if t.function is not None}
         choice = tool_choice(body.tool_choice, tools)
+        constraint = structured_constraint(self.tok, answer, tools, strict, choice, "tools", self.reasoning_budget)
         turns = chat_turns(body.messages)
         effort = body.reasoning_effort or "medium"
-        prompt, forced = render_prompt(self.tok, turns, tools, effort, choice, self.engine.max_context, "messages")
+        prompt, forced = render_prompt(self.tok, turns, tools, effort, choice, self.engine.max_context, "messages",
+                                       answer)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         params = self.params(body, len(prompt), max_tokens, "messages")
+        params.constraint = constraint
         return Prepared(body, prompt, forced, params, tools, choice, turns, effort, stop)
 
     def prepare_response(self, raw: bytes) -> Prepared:
         body: ResponsesRequest = decode(raw, ResponsesRequest)
         self.check_model(body.model)
-        if body.text is not None and body.text.format is not None and body.text.format.type != "text":
-            raise bad_request(f"Invalid value for 'text.format.type': only 'text' is supported, got "
-                              f"{body.text.format.type!r}.", "text.format.type")
+        answer = answer_format(body.text.format if body.text is not None else None, "text.format", nested=False)
         tools = check_unique([tool_definition(t.name, t.description, t.parameters, f"tools[{i}]")
                               if t.type == "function" else _unsupported_tool(t.type, f"tools[{i}].type")
                               for i, t in enumerate(body.tools or [])])
+        # strict only when asked (OpenAI's Responses default is strict: true; here a schema is enforced only
+        # where the caller says so, as in Chat Completions)
+        strict = {t.name: t.strict is True for t in body.tools or [] if t.type == "function"}
         choice = tool_choice(body.tool_choice, tools)
+        constraint = structured_constraint(self.tok, answer, tools, strict, choice, "tools", self.reasoning_budget)
         if body.previous_response_id is not None:
             previous = self.responses.get(body.previous_response_id)
             if previous is None:
@@ -264,8 +270,10 @@ class ServerState:
         if body.instructions is not None:
             turns.instructions.insert(0, body.instructions)
         effort = (body.reasoning.effort if body.reasoning else None) or "medium"
-        prompt, forced = render_prompt(self.tok, turns, tools, effort, choice, self.engine.max_context, "input")
+        prompt, forced = render_prompt(self.tok, turns, tools, effort, choice, self.engine.max_context, "input",
+                                       answer)
         params = self.params(body, len(prompt), body.max_output_tokens, "input")
+        params.constraint = constraint
         return Prepared(body, prompt, forced, params, tools, choice, turns, effort)
 
     # ------------------------------------------------------------------ generations
@@ -312,15 +320,18 @@ class ServerState:
 # ---------------------------------------------------------------------------------------------- the app
 def create_app(engine: Engine, model_name: str, api_key: str | None = None, *, tokenizer: Tokenizer | None = None,
                max_stored_responses: int = 1000, allowed_hosts: Sequence[str] | None = None,
-               cors_origins: Sequence[str] = (), max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+               cors_origins: Sequence[str] = (), max_body_bytes: int = MAX_BODY_BYTES,
+               reasoning_budget: int | None = None) -> FastAPI:
     """The FastAPI app serving `engine` (already started) as the model `model_name`. With `api_key`, every
     /v1 route needs "Authorization: Bearer <api_key>"; the chat page and /health stay open. allowed_hosts:
     the Host header values accepted (None: any; see loopback_hosts); cors_origins: web origins allowed to call
     the API from a browser (none by default). `app.state.gptoss.begin_shutdown(grace)` ends requests in flight
-    (serve_command calls it on SIGTERM / SIGINT)."""
+    (serve_command calls it on SIGTERM / SIGINT). reasoning_budget: under a structured output (response_format,
+    text.format, strict tools), the analysis tokens allowed before the answer is forced to begin (None: no
+    bound but max_tokens)."""
     tok = tokenizer or get_tokenizer()
     longest_token(tok)  # computed once, here, rather than in the first request
-    state = ServerState(engine, model_name, tok, max_stored_responses, max_body_bytes)
+    state = ServerState(engine, model_name, tok, max_stored_responses, max_body_bytes, reasoning_budget)
     app = FastAPI(title="gptoss", docs_url=None, redoc_url=None, openapi_url=None)  # no CDN-hosted docs UI
     app.router.route_class = GuardedRoute
     app.state.gptoss = state

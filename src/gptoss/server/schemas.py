@@ -123,8 +123,17 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
+class JSONSchemaSpec(_Body):
+    """response_format.json_schema (chat); Responses' text.format carries the same fields flattened."""
+    name: str | None = None  # OpenAI requires it; checked with the format, so the error names the right path
+    description: str | None = None
+    schema_: JSONObject | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(_Body):
     type: str
+    json_schema: JSONSchemaSpec | None = None
 
 
 StopString = Annotated[str, Field(max_length=1024)]
@@ -200,7 +209,7 @@ class ReasoningOptions(_Body):
     summary: str | None = None
 
 
-class TextFormat(_Body):
+class TextFormat(JSONSchemaSpec):
     type: str
 
 

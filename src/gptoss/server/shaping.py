@@ -72,16 +72,26 @@ def output_item(piece: Piece, status: str) -> dict[str, Any]:
 def response_shell(body: ResponsesRequest, rid: str, tools: list[harmony.ToolDefinition], choice: ToolChoice,
                    effort: str, model_name: str) -> dict[str, Any]:
     """The Response object before any output (status in_progress)."""
+    strict = {t.name: t.strict is True for t in body.tools or [] if t.type == "function"}
     return {"id": rid, "object": "response", "created_at": int(time.time()), "status": "in_progress",
             "model": model_name, "output": [], "usage": None, "error": None, "incomplete_details": None,
             "instructions": body.instructions, "metadata": body.metadata or {},
             "tools": [{"type": "function", "name": t.name, "description": t.description,
-                       "parameters": t.parameters, "strict": False} for t in tools],
+                       "parameters": t.parameters, "strict": strict.get(t.name, False)} for t in tools],
             "tool_choice": choice.echo(), "parallel_tool_calls": False,
             "temperature": 1.0 if body.temperature is None else body.temperature,
             "top_p": 1.0 if body.top_p is None else body.top_p, "max_output_tokens": body.max_output_tokens,
             "previous_response_id": body.previous_response_id, "reasoning": {"effort": effort, "summary": None},
-            "store": body.store, "text": {"format": {"type": "text"}}, "truncation": "disabled"}
+            "store": body.store, "text": {"format": text_format(body)}, "truncation": "disabled"}
+
+
+def text_format(body: ResponsesRequest) -> dict[str, Any]:
+    """The text.format the request asked for, echoed as OpenAI does."""
+    fmt = body.text.format if body.text is not None else None
+    if fmt is None or fmt.type != "json_schema":
+        return {"type": fmt.type if fmt is not None else "text"}
+    return {"type": "json_schema", "name": fmt.name, "description": fmt.description, "schema": fmt.schema_,
+            "strict": bool(fmt.strict)}
 
 
 def finished_response(shell: dict[str, Any], gen: Generation) -> dict[str, Any]:

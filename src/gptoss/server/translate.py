@@ -10,10 +10,11 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .. import harmony
+from ..constrain import Constraint, ConstraintError, ToolSpec
 from ..tokenizer import Tokenizer
 from .errors import bad_request
-from .schemas import (ChatMessage, ChatTool, ContentPart, FunctionCallItem, InputItem, MessageItem, NamedToolChoice,
-                      ReasoningItem)
+from .schemas import (ChatMessage, ChatTool, ContentPart, FunctionCallItem, InputItem, JSONSchemaSpec, MessageItem,
+                      NamedToolChoice, ReasoningItem)
 
 TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
 
@@ -179,16 +180,20 @@ def responses_turns(items: list[InputItem], turns: Turns) -> Turns:
 
 
 def render_prompt(tok: Tokenizer, turns: Turns, tools: list[harmony.ToolDefinition], effort: str,
-                  choice: ToolChoice, max_context: int, param: str) -> tuple[list[int], list[int]]:
+                  choice: ToolChoice, max_context: int, param: str,
+                  answer: AnswerFormat | None = None) -> tuple[list[int], list[int]]:
     """The prompt tokens (ending with any forced tool-call header) and that forced header. A prompt whose text
-    cannot fit `max_context` tokens is refused before it is tokenized (see check_characters)."""
+    cannot fit `max_context` tokens is refused before it is tokenized (see check_characters). A structured
+    answer's format is declared in the developer message (# Response Formats)."""
     check_characters(tok, turns, tools, max_context, param)
     declared = [] if choice.mode == "none" else tools  # "none": the model is not told about the tools
     system = harmony.Message.system(harmony.SystemContent(reasoning_effort=effort))
     conversation = [system]
     instructions = "\n\n".join(turns.instructions) if turns.instructions else None
-    if instructions is not None or declared:
-        conversation.append(harmony.Message.developer(harmony.DeveloperContent(instructions, declared)))
+    response_format = answer.harmony() if answer is not None else None
+    if instructions is not None or declared or response_format is not None:
+        conversation.append(harmony.Message.developer(harmony.DeveloperContent(instructions, declared,
+                                                                               response_format)))
     try:
         prompt = harmony.render_conversation_for_completion(conversation + turns.messages, "assistant", tok)
     except harmony.HarmonyError as e:
@@ -230,3 +235,82 @@ def chat_tool(t: ChatTool, i: int) -> harmony.ToolDefinition:
 def _unsupported_tool(kind: str, param: str):
     raise bad_request(f"Invalid value for '{param}': only 'function' tools are supported, got {kind!r}.", param,
                       "unsupported_tool_type")
+
+
+# ---------------------------------------------------------------------------------------------- structured outputs
+FORMAT_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+@dataclass
+class AnswerFormat:
+    """A structured final answer: response_format (chat) or text.format (Responses) of type json_schema or
+    json_object (then `schema` is any JSON object, not strict)."""
+    name: str
+    schema: dict[str, Any]
+    description: str | None = None
+    strict: bool = True
+    param: str = "response_format"  # where the request said it, for errors
+
+    def harmony(self) -> harmony.ResponseFormat:
+        return harmony.ResponseFormat(self.name, self.schema, self.description)
+
+
+def answer_format(fmt: Any, param: str, nested: bool) -> AnswerFormat | None:
+    """response_format / text.format → AnswerFormat (None for "text"). nested: chat's fields sit under
+    `json_schema`, Responses' in the format itself."""
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return AnswerFormat("json_object", {"type": "object"}, None, strict=False, param=param)
+    if fmt.type != "json_schema":
+        raise bad_request(f"Invalid value for '{param}.type': supported are 'text', 'json_object' and "
+                          f"'json_schema', got {fmt.type!r}.", f"{param}.type")
+    spec: JSONSchemaSpec | None = fmt.json_schema if nested else fmt
+    where = f"{param}.json_schema" if nested else param
+    if spec is None:
+        raise bad_request(f"Missing required parameter: '{where}'.", where, "missing_required_parameter")
+    if spec.name is None:
+        raise bad_request(f"Missing required parameter: '{where}.name'.", f"{where}.name", "missing_required_parameter")
+    if not FORMAT_NAME.match(spec.name):
+        raise bad_request(f"Invalid value for '{where}.name': 1-64 letters, digits, '_' or '-', got {spec.name!r}.",
+                          f"{where}.name")
+    schema = spec.schema_ if spec.schema_ is not None else {}
+    return AnswerFormat(spec.name, schema, spec.description, strict=bool(spec.strict), param=f"{where}.schema")
+
+
+def _check(constraint: Constraint, tok: Tokenizer, param: str, what: str) -> None:
+    try:
+        constraint.check(tok)
+    except ConstraintError as e:
+        raise bad_request(f"Invalid schema for {what}: {e}.", param, "invalid_json_schema") from None
+
+
+def structured_constraint(tok: Tokenizer, answer: AnswerFormat | None, tools: list[harmony.ToolDefinition],
+                          strict: dict[str, bool], choice: ToolChoice, tools_param: str,
+                          reasoning_budget: int | None = None) -> Constraint | None:
+    """The request's constraint (constrain.py), or None when nothing is to be enforced: a structured answer,
+    strict tools' arguments, and the name of a call forced by tool_choice "required". Each schema is compiled
+    on its own first, so that a 400 names the one that fails (and its unsupported keyword)."""
+    declared = [] if choice.mode == "none" else tools
+    specs = [ToolSpec(t.name, t.parameters, strict.get(t.name, False)) for t in declared]
+    if answer is not None:
+        _check(Constraint.json_schema(answer.schema, strict=answer.strict), tok, answer.param,
+               f"{answer.param.split('.')[0]} '{answer.name}'")
+    for i, spec in enumerate(specs):
+        if spec.strict:
+            _check(Constraint.harmony(tools=[spec], forced="function"), tok, f"{tools_param}[{i}]",
+                   f"function '{spec.name}'")
+    if choice.mode == "function" or (choice.mode == "required" and len(specs) == 1):
+        spec = next(s for s in specs if s.name == (choice.name if choice.mode == "function" else specs[0].name))
+        constraint = Constraint.harmony(tools=[spec], forced="function") if spec.strict else None
+    elif choice.mode == "required":
+        constraint = Constraint.harmony(tools=specs, forced=" to=functions")
+    elif answer is None and not any(s.strict for s in specs):
+        constraint = None
+    else:
+        constraint = Constraint.harmony(answer=answer.schema if answer else None,
+                                        strict=answer.strict if answer else True, tools=specs,
+                                        reasoning_budget=reasoning_budget)
+    if constraint is not None:  # compiled here, in the worker thread, not in the event loop at submit
+        _check(constraint, tok, tools_param if answer is None else answer.param, "this request")
+    return constraint
