@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 # import name → distribution, where they differ or come with another distribution
 DISTRIBUTION = {"pydantic_core": "pydantic"}
-EXTRA_ONLY = {"openai": "eval", "matplotlib": "eval", "pyarrow": "eval"}  # imported lazily, inside functions
+EXTRA_ONLY = {"openai": "eval", "matplotlib": "eval", "pyarrow": "eval", "scipy": "experiments"}  # imported lazily, inside functions
 
 
 def requirements(group: list[str]) -> dict[str, Requirement]:

@@ -18,7 +18,8 @@ from __future__ import annotations
 import math
 import statistics
 
-from .runner import Context, finish_plot, markdown_table, mean_sd, pyplot, steps_for, tail_mean, train_run
+from .runner import Context, finish_plot, markdown_table, mean_sd, pyplot, scipy_stats, steps_for,
+                     tail_mean, train_run
 
 NAME = "routing-layers"
 DESCRIPTION = "layers collapsed onto different experts: Switch aux loss per layer vs pooled (transformers)"
@@ -39,7 +40,7 @@ def min_layer_entropy(row: dict) -> float:
 
 def paired(a: list[float], b: list[float]) -> str:
     """mean difference a − b ± sd, paired t-test p (two-sided), and the sign test's p (two-sided)."""
-    from scipy import stats
+    stats = scipy_stats()
 
     d = [x - y for x, y in zip(a, b)]
     t_p = stats.ttest_rel(a, b).pvalue if statistics.pstdev(d) > 0 else float("nan")

@@ -295,6 +295,16 @@ def finish_plot(plt, fig, ax, path: Path, ylabel: str, xlabel: str = "step") -> 
     plt.close(fig)
 
 
+def scipy_stats():
+    """scipy.stats (the experiments' paired tests), or a clear error naming the extra that brings it."""
+    try:
+        from scipy import stats
+    except ImportError:
+        raise GptOssError("the experiments' statistical tests use scipy, which is not installed: "
+                          "pip install 'gptoss[experiments]' (or pip install scipy)") from None
+    return stats
+
+
 def pyplot():
     try:
         import matplotlib

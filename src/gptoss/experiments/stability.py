@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import statistics
 
-from .runner import BEST_LOSS, Context, finish_plot, markdown_table, mean_sd, pyplot, steps_for, tail_mean, train_run
+from .runner import BEST_LOSS, Context, finish_plot, markdown_table, mean_sd, pyplot, scipy_stats, steps_for,
+                     tail_mean, train_run
 
 NAME = "stability"
 DESCRIPTION = "pre-norm vs post-norm vs QK-norm vs post-norm + QK-norm at a spike-provoking learning rate"
@@ -79,7 +80,7 @@ def run(ctx: Context) -> str:
 
 
 def comparison(base: list[int], other: list[int], base_held: list[float], other_held: list[float]) -> str:
-    from scipy import stats
+    stats = scipy_stats()
 
     a, b = sum(base), sum(other)
     p_spikes = stats.binomtest(b, a + b, 0.5).pvalue if a + b else 1.0
