@@ -18,8 +18,8 @@ from __future__ import annotations
 import math
 import statistics
 
-from .runner import Context, finish_plot, markdown_table, mean_sd, pyplot, scipy_stats, steps_for,
-                     tail_mean, train_run
+from .runner import (Context, finish_plot, markdown_table, mean_sd, pyplot, scipy_stats, steps_for,
+                     tail_mean, train_run)
 
 NAME = "routing-layers"
 DESCRIPTION = "layers collapsed onto different experts: Switch aux loss per layer vs pooled (transformers)"

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import statistics
 
-from .runner import BEST_LOSS, Context, finish_plot, markdown_table, mean_sd, pyplot, scipy_stats, steps_for,
-                     tail_mean, train_run
+from .runner import (BEST_LOSS, Context, finish_plot, markdown_table, mean_sd, pyplot, scipy_stats, steps_for,
+                     tail_mean, train_run)
 
 NAME = "stability"
 DESCRIPTION = "pre-norm vs post-norm vs QK-norm vs post-norm + QK-norm at a spike-provoking learning rate"
