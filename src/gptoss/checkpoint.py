@@ -295,10 +295,11 @@ def load(path: str | Path, device: torch.device | str | None = None,
     return model
 
 
-def resident_bytes(path: str | Path, dtype: torch.dtype = torch.bfloat16) -> tuple[int, int, int]:
+def resident_bytes(path: "str | Path | CheckpointReader",
+                   dtype: torch.dtype = torch.bfloat16) -> tuple[int, int, int]:
     """(bytes kept in memory when streaming: all but the experts and the embedding, in `dtype` where they
     are not fp32; the experts' bytes; the whole checkpoint's bytes) from the headers."""
-    reader = CheckpointReader(path)
+    reader = path if isinstance(path, CheckpointReader) else CheckpointReader(path)
     spec = expected_tensors(reader.config)
     resident = experts = total = 0
     for name, (shape, kind) in spec.items():

@@ -56,10 +56,11 @@ def plan_memory(path: str | Path, dtype: "torch.dtype", memory_budget_gib: float
     (bytes the caller will take besides: the prefix cache)."""
     import torch
 
-    from .checkpoint import resident_bytes
+    from .checkpoint import CheckpointReader, resident_bytes
     from .streaming import available_memory, expert_nbytes, measure_read_bandwidth
 
-    resident, experts, total = resident_bytes(path, dtype)
+    reader = CheckpointReader(path)  # headers only, read once for the sizes and the config
+    resident, experts, total = resident_bytes(reader, dtype)
     available = available_memory() if available is None else available
     headroom = int(STREAMING_HEADROOM_GIB * 2**30)
     if memory_budget_gib is None:
@@ -72,9 +73,7 @@ def plan_memory(path: str | Path, dtype: "torch.dtype", memory_budget_gib: float
         budget = int(min(memory_budget_gib, 2**40) * 2**30)
         if budget >= total:  # everything fits: map the checkpoint whole
             return None, None
-    from .checkpoint import CheckpointReader
-
-    config = CheckpointReader(path).config
+    config = reader.config
     one = expert_nbytes(config, torch.finfo(dtype).bits // 8)
     k, layers, E = config.experts_per_token, config.num_hidden_layers, config.num_experts
     pool = budget - resident
