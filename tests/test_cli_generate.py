@@ -24,9 +24,9 @@ def checkpoint(tmp_path_factory):
     return path
 
 
-def run(*args, stdin=None):
+def run(*args, stdin=None, timeout=120):
     return subprocess.run([sys.executable, "-m", "gptoss", *args], input=stdin, capture_output=True, text=True,
-                          timeout=120)
+                          timeout=timeout)
 
 
 def test_generate_streams_the_greedy_completion(checkpoint):

@@ -5,19 +5,15 @@ files are one-line errors. The demo model, asked an arithmetic question with a J
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import jsonschema
 import pytest
-import torch
 
-from gptoss import demo, synthetic
-from gptoss.checkpoint import write_checkpoint
-from gptoss.config import preset
+from gptoss import demo
 from gptoss.constrain import Constraint
 from gptoss.generate import SamplingParams, generate_tokens
 from gptoss.tokenizer import get_tokenizer
+from test_cli_generate import checkpoint, run  # noqa: F401 (a fixture)
 
 TOK = get_tokenizer()
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["city", "days"],
@@ -28,25 +24,12 @@ ARITHMETIC = {"type": "object", "additionalProperties": False, "required": ["exp
               "properties": {"expression": {"type": "string", "maxLength": 24}, "result": {"type": "integer"}}}
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    config = preset("tiny").replace(vocab_size=201_088)
-    path = tmp_path_factory.mktemp("gen") / "tiny"
-    write_checkpoint(dict(synthetic.random_tensors(config, seed=5, dtype=torch.float32)), config, path, "hf")
-    return path
-
-
-def run(*args, stdin=None):
-    return subprocess.run([sys.executable, "-m", "gptoss", *args], input=stdin, capture_output=True, text=True,
-                          timeout=300)
-
-
 def test_generate_json_schema(checkpoint, tmp_path):
     schema_file = tmp_path / "weather.json"
     schema_file.write_text(json.dumps(SCHEMA))
     prompt = "The forecast, as JSON:"
     done = run("generate", "-m", str(checkpoint), prompt, "--json-schema", str(schema_file), "--temperature", "0",
-               "--max-tokens", "80", "--dtype", "float32", "-q")
+               "--max-tokens", "80", "--dtype", "float32", "-q", timeout=300)
     assert done.returncode == 0, done.stderr
     jsonschema.validate(json.loads(done.stdout), SCHEMA)  # the whole output, <|endoftext|> not printed
 
@@ -72,7 +55,7 @@ def test_chat_json_schema_with_the_demo_model(tmp_path):
     schema_file = tmp_path / "arithmetic.json"
     schema_file.write_text(json.dumps(ARITHMETIC))
     done = run("chat", "--json-schema", str(schema_file), "--temperature", "0", "--show-reasoning", "--max-tokens", "300",
-               stdin="What is 4821 + 937?\n/exit\n")
+               stdin="What is 4821 + 937?\n/exit\n", timeout=300)
     assert done.returncode == 0, done.stderr
     out = done.stdout
     reasoning, _, answer = out.removeprefix(">>> What is 4821 + 937?\n").partition("\n")
