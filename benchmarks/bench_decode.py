@@ -26,14 +26,22 @@ from gptoss.cache import KVCache, default_cache_dtype
 from gptoss.generate import prefill
 
 
-def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
-    """Bytes/s of a large reduction: what streaming weights from RAM can reach on this machine."""
-    a = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32)
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously; a timer must not stop before it ends)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def read_bandwidth(device: torch.device, gib: float = 1.0, repeats: int = 5) -> float:
+    """Bytes/s of a large reduction: what streaming weights from the device's memory can reach."""
+    a = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32, device=device)
     a.sum()
     times = []
     for _ in range(repeats):
+        sync(device)
         t = time.perf_counter()
         a.sum()
+        sync(device)
         times.append(time.perf_counter() - t)
     return a.numel() * 4 / min(times)
 
@@ -81,8 +89,8 @@ def fill_cache(model: gptoss.Transformer, context: int) -> KVCache:
     for i, layer in enumerate(cache.layers):
         n = min(context, c.sliding_window) if c.is_sliding(i) else context
         k = torch.randn(1, n, c.num_key_value_heads, c.head_dim, generator=g)
-        layer.update(k, torch.randn_like(k),
-                     torch.arange(context - n, context)[None])
+        layer.update(k.to(model.device), torch.randn_like(k).to(model.device),
+                     torch.arange(context - n, context, device=model.device)[None])
         layer.length = context
     return cache
 
@@ -94,6 +102,8 @@ class LayerTimer:
     def __init__(self, model: gptoss.Transformer):
         self.times = {"sliding": 0.0, "full": 0.0}
         self._start = 0.0
+        if model.device.type != "cpu":  # asynchronous devices: a host timer per block would time the launches
+            return
         for block in model.block:
             kind = "sliding" if block.attn.sliding_window else "full"
             block.register_forward_pre_hook(self._pre)
@@ -109,15 +119,17 @@ class LayerTimer:
 @torch.no_grad()
 def decode_speed(model, context: int, steps: int, timer: LayerTimer) -> dict:
     cache = fill_cache(model, context)
-    token = torch.tensor([[1000]])
+    token = torch.tensor([[1000]], device=model.device)
     per_token = []
     timer.times = {"sliding": 0.0, "full": 0.0}
     for s in range(steps):
         if s == 1:  # the first step pays page faults / the kernel build: timed neither here nor per block
             timer.times = {"sliding": 0.0, "full": 0.0}
+        sync(model.device)
         t = time.perf_counter()
-        logits = model(token, torch.tensor([[context + s]]), cache)
+        logits = model(token, torch.tensor([[context + s]], device=model.device), cache)
         token = logits[:, -1].argmax(-1, keepdim=True)
+        sync(model.device)
         per_token.append(time.perf_counter() - t)
     per_token = per_token[1:]
     n_layers = {"sliding": sum(1 for b in model.block if b.attn.sliding_window),
@@ -133,8 +145,10 @@ def prefill_speed(model, length: int) -> dict:
     first new token's logits, so the time to first token is this time (plus one argmax)."""
     cache = KVCache(model.config, 1, max_len=length + 1, device=model.device, dtype=default_cache_dtype(model.dtype, model.device))
     tokens = torch.randint(0, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(1))
+    tokens = tokens.to(model.device)
+    sync(model.device)
     t = time.perf_counter()
-    prefill(model, tokens, torch.arange(length)[None], cache).argmax(-1)
+    prefill(model, tokens, torch.arange(length, device=model.device)[None], cache).argmax(-1).tolist()
     seconds = time.perf_counter() - t
     return {"length": length, "tok_s": length / seconds, "ttft_s": seconds}
 
@@ -164,6 +178,10 @@ def main() -> None:
                    help="prompt lengths to time prefill and time to first token for (0 = skip)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (weights and cache live there)")
+    p.add_argument("--experts", default="auto", choices=["auto", "mxfp4", "dense"],
+                   help="GPUs: keep the experts MXFP4 (dequantized per step) or dense (checkpoint.load's "
+                        "dense_experts; auto: its default)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--cold", action="store_true", help="do not touch all weight pages before timing")
     p.add_argument("--no-bf16-kernel", action="store_true", help="dense bf16 layers through F.linear (A/B)")
@@ -183,9 +201,11 @@ def main() -> None:
 
         kernels.BF16_MAX_ROWS = 0
 
-    bandwidth = read_bandwidth()
+    device = torch.device(args.device)
+    bandwidth = read_bandwidth(device)
     t = time.perf_counter()
-    model = gptoss.load(args.model, dtype=getattr(torch, args.dtype))
+    dense = {"auto": None, "mxfp4": False, "dense": True}[args.experts]
+    model = gptoss.load(args.model, device=device, dtype=getattr(torch, args.dtype), dense_experts=dense)
     load_s = time.perf_counter() - t
     rss_loaded = rss_gib()
     warm_s = touch_weights(model) if not args.cold else 0.0
@@ -193,7 +213,9 @@ def main() -> None:
     per_token_bytes = bytes_per_token(model)
     checkpoint_bytes = sum(f.stat().st_size for f in Path(args.model).glob("*.safetensors"))
     timer = LayerTimer(model)
-    results = {"model": str(args.model), "threads": torch.get_num_threads(), "dtype": args.dtype,
+    results = {"model": str(args.model), "device": str(device), "threads": torch.get_num_threads(),
+               "dtype": args.dtype, "experts": type(model.block[0].mlp.mlp1_weight).__name__,
+               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                "read_bandwidth_GBs": bandwidth / 1e9, "load_s": load_s, "rss_after_load_GiB": rss_loaded,
                "touch_all_pages_s": warm_s,
                "checkpoint_GiB": checkpoint_bytes / 2**30, "bytes_per_token_GB": per_token_bytes / 1e9,
@@ -208,6 +230,8 @@ def main() -> None:
         results["prefill"].append(prefill_speed(model, length))
         print(json.dumps(results["prefill"][-1]), flush=True)
     results["peak_rss_GiB"] = peak_rss_gib()
+    if device.type == "cuda":
+        results["peak_device_memory_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
     print(json.dumps(results, indent=2))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

@@ -211,3 +211,28 @@ def test_written_shards_get_the_umask_mode_not_private(hf_checkpoint):
     shards = sorted(hf_checkpoint.glob("*.safetensors"))
     assert len(shards) > 1
     assert {f.name: f.stat().st_mode & 0o777 for f in shards} == {f.name: expected for f in shards}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dense_experts_equal_the_mxfp4_experts(hf_checkpoint, dtype):
+    """load(dense_experts=True) (what GPUs with room get by default) dequantizes every expert once, exactly:
+    the weights equal mxfp4.dequantize's, and the model generates what the MXFP4 model generates."""
+    from gptoss import mxfp4
+    from gptoss.generate import SamplingParams, generate_tokens
+    from gptoss.model import DenseExpertWeight, MXFP4Weight
+
+    packed = gptoss.load(hf_checkpoint, dtype=dtype)
+    dense = gptoss.load(hf_checkpoint, dtype=dtype, dense_experts=True)
+    assert isinstance(packed.block[0].mlp.mlp1_weight, MXFP4Weight)  # the CPU default: MXFP4 in place
+    for a, b in zip(packed.block, dense.block):
+        for name in ("mlp1_weight", "mlp2_weight"):
+            w, d = getattr(a.mlp, name), getattr(b.mlp, name)
+            assert isinstance(d, DenseExpertWeight) and not d.weight.requires_grad
+            assert torch.equal(d.weight, mxfp4.dequantize(w.blocks, w.scales, dtype)), name
+    prompt = torch.randint(0, TINY.vocab_size, (19,), generator=torch.Generator().manual_seed(4)).tolist()
+    params = SamplingParams(temperature=0, max_tokens=12)
+    if dtype == torch.float32:  # bf16 rounds the expert GEMMs' outputs where the MXFP4 kernel keeps fp32
+        assert generate_tokens(dense, prompt, params) == generate_tokens(packed, prompt, params)
+        with torch.no_grad():
+            x = torch.tensor([prompt])
+            torch.testing.assert_close(dense(x), packed(x), rtol=1e-5, atol=1e-5)

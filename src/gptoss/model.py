@@ -491,7 +491,11 @@ class DenseExpertWeight(nn.Module):
 
     @classmethod
     def from_mxfp4(cls, w: MXFP4Weight, dtype: torch.dtype = torch.float32) -> "DenseExpertWeight":
-        return cls(mxfp4.dequantize(w.blocks, w.scales, dtype))
+        E, out_features, groups = w.scales.shape
+        weight = torch.empty(E, out_features, groups * mxfp4.BLOCK, dtype=dtype, device=w.blocks.device)
+        for e in range(E):  # one expert's temporaries at a time
+            weight[e] = kernels.mxfp4_dequantize(w.blocks[e], w.scales[e], dtype)
+        return cls(weight)
 
     def expert(self, e: int, dtype: torch.dtype) -> torch.Tensor:
         return self.weight[e].to(dtype)
