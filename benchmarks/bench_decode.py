@@ -135,6 +135,7 @@ def decode_speed(model, context: int, steps: int, timer: LayerTimer) -> dict:
     n_layers = {"sliding": sum(1 for b in model.block if b.attn.sliding_window),
                 "full": sum(1 for b in model.block if not b.attn.sliding_window)}
     return {"context": context, "ms_per_token": 1e3 * statistics.median(per_token),
+            "ms_per_token_mean": 1e3 * statistics.mean(per_token),
             "tok_s": 1 / statistics.median(per_token),
             "block_ms_per_layer": {k: 1e3 * v / max(steps - 1, 1) / max(n_layers[k], 1) for k, v in timer.times.items()}}
 

@@ -141,6 +141,48 @@ def disk_bandwidth(files: list[Path], nbytes: int = 2 * 2**30) -> float:
     return done / (time.perf_counter() - start)
 
 
+def pool_read_bandwidth(checkpoint: Path, experts: int = 96, threads: int = 4, seed: int = 0) -> dict:
+    """The disk's ceiling for the pool's own reads: `experts` random whole experts (one decoded token's worth on
+    the 20b) read by an ExpertPool's reader threads (O_DIRECT where allowed), (a) all in flight at once, the most
+    that overlap can get, and (b) 4 at a time as a layer without prefetch asks for them. Bytes/s of each."""
+    import random
+
+    import torch
+
+    from gptoss.checkpoint import CheckpointReader
+    from gptoss.streaming import ExpertPool, expert_extents
+
+    reader = CheckpointReader(checkpoint)
+    c = reader.config
+    biases = [(torch.zeros(c.num_experts, 2 * c.intermediate_size), torch.zeros(c.num_experts, c.hidden_size))
+              for _ in range(c.num_hidden_layers)]
+    rng = random.Random(seed)
+    result = {}
+    for name, group in (("all_in_flight", experts), ("four_at_a_time", c.experts_per_token)):
+        drop_caches()
+        pool = ExpertPool(c, expert_extents(reader), biases, experts, threads=threads)
+        try:
+            picks = [(rng.randrange(c.num_hidden_layers), e)
+                     for _ in range(experts // c.experts_per_token)
+                     for e in rng.sample(range(c.num_experts), c.experts_per_token)]
+            start = time.perf_counter()
+            if group == experts:
+                for layer, e in picks:  # a prefetch per expert: all reads queued before any is waited for
+                    pool.prefetch(layer, [e])
+                for layer in sorted({layer for layer, _ in picks}):
+                    pool.lookup(layer, sorted({e for l2, e in picks if l2 == layer}))
+            else:
+                for i in range(0, len(picks), group):
+                    layer = picks[i][0]
+                    pool.lookup(layer, sorted({e for _, e in picks[i:i + group]}))
+            seconds = time.perf_counter() - start
+            result[name] = pool.stats.bytes_read / seconds
+            result["direct_io"] = all(direct for _, direct in pool._fds.values())
+        finally:
+            pool.close()
+    return result
+
+
 def gptoss_run(args, cg) -> dict:
     cmd = [sys.executable, __file__, "--child", str(args.checkpoint), "--prompt-tokens", str(args.prompt_tokens),
            "--tokens", str(args.tokens)] + (["--no-predict"] if args.no_predict else [])
@@ -176,9 +218,11 @@ def llama_run(args, cg, flags: str) -> dict:
     return result
 
 
-def summarize(runs: list[dict]) -> str:
-    rows = ["| program | limit | decode tok/s (median, min–max) | TTFT s (median, min–max) | runs ok | MB read/token |",
-            "|---|---|---|---|---|---|"]
+def summarize(runs: list[dict], ceiling: float | None = None) -> str:
+    """A markdown table; with `ceiling` (bytes/s the pool's reads reach), the share of it a streamed decode used."""
+    rows = ["| program | limit | decode tok/s (median, min–max) | TTFT s (median, min–max) | runs ok | MB read/token |"
+            " of the disk's ceiling |",
+            "|---|---|---|---|---|---|---|"]
     keys = sorted({(r["program"], r["fraction"]) for r in runs}, key=lambda k: (-k[1], k[0]))
     for program, fraction in keys:
         group = [r for r in runs if r["program"] == program and r["fraction"] == fraction]
@@ -187,15 +231,18 @@ def summarize(runs: list[dict]) -> str:
             d = [r["decode_tok_s"] for r in ok]
             t = [r["ttft_s"] for r in ok]
             mb = [r["mb_per_token"] for r in ok if "mb_per_token" in r]
-            rows.append(f"| {program} | {fraction:g}× | {statistics.median(d):.2f} ({min(d):.2f}–{max(d):.2f}) | "
-                        f"{statistics.median(t):.1f} ({min(t):.1f}–{max(t):.1f}) | {len(ok)}/{len(group)} | "
-                        f"{statistics.median(mb):.0f} |" if mb else
-                        f"| {program} | {fraction:g}× | {statistics.median(d):.2f} ({min(d):.2f}–{max(d):.2f}) | "
-                        f"{statistics.median(t):.1f} ({min(t):.1f}–{max(t):.1f}) | {len(ok)}/{len(group)} | – |")
+            head = (f"| {program} | {fraction:g}× | {statistics.median(d):.2f} ({min(d):.2f}–{max(d):.2f}) | "
+                    f"{statistics.median(t):.1f} ({min(t):.1f}–{max(t):.1f}) | {len(ok)}/{len(group)} | ")
+            if mb:
+                used = statistics.median(m * 1e6 * r["decode_tok_s"] for m, r in zip(mb, ok))
+                share = f"{used / ceiling:.0%}" if ceiling else "–"
+                rows.append(head + f"{statistics.median(mb):.0f} | {share} |")
+            else:
+                rows.append(head + "– | – |")
         else:
             why = "OOM-killed" if any(r["oom"] for r in group) else ("timeout" if any(r["code"] == -9 for r in group)
                                                                       else "failed")
-            rows.append(f"| {program} | {fraction:g}× | – ({why}) | – | 0/{len(group)} | – |")
+            rows.append(f"| {program} | {fraction:g}× | – ({why}) | – | 0/{len(group)} | – | – |")
     return "\n".join(rows)
 
 
@@ -224,11 +271,15 @@ def main(argv=None) -> int:
     files = sorted(args.checkpoint.glob("*.safetensors"))
     ckpt_bytes = sum(f.stat().st_size for f in files)
     programs = [("gptoss", None)] + [(f"llama.cpp {f or 'defaults'}", f) for f in args.llama_flags if args.gguf]
-    bandwidth = []
+    bandwidth, pool_bandwidth = [], []
     runs = []
     for rnd in range(args.rounds):
         bandwidth.append(disk_bandwidth(files))
-        print(f"round {rnd + 1}: disk {bandwidth[-1] / 1e9:.2f} GB/s", flush=True)
+        pool_bandwidth.append(pool_read_bandwidth(args.checkpoint))
+        print(f"round {rnd + 1}: disk {bandwidth[-1] / 1e9:.2f} GB/s (one buffered stream); the pool's reads "
+              f"{pool_bandwidth[-1]['all_in_flight'] / 1e9:.2f} GB/s all in flight, "
+              f"{pool_bandwidth[-1]['four_at_a_time'] / 1e9:.2f} GB/s 4 at a time "
+              f"(O_DIRECT: {pool_bandwidth[-1]['direct_io']})", flush=True)
         for fraction in args.fractions:
             limit = None if fraction >= 1 else int(fraction * ckpt_bytes)
             order = programs if rnd % 2 == 0 else programs[::-1]
@@ -249,13 +300,16 @@ def main(argv=None) -> int:
                 print(f"  {name:28s} {fraction:g}×: " + (f"{r['decode_tok_s']:.2f} tok/s, TTFT {r['ttft_s']:.1f} s"
                       if "decode_tok_s" in r else f"no result ({'OOM' if r['oom'] else r['code']})")
                       + (f", {r['mb_per_token']:.0f} MB/token" if "mb_per_token" in r else ""), flush=True)
-    table = summarize(runs)
+    k = "all_in_flight"
+    ceiling = statistics.median(b[k] for b in pool_bandwidth)
+    table = summarize(runs, ceiling)
     bw = statistics.median(bandwidth)
     print(f"\ncheckpoint {ckpt_bytes / 2**30:.1f} GiB, disk read {bw / 1e9:.2f} GB/s (median of "
-          f"{', '.join(f'{b / 1e9:.2f}' for b in bandwidth)})\n\n{table}")
+          f"{', '.join(f'{b / 1e9:.2f}' for b in bandwidth)}), the pool's reads all in flight {ceiling / 1e9:.2f} "
+          f"GB/s (median of {', '.join(f'{b[k] / 1e9:.2f}' for b in pool_bandwidth)})\n\n{table}")
     if args.json:
         args.json.write_text(json.dumps({"checkpoint_bytes": ckpt_bytes, "disk_bandwidth": bandwidth,
-                                         "runs": runs}, indent=1))
+                                         "pool_bandwidth": pool_bandwidth, "runs": runs}, indent=1))
     return 0
 
 

@@ -257,3 +257,16 @@ def test_close_cancels_what_is_left(model):
         items.append(q.get())
     finishes = [i for i in items if isinstance(i, Finish)]
     assert sorted(f.reason for f in finishes) == ["cancelled", "cancelled"]
+
+
+def test_finish_reports_the_decode_pace(model):
+    """Finish.step_median_s is the median gap between consecutive tokens (what bench_decode reports), within
+    the decode's span; 0 for a one-token answer."""
+    with Engine(model) as engine:
+        tokens, finish = engine.generate(prompt(12, 40), greedy(9))
+        _, one = engine.generate(prompt(12, 41), greedy(1))
+    assert len(tokens) == 9 and finish.completion_tokens == 9
+    span = finish.total_s - finish.ttft_s
+    assert 0 < finish.step_median_s <= span
+    assert finish.decode_tok_s >= 8 / span * 0.999
+    assert one.step_median_s == 0.0

@@ -90,6 +90,7 @@ class Finish:
     ttft_s: float = 0.0  # submit → first token
     total_s: float = 0.0  # submit → finish
     error: str | None = None
+    step_median_s: float = 0.0  # median time between consecutive tokens (bench_decode's statistic; 0: < 2 tokens)
 
     @property
     def decode_tok_s(self) -> float:
@@ -121,6 +122,7 @@ class Request:
     submitted: float = field(default_factory=time.perf_counter)
     started: float = 0.0
     first_token: float = 0.0
+    token_times: list[float] = field(default_factory=list)  # perf_counter at each token (the decode's pace)
 
     @property
     def next_position(self) -> int:
@@ -423,9 +425,11 @@ class Engine:
 
     def _emit(self, r: Request, token: int) -> bool:
         """Hand a token to the request's outlet; True if the request is now finished."""
+        now = time.perf_counter()
         if not r.tokens:
-            r.first_token = time.perf_counter()
+            r.first_token = now
         r.tokens.append(token)
+        r.token_times.append(now)
         self._send(r, token)
         if token in r.params.stop_tokens or (r.stop_rule is not None and r.stop_rule(r.tokens)):
             # an answer the constraint had to close early, near max_tokens, was cut: "length", as OpenAI
@@ -455,9 +459,11 @@ class Engine:
             self._running_count -= 1
         now = time.perf_counter()
         first = r.first_token or now
+        gaps = sorted(b - a for a, b in zip(r.token_times, r.token_times[1:]))
         finish = Finish(reason, len(r.prompt), len(r.tokens), cached_tokens=r.reuse[1] if r.started else 0,
                         queued_s=(r.started or now) - r.submitted, ttft_s=first - r.submitted,
-                        total_s=now - r.submitted, error=error)
+                        total_s=now - r.submitted, error=error,
+                        step_median_s=(gaps[(len(gaps) - 1) // 2] + gaps[len(gaps) // 2]) / 2 if gaps else 0.0)
         self._send(r, finish)
         if self.on_finish is not None:
             try:

@@ -223,9 +223,12 @@ class Generation:
         f = self.stream.finish
         reason = ("stop" if self.stop.hit else "cancelled" if f is None or f.reason == "cancelled" else
                   "error" if f.reason == "error" else self.finish_reason())
+        decode = ""
+        if f is not None and f.completion_tokens > 1:  # the engine's pace after the first token
+            decode = f" decode={f.decode_tok_s:.2f}tok/s step_median={1e3 * f.step_median_s:.1f}ms"
         return (f"{self.stream.request.id} {endpoint} in={self.prompt_tokens} out={self.completion_tokens} "
-                f"latency={latency:.3f}s ttft={ttft:.3f}s {self.completion_tokens / latency if latency else 0:.1f} "
-                f"tok/s finish={reason}")
+                f"cached={f.cached_tokens if f else 0} latency={latency:.3f}s ttft={ttft:.3f}s{decode} "
+                f"finish={reason}")
 
 
 def sse(data: Any, event: str | None = None) -> str:
