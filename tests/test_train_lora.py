@@ -89,6 +89,32 @@ def test_lora_trains_only_adapters_and_merges_exactly(tmp_path):
     assert sorted(expert_tensors(tmp_path / "original").values()) == sorted(theirs.values())
 
 
+def test_lora_train_state_keeps_only_the_adapters_and_resumes_exactly(tmp_path):
+    """A LoRA run's train state holds the adapters and their AdamW moments, not the frozen base (13 GB on the
+    20b); resuming from it rebuilds the base from init_from and continues bit for bit."""
+    import shutil
+
+    ckpt = random_checkpoint(tmp_path / "base")
+    docs = permutation_task(n_docs=40, alphabet=V)
+    cfg = lora_config(tmp_path, ckpt, steps=6)
+    cfg.train.save_every = 3
+    full = train(cfg, documents=docs, progress=False)
+    state = load_file(str(tmp_path / "run" / "step-000003" / "train_state.safetensors"))
+    weights = {k for k in state if k.startswith("model.")}
+    assert weights and all(k.endswith(("lora_A", "lora_B")) for k in weights)
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(tmp_path / "run" / "step-000003", resumed / "step-000003")
+    cfg.train.out_dir, cfg.train.resume = str(resumed), True
+    again = train(cfg, documents=docs, progress=False)
+    assert again.losses == full.losses[3:]
+    for (name, a), b in zip(full.model.state_dict().items(), again.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    cfg.lora.rank = 2  # other adapters than the saved ones: refused, naming the file
+    with pytest.raises(ConfigError, match="train_state.safetensors"):
+        train(cfg, documents=docs, progress=False)
+
+
 def test_mxfp4_expert_gradients_equal_dense_expert_gradients():
     """The recomputing MXFP4 backward gives the gradients of the same experts held dense (float64-free
     check in fp32: MXFP4 values are exact in fp32)."""

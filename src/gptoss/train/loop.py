@@ -199,10 +199,17 @@ def param_groups(model: Transformer, weight_decay: float) -> list[dict]:
 def save_train_state(path: Path, model: Transformer, opt: torch.optim.Optimizer, step: int, cfg: TrainConfig,
                      weights: dict[str, torch.Tensor] | None = None, write: bool = True) -> None:
     """weights: the full state dict if not the model's own (FSDP); FSDP's AdamW moments are gathered here,
-    so every rank calls this and only the one with `write` writes."""
+    so every rank calls this and only the one with `write` writes. A model with frozen parameters (LoRA) keeps
+    only its trainable ones: the frozen base is the `init_from` checkpoint, rebuilt as it was at resume (the
+    20b's base would add 13 GB to every save)."""
     from ..safetensors_io import save_file  # keeps the umask's file mode
 
-    weights = model.state_dict() if weights is None else weights
+    partial = any(not p.requires_grad for p in model.parameters())
+    if weights is None:
+        weights = model.state_dict()
+    if partial:
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        weights = {k: v for k, v in weights.items() if k in trainable}
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in weights.items()}
     sd = opt.state_dict()
     for i, state in sd["state"].items():
@@ -219,7 +226,8 @@ def save_train_state(path: Path, model: Transformer, opt: torch.optim.Optimizer,
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
     save_file(tensors, path / STATE_FILE)
     groups = [{k: v for k, v in g.items()} for g in sd["param_groups"]]
-    meta = {"step": step, "param_groups": groups, "config": cfg.to_dict(), "model_config": model.config.to_original_dict()}
+    meta = {"step": step, "param_groups": groups, "config": cfg.to_dict(),
+            "model_config": model.config.to_original_dict(), "weights": "trainable" if partial else "all"}
     (path / STATE_JSON).write_text(json.dumps(meta, indent=2) + "\n")
 
 
@@ -230,10 +238,25 @@ def load_train_state(path: Path, model: Transformer, opt: torch.optim.Optimizer)
     meta = json.loads((path / STATE_JSON).read_text())
     tensors = load_file(str(path / STATE_FILE))
     weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    try:
-        model.load_state_dict(distributed.shard_like(weights, model.state_dict()), strict=True)
-    except RuntimeError as e:
-        raise ConfigError(f"{path / STATE_FILE}: does not fit the configured model ({e})") from None
+    if meta.get("weights") == "trainable":  # the frozen base came from init_from; these are what trained
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        if set(weights) != trainable:
+            raise ConfigError(f"{path / STATE_FILE}: holds the trainable tensors of another setup "
+                              f"({len(weights)} saved, {len(trainable)} trainable now; e.g. "
+                              f"{sorted(set(weights) ^ trainable)[:3]}): resume with the [lora] section it had")
+        named = dict(model.named_parameters())
+        for name, value in weights.items():
+            if value.shape != named[name].shape:
+                raise ConfigError(f"{path / STATE_FILE}: {name} has shape {list(value.shape)}, the configured "
+                                  f"model's is {list(named[name].shape)}: resume with the [lora] section it had")
+        with torch.no_grad():
+            for name, value in weights.items():
+                named[name].copy_(value)
+    else:
+        try:
+            model.load_state_dict(distributed.shard_like(weights, model.state_dict()), strict=True)
+        except RuntimeError as e:
+            raise ConfigError(f"{path / STATE_FILE}: does not fit the configured model ({e})") from None
     state: dict[int, dict] = {}
     for k, v in tensors.items():
         if k.startswith("optim."):
