@@ -161,6 +161,8 @@ def pool_read_bandwidth(checkpoint: Path, experts: int = 96, threads: int = 4, s
     for name, group in (("all_in_flight", experts), ("four_at_a_time", c.experts_per_token)):
         drop_caches()
         pool = ExpertPool(c, expert_extents(reader), biases, experts, threads=threads)
+        for t in pool.targets.values():  # fault the slots' pages in first: a running pool's slots are reused
+            t.zero_()
         try:
             picks = [(rng.randrange(c.num_hidden_layers), e)
                      for _ in range(experts // c.experts_per_token)
