@@ -236,3 +236,20 @@ def test_dense_experts_equal_the_mxfp4_experts(hf_checkpoint, dtype):
         with torch.no_grad():
             x = torch.tensor([prompt])
             torch.testing.assert_close(dense(x), packed(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_model_with_dense_experts_saves_mxfp4_experts(hf_checkpoint, tmp_path):
+    """gptoss.save of a model loaded with dense experts (a GPU's default) writes MXFP4 experts again, whose
+    values are the loaded ones exactly, in both layouts."""
+    from gptoss import mxfp4
+
+    packed = gptoss.load(hf_checkpoint, dtype=torch.float32)
+    dense = gptoss.load(hf_checkpoint, dtype=torch.float32, dense_experts=True)
+    for layout in ("hf", "original"):
+        gptoss.save(dense, tmp_path / layout, layout=layout, dtype=torch.float32)
+        again = gptoss.load(tmp_path / layout, dtype=torch.float32)
+        for a, b in zip(packed.block, again.block):
+            for name in ("mlp1_weight", "mlp2_weight"):
+                w, v = getattr(a.mlp, name), getattr(b.mlp, name)
+                assert torch.equal(mxfp4.dequantize(v.blocks, v.scales, torch.float32),
+                                   mxfp4.dequantize(w.blocks, w.scales, torch.float32)), name

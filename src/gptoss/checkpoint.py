@@ -409,6 +409,18 @@ def write_checkpoint(tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, t
     (path / "config.json").write_text(json.dumps(config_dict, indent=2) + "\n")
 
 
+def dense_experts_to_mxfp4(name: str, weight: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+    """A dense expert stack "...mlpN_weight.weight" [E, out, in] (a GPU's dequantized copy, or training's) →
+    its ".blocks" and ".scales" on the CPU, quantized one expert at a time (mxfp4.quantize: values that came
+    from MXFP4 come back exactly; the bytes may differ where a block's scale was larger than it needed)."""
+    from . import mxfp4
+
+    stem = name.removesuffix(".weight")
+    pairs = [mxfp4.quantize(weight[e], f"{name}[{e}]") for e in range(weight.shape[0])]
+    yield stem + ".blocks", torch.stack([b for b, _ in pairs]).cpu()
+    yield stem + ".scales", torch.stack([s for _, s in pairs]).cpu()
+
+
 def save(model: Transformer, path: str | Path, layout: str = "hf", dtype: torch.dtype = torch.bfloat16,
          max_shard_bytes: int = 5 * 2**30, progress: bool = False) -> None:
     """Save a model; floating tensors are written in `dtype` (bf16 like the released checkpoints). A
@@ -420,6 +432,9 @@ def save(model: Transformer, path: str | Path, layout: str = "hf", dtype: torch.
 
     def tensors():  # a generator: one converted tensor at a time (a 20b model is not copied whole)
         for name, t in model.state_dict().items():
+            if re.fullmatch(r".*_weight\.weight", name):  # dense experts: stored as MXFP4, as released
+                yield from dense_experts_to_mxfp4(name, t.detach())
+                continue
             yield name, (t.to(dtype) if t.is_floating_point() else t).detach().cpu()
         if subset is not None:
             yield VOCAB_IDS, subset

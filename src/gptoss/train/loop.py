@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import mxfp4
-from ..checkpoint import load, write_checkpoint
+from ..checkpoint import dense_experts_to_mxfp4, load, write_checkpoint
 from ..errors import ConfigError
 from ..model import DenseExpertWeight, MXFP4Weight, Transformer
 from .config import TrainConfig
@@ -120,11 +120,8 @@ def export_tensors(model: Transformer, dtype: torch.dtype, state: dict[str, torc
         if owner in scaling and leaf == "weight":  # W + (alpha/rank)·B·A, fp32 math, as LoRALinear.merged_weight
             B, A = state[owner + ".lora_B"].detach().cpu(), state[owner + ".lora_A"].detach().cpu()
             t = (t.float() + scaling[owner] * (B @ A)).to(t.dtype)
-        m = re.fullmatch(r"(.*_weight)\.weight", name)
-        if m:
-            blocks, scales = mxfp4.quantize(t, name)
-            yield m[1] + ".blocks", blocks
-            yield m[1] + ".scales", scales
+        if re.fullmatch(r".*_weight\.weight", name):
+            yield from dense_experts_to_mxfp4(name, t)
         else:
             yield name, t.to(dtype) if t.is_floating_point() else t
 
