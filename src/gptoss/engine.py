@@ -38,6 +38,7 @@ import itertools
 import logging
 import queue
 import random
+import statistics
 import threading
 import time
 from collections import deque
@@ -459,11 +460,11 @@ class Engine:
             self._running_count -= 1
         now = time.perf_counter()
         first = r.first_token or now
-        gaps = sorted(b - a for a, b in zip(r.token_times, r.token_times[1:]))
+        gaps = [b - a for a, b in zip(r.token_times, r.token_times[1:])]
         finish = Finish(reason, len(r.prompt), len(r.tokens), cached_tokens=r.reuse[1] if r.started else 0,
                         queued_s=(r.started or now) - r.submitted, ttft_s=first - r.submitted,
                         total_s=now - r.submitted, error=error,
-                        step_median_s=(gaps[(len(gaps) - 1) // 2] + gaps[len(gaps) // 2]) / 2 if gaps else 0.0)
+                        step_median_s=statistics.median(gaps) if gaps else 0.0)
         self._send(r, finish)
         if self.on_finish is not None:
             try:
