@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_decode import sync  # this folder is on sys.path when run as a script
 
 import gptoss
 from gptoss import synthetic
@@ -55,8 +56,7 @@ def transformers_decode(path: Path, prompt: list[int], tokens: int, dtype: torch
     def timed(**kwargs) -> tuple[torch.Tensor, float]:
         t = time.perf_counter()
         out = model.generate(ids, do_sample=False, **kwargs)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync(device)
         return out, time.perf_counter() - t
 
     with torch.no_grad():

@@ -122,8 +122,12 @@ class Request:
     guide: Guide | None = None  # params.constraint's state: masks this request's logits, follows its tokens
     submitted: float = field(default_factory=time.perf_counter)
     started: float = 0.0
-    first_token: float = 0.0
     token_times: list[float] = field(default_factory=list)  # perf_counter at each token (the decode's pace)
+
+    @property
+    def first_token(self) -> float:
+        """When the first token was emitted (0.0: none yet)."""
+        return self.token_times[0] if self.token_times else 0.0
 
     @property
     def next_position(self) -> int:
@@ -426,11 +430,8 @@ class Engine:
 
     def _emit(self, r: Request, token: int) -> bool:
         """Hand a token to the request's outlet; True if the request is now finished."""
-        now = time.perf_counter()
-        if not r.tokens:
-            r.first_token = now
         r.tokens.append(token)
-        r.token_times.append(now)
+        r.token_times.append(time.perf_counter())
         self._send(r, token)
         if token in r.params.stop_tokens or (r.stop_rule is not None and r.stop_rule(r.tokens)):
             # an answer the constraint had to close early, near max_tokens, was cut: "length", as OpenAI
