@@ -21,7 +21,7 @@ from fastapi import FastAPI, Request
 
 import eval_reference as ref
 from gptoss.evals import datasets, graders, runner
-from gptoss.server import serve_in_thread
+from test_evals import Served
 
 EXAMPLES = Path(graders.__file__).parent / "examples"
 PACKAGE = ref.PACKAGE
@@ -288,7 +288,7 @@ def recorded_healthbench(n_replies: int = 54, seed: int = 0):
     return out
 
 
-class ScriptedGrader:
+class ScriptedGrader(Served):
     """An OpenAI-compatible grader endpoint answering each grader prompt from its recorded queue."""
 
     def __init__(self, queues: dict[str, list[str]]):
@@ -307,14 +307,7 @@ class ScriptedGrader:
                     "choices": [{"index": 0, "finish_reason": "stop",
                                  "message": {"role": "assistant", "content": text}}]}
 
-        self._serving = serve_in_thread(app, timeout=30)
-
-    def __enter__(self):
-        self.url = self._serving.__enter__() + "/v1"
-        return self
-
-    def __exit__(self, *exc):
-        self._serving.__exit__(*exc)
+        super().__init__(app)
 
 
 def test_healthbench_grading_equals_the_reference():

@@ -20,7 +20,21 @@ GPQA = EXAMPLES / "gpqa_diamond.csv"
 HEALTHBENCH = EXAMPLES / "healthbench.jsonl"
 
 
-class Scripted:
+class Served:
+    """A FastAPI app served in a thread for the length of a `with`; `url` is its /v1 base."""
+
+    def __init__(self, app: FastAPI):
+        self._serving = serve_in_thread(app, timeout=30)
+
+    def __enter__(self):
+        self.url = self._serving.__enter__() + "/v1"
+        return self
+
+    def __exit__(self, *exc):
+        self._serving.__exit__(*exc)
+
+
+class Scripted(Served):
     """An OpenAI-compatible /v1/chat/completions answering from a script keyed by text in the last message.
     Replies are {"final": ..., "reasoning": ...}; grader prompts are answered by grader(rubric line) → text."""
 
@@ -53,14 +67,7 @@ class Scripted:
                     "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
                     "usage": {"prompt_tokens": 10, "completion_tokens": tokens, "total_tokens": 10 + tokens}}
 
-        self._serving = serve_in_thread(app, timeout=30)
-
-    def __enter__(self):
-        self.url = self._serving.__enter__() + "/v1"
-        return self
-
-    def __exit__(self, *exc):
-        self._serving.__exit__(*exc)
+        super().__init__(app)
 
 
 AIME_SCRIPT = {  # keyed by text of aime2025-I.jsonl's questions
