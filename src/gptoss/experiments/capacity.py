@@ -5,15 +5,17 @@ their extra compute and memory. Here all runs use the Switch aux loss (coef 0.01
 
 from __future__ import annotations
 
+import math
 import statistics
 
-from .runner import Context, finish_plot, markdown_table, mean_sd, pyplot, steps_for, tail_mean, train_run
+from .runner import (Context, finish_plot, markdown_table, mean_sd, paired, pyplot, spread, steps_for, tail_mean,
+                     train_run)
 
 NAME = "capacity"
 DESCRIPTION = "capacity factor 1.0 / 1.25 / 2.0 / ∞: dropped-token %, loss, tokens/s"
 FACTORS = {"1.0": 1.0, "1.25": 1.25, "2.0": 2.0, "∞": 0.0}  # 0: no capacity limit
 AUX = 0.01
-RUNS = len(FACTORS) * 3
+RUNS = len(FACTORS) * 5  # the default seeds
 
 
 def layer_mean(xs: list[float]) -> float:
@@ -26,23 +28,32 @@ def run(ctx: Context) -> str:
         for label, factor in FACTORS.items():
             train_run(ctx, f"cf {label}", seed, steps, {"capacity_factor": factor, "aux_loss_coef": AUX})
     by = {label: [r for r in ctx.runs if r["label"] == f"cf {label}"] for label in FACTORS}
+    # per run: the median tokens/s over its steps after the first (one-off allocation, thread start-up)
+    tps = {label: [statistics.median(m["tokens_per_s"] for m in r["metrics"][1:]) for r in runs]
+           for label, runs in by.items()}
+    held = {label: [r["heldout_loss"] for r in runs] for label, runs in by.items()}
     rows = []
     for label, runs in by.items():
         drop_all = [statistics.mean(layer_mean(m["dropped_pct"]) for m in r["metrics"]) for r in runs]
         drop_end = [tail_mean([layer_mean(m["dropped_pct"]) for m in r["metrics"]]) for r in runs]
         loss = [tail_mean([m["loss"] for m in r["metrics"]]) for r in runs]
-        held = [r["heldout_loss"] for r in runs]
-        # median over steps after the first (the first step includes one-off allocation and thread start-up)
-        tps = [statistics.median(m["tokens_per_s"] for m in r["metrics"][1:]) for r in runs]
-        rows.append([label, mean_sd(drop_all), mean_sd(drop_end), mean_sd(loss), mean_sd(held),
-                     f"{statistics.mean(tps):.0f}"])
+        ratio = [a / b for a, b in zip(tps[label], tps["∞"])]
+        rows.append([label, mean_sd(drop_all), mean_sd(drop_end), mean_sd(loss), mean_sd(held[label]),
+                     spread(tps[label]), spread(ratio, ".3f")])
     table = markdown_table(["capacity factor", "dropped % (whole run)", "dropped % (last 10 steps)",
-                            "final loss", "held-out loss", "tokens/s (median step)"], rows)
+                            "final loss", "held-out loss", "tokens/s, median of runs (min–max)",
+                            "tokens/s ÷ same seed's ∞ (min–max)"], rows)
+    tests = "\n".join(
+        f"- {label} − ∞: held-out loss {paired(held[label], held['∞'], '+.4f')}; log tokens/s "
+        f"{paired([math.log(x) for x in tps[label]], [math.log(x) for x in tps['∞']])}"
+        for label in FACTORS if label != "∞")
     plot(ctx, by)
     return (f"Mean ± sd over {len(ctx.seeds)} seeds; dropped % = assignments dropped / assignments, layer mean; "
-            "'final'/'last 10' = mean of the last 10 steps. tokens/s is wall-clock on a shared 2-core CPU: "
-            "noisy, compare only within one run of the experiment.\n\n"
-            f"{table}\n![dropped](dropped.png)\n\n![loss](loss.png)\n")
+            "'final'/'last 10' = mean of the last 10 steps. tokens/s: each run's median step after the first, "
+            "wall-clock on a shared 2-core CPU; the runs of one seed ran one after another, so the ratio to the "
+            "same seed's ∞ run is the paired comparison.\n\n"
+            f"{table}\nPaired by seed (same init and batches):\n\n{tests}\n\n"
+            "![dropped](dropped.png)\n\n![loss](loss.png)\n")
 
 
 def plot(ctx: Context, by: dict[str, list[dict]]) -> None:

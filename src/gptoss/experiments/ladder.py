@@ -23,14 +23,14 @@ import statistics
 
 from ..config import FULL, SLIDING
 from .runner import (Context, contextual_markov, finish_plot, markdown_table, markov_optimum, mean_sd,
-                     model_shape, position_losses, pyplot, steps_for, tail_mean, train_run)
+                     model_shape, paired, position_losses, pyplot, spread, steps_for, tail_mean, train_run)
 
 NAME = "ladder"
 DESCRIPTION = "GPT-2 → GPT-oss one change at a time (no dropout, RoPE, SwiGLU, MoE, GQA, window + sinks, RMSNorm)"
 SEQ_LEN = 64
 N_DOCS, N_HELDOUT = 8000, 200  # training documents of SEQ_LEN tokens (≈ one epoch at 1000 steps of 8)
 RUNGS = ["GPT-2", "− dropout", "+ RoPE", "+ SwiGLU", "+ MoE", "+ GQA", "+ window + sinks", "+ RMSNorm = GPT-oss"]
-RUNS = len(RUNGS) * 3
+RUNS = len(RUNGS) * 5  # the default seeds
 
 
 def rung_models(size: str = "default") -> dict[str, dict]:
@@ -89,16 +89,16 @@ def run(ctx: Context) -> str:
     rows, previous = [], None
     for label, runs in by.items():
         held = [r["heldout_loss"] for r in runs]
-        delta = "" if previous is None else mean_sd([a - b for a, b in zip(held, previous)])
+        delta = "" if previous is None else paired(held, previous)
         loss = [tail_mean([m["loss"] for m in r["metrics"]]) for r in runs]
         ms = [1e3 * statistics.median(m["time_s"] for m in r["metrics"][1:]) for r in runs]
         e = runs[0]["eval"]
         rows.append([label, f"{e['params']:,}", f"{e['active_params']:,}", mean_sd(held), delta, mean_sd(loss),
-                     f"{statistics.mean(ms):.1f}", f"{statistics.mean(r['wall_s'] for r in runs):.0f}"])
+                     spread(ms, ".1f"), spread([r["wall_s"] for r in runs])])
         previous = held
     table = markdown_table(["rung (cumulative)", "params", "active params / token", "held-out loss",
-                            "Δ held-out vs rung above (paired by seed)", "final training loss", "ms / step (median)",
-                            "wall s / run"], rows)
+                            "Δ held-out vs rung above (paired by seed)", "final training loss",
+                            "ms / step (median of runs, min–max)", "wall s / run (min–max)"], rows)
     plot(ctx, by, statistics.mean(optimum))
     return (f"Mean ± sd over {len(ctx.seeds)} seeds. Held-out loss: {N_HELDOUT} unseen documents, fp32, dropout "
             f"off; Bayes-optimal held-out loss {statistics.mean(optimum):.3f}. Training loss = mean of the last 10 "

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import math
 
-from .runner import Context, finish_plot, markdown_table, mean_sd, pyplot, steps_for, tail_mean, train_run
+from .runner import Context, finish_plot, markdown_table, mean_sd, paired, pyplot, steps_for, tail_mean, train_run
 
 NAME = "routing"
 DESCRIPTION = "router collapse: none vs Switch aux loss vs DeepSeek-V3 aux-free bias (same init)"
 METHODS = {"none": {}, "aux 0.01": {"aux_loss_coef": 0.01}, "bias 1e-3": {"bias_update_rate": 1e-3}}
-RUNS = len(METHODS) * 3
+COMPARISONS = (("aux 0.01", "none"), ("bias 1e-3", "none"), ("bias 1e-3", "aux 0.01"))
+RUNS = len(METHODS) * 5
 
 
 def layer_mean_entropy(row: dict) -> float:
@@ -45,9 +46,15 @@ def run(ctx: Context) -> str:
         [[label] + [f"{tail_mean([m['loss'] for m in r['metrics']]):.4f} / "
                     f"{tail_mean([layer_mean_entropy(m) for m in r['metrics']]):.3f}" for r in runs]
          for label, runs in by.items()])
+    final = {label: [tail_mean([layer_mean_entropy(m) for m in r["metrics"]]) for r in runs]
+             for label, runs in by.items()}
+    held = {label: [r["heldout_loss"] for r in runs] for label, runs in by.items()}
+    tests = "\n".join(f"- {a} − {b}: final load entropy {paired(final[a], final[b])}; held-out loss "
+                      f"{paired(held[a], held[b], '+.4f')}" for a, b in COMPARISONS)
     plot(ctx, by)
     return (f"Mean ± sd over {len(ctx.seeds)} seeds; 'final' = mean of the last 10 steps; entropy = layer mean of "
-            f"the per-step expert-load entropy (nats).\n\n{table}\nPer seed:\n\n{per_seed}\n"
+            f"the per-step expert-load entropy (nats).\n\n{table}\nPaired by seed (same init and batches):\n\n"
+            f"{tests}\n\nPer seed:\n\n{per_seed}\n"
             "![load heatmap](load_heatmap.png)\n\n![load entropy](load_entropy.png)\n\n![loss](loss.png)\n")
 
 

@@ -16,9 +16,8 @@ on 2 experts), LM losses; paired tests across seeds (t-test on the per-seed diff
 from __future__ import annotations
 
 import math
-import statistics
 
-from .runner import (Context, finish_plot, markdown_table, mean_sd, pyplot, scipy_stats, steps_for,
+from .runner import (Context, finish_plot, markdown_table, mean_sd, paired, pyplot, steps_for,
                      tail_mean, train_run)
 
 NAME = "routing-layers"
@@ -36,17 +35,6 @@ ESCAPED = math.log(2) + 0.1  # a layer whose final load entropy exceeds this use
 
 def min_layer_entropy(row: dict) -> float:
     return min(row["load_entropy"])
-
-
-def paired(a: list[float], b: list[float]) -> str:
-    """mean difference a − b ± sd, paired t-test p (two-sided), and the sign test's p (two-sided)."""
-    stats = scipy_stats()
-
-    d = [x - y for x, y in zip(a, b)]
-    t_p = stats.ttest_rel(a, b).pvalue if statistics.pstdev(d) > 0 else float("nan")
-    wins = sum(x > 0 for x in d)
-    sign_p = stats.binomtest(wins, sum(x != 0 for x in d), 0.5).pvalue if any(d) else 1.0
-    return f"{statistics.mean(d):+.3f} ± {statistics.stdev(d):.3f} (t-test p = {t_p:.2g}; {wins}/{len(d)} seeds higher, sign test p = {sign_p:.2g})"
 
 
 def run(ctx: Context) -> str:

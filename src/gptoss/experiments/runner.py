@@ -270,6 +270,29 @@ def mean_sd(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
 
 
+def paired(a: list[float], b: list[float], fmt: str = "+.3f") -> str:
+    """Mean difference a − b ± sd over seeds, the paired t-test's p (two-sided) and the sign test's p
+    (two-sided; with 5 seeds its smallest possible value is 0.062)."""
+    stats = scipy_stats()
+    d = [x - y for x, y in zip(a, b)]
+    t_p = stats.ttest_rel(a, b).pvalue if len(d) > 1 and statistics.pstdev(d) > 0 else float("nan")
+    higher = sum(x > 0 for x in d)
+    sign_p = stats.binomtest(higher, sum(x != 0 for x in d), 0.5).pvalue if any(d) else 1.0
+    sd = statistics.stdev(d) if len(d) > 1 else 0.0
+    return (f"{statistics.mean(d):{fmt}} ± {sd:{fmt.lstrip('+')}} (t-test p = {t_p:.2g}; {higher}/{len(d)} seeds "
+            f"higher, sign test p = {sign_p:.2g})")
+
+
+def fisher(hits_a: int, n_a: int, hits_b: int, n_b: int) -> float:
+    """Fisher's exact test, two-sided: do two proportions (hits out of n runs) differ?"""
+    return scipy_stats().fisher_exact([[hits_a, n_a - hits_a], [hits_b, n_b - hits_b]]).pvalue
+
+
+def spread(xs: list[float], fmt: str = ".0f") -> str:
+    """median (min–max): the spread every timing carries."""
+    return f"{statistics.median(xs):{fmt}} ({min(xs):{fmt}}–{max(xs):{fmt}})"
+
+
 def markdown_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]

@@ -27,7 +27,7 @@ VARIANTS = {"pre-norm": {},  # GPT-oss
             "post-norm + QK-norm": {"norm_placement": "post", "qk_norm": "olmo2"}}  # OLMo-2
 LR = 0.1  # 33× the other experiments' 3e-3: pre-norm runs spike here (gradient norms 100× their median)
 WINDOW = 100  # trailing window of the spike score (steps)
-RUNS = len(VARIANTS) * 3
+RUNS = len(VARIANTS) * 5  # the default seeds
 
 
 def window_for(steps: int) -> int:
