@@ -78,3 +78,65 @@ def test_lora_base_is_bf16_under_bf16_autocast_and_adapters_stay_fp32(tmp_path):
     assert result.losses[-1] < result.losses[0]
     cfg.train.dtype, cfg.train.out_dir = "float32", str(tmp_path / "fp32")
     assert build_model(cfg, torch.device("cpu")).block[0].attn.qkv.weight.dtype == torch.float32
+
+
+def test_expert_adapters_load_in_peft_and_merge(tmp_path):
+    """LoRA on the experts (target "experts": every expert's mlp1 and mlp2, their base frozen in MXFP4): PEFT's
+    target_parameters adapters on transformers' GptOss give our logits; the merged checkpoint re-quantizes
+    each adapted expert onto the MXFP4 grid (within half a grid step of W + s·B·A)."""
+    from gptoss import mxfp4
+    from gptoss.checkpoint import load
+    from gptoss.train.lora import StackedLoRA
+
+    config = preset("small").replace(num_hidden_layers=2, layer_types=())
+    hf = make_reference(config, tmp_path / "base", seed=3)
+    cfg = TrainConfig.from_dict({
+        "model": {"preset": None, "init_from": str(tmp_path / "base")},
+        "data": {"seq_len": 32, "batch_size": 2},
+        "optim": {"lr": 3e-2, "min_lr": 3e-2, "warmup_steps": 0},
+        "lora": {"rank": 4, "alpha": 8.0, "targets": ["qkv", "experts"]},
+        "train": {"steps": 2, "out_dir": str(tmp_path / "run"), "device": "cpu", "dtype": "float32",
+                  "save_dtype": "float32"}})
+    result = train(cfg, documents=permutation_task(n_docs=20, alphabet=32), progress=False)
+    ours = result.model.eval()
+    stacks = [m for m in ours.modules() if isinstance(m, StackedLoRA)]
+    assert len(stacks) == 4 and all(m.lora_B.abs().max() > 0 for m in stacks)  # every expert stack trained
+    adapter = result.checkpoint / "adapter"
+    meta = json.loads((adapter / "adapter_config.json").read_text())
+    assert meta["target_parameters"] == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+    tokens = torch.randint(0, config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        base = hf(tokens).logits
+        ref = ours(tokens)
+        tuned = peft.PeftModel.from_pretrained(hf, str(adapter)).eval()
+        theirs = tuned(tokens).logits
+        only_attn = ours.block[0].mlp.expert_lora
+        ours.block[0].mlp.expert_lora = None  # without layer 0's expert adapters the logits move
+        assert (ours(tokens) - ref).abs().max() > 1e-3
+        ours.block[0].mlp.expert_lora = only_attn
+    assert (ref - base).abs().max() > 1e-3
+    torch.testing.assert_close(theirs, ref, rtol=1e-4, atol=1e-4)
+
+    merged = load(result.checkpoint / "model", dtype=torch.float32)
+    for i, block in enumerate(merged.block):
+        lora = ours.block[i].mlp.expert_lora
+        for name, stack in (("mlp1_weight", lora.mlp1), ("mlp2_weight", lora.mlp2)):
+            w = getattr(block.mlp, name)
+            got = mxfp4.dequantize(w.blocks, w.scales, torch.float32)
+            base_w = getattr(ours.block[i].mlp, name)
+            want = mxfp4.dequantize(base_w.blocks, base_w.scales, torch.float32) + stack.delta()
+            # per block of 32: nearest rounding misses by at most half the FP4 grid's largest gap (4 → 6), i.e.
+            # by one unit of the block's scale
+            step = 2.0 ** (w.scales.to(torch.int32) - mxfp4.SCALE_BIAS).float()
+            err = (got - want).abs().view(*w.scales.shape, mxfp4.BLOCK).amax(-1)
+            assert (err <= step + 1e-6).all(), f"block {i} {name}: merged expert off the grid by more than a gap"
+            assert not torch.equal(got, mxfp4.dequantize(base_w.blocks, base_w.scales, torch.float32))
+
+
+def test_expert_adapters_refuse_dropout(tmp_path):
+    from gptoss.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"\[lora\] field 'dropout'.*'experts'"):
+        TrainConfig.from_dict({"model": {"preset": None, "init_from": str(tmp_path)},
+                               "lora": {"rank": 4, "targets": ["experts"], "dropout": 0.1}})

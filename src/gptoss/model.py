@@ -571,6 +571,9 @@ class MoE(nn.Module):
         # Inference on a model larger than memory: the experts live in a streaming.LayerExperts (a pool of
         # slots filled from the checkpoint on demand) instead of mlp1_weight/mlp2_weight (then empty).
         self.streamed = None
+        # LoRA on the experts (train/lora.py ExpertLoRA): low-rank updates added to each chosen expert's
+        # projections while its base weight stays as loaded (MXFP4); None: no adapters.
+        self.expert_lora = None
         if config.mlp_type != "moe":  # one dense FFN (GPT-2: GELU, width I; "swiglu": GPT-oss's, width 2I → I)
             width = 2 * I if config.mlp_type == "swiglu" else I
             self.mlp1 = Linear(D, width, bias=True, device=device, dtype=dtype)
@@ -644,6 +647,7 @@ class MoE(nn.Module):
         fused = (t.device.type == "cpu" and t.dtype != torch.float64
                  and fused_experts_fit(experts.numel(), self.config.num_experts)
                  and isinstance(self.mlp1_weight, MXFP4Weight) and self.capacity_factor is None
+                 and self.expert_lora is None  # the kernel knows no adapters
                  and not (torch.is_grad_enabled() and t.requires_grad))  # the fused kernel has no backward
         if self.streamed is None:
             w = self.expert_weights()
@@ -691,7 +695,8 @@ class MoE(nn.Module):
         ascending expert order (experts that `w` does not hold are skipped: another wave adds them to `out`)."""
         c = self.config
         w = self.expert_weights() if w is None else w
-        if (out is None and w.rows is None and isinstance(w.mlp1_weight, DenseExpertWeight)
+        lora = self.expert_lora
+        if (out is None and w.rows is None and isinstance(w.mlp1_weight, DenseExpertWeight) and lora is None
                 and hasattr(F, "grouped_mm") and t.dtype in (torch.float32, torch.bfloat16)):  # training: no loop
             return grouped_experts(t, experts, weights, w.mlp1_weight.weight, w.mlp1_bias, w.mlp2_weight.weight,
                                    w.mlp2_bias, c.swiglu_alpha, c.swiglu_limit)
@@ -702,10 +707,15 @@ class MoE(nn.Module):
             if row < 0:  # assignments dropped for capacity, or an expert of another wave
                 continue
             token, slot = (experts == e).nonzero(as_tuple=True)
-            h = w.mlp1_weight.linear(t[token], row, w.mlp1_bias[row])  # (n, 2I)
+            x = t[token]
+            h = w.mlp1_weight.linear(x, row, w.mlp1_bias[row])  # (n, 2I)
+            if lora is not None:
+                h = h + lora.mlp1(x, e)
             act = kernels.swiglu(h, c.swiglu_alpha, c.swiglu_limit)  # one pass on CPU (None elsewhere)
             h = act if act is not None else swiglu(h, c.swiglu_alpha, c.swiglu_limit)  # (n, I)
             y = w.mlp2_weight.linear(h, row, w.mlp2_bias[row])  # (n, D)
+            if lora is not None:
+                y = y + lora.mlp2(h, e)
             out.index_add_(0, token, y.float() * weights[token, slot, None])
         return out
 
@@ -727,7 +737,8 @@ class Block(nn.Module):
     def _fusable(self, x: torch.Tensor, cache, segments) -> bool:
         m = self.mlp
         return (self.attn._fusable(x, cache, segments) and m.config.mlp_type == "moe"
-                and isinstance(m.mlp1_weight, MXFP4Weight) and m.capacity_factor is None and not m.record_routing)
+                and isinstance(m.mlp1_weight, MXFP4Weight) and m.capacity_factor is None and not m.record_routing
+                and m.expert_lora is None)
 
     def _decode_fused(self, x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                       cache) -> torch.Tensor | None:

@@ -80,7 +80,8 @@ class LoRASection:
     """LoRA fine-tuning (train/lora.py): rank 0 = off. Needs [model] init_from; experts stay MXFP4, frozen."""
     rank: int = 0
     alpha: float = 16.0  # the update is scaled by alpha / rank
-    targets: list[str] = field(default_factory=lambda: ["qkv", "out"])  # also "gate" (the router)
+    # also "gate" (the router) and "experts" (every expert's mlp1/mlp2, over their frozen MXFP4 weights)
+    targets: list[str] = field(default_factory=lambda: ["qkv", "out"])
     dropout: float = 0.0  # on the adapter's input only
     # dtype of the frozen base weights outside the experts: "auto" = bfloat16 under bf16 autocast ([train] dtype;
     # the forward rounds them to bf16 anyway, and the 20b's 1.8B of them then take 3.6 GB, not 7.2), else float32
@@ -198,6 +199,9 @@ class TrainConfig:
                 raise bad("lora", "alpha", "must be > 0")
             if not 0 <= self.lora.dropout < 1:
                 raise bad("lora", "dropout", "must be in [0, 1)")
+            if self.lora.dropout and "experts" in self.lora.targets:
+                raise bad("lora", "dropout", "must be 0 with target 'experts' (PEFT's adapters on expert "
+                                             "parameters have no dropout)")
             if self.lora.base_dtype not in ("auto", "bfloat16", "float32"):
                 raise bad("lora", "base_dtype", "must be one of 'auto', 'bfloat16', 'float32'")
         if self.optim.min_lr > self.optim.lr:

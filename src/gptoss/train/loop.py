@@ -39,7 +39,7 @@ from .config import TrainConfig
 from . import distributed, throughput
 from .data import Batch, Document, PackedDataset, TokenMap, read_documents
 from .distributed import DistInfo, full_tensor
-from .lora import PEFT_MODULES, add_lora, lora_modules, save_peft_adapter
+from .lora import PEFT_MODULES, StackedLoRA, add_lora, lora_modules, merged_experts, save_peft_adapter
 from .moe import LoadMeter, moe_layers, record_routing, router_losses, update_expert_bias
 from .stability import SpikeMeter
 
@@ -112,9 +112,20 @@ def export_tensors(model: Transformer, dtype: torch.dtype, state: dict[str, torc
     are. `state`: the model's full state dict when it is not the model's own (gathered FSDP shards)."""
     state = model.state_dict() if state is None else state
     scaling = {name: m.scaling for name, m in lora_modules(model).items()}
+    stacked = {name: m.scaling for name, m in model.named_modules() if isinstance(m, StackedLoRA)}
     for name, t in state.items():
         owner, leaf = name.rsplit(".", 1)
         if leaf in ("lora_A", "lora_B"):
+            continue
+        adapter = re.sub(r"\.(mlp[12])_weight$", r".expert_lora.\1", owner)  # block.N.mlp.expert_lora.mlp1
+        if adapter in stacked and leaf in ("blocks", "scales", "weight"):  # experts with adapters: merged,
+            if leaf == "scales":  # re-quantized (lossy: lora.merge_lora), with their blocks
+                continue
+            base = (t, state[owner + ".scales"]) if leaf == "blocks" else t
+            lora = (state[adapter + ".lora_A"], state[adapter + ".lora_B"], stacked[adapter])
+            pairs = [mxfp4.quantize(w, f"{owner}[{e}]") for e, w in enumerate(merged_experts(base, lora))]
+            yield owner + ".blocks", torch.stack([b for b, _ in pairs]).cpu()
+            yield owner + ".scales", torch.stack([s for _, s in pairs]).cpu()
             continue
         t = t.detach().cpu()
         if owner in scaling and leaf == "weight":  # W + (alpha/rank)·B·A, fp32 math, as LoRALinear.merged_weight
