@@ -2,13 +2,15 @@
 merged model loading and generating. For gpt-oss-20b this needs most of a 24 GiB machine; run it alone.
 
     python benchmarks/bench_lora.py --preset gpt-oss-20b --work /tmp/lora20b --steps 4 --seq-len 512
+    python benchmarks/bench_lora.py --preset gpt-oss-20b --work /tmp/lora20b --steps 4 --seq-len 512 \
+        --targets qkv out experts                                   # adapters on every expert too
     python benchmarks/bench_lora.py --preset tiny --vocab-size 201088 --work /tmp/lora-tiny --steps 3 --seq-len 128
                                                                       # a quick check of the script
 
 Writes (once) WORK/base, a random checkpoint with the preset's exact shapes and layout (experts MXFP4, the rest
 bf16; ≈ 12.8 GiB for the 20b), and WORK/chats.jsonl, synthetic Harmony conversations (user question, analysis,
 final answer; loss on the assistant's tokens). Then `gptoss train` runs as its own process with LoRA (rank 8 on
-qkv and out), the base frozen (experts MXFP4, everything else bf16: [lora] base_dtype "auto" under bf16
+qkv and out by default; --targets), the base frozen (experts MXFP4, everything else bf16: [lora] base_dtype "auto" under bf16
 autocast), activation checkpointing, batch 1; its peak RSS is the child's ru_maxrss. Finally `gptoss generate`
 loads the merged checkpoint (step-N/model) and generates a few tokens, and the PEFT adapter's files are listed.
 """
@@ -58,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--targets", nargs="+", default=["qkv", "out"],
+                   help="[lora] targets (default qkv out; add experts for adapters on every expert)")
     p.add_argument("--chats", type=int, default=64)
     p.add_argument("--threads", type=int, default=0, help="torch threads for training (0: torch's default)")
     p.add_argument("--vocab-size", type=int, default=0,
@@ -88,7 +92,7 @@ warmup_steps = 1
 [lora]
 rank = {args.rank}
 alpha = {2.0 * args.rank}
-targets = ["qkv", "out"]
+targets = {json.dumps(args.targets)}
 [train]
 steps = {args.steps}
 out_dir = "run"
@@ -108,7 +112,7 @@ threads = {args.threads}
                          "--max-tokens", "8", "--temperature", "0", "The river"], "gptoss generate (merged)")
     tok_s = [r["tokens_per_s"] for r in rows[1:]] or [rows[0]["tokens_per_s"]]
     adapter = sorted(f.name for f in (step / "adapter").iterdir())
-    print(f"\n{args.preset} LoRA rank {args.rank} (qkv, out), seq {args.seq_len}, batch 1, {args.steps} steps, "
+    print(f"\n{args.preset} LoRA rank {args.rank} ({', '.join(args.targets)}), seq {args.seq_len}, batch 1, {args.steps} steps, "
           f"checkpointing, bf16 base")
     print(f"peak RSS of `gptoss train`: {train_rss:.2f} GiB (the largest child so far; the trainer's own "
           f"peak_mem_gib: {max(r['peak_mem_gib'] for r in rows):.2f})")
