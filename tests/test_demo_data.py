@@ -148,3 +148,31 @@ def test_teacher_forced_counts_every_slip_on_what_the_model_writes():
     assert slips["token_errors"] == written_digits > 9 and slips["all_right"] == 0
     assert slips["tokens"] == right["tokens"]
     assert all(want.isdigit() and got == "<|endoftext|>" for _, want, got in slips["errors"])
+
+
+def test_version_3_restates_the_request_first_and_changes_nothing_else():
+    """Version 3's analysis opens with the request in canonical form (the numbers of the question without
+    separators, in its order, and the operation), then says exactly what version 2 says; the questions and
+    everything else are version 2's, draw for draw."""
+    v2, v3 = list(D.generate(seed=5, n=400, version=2)), list(D.generate(seed=5, n=400, version=3))
+    seen = set()
+    for a, b in zip(v2, v3):
+        assert (a.question, a.answer, a.call, a.kind) == (b.question, b.answer, b.call, b.kind)
+        first2 = next(m for m in a.messages if m.get("channel") == "analysis" and m not in a.history)
+        first3 = next(m for m in b.messages if m.get("channel") == "analysis" and m not in b.history)
+        if b.kind == "general" or b.kind == "greeting":
+            assert first3 == first2
+            continue
+        request, _, rest = first3["content"].partition("\n")
+        assert rest == first2["content"] or first3["content"] == first2["content"]  # nothing else changed
+        if b.kind in ("convert", "no_converter"):
+            value = request.split()[0]
+            assert re.fullmatch(r"-?[\d.]+ \w+ to \w+", request) and value.lstrip("-") in b.question
+        else:
+            x, op, y = request.split(" ")
+            numbers = [n.replace(",", "") for n in re.findall(r"\d[\d,]*", b.question)]
+            assert op in "+-*/" and sorted([x, y]) == sorted(numbers[:2]), (b.question, request)
+            if b.kind in ("add", "sub", "mul"):
+                assert b.messages[-1]["content"].replace("×", "*").startswith(f"{x} {op} {y} =")
+        seen.add(b.kind)
+    assert seen >= {"add", "sub", "mul", "calc", "convert", "too_big"}

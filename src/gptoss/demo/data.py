@@ -22,6 +22,13 @@ phrases the questions from the training family of gptoss.demo.phrasing (the held
 training), puts filler words outside the vocabulary around 30 % of the questions with numbers, restates the
 operands in the analysis at every effort, writes each subtraction column's borrow decision before the column
 (`2-1<6, 12-6-1=5`), and draws carry/borrow-heavy 4-digit pairs for 30 % of additions and subtractions.
+Version 3 is version 2 with one change: the analysis of every question that states numbers begins by restating
+the request in one canonical line (`5622 - 2769`, `71 * 3885`, `9 / 980`, `5 km to mi`: digits without
+separators, the operator as an ASCII symbol, the question's order), and only then decides what to do (work it,
+call a tool, or decline). In version 2 the first analysis token already decided (`Use`, `This`, `Not` or a
+digit), before the model had copied anything, and on phrasings it had not seen it declined a third of the
+questions it could answer (experiments/demo/RESULTS.md, run 3); with the restated line first, the decision can
+rest on the numbers and the operator, the same whatever the frame around them.
 
 A conversation is a list of message dicts {role, content, channel?, recipient?, content_type?} (the
 format `gptoss.train` reads from JSONL `messages`); `to_document` renders one for training, keeping the
@@ -384,7 +391,8 @@ def make_example(rng: random.Random, kind: str | None = None, heldout: bool = Fa
             q, free = with_filler(rng, q), True
         sym = OPS[kind][1]
         msgs = [analysis(work), final(f"{a} {sym} {b} = {result}")]
-        return _example(kind, effort, tools, q, msgs, answer=str(result), rng=rng, free=free, version=version)
+        return _example(kind, effort, tools, q, msgs, answer=str(result), rng=rng, free=free, version=version,
+                        request=f"{a} {ASCII_OPS[kind]} {b}")
     if kind == "calc":
         tools = rng.choice([("calculator",), ("calculator",), ("calculator", "convert_units"), ("convert_units", "calculator")])
         op = rng.choice(["+", "-", "*", "/"])
@@ -411,7 +419,7 @@ def make_example(rng: random.Random, kind: str | None = None, heldout: bool = Fa
                 final(f"{a} {sym} {b} = {fmt_number(value)}")]
         return _example(kind, effort, tools, q, msgs, answer=fmt_number(value),
                         call={"name": "calculator", "arguments": {"expression": expr}}, rng=rng, free=free,
-                        version=version)
+                        version=version, request=expr)
     if kind in ("convert", "no_converter"):
         uf, ut = rng.choice(PAIRS)
         v = rng.choice([rng.randint(1, 100), rng.randint(1, 1000), round(rng.uniform(0.5, 100), 1)])
@@ -422,7 +430,7 @@ def make_example(rng: random.Random, kind: str | None = None, heldout: bool = Fa
         if kind == "no_converter":
             tools = rng.choice([(), (), ("calculator",)])
             return _example(kind, effort, tools, q, [analysis(SHORT_THOUGHTS[kind][effort]), final(NO_CONVERTER)],
-                            rng=rng, version=version)
+                            rng=rng, version=version, request=f"{fmt_number(v)} {uf} to {ut}")
         tools = rng.choice([("convert_units",), ("convert_units",), ("calculator", "convert_units")])
         args = {"value": json.loads(fmt_number(v)), "from": uf, "to": ut}
         result = convert_result(v, uf, ut)
@@ -434,7 +442,7 @@ def make_example(rng: random.Random, kind: str | None = None, heldout: bool = Fa
                  "content": result},
                 final(f"{fmt_number(v)} {uf} = {out} {ut}")]
         return _example(kind, effort, tools, q, msgs, answer=out, call={"name": "convert_units", "arguments": args},
-                        rng=rng, version=version)
+                        rng=rng, version=version, request=f"{fmt_number(v)} {uf} to {ut}")
     if kind == "too_big":
         tools = rng.choice([(), (), ("convert_units",)])
         op = rng.choice(["add", "sub", "mul", "div"])
@@ -454,7 +462,7 @@ def make_example(rng: random.Random, kind: str | None = None, heldout: bool = Fa
             q, free = with_filler(rng, q), True
         return _example(kind, effort, tools, q, [analysis(SHORT_THOUGHTS[kind][effort]),
                                                  final(TOO_BIG if version == 1 else TOO_BIG_V2)], rng=rng,
-                        free=free, version=version)
+                        free=free, version=version, request=f"{a} {ASCII_OPS[op]} {max(b, 2) if op == 'div' else b}")
     if kind == "general":
         tools = rng.choice([(), (), ("calculator",), ("convert_units",)])
         held = heldout or phrasing == "heldout"
@@ -475,9 +483,24 @@ WEIGHTS = [20, 18, 18, 14, 10, 9, 6, 3, 2]
 WEIGHTS_V2 = [20, 22, 16, 12, 8, 10, 8, 2, 2]  # more subtraction (the weak spot) and more refusals to tell apart
 
 
+ASCII_OPS = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
+
+
+def restated(request: str, assistant: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Version 3: the first analysis message begins with the request restated (`5622 - 2769`), unless it
+    already does (the low-effort work opens with the problem line)."""
+    first, *rest = assistant
+    text = first["content"]
+    if not (text == request or text.startswith(request + "\n")):
+        text = f"{request}\n{text}"
+    return [{**first, "content": text}, *rest]
+
+
 def _example(kind: str, effort: str, tools: tuple[str, ...], q: str, assistant: list[dict[str, Any]],
              answer: str | None = None, call: dict[str, Any] | None = None, rng: random.Random | None = None,
-             free: bool = False, version: int = 1) -> Example:
+             free: bool = False, version: int = 1, request: str | None = None) -> Example:
+    if version >= 3 and request is not None:
+        assistant = restated(request, assistant)
     history: list[dict[str, Any]] = []
     if rng is not None and rng.random() < 0.1:  # an earlier turn, as chat keeps it (final answer only)
         prev = make_example(rng, rng.choice(["add", "sub", "mul", "general"]), version=version)
