@@ -204,19 +204,21 @@ BF16_ATTENTION_MIN_QUERIES = 256
 
 
 def sdpa_with_sinks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor | None,
-                    mask: torch.Tensor, dropout: float = 0.0) -> torch.Tensor:
+                    mask: torch.Tensor, dropout: float = 0.0, self_window: int | None | bool = False) -> torch.Tensor:
     """Grouped-query attention whose softmax denominator includes one learned sink logit per head.
 
     q [B, T, K, G, Dh], k/v [B, S, K, Dh], sinks [H], mask [B, T, S] → [B, T, H·Dh].
     The sink is an extra column of scores dropped after the softmax, so a head may attend to "nothing".
     sinks None: plain softmax attention. dropout: on the attention weights (GPT-2; training only).
+    self_window: False, or the keys are the queries' own tokens (no cache) and this is the layer's sliding
+    window (None: causal), which bounds the keys a query tile can see without looking at the mask.
     """
     tensors = (q, k, v) if sinks is None else (q, k, v, sinks)
     training = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     if _FLASH_CPU is not None and q.device.type == "cpu" and not dropout and q.dtype != torch.float64 and not training:
         return flash_sdpa_with_sinks(q, k, v, sinks, mask)
     if training and not dropout and q.dtype != torch.float64:
-        return trainable_sdpa_with_sinks(q, k, v, sinks, mask)
+        return trainable_sdpa_with_sinks(q, k, v, sinks, mask, self_window)
     return materialized_sdpa_with_sinks(q, k, v, sinks, mask, dropout)
 
 
@@ -224,7 +226,7 @@ TRAIN_QUERY_TILE = 64  # small preset, 256 tokens, fwd+bwd: 3.2× (window 32) an
 
 
 def trainable_sdpa_with_sinks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor | None,
-                              mask: torch.Tensor) -> torch.Tensor:
+                              mask: torch.Tensor, self_window: int | None | bool = False) -> torch.Tensor:
     """sdpa_with_sinks for training, on torch's fused attention (`F.scaled_dot_product_attention`, with its own
     backward), in fp32 like the materialized path.
 
@@ -232,7 +234,9 @@ def trainable_sdpa_with_sinks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     get one more dimension equal to √Dh (so that q'·k'/√Dh adds 1 · sink), real keys 0 there, the sink key is
     zero except `sink` there, its value is zero. The sink's gradient then flows through that key. Queries go in
     tiles of TRAIN_QUERY_TILE, each over only the span of keys it can see (a sliding layer reads ~2 windows, a
-    causal tile skips the keys after it)."""
+    causal tile skips the keys after it). Under torch.compile, with self_window given (sdpa_with_sinks), a tile's
+    key span comes from its index and the window, not from the mask, so that no shape depends on the data: a
+    superset of the keys the mask lets it see (packed documents only narrow it), so the same result."""
     B, T, K, G, Dh = q.shape
     H, S = K * G, k.shape[1]
     out_dtype = q.dtype
@@ -252,8 +256,11 @@ def trainable_sdpa_with_sinks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     with torch.autocast(q.device.type, enabled=False):  # fp32, as the materialized path
         for i in range(0, T, TRAIN_QUERY_TILE):
             m = mask[:, i:i + TRAIN_QUERY_TILE]  # (B, t, S)
-            seen = m.any(1).any(0).nonzero()
-            lo, hi = (int(seen[0]), int(seen[-1]) + 1) if len(seen) else (0, 1)
+            if self_window is not False and S == T and torch.compiler.is_compiling():
+                lo, hi = max(0, i - self_window + 1) if self_window else 0, min(S, i + TRAIN_QUERY_TILE)
+            else:
+                seen = m.any(1).any(0).nonzero()
+                lo, hi = (int(seen[0]), int(seen[-1]) + 1) if len(seen) else (0, 1)
             m, kk, vv = m[:, None, :, lo:hi], ka[:, :, lo:hi], va[:, :, lo:hi]
             if sinks is not None:
                 m = torch.cat((m, m.new_ones(m.shape[:-1] + (1,))), -1)
@@ -376,7 +383,7 @@ class Attention(nn.Module):
         mask = attention_mask(positions, k_pos, self.sliding_window, segments)
         q = q.view(B, T, c.num_key_value_heads, c.q_per_kv, c.head_dim)
         p = c.dropout if self.training else 0.0
-        h = self.out(sdpa_with_sinks(q, k, v, self.sinks, mask, p))
+        h = self.out(sdpa_with_sinks(q, k, v, self.sinks, mask, p, self.sliding_window if cache is None else False))
         h = self.norm(h) if post else h
         return x + (F.dropout(h, p) if p else h)  # residual dropout (GPT-2)
 
@@ -411,6 +418,11 @@ def swiglu(h: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
     return gate * torch.sigmoid(alpha * gate) * (linear + 1)
 
 
+# torch.compile traces F.grouped_mm for bf16 only (its meta function insists on it); an fp32 grouped GEMM runs
+# eagerly, a graph break around it ([train] compile with dtype "float32")
+_eager_grouped_mm = torch.compiler.disable(F.grouped_mm) if hasattr(F, "grouped_mm") else None
+
+
 def grouped_experts(t: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, w1: torch.Tensor,
                     b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
     """The experts of dense weights (training) as two grouped GEMMs: the (token, expert) rows sorted by expert,
@@ -421,21 +433,31 @@ def grouped_experts(t: torch.Tensor, experts: torch.Tensor, weights: torch.Tenso
     N, k = experts.shape
     E = w1.shape[0]
     dtype = torch.get_autocast_dtype(t.device.type) if torch.is_autocast_enabled(t.device.type) else t.dtype
+    # Every shape below is fixed by N and k, none by the routing (no nonzero/bincount), so that torch.compile
+    # traces a block whole ([train] compile): dropped assignments sort last as a virtual expert E, past the
+    # last group, and add an exact zero.
     flat = experts.reshape(-1)  # (N·k,) token-major
-    kept = (flat >= 0).nonzero().squeeze(1)
-    rank = torch.argsort(flat[kept], stable=True)
-    rows = kept[rank]  # (M,) the kept assignments, grouped by expert
-    which = flat[rows]  # (M,) their experts, ascending
-    offs = torch.bincount(which, minlength=E).cumsum(0).to(torch.int32)  # (E,) end row of each expert's group
+    dropped = flat < 0
+    key = torch.where(dropped, E, flat)
+    rows = torch.argsort(key, stable=True)  # (N·k,) the assignments grouped by expert, dropped ones last
+    which = key.index_select(0, rows)  # (N·k,) their experts, ascending (E: dropped)
+    offs = torch.searchsorted(which, torch.arange(E, device=t.device), right=True).to(torch.int32)  # group ends
+    kept = which < E
+    which = which.clamp(max=E - 1)  # a dropped row's bias lookup stays in range (its output is discarded)
     token = rows // k
     # index_select, not t[token]: its backward (index_add) is deterministic, advanced indexing's (an
     # accumulating index_put) is not on multi-threaded CPUs, and a token appears in k rows
-    x = t.index_select(0, token).to(dtype)  # (M, D)
-    h = F.grouped_mm(x, w1.to(dtype).transpose(1, 2), offs=offs) + b1.index_select(0, which).to(dtype)  # (M, 2I)
-    h = swiglu(h, alpha, limit)  # (M, I)
-    y = F.grouped_mm(h.to(dtype), w2.to(dtype).transpose(1, 2), offs=offs) + b2.index_select(0, which).to(dtype)  # (M, D)
+    # grouped_mm leaves the rows past the last group undefined, forward and backward: `torch.where` (not × 0)
+    # keeps them out of every value and gradient (x's, the biases', the weights')
+    keep = kept[:, None]
+    gmm = F.grouped_mm if dtype == torch.bfloat16 else _eager_grouped_mm
+    x = torch.where(keep, t.index_select(0, token).to(dtype), 0)  # (N·k, D)
+    h = gmm(x, w1.to(dtype).transpose(1, 2), offs=offs) + b1.index_select(0, which).to(dtype)  # (N·k, 2I)
+    h = swiglu(torch.where(keep, h, 0), alpha, limit)  # (N·k, I)
+    y = gmm(h.to(dtype), w2.to(dtype).transpose(1, 2), offs=offs) + b2.index_select(0, which).to(dtype)
+    y = torch.where(keep, y.float(), 0.0) * weights.reshape(-1).index_select(0, rows)[:, None]  # before the ×
     out = torch.zeros(N, w2.shape[1], dtype=torch.float32, device=t.device)
-    return out.index_add(0, token, y.float() * weights.reshape(-1).index_select(0, rows)[:, None])
+    return out.index_add(0, token, y)
 
 
 class _MXFP4Linear(torch.autograd.Function):

@@ -16,6 +16,7 @@
     out_dir = "runs/tiny"
     # eval_every = 100
     # checkpointing = true     # activation checkpointing (recompute each block in the backward)
+    # compile = true           # torch.compile each block (faster steps after a slower first one)
     [lora]                     # optional: LoRA fine-tuning of an init_from checkpoint
     rank = 8
 
@@ -103,9 +104,20 @@ class TrainSection:
     spike_window: int = 1000  # rolling window of the OLMo-2 spike score (steps; train/stability.py)
     eval_every: int = 0  # validation loss on [data] val_files every N steps (0: only at the last step)
     checkpointing: bool = False  # activation checkpointing: keep each block's input, recompute its inside
+    # torch.compile each block (inductor: fused elementwise work; on CPU it needs a C++ compiler). The first
+    # step compiles (tens of seconds on CPU): worth it for long runs, not for a few steps.
+    compile: bool = False
     threads: int = 0  # torch intra-op threads for the run (0: leave torch's setting; `gptoss train --threads`)
     peak_tflops: float = 0.0  # the hardware's peak, for MFU (0: known GPUs only; train/throughput.py)
     parallel: str = "ddp"  # under torchrun (world size > 1): "ddp" (replicated) or "fsdp" (sharded, FSDP2)
+
+
+def cpp_compiler() -> str | None:
+    """The C++ compiler torch.compile would use on the CPU (CXX, else g++/c++/clang++ on PATH), or None."""
+    import os
+    import shutil
+
+    return next((c for c in (os.environ.get("CXX"), "g++", "c++", "clang++") if c and shutil.which(c)), None)
 
 
 @dataclass
@@ -209,6 +221,9 @@ class TrainConfig:
         for name in ("save_every", "eval_every", "threads", "peak_tflops"):
             if getattr(self.train, name) < 0:
                 raise bad("train", name, "must be >= 0")
+        if self.train.compile and self.train.device != "cuda" and not cpp_compiler():
+            raise bad("train", "compile", "needs a C++ compiler on the CPU (torch.compile's inductor builds C++): "
+                                          "install g++ (or set CXX), or set compile = false")
         if self.train.eval_every and not self.data.val_files:
             raise bad("train", "eval_every", "needs [data] val_files (the held-out documents)")
         choices = {("data", "txt_split"): ("file", "paragraph", "line"),

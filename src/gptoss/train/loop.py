@@ -103,7 +103,11 @@ def build_model(cfg: TrainConfig, device: torch.device) -> Transformer:
             m.expert_bias = torch.zeros(model.config.num_experts)
     record_routing(model, True)  # for the router losses and the load metrics
     model.checkpointing = cfg.train.checkpointing
-    return model.to(device).train()
+    model = model.to(device).train()
+    if cfg.train.compile:  # each block whole (no graph breaks: model.grouped_experts, trainable_sdpa_with_sinks)
+        for block in model.block:
+            block.compile(dynamic=False)
+    return model
 
 
 def export_tensors(model: Transformer, dtype: torch.dtype, state: dict[str, torch.Tensor] | None = None):
