@@ -109,9 +109,10 @@ def run(ctx: Context) -> str:
     ctx.log("decode timing ...")
     decode = decode_costs(ctx)
     dtable = markdown_table(
-        ["context", "ms / token, window + full", "ms / token, all full", "ratio",
+        ["context", "ms / token, window + full (min–max)", "ms / token, all full (min–max)", "ratio of medians",
          "KV cache MiB, window + full", "KV cache MiB, all full"],
-        [[c, f"{decode['alternating'][i]:.2f}", f"{decode['full'][i]:.2f}",
+        [[c, f"{decode['alternating'][i]:.2f} ({decode['alternating_range'][i]})",
+          f"{decode['full'][i]:.2f} ({decode['full_range'][i]})",
           f"{decode['full'][i] / decode['alternating'][i]:.2f}", f"{kv_mib(ctx, c, True):.2f}",
           f"{kv_mib(ctx, c, False):.2f}"] for i, c in enumerate(s["contexts"])])
     big = markdown_table(["context", "GPT-oss-20b KV cache GiB (alternating, as shipped)", "all full"],
@@ -198,7 +199,7 @@ def decode_costs(ctx: Context) -> dict[str, list[float]]:
     for name, full in (("alternating", False), ("full", True)):
         torch.manual_seed(0)
         models[name] = Transformer(decode_config(ctx, full), dtype=torch.bfloat16).eval()
-    out: dict[str, list[float]] = {name: [] for name in models}
+    out: dict[str, list] = {key: [] for name in models for key in (name, name + "_range")}
     with torch.inference_mode():
         for context in s["contexts"]:
             for name, model in models.items():
@@ -209,7 +210,9 @@ def decode_costs(ctx: Context) -> dict[str, list[float]]:
                     logits = model(token, torch.tensor([[context + step]]), cache)
                     token = logits[:, -1].argmax(-1, keepdim=True)
                     times.append(time.perf_counter() - t0)
-                out[name].append(1e3 * statistics.median(times[1:]))  # the first step builds kernels, warms caches
+                ms = [1e3 * t for t in times[1:]]  # the first step builds kernels, warms caches
+                out[name].append(statistics.median(ms))
+                out[name + "_range"].append(f"{min(ms):.2f}–{max(ms):.2f}")
             ctx.log(f"context {context}: {out['alternating'][-1]:.2f} ms/token (window + full), "
                     f"{out['full'][-1]:.2f} (all full)")
     return out
