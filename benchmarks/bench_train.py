@@ -58,7 +58,9 @@ class Side:
         torch.manual_seed(0)
         self.model = self.loop.build_model(cfg, torch.device("cpu"))
         self.loop.init_weights(self.model, 0)
-        self.opt = torch.optim.AdamW(self.loop.param_groups(self.model, 0.1), lr=1e-4, fused=False)
+        # as `gptoss train` builds it: AdamW's fused kernel with [train] compile, else the foreach default
+        self.opt = torch.optim.AdamW(self.loop.param_groups(self.model, 0.1), lr=1e-4,
+                                     fused=bool(extra_train.get("compile")))
         g = torch.Generator().manual_seed(0)
         docs = [data_mod.Document(torch.randint(0, 4096, (args.seq + 1,), generator=g).tolist())
                 for _ in range(args.batch)]

@@ -104,8 +104,8 @@ class TrainSection:
     spike_window: int = 1000  # rolling window of the OLMo-2 spike score (steps; train/stability.py)
     eval_every: int = 0  # validation loss on [data] val_files every N steps (0: only at the last step)
     checkpointing: bool = False  # activation checkpointing: keep each block's input, recompute its inside
-    # torch.compile each block (inductor: fused elementwise work; on CPU it needs a C++ compiler). The first
-    # step compiles (tens of seconds on CPU): worth it for long runs, not for a few steps.
+    # torch.compile each block and the loss (inductor: fused elementwise work; on CPU it needs a C++ compiler),
+    # and AdamW's fused kernel. The first step compiles (tens of seconds on CPU): for long runs, not a few steps.
     compile: bool = False
     threads: int = 0  # torch intra-op threads for the run (0: leave torch's setting; `gptoss train --threads`)
     peak_tflops: float = 0.0  # the hardware's peak, for MFU (0: known GPUs only; train/throughput.py)

@@ -107,6 +107,7 @@ def build_model(cfg: TrainConfig, device: torch.device) -> Transformer:
     if cfg.train.compile:  # each block whole (no graph breaks: model.grouped_experts, trainable_sdpa_with_sinks)
         for block in model.block:
             block.compile(dynamic=False)
+        model.compiled_head_loss = torch.compile(head_loss_sum)  # the fp32 logits fused into the cross-entropy
     return model
 
 
@@ -153,15 +154,21 @@ def save_model(model: Transformer, path: str | Path, layout: str = "hf", dtype: 
 
 
 # ---------------------------------------------------------------- loss
+def head_loss_sum(unembedding: torch.nn.Module, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of the unembedded hidden states h [n, D] against targets [n] (fp32 logits)."""
+    return F.cross_entropy(unembedding(h).float(), targets, reduction="sum")
+
+
 def lm_loss_sum(model: Transformer, batch: Batch) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over the batch's target tokens, and their count.
 
     Only the target positions go through the unembedding (the largest matmul, and with a 200k vocabulary
-    the largest activation): assistant-only masks skip most of it."""
+    the largest activation): assistant-only masks skip most of it. With [train] compile the model carries a
+    compiled head_loss_sum (build_model)."""
     h = model.hidden_states(batch.tokens, batch.positions, segments=batch.segments)  # (B, L, D)
     h = h[batch.mask]  # (n, D)
-    logits = model.unembedding(h).float()  # (n, V)
-    return F.cross_entropy(logits, batch.targets[batch.mask], reduction="sum"), int(batch.mask.sum())
+    head = getattr(model, "compiled_head_loss", None) or head_loss_sum
+    return head(model.unembedding, h, batch.targets[batch.mask]), int(batch.mask.sum())
 
 
 def evaluate(model: Transformer, data: PackedDataset, batch_size: int, info: DistInfo, device: torch.device,
@@ -374,7 +381,8 @@ def _train(cfg, documents, token_map, progress, max_steps, on_step, prepare, inf
         for m in moe_layers(model):
             m.capacity_gather = distributed.row_gather(info)
     step_loss = distributed.wrap(LMLoss(model), model.block, t.parallel, info, device)
-    fused = {"fused": False} if device.type == "cpu" else {}
+    # AdamW's fused kernel with [train] compile (the fast path; also on CPU), else torch's foreach default
+    fused = {"fused": True} if t.compile else {"fused": False} if device.type == "cpu" else {}
     opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                             **fused)
     start, resumed_from = 0, None
