@@ -176,3 +176,25 @@ def test_version_3_restates_the_request_first_and_changes_nothing_else():
                 assert b.messages[-1]["content"].replace("×", "*").startswith(f"{x} {op} {y} =")
         seen.add(b.kind)
     assert seen >= {"add", "sub", "mul", "calc", "convert", "too_big"}
+
+
+def test_version_4_json_answers_follow_their_declared_schema():
+    """Version 4's "json" kind: the developer message declares a response format (rendered as Harmony's
+    "# Response Formats"), the analysis works the sum as version 3 does, and the final answer is a JSON object
+    that validates against the declared schema and holds the right number."""
+    jsonschema = pytest.importorskip("jsonschema")
+    examples = [ex for ex in D.generate(seed=7, n=600, version=4) if ex.kind == "json"]
+    assert len(examples) > 20 and {ex.messages[1]["content"]["response_format"]["name"] for ex in examples} >= {
+        "arithmetic", "answer"}
+    for ex in examples:
+        fmt = ex.messages[1]["content"]["response_format"]
+        answer = json.loads(ex.messages[-1]["content"])
+        jsonschema.validate(answer, fmt["schema"])
+        result_field = [k for k, v in fmt["schema"]["properties"].items() if v["type"] == "integer"][0]
+        x, op, y = re.match(r"(\d+) ([-+*]) (\d+)", ex.messages[-2]["content"]).groups()
+        assert answer[result_field] == {"+": int(x) + int(y), "-": int(x) - int(y), "*": int(x) * int(y)}[op]
+        text = TOK.decode(D.to_document(ex)[0])
+        assert f"# Response Formats\n\n## {fmt['name']}\n\n" in text and text.endswith("}<|return|>")
+    # versions 1-3 never draw the kind, nor any extra random number for it
+    assert [ex.question for ex in D.generate(seed=7, n=200, version=3)] == \
+        [ex.question for ex in D.generate(seed=7, n=200, version=2)]

@@ -28,7 +28,10 @@ separators, the operator as an ASCII symbol, the question's order), and only the
 call a tool, or decline). In version 2 the first analysis token already decided (`Use`, `This`, `Not` or a
 digit), before the model had copied anything, and on phrasings it had not seen it declined a third of the
 questions it could answer (experiments/demo/RESULTS.md, run 3); with the restated line first, the decision can
-rest on the numbers and the operator, the same whatever the frame around them.
+rest on the numbers and the operator, the same whatever the frame around them. Version 4 adds one kind to
+version 3, "json" (issue 21: structured outputs): an in-scope arithmetic question whose developer message
+declares a response format (Harmony's "# Response Formats": a JSON schema with an integer field for the result,
+names and fields varied), worked in the analysis as usual, answered in `final` as that JSON object.
 
 A conversation is a list of message dicts {role, content, channel?, recipient?, content_type?} (the
 format `gptoss.train` reads from JSONL `messages`); `to_document` renders one for training, keeping the
@@ -369,7 +372,10 @@ def make_example(rng: random.Random, kind: str | None = None, heldout: bool = Fa
     gptoss.demo.phrasing); default None = version 1's templates, "train" in version 2."""
     if version >= 2 and phrasing is None:
         phrasing = "train"
-    kind = kind or rng.choices(KINDS, WEIGHTS if version == 1 else WEIGHTS_V2)[0]
+    kind = kind or rng.choices(KINDS_V4, WEIGHTS_V4)[0] if version >= 4 else \
+        kind or rng.choices(KINDS, WEIGHTS if version == 1 else WEIGHTS_V2)[0]
+    if kind == "json":
+        return structured_example(rng, version)
     effort = rng.choice(EFFORTS)
     free = False
     if kind in ("add", "sub", "mul"):
@@ -481,6 +487,38 @@ def make_example(rng: random.Random, kind: str | None = None, heldout: bool = Fa
 KINDS = ["add", "sub", "mul", "calc", "convert", "general", "too_big", "no_converter", "greeting"]
 WEIGHTS = [20, 18, 18, 14, 10, 9, 6, 3, 2]
 WEIGHTS_V2 = [20, 22, 16, 12, 8, 10, 8, 2, 2]  # more subtraction (the weak spot) and more refusals to tell apart
+KINDS_V4, WEIGHTS_V4 = KINDS + ["json"], WEIGHTS_V2 + [8]
+
+# Version 4's structured answers: (format name, description or None, the expression's field or None, the
+# result's field). The schema is built from them (response_schema); the final answer is that object.
+RESPONSE_FORMATS = [("arithmetic", None, "expression", "result"), ("answer", None, None, "answer"),
+                    ("calculation", "The worked result.", "question", "value"), ("math_result", None, None, "result"),
+                    ("sum_reply", "Reply with the number only.", None, "total"), ("solution", None, "problem", "solution")]
+
+
+def response_schema(expression_field: str | None, result_field: str) -> dict[str, Any]:
+    props: dict[str, Any] = {}
+    if expression_field:
+        props[expression_field] = {"type": "string"}
+    props[result_field] = {"type": "integer"}
+    return {"type": "object", "additionalProperties": False, "required": list(props), "properties": props}
+
+
+def structured_example(rng: random.Random, version: int) -> Example:
+    """An in-scope arithmetic question answered as the JSON object of a declared response format."""
+    base = make_example(rng, rng.choice(["add", "sub", "mul"]), version=version)
+    name, description, expression_field, result_field = rng.choice(RESPONSE_FORMATS)
+    schema = response_schema(expression_field, result_field)
+    a, sym, b = base.messages[-1]["content"].split(" = ")[0].split(" ")
+    answer = {expression_field: f"{a} {sym} {b}"} if expression_field else {}
+    answer[result_field] = int(base.answer)
+    fmt = {"name": name, "schema": schema, **({"description": description} if description else {})}
+    messages = [m for m in base.messages if m["role"] != "developer"]
+    at = 1  # after the system message
+    dev = {"role": "developer", "content": {"tools": [TOOL_DEFS[t] for t in base.tools], "response_format": fmt}}
+    messages = [*messages[:at], dev, *messages[at:-1], final(json.dumps(answer))]
+    return Example("json", base.effort, base.tools, base.question, messages, base.answer, None, base.history,
+                   base.free)
 
 
 ASCII_OPS = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
@@ -538,8 +576,10 @@ def message(d: dict[str, Any]) -> harmony.Message:
     if d["role"] == "system":
         content = harmony.SystemContent(**content)
     elif d["role"] == "developer":
+        fmt = content.get("response_format")
         content = harmony.DeveloperContent(content.get("instructions"),
-                                           [harmony.ToolDefinition(**t) for t in content.get("tools", [])])
+                                           [harmony.ToolDefinition(**t) for t in content.get("tools", [])],
+                                           harmony.ResponseFormat(**fmt) if fmt else None)
     return harmony.Message(role=d["role"], content=content, channel=d.get("channel"), recipient=d.get("recipient"),
                            content_type=d.get("content_type"), name=d.get("name"))
 
