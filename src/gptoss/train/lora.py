@@ -11,7 +11,7 @@ On the experts (target "experts"): each expert e of a layer gets its own pair pe
 gate/up, [2I, D]) and mlp2 ([D, I]): W_e + (alpha/rank)·B_e·A_e, as PEFT's adapters on parameters
 (`target_parameters`, one rank-r pair per expert). The update is added to the output of the expert's MXFP4
 product for the tokens routed to it (model.MoE._grouped), so no expert is ever held dense: the adapters cost
-E·r·(in + out) numbers per projection, 0.3 % of an expert stack at rank 8 on gpt-oss-20b.
+E·r·(in + out) numbers per projection, 0.4–0.5 % of an expert stack at rank 8 on gpt-oss-20b.
 
 `merge_lora` folds B·A·(alpha/rank) into the base weights; the saved checkpoint (train/loop.py
 `export_tensors`) writes merged weights and the expert blocks/scales exactly as they were loaded.
