@@ -18,17 +18,25 @@ from test_train import permutation_task
 peft = pytest.importorskip("peft")
 
 
-def test_peft_loads_our_adapter_onto_transformers_gptoss(tmp_path):
-    config = preset("small").replace(num_hidden_layers=2, layer_types=())  # the small preset's widths, 2 layers
-    hf = make_reference(config, tmp_path / "base", seed=2)
+CONFIG = preset("small").replace(num_hidden_layers=2, layer_types=())  # the small preset's widths, 2 layers
+
+
+def lora_run(tmp_path, seed: int, targets: list[str]):
+    """A transformers GptOss reference written as the base checkpoint, and 2 LoRA steps (rank 4) on it."""
+    hf = make_reference(CONFIG, tmp_path / "base", seed=seed)
     cfg = TrainConfig.from_dict({
         "model": {"preset": None, "init_from": str(tmp_path / "base")},
         "data": {"seq_len": 32, "batch_size": 2},
         "optim": {"lr": 3e-2, "min_lr": 3e-2, "warmup_steps": 0},
-        "lora": {"rank": 4, "alpha": 8.0, "targets": ["qkv", "out"]},
+        "lora": {"rank": 4, "alpha": 8.0, "targets": targets},
         "train": {"steps": 2, "out_dir": str(tmp_path / "run"), "device": "cpu", "dtype": "float32",
                   "save_dtype": "float32"}})
-    result = train(cfg, documents=permutation_task(n_docs=20, alphabet=32), progress=False)
+    return hf, train(cfg, documents=permutation_task(n_docs=20, alphabet=32), progress=False)
+
+
+def test_peft_loads_our_adapter_onto_transformers_gptoss(tmp_path):
+    config = CONFIG
+    hf, result = lora_run(tmp_path, 2, ["qkv", "out"])
     adapter = result.checkpoint / "adapter"
     meta = json.loads((adapter / "adapter_config.json").read_text())
     assert meta["peft_type"] == "LORA" and meta["r"] == 4 and meta["lora_alpha"] == 8.0
@@ -88,16 +96,8 @@ def test_expert_adapters_load_in_peft_and_merge(tmp_path):
     from gptoss.checkpoint import load
     from gptoss.train.lora import StackedLoRA
 
-    config = preset("small").replace(num_hidden_layers=2, layer_types=())
-    hf = make_reference(config, tmp_path / "base", seed=3)
-    cfg = TrainConfig.from_dict({
-        "model": {"preset": None, "init_from": str(tmp_path / "base")},
-        "data": {"seq_len": 32, "batch_size": 2},
-        "optim": {"lr": 3e-2, "min_lr": 3e-2, "warmup_steps": 0},
-        "lora": {"rank": 4, "alpha": 8.0, "targets": ["qkv", "experts"]},
-        "train": {"steps": 2, "out_dir": str(tmp_path / "run"), "device": "cpu", "dtype": "float32",
-                  "save_dtype": "float32"}})
-    result = train(cfg, documents=permutation_task(n_docs=20, alphabet=32), progress=False)
+    config = CONFIG
+    hf, result = lora_run(tmp_path, 3, ["qkv", "experts"])
     ours = result.model.eval()
     stacks = [m for m in ours.modules() if isinstance(m, StackedLoRA)]
     assert len(stacks) == 4 and all(m.lora_B.abs().max() > 0 for m in stacks)  # every expert stack trained
@@ -125,7 +125,8 @@ def test_expert_adapters_load_in_peft_and_merge(tmp_path):
             w = getattr(block.mlp, name)
             got = mxfp4.dequantize(w.blocks, w.scales, torch.float32)
             base_w = getattr(ours.block[i].mlp, name)
-            want = mxfp4.dequantize(base_w.blocks, base_w.scales, torch.float32) + stack.delta()
+            delta = stack.scaling * (stack.lora_B.detach() @ stack.lora_A.detach())  # s·B_e·A_e, every e
+            want = mxfp4.dequantize(base_w.blocks, base_w.scales, torch.float32) + delta
             # per block of 32: nearest rounding misses by at most half the FP4 grid's largest gap (4 → 6), i.e.
             # by one unit of the block's scale
             step = 2.0 ** (w.scales.to(torch.int32) - mxfp4.SCALE_BIAS).float()

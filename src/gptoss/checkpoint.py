@@ -409,14 +409,16 @@ def write_checkpoint(tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, t
     (path / "config.json").write_text(json.dumps(config_dict, indent=2) + "\n")
 
 
-def dense_experts_to_mxfp4(name: str, weight: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
-    """A dense expert stack "...mlpN_weight.weight" [E, out, in] (a GPU's dequantized copy, or training's) →
-    its ".blocks" and ".scales" on the CPU, quantized one expert at a time (mxfp4.quantize: values that came
-    from MXFP4 come back exactly; the bytes may differ where a block's scale was larger than it needed)."""
+def dense_experts_to_mxfp4(name: str, weight: torch.Tensor | Iterable[torch.Tensor]
+                           ) -> Iterator[tuple[str, torch.Tensor]]:
+    """A dense expert stack "...mlpN_weight.weight" [E, out, in] (a GPU's dequantized copy, or training's), or
+    its experts one at a time (LoRA's merged experts) → its ".blocks" and ".scales" on the CPU, quantized one
+    expert at a time (mxfp4.quantize: values that came from MXFP4 come back exactly; the bytes may differ where
+    a block's scale was larger than it needed)."""
     from . import mxfp4
 
     stem = name.removesuffix(".weight")
-    pairs = [mxfp4.quantize(weight[e], f"{name}[{e}]") for e in range(weight.shape[0])]
+    pairs = [mxfp4.quantize(w, f"{name}[{e}]") for e, w in enumerate(weight)]
     yield stem + ".blocks", torch.stack([b for b, _ in pairs]).cpu()
     yield stem + ".scales", torch.stack([s for _, s in pairs]).cpu()
 

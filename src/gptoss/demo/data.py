@@ -372,8 +372,9 @@ def make_example(rng: random.Random, kind: str | None = None, heldout: bool = Fa
     gptoss.demo.phrasing); default None = version 1's templates, "train" in version 2."""
     if version >= 2 and phrasing is None:
         phrasing = "train"
-    kind = kind or rng.choices(KINDS_V4, WEIGHTS_V4)[0] if version >= 4 else \
-        kind or rng.choices(KINDS, WEIGHTS if version == 1 else WEIGHTS_V2)[0]
+    if not kind:
+        kinds, weights = (KINDS_V4, WEIGHTS_V4) if version >= 4 else (KINDS, WEIGHTS if version == 1 else WEIGHTS_V2)
+        kind = rng.choices(kinds, weights)[0]
     if kind == "json":
         return structured_example(rng, version)
     effort = rng.choice(EFFORTS)

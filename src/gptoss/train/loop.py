@@ -31,10 +31,9 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .. import mxfp4
 from ..checkpoint import dense_experts_to_mxfp4, load, write_checkpoint
 from ..errors import ConfigError
-from ..model import DenseExpertWeight, MXFP4Weight, Transformer
+from ..model import Transformer
 from .config import TrainConfig
 from . import distributed, throughput
 from .data import Batch, Document, PackedDataset, TokenMap, read_documents
@@ -128,9 +127,7 @@ def export_tensors(model: Transformer, dtype: torch.dtype, state: dict[str, torc
                 continue
             base = (t, state[owner + ".scales"]) if leaf == "blocks" else t
             lora = (state[adapter + ".lora_A"], state[adapter + ".lora_B"], stacked[adapter])
-            pairs = [mxfp4.quantize(w, f"{owner}[{e}]") for e, w in enumerate(merged_experts(base, lora))]
-            yield owner + ".blocks", torch.stack([b for b, _ in pairs]).cpu()
-            yield owner + ".scales", torch.stack([s for _, s in pairs]).cpu()
+            yield from dense_experts_to_mxfp4(owner + ".weight", merged_experts(base, lora))
             continue
         t = t.detach().cpu()
         if owner in scaling and leaf == "weight":  # W + (alpha/rank)·B·A, fp32 math, as LoRALinear.merged_weight

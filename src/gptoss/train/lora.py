@@ -78,10 +78,6 @@ class StackedLoRA(nn.Module):
         """The update of expert e's output for its tokens x [n, in] → [n, out]."""
         return self.scaling * ((x @ self.lora_A[e].t().to(x.dtype)) @ self.lora_B[e].t().to(x.dtype))
 
-    def delta(self) -> torch.Tensor:
-        """scaling·B·A for every expert, [E, out, in] fp32 (merging)."""
-        return self.scaling * (self.lora_B.detach().float() @ self.lora_A.detach().float())
-
 
 class ExpertLoRA(nn.Module):
     """The adapters of one MoE layer's experts: mlp1 (gate/up, interleaved rows as in the checkpoint) and mlp2."""
@@ -127,14 +123,14 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def merged_experts(base: torch.Tensor | tuple[torch.Tensor, torch.Tensor], adapter: StackedLoRA | tuple,
-                   ) -> Iterator[torch.Tensor]:
+def merged_experts(base: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+                   adapter: tuple[torch.Tensor, torch.Tensor, float]) -> Iterator[torch.Tensor]:
     """Expert by expert, W_e + scaling·B_e·A_e in fp32 [out, in]. base: a dense stack [E, out, in] or MXFP4
-    (blocks, scales); adapter: a StackedLoRA or (lora_A, lora_B, scaling)."""
+    (blocks, scales); adapter: (lora_A [E, r, in], lora_B [E, out, r], scaling), a StackedLoRA's or a state
+    dict's."""
     from .. import mxfp4
 
-    A, B, scaling = ((adapter.lora_A, adapter.lora_B, adapter.scaling) if isinstance(adapter, StackedLoRA)
-                     else adapter)
+    A, B, scaling = adapter
     for e in range(A.shape[0]):
         w = (mxfp4.dequantize(base[0][e], base[1][e], torch.float32) if isinstance(base, tuple)
              else base[e].detach().float())
@@ -153,8 +149,8 @@ def merge_lora(model: Transformer) -> Transformer:
         lora, m = block.mlp.expert_lora, block.mlp
         if lora is None:
             continue
-        for name, adapter in (("mlp1_weight", lora.mlp1), ("mlp2_weight", lora.mlp2)):
-            w = getattr(m, name)
+        for name, stack in (("mlp1_weight", lora.mlp1), ("mlp2_weight", lora.mlp2)):
+            w, adapter = getattr(m, name), (stack.lora_A, stack.lora_B, stack.scaling)
             if isinstance(w, MXFP4Weight):
                 for e, merged in enumerate(merged_experts((w.blocks, w.scales), adapter)):
                     w.blocks[e], w.scales[e] = mxfp4.quantize(merged, f"block.{block.attn.layer}.mlp.{name}[{e}]")
