@@ -210,3 +210,59 @@ def test_eval_sees_how_the_final_answer_ends():
         r = run_one(ex, scripted(text), "medium", 64, "heldout")
         assert (r.stop, r.final, r.correct, r.repeated) == (stop, ex.messages[-1]["content"], True, False), stop
     assert final_stop(TOK.encode("<|channel|>analysis<|message|>x<|end|>", allowed_special="all"), TOK) is None
+
+
+def test_version_5_noise_words_are_not_heldout_words_and_questions_stay_training_phrasings():
+    """Version 5's noise words: two disjoint pools, none a word of any held-out question nor a word that changes
+    the question; every training question is a training phrasing, carries filler, or carries a noise word
+    (so it cannot be a held-out skeleton), and no held-out question's skeleton is produced."""
+    known, unknown = D.noise_pools()
+    noise = set(known) | set(unknown)
+    assert len(known) == 400 and len(unknown) == 3000 and not set(known) & set(unknown)
+    assert not noise & P.MEANINGFUL
+    held_texts = [*P.HELDOUT.expression, *P.HELDOUT.prefixes, *P.HELDOUT.suffixes,
+                  *(f for frames in P.HELDOUT.words.values() for f in frames), *D.HELDOUT_GENERAL,
+                  *D.HELDOUT_SUBJECTS, *D.HELDOUT_THINGS, *D.CONVERT_HELDOUT]
+    held_words = {w for t in held_texts for w in re.findall(r"[a-z]+", t.casefold())}
+    assert not noise & held_words
+    trained = P.training_skeletons()
+    examples = [ex for ex in D.generate(seed=0, n=4000, version=5) if ex.kind in ("add", "sub", "mul", "calc")]
+    with_noise = 0
+    frame_words = {w for t in P._family_texts(P.TRAIN) for w in re.findall(r"[a-z]+", t.casefold())}
+    for ex in examples:
+        has_noise = bool(set(re.findall(r"[a-z]+", ex.question.casefold())) & noise - frame_words)
+        with_noise += has_noise
+        assert P.skeleton(ex.question) in trained or ex.free or has_noise, ex.question
+    assert with_noise / len(examples) > 0.2
+    held = {P.skeleton(ex.question) for ex in heldout(30, family="heldout", train_n=2000, version=5)}
+    assert not held & {P.skeleton(ex.question) for ex in examples}
+
+
+def test_version_5_unknown_noise_stays_outside_the_vocabulary():
+    """The unknown pool's words reach the vocabulary only through text other than the noisy questions (the
+    model's own analysis, tool definitions ...); the known pool's do."""
+    examples = list(D.generate(seed=3, n=3000, version=5))
+    vocab = set(D.build_vocab(examples, TOK))
+    known, unknown = D.noise_pools()
+    other: set[int] = set()
+    for ex in examples:
+        for m in ex.messages:
+            if m["role"] == "user" and (m["content"] == ex.question or ex.history_free):
+                continue
+            other.update(harmony.render_message(D.message(m), TOK, has_function_tools=bool(ex.tools)))
+        if not D.user_free_text(ex):
+            other.update(TOK.encode_ordinary(ex.question))
+    unknown_ids = {TOK.encode_ordinary(" " + w)[0] for w in unknown}
+    assert vocab & unknown_ids <= other
+    assert len(vocab & {TOK.encode_ordinary(" " + w)[0] for w in known}) > 350
+
+
+def test_version_5_numberless_questions_are_refused():
+    """A training frame with words for operands states no numbers: refused as a general question."""
+    examples = [ex for ex in D.generate(seed=4, n=3000, version=5) if ex.kind == "general"]
+    op_word = re.compile(r"\b(plus|minus|times|add|subtract|multiply|divide)\b", re.I)
+    ops = [ex for ex in examples if op_word.search(ex.question)]
+    assert len(ops) > 50
+    for ex in ops:
+        assert not re.search(r"\d", ex.question)
+        assert ex.messages[-1]["content"] == D.DONT_KNOW

@@ -32,6 +32,11 @@ rest on the numbers and the operator, the same whatever the frame around them. V
 version 3, "json" (issue 21: structured outputs): an in-scope arithmetic question whose developer message
 declares a response format (Harmony's "# Response Formats": a JSON schema with an integer field for the result,
 names and fields varied), worked in the analysis as usual, answered in `final` as that JSON object.
+Version 5 is version 4 with noise words (run 4 read the operator wrong and answered general questions with
+arithmetic as soon as the words around a question were new): 35 % of training questions get runs of common
+o200k words around them (gptoss.demo.phrasing.noise_words, none a word of any held-out question), half in the
+vocabulary and half outside it; 40 % of the general questions are training frames with words for operands
+(`What is tree plus void?`: no numbers, so refused); and general questions weigh 15 instead of 10.
 
 A conversation is a list of message dicts {role, content, channel?, recipient?, content_type?} (the
 format `gptoss.train` reads from JSONL `messages`); `to_document` renders one for training, keeping the
@@ -41,6 +46,7 @@ current turn's analysis (the reasoning the model must learn to write) and flaggi
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import random
 from dataclasses import dataclass, field
@@ -51,7 +57,7 @@ from .. import harmony
 from ..tokenizer import Tokenizer, get_tokenizer
 from .phrasing import HELDOUT as HELDOUT_PHRASING
 from .phrasing import TRAIN as TRAIN_PHRASING
-from .phrasing import compose, phrase
+from .phrasing import OPERATORS, compose, noise_words, phrase, with_noise
 
 EFFORTS = ("low", "medium", "high")
 MAX_DIGITS = 4  # by hand: + and − up to 4 digits, × by one digit
@@ -90,6 +96,7 @@ class Example:
     call: dict[str, Any] | None = None  # {"name", "arguments"} expected for tool examples
     history: list[dict[str, Any]] = field(default_factory=list)  # earlier turns kept in the prompt (no analysis)
     free: bool = False  # the question carries filler words that stay outside the vocabulary
+    history_free: bool = False  # so does the earlier turn's question (version 5)
 
     def prompt_messages(self) -> list[dict[str, Any]]:
         """system, developer, earlier turns, the user's question: what the model is given."""
@@ -353,6 +360,44 @@ def with_filler(rng: random.Random, q: str) -> str:
     return (pick(before) + ": " if before else "") + q + (" (" + pick(after) + ")" if after else "")
 
 
+NOISE_P = 0.35  # version 5: the share of questions with noise words around them (besides FILLER_P's filler)
+
+
+@functools.lru_cache(maxsize=None)
+def noise_pools() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Version 5's noise words (gptoss.demo.phrasing.noise_words): none is a word of any held-out question."""
+    return noise_words((*HELDOUT_GENERAL, *HELDOUT_SUBJECTS, *HELDOUT_THINGS, *CONVERT_HELDOUT))
+
+
+def glue(rng: random.Random, q: str, phrasing: str | None, version: int) -> tuple[str, bool]:
+    """A training question with extra words around it, and whether they stay outside the vocabulary: filler
+    phrases (version 2 on), or from version 5 runs of noise words, half from the known pool (in the
+    vocabulary) and half from the unknown one. Versions 2 to 4 draw exactly the random numbers they did."""
+    if version < 2 or phrasing != "train":
+        return q, False
+    r = rng.random()
+    if r < FILLER_P:
+        return with_filler(rng, q), True
+    if version >= 5 and r < FILLER_P + NOISE_P:
+        unknown = rng.random() < 0.5
+        return with_noise(rng, q, noise_pools()[unknown]), unknown
+    return q, False
+
+
+def numberless(rng: random.Random) -> str:
+    """Version 5: a question in a training frame whose operands are words, not numbers (`What is tree plus
+    void?`, `Add class and set.`): it states no numbers, so it is not arithmetic, whatever its frame."""
+    known = noise_pools()[0]
+    a, b = rng.choice(known), rng.choice(known)
+    op = rng.choice(["add", "sub", "mul", "div"])
+    if rng.random() < 0.3:
+        frame = rng.choice(TRAIN_PHRASING.words[op]).format(a=a, b=b)
+    else:
+        e = a if rng.random() < 0.3 else f"{a} {rng.choice(OPERATORS[op])} {b}"
+        frame = rng.choice(TRAIN_PHRASING.expression).format(e=e)
+    return compose(rng, TRAIN_PHRASING, frame)
+
+
 def _phrased(rng: random.Random, phrasing: str | None, template: str, **values: Any) -> str:
     """A non-arithmetic question: the template as is (version 1) or with its phrasing family's glue."""
     text = template.format(**values)
@@ -373,7 +418,8 @@ def make_example(rng: random.Random, kind: str | None = None, heldout: bool = Fa
     if version >= 2 and phrasing is None:
         phrasing = "train"
     if not kind:
-        kinds, weights = (KINDS_V4, WEIGHTS_V4) if version >= 4 else (KINDS, WEIGHTS if version == 1 else WEIGHTS_V2)
+        kinds, weights = ((KINDS_V4, WEIGHTS_V5) if version >= 5 else (KINDS_V4, WEIGHTS_V4) if version == 4 else
+                          (KINDS, WEIGHTS if version == 1 else WEIGHTS_V2))
         kind = rng.choices(kinds, weights)[0]
     if kind == "json":
         return structured_example(rng, version)
@@ -394,8 +440,7 @@ def make_example(rng: random.Random, kind: str | None = None, heldout: bool = Fa
                 a, b = b, a  # mostly non-negative results, still some negative ones
             work, result = (work_add if kind == "add" else work_sub)(a, b, effort, version)
         q = question(rng, kind, a, b, phrasing)
-        if version >= 2 and phrasing == "train" and rng.random() < FILLER_P:
-            q, free = with_filler(rng, q), True
+        q, free = glue(rng, q, phrasing, version)
         sym = OPS[kind][1]
         msgs = [analysis(work), final(f"{a} {sym} {b} = {result}")]
         return _example(kind, effort, tools, q, msgs, answer=str(result), rng=rng, free=free, version=version,
@@ -412,8 +457,7 @@ def make_example(rng: random.Random, kind: str | None = None, heldout: bool = Fa
         else:
             q = question(rng, op_word, a, b) if op_word else rng.choice(
                 ["What is {a} / {b}?", "{a} / {b}", "Divide {a} by {b}.", "What is {a} divided by {b}?"]).format(a=a, b=b)
-        if version >= 2 and phrasing == "train" and rng.random() < FILLER_P:
-            q, free = with_filler(rng, q), True
+        q, free = glue(rng, q, phrasing, version)
         expr = f"{a} {op} {b}"
         result = calculator_result(expr)
         value = json.loads(result)["result"]
@@ -434,10 +478,12 @@ def make_example(rng: random.Random, kind: str | None = None, heldout: bool = Fa
             v = -v
         template = rng.choice(CONVERT_HELDOUT if phrasing == "heldout" else CONVERT_TEMPLATES)
         q = _phrased(rng, phrasing, template, v=fmt_number(v), f=rng.choice(UNITS[uf][0]), t=rng.choice(UNITS[ut][0]))
+        if version >= 5:
+            q, free = glue(rng, q, phrasing, version)
         if kind == "no_converter":
             tools = rng.choice([(), (), ("calculator",)])
             return _example(kind, effort, tools, q, [analysis(SHORT_THOUGHTS[kind][effort]), final(NO_CONVERTER)],
-                            rng=rng, version=version, request=f"{fmt_number(v)} {uf} to {ut}")
+                            rng=rng, free=free, version=version, request=f"{fmt_number(v)} {uf} to {ut}")
         tools = rng.choice([("convert_units",), ("convert_units",), ("calculator", "convert_units")])
         args = {"value": json.loads(fmt_number(v)), "from": uf, "to": ut}
         result = convert_result(v, uf, ut)
@@ -449,7 +495,7 @@ def make_example(rng: random.Random, kind: str | None = None, heldout: bool = Fa
                  "content": result},
                 final(f"{fmt_number(v)} {uf} = {out} {ut}")]
         return _example(kind, effort, tools, q, msgs, answer=out, call={"name": "convert_units", "arguments": args},
-                        rng=rng, version=version, request=f"{fmt_number(v)} {uf} to {ut}")
+                        rng=rng, free=free, version=version, request=f"{fmt_number(v)} {uf} to {ut}")
     if kind == "too_big":
         tools = rng.choice([(), (), ("convert_units",)])
         op = rng.choice(["add", "sub", "mul", "div"])
@@ -465,8 +511,7 @@ def make_example(rng: random.Random, kind: str | None = None, heldout: bool = Fa
             q = question(rng, op, a, max(b, 2) if op == "div" else b, phrasing)
         else:
             q = question(rng, op, a, b) if op != "div" else f"What is {a} / {max(b, 2)}?"
-        if version >= 2 and phrasing == "train" and rng.random() < FILLER_P:
-            q, free = with_filler(rng, q), True
+        q, free = glue(rng, q, phrasing, version)
         return _example(kind, effort, tools, q, [analysis(SHORT_THOUGHTS[kind][effort]),
                                                  final(TOO_BIG if version == 1 else TOO_BIG_V2)], rng=rng,
                         free=free, version=version, request=f"{a} {ASCII_OPS[op]} {max(b, 2) if op == 'div' else b}")
@@ -476,6 +521,10 @@ def make_example(rng: random.Random, kind: str | None = None, heldout: bool = Fa
         templates, subjects, things = (HELDOUT_GENERAL, HELDOUT_SUBJECTS, HELDOUT_THINGS) if held else \
             (GENERAL, SUBJECTS, THINGS)
         q = _phrased(rng, phrasing, rng.choice(templates), s=rng.choice(subjects), t=rng.choice(things))
+        if version >= 5 and not held:
+            if rng.random() < 0.4:
+                q = numberless(rng)
+            q = glue(rng, q, phrasing, version)[0]
         return _example(kind, effort, tools, q, [analysis(SHORT_THOUGHTS[kind][effort]), final(DONT_KNOW)], rng=rng,
                         version=version)
     if kind == "greeting":
@@ -489,6 +538,7 @@ KINDS = ["add", "sub", "mul", "calc", "convert", "general", "too_big", "no_conve
 WEIGHTS = [20, 18, 18, 14, 10, 9, 6, 3, 2]
 WEIGHTS_V2 = [20, 22, 16, 12, 8, 10, 8, 2, 2]  # more subtraction (the weak spot) and more refusals to tell apart
 KINDS_V4, WEIGHTS_V4 = KINDS + ["json"], WEIGHTS_V2 + [8]
+WEIGHTS_V5 = [20, 22, 16, 12, 8, 15, 10, 2, 2, 8]  # more refusals: run 4 declined only half the held-out ones
 
 # Version 4's structured answers: (format name, description or None, the expression's field or None, the
 # result's field). The schema is built from them (response_schema); the final answer is that object.
@@ -519,7 +569,7 @@ def structured_example(rng: random.Random, version: int) -> Example:
     dev = {"role": "developer", "content": {"tools": [TOOL_DEFS[t] for t in base.tools], "response_format": fmt}}
     messages = [*messages[:at], dev, *messages[at:-1], final(json.dumps(answer))]
     return Example("json", base.effort, base.tools, base.question, messages, base.answer, None, base.history,
-                   base.free)
+                   base.free, base.history_free)
 
 
 ASCII_OPS = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
@@ -541,11 +591,13 @@ def _example(kind: str, effort: str, tools: tuple[str, ...], q: str, assistant: 
     if version >= 3 and request is not None:
         assistant = restated(request, assistant)
     history: list[dict[str, Any]] = []
+    history_free = False
     if rng is not None and rng.random() < 0.1:  # an earlier turn, as chat keeps it (final answer only)
         prev = make_example(rng, rng.choice(["add", "sub", "mul", "general"]), version=version)
         history = [{"role": "user", "content": prev.question}, {**prev.messages[-1]}]
+        history_free = version >= 5 and user_free_text(prev)  # (versions 2 to 4 put its words in the vocabulary)
     messages = [system(effort), *developer(tools), *history, {"role": "user", "content": q}, *assistant]
-    return Example(kind, effort, tools, q, messages, answer, call, history, free)
+    return Example(kind, effort, tools, q, messages, answer, call, history, free, history_free)
 
 
 def generate(seed: int, n: int, exclude: set[str] | None = None, version: int = 1) -> Iterator[Example]:
@@ -634,6 +686,8 @@ def build_vocab(examples: list[Example], tok: Tokenizer | None = None) -> list[i
     for ex in examples:
         for m in ex.messages:
             if m["role"] == "user" and m.get("content") == ex.question and user_free_text(ex):
+                continue
+            if m["role"] == "user" and ex.history_free and m.get("content") == ex.history[0]["content"]:
                 continue
             ids.update(harmony.render_message(message(m), tok, has_function_tools=bool(ex.tools)))
         ids.update(harmony.render_message(harmony.Message.system(harmony.SystemContent(reasoning_effort=ex.effort)),

@@ -16,6 +16,12 @@ and ` plus` are unrelated tokens): both families use as-is, lower case and ALL C
 is held out. The skeleton check is case-folded, so no held-out question is a training phrasing in another
 case.
 
+Noise glue (data version 5): a fixed pool of common o200k words (`noise_words()`), none of them a word of the
+held-out family nor a word that changes what is asked (operators, units, number words, "from", "by", "and"),
+put around training questions in random runs. It teaches the one thing the held-out glue needs: that words
+around the numbers and the operator do not change the question. A question with noise contains a word no
+held-out question has, so it cannot share a held-out skeleton.
+
 `phrase(rng, family, op, a, b)` writes one question; `skeleton(q)` is its phrasing with the numbers taken out
 (case-folded, spaces collapsed): the held-out family's skeletons are disjoint from every skeleton the training
 family can produce (`training_skeletons()` enumerates them all; tests/test_demo_phrasing.py checks it).
@@ -172,3 +178,60 @@ def training_skeletons() -> frozenset[str]:
         # every case of the training family folds to the same skeleton
         out.add(skeleton(prefix + text + suffix))
     return frozenset(out)
+
+
+# Words that change what a question asks: never noise. Operator words, the words of order ("from", "by"),
+# number words, units, and the words that turn a question into another kind ("convert", "capital" ...).
+MEANINGFUL = frozenset("""
+    plus minus add adds added adding addition sum sums total subtract subtracts subtracted subtraction take takes
+    away less more difference times multiply multiplies multiplied multiplication product by divide divides
+    divided division over under half double twice triple square root power percent from and of to into in
+    equal equals makes make zero one two three four five six seven eight nine ten eleven twelve hundred thousand
+    million billion dozen first second third convert converted conversion unit units km mi miles mile meter meters
+    metre metres feet foot ft inch inches cm kg lb pounds pound gal gallon gallons liter liters litre litres
+    celsius fahrenheit degrees degree temperature not no never without except calculator tool tools number
+    numbers digit digits math result answer""".split())
+
+
+@functools.lru_cache(maxsize=None)
+def noise_words(heldout_texts: tuple[str, ...] = (), known: int = 400,
+                unknown: int = 3000) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Two disjoint pools of noise words: the `known` most common lower-case o200k words (` word` tokens of 3 to
+    9 letters, in id order, which roughly follows frequency) and the next `unknown` ones, none in MEANINGFUL nor
+    a word of the held-out family or of `heldout_texts` (the data's other held-out questions), case-folded. The
+    data puts the known pool's words into the vocabulary and leaves the unknown pool's outside (read as the
+    unknown token, like a held-out word the model never saw)."""
+    from ..tokenizer import get_tokenizer
+
+    tok = get_tokenizer()
+    held = set()
+    for text in (*_family_texts(HELDOUT), *heldout_texts):
+        held.update(re.findall(r"[a-z]+", text.casefold()))
+    out: list[str] = []
+    for i in range(60_000):
+        s = tok.decode([i])
+        if re.fullmatch(r" [a-z]{3,9}", s) and s[1:] not in MEANINGFUL and s[1:] not in held:
+            out.append(s[1:])
+        if len(out) == known + unknown:
+            break
+    return tuple(out[:known]), tuple(out[known:])
+
+
+def _family_texts(fam: Family) -> list[str]:
+    return [*fam.expression, *(f for frames in fam.words.values() for f in frames), *fam.prefixes, *fam.suffixes]
+
+
+def with_noise(rng: random.Random, question: str, pool: tuple[str, ...]) -> str:
+    """The question with a run of 1 to 4 noise words before it, after it, or both, joined by a space, a comma or
+    a colon (never "-" or "/", which are operators). The words stay lower case and follow a space, so that each
+    is one o200k token (` word`) and the known pool adds at most its own size to the vocabulary."""
+    def run() -> str:
+        return " ".join(rng.choice(pool) for _ in range(rng.randint(1, 4)))
+
+    before, after = rng.choice([(True, False), (False, True), (True, True)])
+    text = question
+    if before:
+        text = run() + rng.choice([", ", ": ", " "]) + text
+    if after:
+        text += rng.choice([" ", ", "]) + run()
+    return text
