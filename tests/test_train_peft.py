@@ -134,6 +134,24 @@ def test_expert_adapters_load_in_peft_and_merge(tmp_path):
             assert (err <= step + 1e-6).all(), f"block {i} {name}: merged expert off the grid by more than a gap"
             assert not torch.equal(got, mxfp4.dequantize(base_w.blocks, base_w.scales, torch.float32))
 
+    # merge_lora in memory: on MXFP4 experts the same bytes as the merged checkpoint; on dense experts (the
+    # GPU default) exactly W + s·B·A, and the merged model computes what the adapted one did
+    import copy
+
+    from gptoss.train.lora import merge_lora
+
+    in_memory = merge_lora(copy.deepcopy(ours))
+    for got, want in zip(in_memory.block, merged.block):
+        for name in ("mlp1_weight", "mlp2_weight"):
+            assert torch.equal(getattr(got.mlp, name).blocks, getattr(want.mlp, name).blocks)
+            assert torch.equal(getattr(got.mlp, name).scales, getattr(want.mlp, name).scales)
+    dense = copy.deepcopy(ours).dense_experts(torch.float32)
+    with torch.no_grad():
+        adapted = dense(tokens)
+        dense_merged = merge_lora(dense)
+        assert all(b.mlp.expert_lora is None for b in dense_merged.block)
+        torch.testing.assert_close(dense_merged(tokens), adapted, rtol=1e-4, atol=1e-4 * adapted.abs().max().item())
+
 
 def test_expert_adapters_refuse_dropout(tmp_path):
     from gptoss.errors import ConfigError

@@ -145,7 +145,7 @@ def merge_lora(model: Transformer) -> Transformer:
     from .. import mxfp4
     from ..model import MXFP4Weight
 
-    for block in model.block:
+    for i, block in enumerate(model.block):
         lora, m = block.mlp.expert_lora, block.mlp
         if lora is None:
             continue
@@ -153,7 +153,7 @@ def merge_lora(model: Transformer) -> Transformer:
             w, adapter = getattr(m, name), (stack.lora_A, stack.lora_B, stack.scaling)
             if isinstance(w, MXFP4Weight):
                 for e, merged in enumerate(merged_experts((w.blocks, w.scales), adapter)):
-                    w.blocks[e], w.scales[e] = mxfp4.quantize(merged, f"block.{block.attn.layer}.mlp.{name}[{e}]")
+                    w.blocks[e], w.scales[e] = mxfp4.quantize(merged, f"block.{i}.mlp.{name}[{e}]")
             else:
                 with torch.no_grad():
                     for e, merged in enumerate(merged_experts(w.weight, adapter)):
