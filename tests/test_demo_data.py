@@ -198,3 +198,30 @@ def test_version_4_json_answers_follow_their_declared_schema():
     # versions 1-3 never draw the kind, nor any extra random number for it
     assert [ex.question for ex in D.generate(seed=7, n=200, version=3)] == \
         [ex.question for ex in D.generate(seed=7, n=200, version=2)]
+
+
+def test_eval_scores_json_answers_on_heldout_phrasing():
+    """From data version 4 the eval asks arithmetic with a declared response format too (held-out phrasing
+    included): a structured answer counts when it is one JSON object of the schema's fields whose integer
+    field is the exact result; the earlier kinds' held-out questions are the ones they were before."""
+    from gptoss.demo import eval as E
+    from gptoss.demo import phrasing as P
+
+    items = E.heldout(4, train_n=2000, family="heldout", version=5)
+    assert [ex.kind for ex in items][:-4] == [ex.kind for ex in E.heldout(4, train_n=2000, family="heldout",
+                                                                        version=3)]
+    json_items = [ex for ex in items if ex.kind == "json"]
+    assert len(json_items) == 4
+    trained = P.training_skeletons()
+    for ex in json_items:
+        assert P.skeleton(ex.question) not in trained
+        fmt = E.response_format(ex)
+        field = next(k for k, v in fmt["schema"]["properties"].items() if v["type"] == "integer")
+        right = json.loads(ex.messages[-1]["content"])
+        assert E.json_answer(ex, json.dumps(right))
+        assert not E.json_answer(ex, json.dumps({**right, field: right[field] + 1}))  # wrong number
+        assert not E.json_answer(ex, json.dumps({**right, field: str(right[field])}))  # a string, not an integer
+        assert not E.json_answer(ex, json.dumps({**right, "extra": 1}))
+        assert not E.json_answer(ex, json.dumps(right)[:-1])  # cut before it closes
+        r = E.score(ex, E.Result(ex.kind, "heldout", ex.question, [], ex.answer, None, final=json.dumps(right)))
+        assert r.correct and not r.repeated

@@ -422,7 +422,7 @@ def make_example(rng: random.Random, kind: str | None = None, heldout: bool = Fa
                           (KINDS, WEIGHTS if version == 1 else WEIGHTS_V2))
         kind = rng.choices(kinds, weights)[0]
     if kind == "json":
-        return structured_example(rng, version)
+        return structured_example(rng, version, phrasing)
     effort = rng.choice(EFFORTS)
     free = False
     if kind in ("add", "sub", "mul"):
@@ -555,9 +555,10 @@ def response_schema(expression_field: str | None, result_field: str) -> dict[str
     return {"type": "object", "additionalProperties": False, "required": list(props), "properties": props}
 
 
-def structured_example(rng: random.Random, version: int) -> Example:
-    """An in-scope arithmetic question answered as the JSON object of a declared response format."""
-    base = make_example(rng, rng.choice(["add", "sub", "mul"]), version=version)
+def structured_example(rng: random.Random, version: int, phrasing: str | None = None) -> Example:
+    """An in-scope arithmetic question (phrased from `phrasing`'s family; training: "train") answered as the JSON
+    object of a declared response format."""
+    base = make_example(rng, rng.choice(["add", "sub", "mul"]), phrasing=phrasing, version=version)
     name, description, expression_field, result_field = rng.choice(RESPONSE_FORMATS)
     schema = response_schema(expression_field, result_field)
     a, sym, b = base.messages[-1]["content"].split(" = ")[0].split(" ")

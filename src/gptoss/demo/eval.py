@@ -47,7 +47,12 @@ from .tools import DEMO_TOOLS
 HELDOUT_SEED = 1
 HELDOUT_PHRASING_N = 170  # per kind: 510 arithmetic questions
 TRAIN_SEED, TRAIN_N = 0, 120000  # the recipe's defaults; a shipped model's training.json says what it used
-CATEGORIES = {"arithmetic": ("add", "sub", "mul"), "tools": ("calc", "convert"), "refusal": ("general", "too_big")}
+CATEGORIES = {"arithmetic": ("add", "sub", "mul"), "tools": ("calc", "convert"), "refusal": ("general", "too_big"),
+              "structured": ("json",)}  # data version 4 on: an arithmetic question with a declared response format
+
+
+def evaluated_kinds(version: int) -> list[str]:
+    return [k for cat, kinds in CATEGORIES.items() for k in kinds if cat != "structured" or version >= 4]
 REFUSAL = re.compile(r"I don't know|I can't|I cannot")
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
@@ -86,20 +91,19 @@ def heldout(n: int, seed: int = HELDOUT_SEED, train_seed: int = TRAIN_SEED, trai
     trained = phrasing.training_skeletons() if family == "heldout" else frozenset()
     rng = random.Random(seed if family == "template" else seed + 1000)
     out: list[data.Example] = []
-    for kinds in CATEGORIES.values():
-        for kind in kinds:
-            got = tries = 0
-            while got < n:
-                tries += 1
-                if tries > 100 * n:
-                    raise ValueError(f"cannot find {n} held-out '{kind}' questions outside the training set")
-                ex = data.make_example(rng, kind, heldout=True, phrasing=style, version=version)
-                key = data.question_key(ex)
-                if key in exclude or phrasing.skeleton(ex.question) in trained:
-                    continue
-                exclude.add(key)
-                out.append(ex)
-                got += 1
+    for kind in evaluated_kinds(version):
+        got = tries = 0
+        while got < n:
+            tries += 1
+            if tries > 100 * n:
+                raise ValueError(f"cannot find {n} held-out '{kind}' questions outside the training set")
+            ex = data.make_example(rng, kind, heldout=True, phrasing=style, version=version)
+            key = data.question_key(ex)
+            if key in exclude or phrasing.skeleton(ex.question) in trained:
+                continue
+            exclude.add(key)
+            out.append(ex)
+            got += 1
     return out
 
 
@@ -146,10 +150,29 @@ def repeated(text: str) -> bool:
     return len(parts) != len(set(parts))
 
 
+def json_answer(ex: data.Example, text: str) -> bool:
+    """A structured answer: the final message is one JSON object whose integer field holds the exact result."""
+    schema = response_format(ex)["schema"]
+    field_ = next(k for k, v in schema["properties"].items() if v["type"] == "integer")
+    try:
+        answer = json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    return (isinstance(answer, dict) and set(answer) == set(schema["properties"]) and type(answer[field_]) is int
+            and str(answer[field_]) == ex.answer)
+
+
+def response_format(ex: data.Example) -> dict[str, Any]:
+    """The response format the example's developer message declares ({name, schema, description?})."""
+    return next(m["content"]["response_format"] for m in ex.messages if m["role"] == "developer")
+
+
 def score(ex: data.Example, r: Result) -> Result:
     r.repeated = repeated(r.final)
     number = final_number(r.final)
-    if ex.kind in CATEGORIES["arithmetic"]:
+    if ex.kind in CATEGORIES["structured"]:
+        r.correct = not r.calls and json_answer(ex, r.final)
+    elif ex.kind in CATEGORIES["arithmetic"]:
         r.correct = not r.calls and same_number(number, ex.answer)
     elif ex.kind in CATEGORIES["tools"]:
         r.call_ok = bool(r.calls) and call_matches(r.calls[0], ex.call)
@@ -198,8 +221,13 @@ def run_one(ex: data.Example, complete, effort: str, max_tokens: int, family: st
         completions.append([])
         return _Recorded(complete(prompt, params), completions[-1])
 
+    fmt = None
+    if ex.kind in CATEGORIES["structured"]:  # declared and enforced (constrain.py) as `gptoss chat --json-schema`
+        from ..harmony import ResponseFormat
+
+        fmt = ResponseFormat(**response_format(ex))
     session = ChatSession(recorded, SamplingParams(temperature=0, max_tokens=max_tokens), reasoning_effort=effort,
-                          tools=tools, max_tool_rounds=2)
+                          tools=tools, max_tool_rounds=2, response_format=fmt)
     r = Result(ex.kind, family, ex.question, list(ex.tools), ex.answer, ex.call)
     t0 = time.perf_counter()
     for event in session.send(ex.question):
@@ -227,9 +255,14 @@ def run_one_remote(ex: data.Example, client, model: str, effort: str, max_tokens
     r = Result(ex.kind, family, ex.question, list(ex.tools), ex.answer, ex.call)
     t0 = time.perf_counter()
     for _ in range(3):  # the question, then at most two tool rounds (as run_one)
+        extra: dict[str, Any] = {"tools": specs} if specs else {}
+        if ex.kind in CATEGORIES["structured"]:
+            fmt = response_format(ex)
+            extra["response_format"] = {"type": "json_schema", "json_schema": {
+                "name": fmt["name"], "schema": fmt["schema"], "strict": True,
+                **({"description": fmt["description"]} if "description" in fmt else {})}}
         reply = client.chat.completions.create(model=model, messages=messages, reasoning_effort=effort,
-                                               temperature=0, seed=0, max_tokens=max_tokens,
-                                               **({"tools": specs} if specs else {}))
+                                               temperature=0, seed=0, max_tokens=max_tokens, **extra)
         message = reply.choices[0].message
         r.reasoning += getattr(message, "reasoning_content", None) or ""
         if not message.tool_calls:
@@ -332,9 +365,11 @@ def summary(results: Sequence[Result]) -> dict[str, Any]:
     arith = [r for r in results if r.kind in CATEGORIES["arithmetic"]]
     tools = [r for r in results if r.kind in CATEGORIES["tools"]]
     refusal = [r for r in results if r.kind in CATEGORIES["refusal"]]
-    in_scope = arith + tools
+    structured = [r for r in results if r.kind in CATEGORIES["structured"]]
+    in_scope = arith + tools + structured
     return {
         "arithmetic_exact": rate(arith),
+        **({"json_exact": rate(structured)} if structured else {}),
         "tool_call_valid_args": rate(tools, "call_ok"),
         "tool_round_trip": rate(tools),
         "refusal_rate": rate(refusal),
@@ -358,7 +393,9 @@ def markdown(s: dict[str, Any], header: str = "") -> str:
              row("arithmetic, final answer exact", s["arithmetic_exact"]),
              row("tool call valid, correct arguments", s["tool_call_valid_args"]),
              row("tool round trip (call + answer)", s["tool_round_trip"]),
-             row("refusal of out-of-scope questions", s["refusal_rate"])]
+             row("refusal of out-of-scope questions", s["refusal_rate"]),
+             row("JSON answer (declared response format), exact result", s["json_exact"]) if "json_exact" in s
+             else None]
     lines += [row(f"  {k}", d) for k, d in s["by_kind"].items()]
     fr = s["false_refusals"]
     lines.append(f"\nIn-scope questions refused: {fr['count']} of {fr['n']}.")
