@@ -31,6 +31,7 @@ import argparse
 import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -67,12 +68,14 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=24, help="max_tokens of each run")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, ... (on a GPU the masks are still computed on the CPU)")
+    p.add_argument("--json", default=None, help="also write the summary to this file")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     tok = get_tokenizer()
     t = time.perf_counter()
-    model = gptoss.load(args.model, dtype=getattr(torch, args.dtype))
+    model = gptoss.load(args.model, device=args.device, dtype=getattr(torch, args.dtype))
     print(f"loaded {args.model} in {time.perf_counter() - t:.1f} s; {torch.get_num_threads()} threads")
     prompt = h.render_conversation_for_completion([h.Message.system(h.SystemContent()),
                                                    h.Message.user("The weather in Paris this week, as JSON?")],
@@ -148,7 +151,10 @@ def main() -> None:
            "free_median": statistics.median(rates["free"]), "json_median": statistics.median(rates["json"]),
            "p_value": pvalue, "test": test}
     out.update(out_p)
+    out["device"] = args.device
     print(json.dumps(out, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
     print(f"guide (mask + advance) {guide_ms:.3f} ms/token vs an unconstrained step of {step_ms:.0f} ms: "
           f"ratio >= {out['ratio_bound_from_guide_cost']:.4f} from its cost alone")
     print(f"any-text constraint / unconstrained (same tokens: {out['text_tokens_equal_free']}): median ratio "
