@@ -160,3 +160,28 @@ def test_chat_cli_multi_turn_with_tool_call(scripted_checkpoint):
         "You're welcome.\n"
         ">>> /exit\n"
     )
+
+
+def test_a_broken_call_is_repaired_as_the_server_returns_it():
+    """A function call whose JSON the model left unclosed: the chat runs the tool on the arguments the server
+    would return (gptoss.harmony.call_arguments: the object closed) and keeps those in the conversation, so a
+    chat and an API client continue from the same call."""
+    from gptoss.server.generation import Piece
+
+    broken = '{"expression": "2 + 2"'
+    replies = [f"<|channel|>commentary to=functions.calculator <|constrain|>json<|message|>{broken}<|call|>",
+               "<|channel|>final<|message|>2 + 2 = 4<|return|>"]
+    prompts = []
+
+    def complete(prompt, params):
+        prompts.append(list(prompt))
+        return iter(TOK.encode(replies[len(prompts) - 1], allowed_special="all"))
+
+    session = ChatSession(complete, SamplingParams(temperature=0, max_tokens=64), tools=[BUILTIN_TOOLS["calculator"]])
+    events = list(session.send("What is 2 + 2?"))
+    repaired = Piece("tool_call", "calculator", text=broken).arguments
+    assert json.loads(repaired) == {"expression": "2 + 2"}
+    assert [(e.kind, e.text) for e in events if e.kind in ("tool_call", "tool_result")] == [
+        ("tool_call", repaired), ("tool_result", run_tool(BUILTIN_TOOLS["calculator"], repaired))]
+    assert json.loads(events[1].text) == {"result": 4}
+    assert TOK.decode(prompts[1]).count(f"<|message|>{repaired}<|call|>") == 1  # the second prompt holds it

@@ -33,7 +33,7 @@ from gptoss.config import preset
 from gptoss.engine import Engine
 from gptoss.generate import SamplingParams, generate_tokens
 from gptoss.server import create_app, serve_in_thread
-from gptoss.server.generation import StopStrings
+from gptoss.server.generation import SHOWN_CHANNELS, StopStrings
 from gptoss.tokenizer import get_tokenizer
 from test_chat import train_to_script
 
@@ -61,6 +61,8 @@ SCRIPT = [  # (Harmony messages after the system message, completion): what the 
     ([h.Message.developer(h.DeveloperContent(None, [WEATHER_DEF])), h.Message.user("What is 2+2?")],
      # a final answer ended with <|end|>, then another one: the server must stop after the first (issue 19)
      "<|channel|>final<|message|>2 + 2 = 4<|end|><|start|>assistant<|channel|>final<|message|>2 + 2 = 4<|return|>"),
+    ([h.Message.user("Malformed?")],  # a message on a channel Harmony does not declare, then the answer
+     "<|channel|>Too big.<|end|><|start|>assistant<|channel|>final<|message|>I don't know.<|return|>"),
     ([h.Message.user("Hello")],  # the chat page's test (test_server_page.py)
      "<|channel|>analysis<|message|>The user greets me.<|end|><|start|>assistant<|channel|>final<|message|>"
      "Hello! How can I help?<|return|>"),
@@ -99,7 +101,7 @@ def expected(model, prompt: list[int], max_tokens: int, forced: list[int] = ()) 
               "tool_calls" if messages and is_call(messages[-1]) else "stop")
     return {"tokens": tokens, "finish": finish,
             "calls": [(m.recipient.removeprefix("functions."), m.text) for m in calls],
-            "content": "".join(m.text for m in messages if not is_call(m) and m.channel != "analysis"),
+            "content": "".join(m.text for m in messages if not is_call(m) and m.channel in SHOWN_CHANNELS),
             "reasoning": "".join(m.text for m in messages if not is_call(m) and m.channel == "analysis")}
 
 
@@ -327,6 +329,22 @@ def test_reasoning_effort_reaches_the_model(scripted_server):
         assert (got["content"], got["reasoning"]) == (want["content"], want["reasoning"])
         if effort == "medium":
             assert (got["content"], got["reasoning"]) == ("Hello! How can I help?", "The user greets me.")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_message_on_an_undeclared_channel_is_shown_by_neither_server_nor_chat(scripted_server, stream):
+    """`<|channel|>Too big.<|end|>` (no <|message|>: the parsers read channel "Too", text "big.") is malformed
+    output: the server leaves it out of content and reasoning, as `gptoss chat` leaves it out of what it shows;
+    the final answer after it is the content in both."""
+    from gptoss.chat import ChatSession
+
+    got = chat(scripted_server.client(), stream, model="tiny-scripted", temperature=0, max_tokens=40,
+               messages=[{"role": "user", "content": "Malformed?"}])
+    assert (got["content"], got["reasoning"]) == ("I don't know.", "")
+    session = ChatSession(scripted_server.engine.complete, SamplingParams(temperature=0, max_tokens=40))
+    events = list(session.send("Malformed?"))
+    assert "".join(e.text for e in events if e.kind == "final") == "I don't know."
+    assert [e.kind for e in events if e.kind not in ("final", "done")] == ["Too"]  # not shown by the CLI
 
 
 # ---------------------------------------------------------------------------------------------- concurrency

@@ -10,6 +10,7 @@ and the model is called again until it stops at <|return|> (its final answer).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -136,6 +137,8 @@ class ChatSession:
                 yield ChatEvent("done")
                 return
             name = "python" if python else call.recipient.removeprefix("functions.")
+            if not python:  # the arguments as the server would return them (repaired if the JSON is broken)
+                call = self.messages[-1] = dataclasses.replace(call, content=harmony.call_arguments(call.content))
             yield ChatEvent("tool_call", call.content, name)
             if python:
                 result = (run_python(call.content, self.python_timeout, unsafe=self.python_unsafe)

@@ -795,6 +795,21 @@ class FinalAnswerEnded:
 
 
 # ---------------------------------------------------------------------------------------------- JSON
+def call_arguments(text: str) -> str:
+    """A function call's arguments as an application sees them: as generated if valid JSON, else repaired
+    (loads_lenient: a truncated object closed, or cut back to its last complete member), "{}" when empty. The
+    server returns these, and `gptoss chat` runs the tool on them and keeps them in the conversation, so both
+    continue from the same call."""
+    if not text.strip():
+        return "{}"
+    try:
+        json.loads(text)
+        return text
+    except ValueError:
+        value = loads_lenient(text)
+        return json.dumps(value) if isinstance(value, dict) else text
+
+
 def loads_lenient(text: str) -> Any | None:
     """JSON that a model wrote: as is if valid; else the first object/array in it, with a truncated end
     closed (an open string, brackets) or cut back to its last complete member; None if nothing is left."""

@@ -39,24 +39,24 @@ class Piece:
 
     @property
     def arguments(self) -> str:
-        """Tool-call arguments as JSON: as generated if valid, else repaired (a truncated object closed)."""
-        if not self.text.strip():
-            return "{}"
-        try:
-            json.loads(self.text)
-            return self.text
-        except ValueError:
-            value = harmony.loads_lenient(self.text)
-            return json.dumps(value) if isinstance(value, dict) else self.text
+        """Tool-call arguments as JSON: as generated if valid, else repaired (harmony.call_arguments)."""
+        return harmony.call_arguments(self.text)
+
+
+SHOWN_CHANNELS = (None, "final", "commentary")  # content; "analysis" is reasoning
 
 
 def _kind(channel: str | None, recipient: str | None, tools: frozenset[str]) -> tuple[str, str | None]:
     """A message's kind and, for a call, its function. A call to anything but a declared function ("functions.X"
-    with X in `tools`) is "dropped": never returned as a call (nor as content: its text is arguments)."""
+    with X in `tools`) is "dropped": never returned as a call (nor as content: its text is arguments). So is a
+    message on a channel Harmony does not declare (malformed output, e.g. `<|channel|>Too big.<|end|>` read as
+    channel "Too"): `gptoss chat` does not show it either (ChatSession yields it under its channel's name)."""
     if recipient and recipient not in ("all", "user", "assistant"):
         name = recipient.removeprefix("functions.")
         return ("tool_call", name) if recipient.startswith("functions.") and name in tools else ("dropped", name)
-    return ("reasoning" if channel == "analysis" else "content"), None
+    if channel == "analysis":
+        return "reasoning", None
+    return ("content" if channel in SHOWN_CHANNELS else "dropped"), None
 
 
 class StopStrings:
@@ -156,8 +156,12 @@ class Generation:
             piece = Piece(kind, name)
             self._open[index] = piece
             if kind == "dropped":
-                log.warning("%s: dropped a call to %r, which is not a declared function", self.stream.request.id,
-                            recipient)
+                if name is None:
+                    log.warning("%s: dropped a message on channel %r, which Harmony does not declare",
+                                self.stream.request.id, channel)
+                else:
+                    log.warning("%s: dropped a call to %r, which is not a declared function", self.stream.request.id,
+                                recipient)
                 return piece
             piece.id = _new_id({"reasoning": "rs_", "content": "msg_", "tool_call": "fc_"}[kind])
             piece.call_id = _new_id("call_") if kind == "tool_call" else ""
