@@ -12,6 +12,12 @@ The metrics/logging/checkpoint parts of the loop are not in the timed step.
 
     python benchmarks/bench_train.py --baseline ff4b1e2 --pairs 12
     python benchmarks/bench_train.py --baseline ff4b1e2 --new-train '{"checkpointing": true}'
+
+On a machine without the git history (a GPU machine that gets a copy of the working tree), export the baseline
+here first and name the folder there:
+
+    python benchmarks/bench_train.py --baseline ff4b1e2 --export-baseline bench_baseline     # here
+    python benchmarks/bench_train.py --baseline-dir bench_baseline --device cuda --pairs 12    # there
 """
 
 from __future__ import annotations
@@ -33,13 +39,19 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def import_baseline(rev: str, tmp: Path):
-    """The baseline's package, importable as `gptoss_old` (its imports inside the package are relative)."""
+def export_baseline(rev: str, folder: Path) -> Path:
+    """The baseline's package as folder/gptoss_old (its imports inside the package are relative)."""
+    folder.mkdir(parents=True, exist_ok=True)
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "src/gptoss"], capture_output=True,
                              check=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive, check=True)
-    shutil.move(str(tmp / "src" / "gptoss"), str(tmp / "gptoss_old"))
-    sys.path.insert(0, str(tmp))
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+    shutil.move(str(folder / "src" / "gptoss"), str(folder / "gptoss_old"))
+    shutil.rmtree(folder / "src")
+    return folder
+
+
+def import_baseline(folder: Path):
+    sys.path.insert(0, str(folder))
     return importlib.import_module("gptoss_old")
 
 
@@ -54,9 +66,10 @@ class Side:
         cfg = train_mod.TrainConfig.from_dict({
             "model": {"preset": "small"}, "data": {"seq_len": args.seq, "batch_size": args.batch},
             "moe": {"aux_loss_coef": 0.01},
-            "train": {"out_dir": str(tmp / pkg), "device": "cpu", **extra_train}})
+            "train": {"out_dir": str(tmp / pkg), "device": args.device, **extra_train}})
         torch.manual_seed(0)
-        self.model = self.loop.build_model(cfg, torch.device("cpu"))
+        self.device = torch.device(args.device)
+        self.model = self.loop.build_model(cfg, self.device)
         self.loop.init_weights(self.model, 0)
         # as `gptoss train` builds it: AdamW's fused kernel with [train] compile, else the foreach default
         self.opt = torch.optim.AdamW(self.loop.param_groups(self.model, 0.1), lr=1e-4,
@@ -65,18 +78,21 @@ class Side:
         docs = [data_mod.Document(torch.randint(0, 4096, (args.seq + 1,), generator=g).tolist())
                 for _ in range(args.batch)]
         self.batch = data_mod.PackedDataset(docs, args.seq, self.model.config.vocab_size, shuffle=False).batch(
-            list(range(args.batch)))
+            list(range(args.batch))).to(self.device)
         self.times: list[float] = []
 
     def step(self) -> None:
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        sync()
         t0 = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16):
             loss, n = self.loop.lm_loss_sum(self.model, self.batch)
             aux, _ = self.moe.router_losses(self.model)
         (loss / n + 0.01 * aux).backward()
         torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], 1.0)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+        sync()
         self.times.append(time.perf_counter() - t0)
 
 
@@ -98,11 +114,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--new-train", default="{}", help="JSON [train] fields for the new side only (e.g. checkpointing)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, ... (both sides)")
+    p.add_argument("--baseline-dir", type=Path, default=None,
+                   help="a folder holding the baseline as gptoss_old (from --export-baseline) instead of git")
+    p.add_argument("--export-baseline", type=Path, default=None, help="write --baseline's package there and exit")
     args = p.parse_args(argv)
+    if args.export_baseline:
+        print(f"baseline {args.baseline} written to {export_baseline(args.baseline, args.export_baseline)}")
+        return 0
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(ROOT / "src"))  # the new side is this tree, not whatever `pip install -e` points at
     with tempfile.TemporaryDirectory() as tmp:
-        import_baseline(args.baseline, Path(tmp))
+        import_baseline(args.baseline_dir or export_baseline(args.baseline, Path(tmp) / "baseline"))
         old = Side("gptoss_old", args, {}, Path(tmp))
         new = Side("gptoss", args, json.loads(args.new_train), Path(tmp))
         print(f"old: {sys.modules['gptoss_old'].__file__}\nnew: {sys.modules['gptoss'].__file__}", flush=True)
@@ -118,8 +141,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"{old.times[-1] / new.times[-1]:.2f}×  ({time.strftime('%H:%M:%S')})", flush=True)
     ratios = [a / b for a, b in zip(old.times, new.times)]
     p_value = paired_t([math.log(x) for x in ratios])
-    print(f"\nsmall preset, batch {args.batch} × {args.seq} tokens, bf16 autocast, {args.threads} thread(s), "
-          f"{args.pairs} alternating pairs after {args.warmup} warm-up steps; baseline {args.baseline}; new-side "
+    print(f"\nsmall preset, batch {args.batch} × {args.seq} tokens, bf16 autocast, {args.device}, "
+          f"{args.threads} thread(s), "
+          f"{args.pairs} alternating pairs after {args.warmup} warm-up steps; baseline {args.baseline_dir or args.baseline}; "
+          f"new-side "
           f"[train] options {args.new_train}")
     print(f"old step {statistics.median(old.times):.3f} s ({min(old.times):.3f}–{max(old.times):.3f}), new "
           f"{statistics.median(new.times):.3f} s ({min(new.times):.3f}–{max(new.times):.3f}); old/new median "
