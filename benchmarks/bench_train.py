@@ -142,10 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     ratios = [a / b for a, b in zip(old.times, new.times)]
     p_value = paired_t([math.log(x) for x in ratios])
     print(f"\nsmall preset, batch {args.batch} × {args.seq} tokens, bf16 autocast, {args.device}, "
-          f"{args.threads} thread(s), "
-          f"{args.pairs} alternating pairs after {args.warmup} warm-up steps; baseline {args.baseline_dir or args.baseline}; "
-          f"new-side "
-          f"[train] options {args.new_train}")
+          f"{args.threads} thread(s), {args.pairs} alternating pairs after {args.warmup} warm-up steps; "
+          f"baseline {args.baseline_dir or args.baseline}; new-side [train] options {args.new_train}")
     print(f"old step {statistics.median(old.times):.3f} s ({min(old.times):.3f}–{max(old.times):.3f}), new "
           f"{statistics.median(new.times):.3f} s ({min(new.times):.3f}–{max(new.times):.3f}); old/new median "
           f"{statistics.median(ratios):.2f}× (range {min(ratios):.2f}–{max(ratios):.2f}×), paired t-test on log "
