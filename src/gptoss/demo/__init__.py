@@ -18,8 +18,8 @@ NAME = "gptoss-demo"
 FILES = ("config.json", "model.safetensors")
 # Written by `python -m gptoss.demo.recipe` when it ships a newly trained model.
 SHA256 = {
-    "config.json": "530e5f1c01759219e39255b76cf21fcac633fa647174cd2a882ad231c2c42674",
-    "model.safetensors": "8252b2be8957838041eae76f478a266b38297f6f24e902313bff53ae3c2057ab",
+    "config.json": "8f893a2a01d385e7913e0c29c166b5db960b91e3c61932b000034aaf2b68ee01",
+    "model.safetensors": "9e7dbfa8776957c20b30db3abf570d35d3c837cf6a06b82cdde65a184673b01b",
 }
 
 
