@@ -39,6 +39,7 @@ from typing import Any, Sequence
 
 # imported here, not in run_one: evaluate() runs run_one in threads, and threads racing to import a module
 # can see it half initialized
+from .. import harmony
 from ..chat import ChatSession
 from ..generate import SamplingParams
 from . import data, phrasing
@@ -50,11 +51,13 @@ TRAIN_SEED, TRAIN_N = 0, 120000  # the recipe's defaults; a shipped model's trai
 CATEGORIES = {"arithmetic": ("add", "sub", "mul"), "tools": ("calc", "convert"), "refusal": ("general", "too_big"),
               "structured": ("json",)}  # data version 4 on: an arithmetic question with a declared response format
 
-
-def evaluated_kinds(version: int) -> list[str]:
-    return [k for cat, kinds in CATEGORIES.items() for k in kinds if cat != "structured" or version >= 4]
 REFUSAL = re.compile(r"I don't know|I can't|I cannot")
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def evaluated_kinds(version: int) -> list[str]:
+    """The kinds asked, in order: the structured one only where the data teaches it (version 4 on)."""
+    return [k for cat, kinds in CATEGORIES.items() for k in kinds if cat != "structured" or version >= 4]
 
 
 @dataclass
@@ -221,11 +224,8 @@ def run_one(ex: data.Example, complete, effort: str, max_tokens: int, family: st
         completions.append([])
         return _Recorded(complete(prompt, params), completions[-1])
 
-    fmt = None
-    if ex.kind in CATEGORIES["structured"]:  # declared and enforced (constrain.py) as `gptoss chat --json-schema`
-        from ..harmony import ResponseFormat
-
-        fmt = ResponseFormat(**response_format(ex))
+    # a structured answer is declared and enforced (constrain.py) as `gptoss chat --json-schema` does
+    fmt = harmony.ResponseFormat(**response_format(ex)) if ex.kind in CATEGORIES["structured"] else None
     session = ChatSession(recorded, SamplingParams(temperature=0, max_tokens=max_tokens), reasoning_effort=effort,
                           tools=tools, max_tool_rounds=2, response_format=fmt)
     r = Result(ex.kind, family, ex.question, list(ex.tools), ex.answer, ex.call)

@@ -142,7 +142,7 @@ def merge_lora(model: Transformer) -> Transformer:
     Expert adapters over MXFP4 experts are merged by re-quantizing each expert to MXFP4: the update is rounded
     onto the FP4 grid (lossy; an update smaller than half a grid step vanishes), which the adapter alone,
     applied on the MXFP4 base, avoids."""
-    from .. import mxfp4
+    from ..checkpoint import dense_experts_to_mxfp4
     from ..model import MXFP4Weight
 
     for i, block in enumerate(model.block):
@@ -151,9 +151,11 @@ def merge_lora(model: Transformer) -> Transformer:
             continue
         for name, stack in (("mlp1_weight", lora.mlp1), ("mlp2_weight", lora.mlp2)):
             w, adapter = getattr(m, name), (stack.lora_A, stack.lora_B, stack.scaling)
-            if isinstance(w, MXFP4Weight):
-                for e, merged in enumerate(merged_experts((w.blocks, w.scales), adapter)):
-                    w.blocks[e], w.scales[e] = mxfp4.quantize(merged, f"block.{i}.mlp.{name}[{e}]")
+            if isinstance(w, MXFP4Weight):  # re-quantized as the saved checkpoint is (loop.export_tensors)
+                (_, blocks), (_, scales) = dense_experts_to_mxfp4(f"block.{i}.mlp.{name}.weight",
+                                                                  merged_experts((w.blocks, w.scales), adapter))
+                w.blocks.copy_(blocks)
+                w.scales.copy_(scales)
             else:
                 with torch.no_grad():
                     for e, merged in enumerate(merged_experts(w.weight, adapter)):
