@@ -212,7 +212,8 @@ def test_eval_sees_how_the_final_answer_ends():
     assert final_stop(TOK.encode("<|channel|>analysis<|message|>x<|end|>", allowed_special="all"), TOK) is None
 
 
-def test_version_5_noise_words_are_not_heldout_words_and_questions_stay_training_phrasings():
+@pytest.mark.parametrize("version", [5, 6])
+def test_version_5_noise_words_are_not_heldout_words_and_questions_stay_training_phrasings(version):
     """Version 5's noise words: two disjoint pools, none a word of any held-out question nor a word that changes
     the question; every training question is a training phrasing, carries filler, or carries a noise word
     (so it cannot be a held-out skeleton), and no held-out question's skeleton is produced."""
@@ -226,7 +227,7 @@ def test_version_5_noise_words_are_not_heldout_words_and_questions_stay_training
     held_words = {w for t in held_texts for w in re.findall(r"[a-z]+", t.casefold())}
     assert not noise & held_words
     trained = P.training_skeletons()
-    examples = [ex for ex in D.generate(seed=0, n=4000, version=5) if ex.kind in ("add", "sub", "mul", "calc")]
+    examples = [ex for ex in D.generate(seed=0, n=4000, version=version) if ex.kind in ("add", "sub", "mul", "calc")]
     with_noise = 0
     frame_words = {w for t in P._family_texts(P.TRAIN) for w in re.findall(r"[a-z]+", t.casefold())}
     for ex in examples:
@@ -234,7 +235,7 @@ def test_version_5_noise_words_are_not_heldout_words_and_questions_stay_training
         with_noise += has_noise
         assert P.skeleton(ex.question) in trained or ex.free or has_noise, ex.question
     assert with_noise / len(examples) > 0.2
-    held = {P.skeleton(ex.question) for ex in heldout(30, family="heldout", train_n=2000, version=5)}
+    held = {P.skeleton(ex.question) for ex in heldout(30, family="heldout", train_n=2000, version=version)}
     assert not held & {P.skeleton(ex.question) for ex in examples}
 
 
@@ -266,3 +267,51 @@ def test_version_5_numberless_questions_are_refused():
     for ex in ops:
         assert not re.search(r"\d", ex.question)
         assert ex.messages[-1]["content"] == D.DONT_KNOW
+
+
+def _title_case(text: str) -> bool:
+    words = re.findall(r"[A-Za-z]+", text)
+    return bool(words) and all(w[0].isupper() for w in words) and not all(w.isupper() for w in words)
+
+
+def test_version_6_copies_separated_numbers_as_typed_then_spells_them():
+    """A question typing 2,659 gets an analysis that copies the request as typed, spells each separated number's
+    digits, then restates it without separators; the spelled digits are the number's, and the final answer and
+    any tool call use the number without separators."""
+    examples = [ex for ex in D.generate(seed=5, n=3000, version=6) if ex.kind in ("add", "sub", "mul", "calc", "json")]
+    separated = [ex for ex in examples if re.search(r"\d,\d{3}", ex.question)]
+    assert 0.15 < len(separated) / len(examples) < 0.5
+    for ex in separated:
+        lines = next(m for m in ex.messages if m.get("channel") == "analysis")["content"].split("\n")
+        typed = [t for t in P.NUMBER.findall(ex.question) if "," in t]
+        assert [int(t.replace(",", "")) for t in P.NUMBER.findall(lines[0])] == \
+            [int(t) for t in re.findall(r"\d+", lines[len(typed) + 1])]  # as typed, then the same numbers plain
+        assert set(typed) <= set(P.NUMBER.findall(lines[0]))
+        for t, line in zip(dict.fromkeys(typed), lines[1:]):
+            left, right = line.split(" = ")
+            assert left == t and right.replace(" ", "") == t.replace(",", "")
+        assert "," not in lines[len(typed) + 1]
+        if ex.call:
+            assert "," not in ex.call["arguments"]["expression"]
+    # no separators in the question: the analysis starts with the plain request, as in version 5
+    plain = [ex for ex in examples if ex.kind != "json" and not re.search(r"\d,\d", ex.question)][:200]
+    for ex in plain:
+        first = next(m for m in ex.messages if m.get("channel") == "analysis")["content"].split("\n")[0]
+        assert "," not in first and " = " not in first
+
+
+def test_version_6_trains_title_case_and_keeps_earlier_versions():
+    """Version 6 phrases training questions in Title Case too (their words are other o200k tokens), which puts
+    title-case operator and order words into the vocabulary; versions 5 and below draw what they drew."""
+    v6 = list(D.generate(seed=0, n=3000, version=6))
+    v5 = list(D.generate(seed=0, n=3000, version=5))
+    share = lambda exs: sum(_title_case(ex.question) for ex in exs) / len(exs)  # noqa: E731
+    assert share(v6) > 0.05 and share(v6) > 3 * share(v5)
+    vocab = set(D.build_vocab(v6, TOK))
+    for word in (" From", " And", " By", " Plus"):
+        assert TOK.encode_ordinary(word)[0] in vocab, word
+    assert P.TRAIN_V6.expression == P.TRAIN.expression and P.training_family(5) is P.TRAIN
+    # the held-out family phrases a question the same way whatever the version
+    rng5, rng6 = random.Random(7), random.Random(7)
+    assert [D.question(rng5, "add", 1234, 5678, "heldout", 5) for _ in range(50)] == \
+        [D.question(rng6, "add", 1234, 5678, "heldout", 6) for _ in range(50)]

@@ -33,7 +33,7 @@ import functools
 import itertools
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 # Operator atoms, shared by both families: the expression forms ({a} OP {b}); the first is the canonical one.
 OPERATORS = {"add": ["+", "plus"], "sub": ["-", "minus"], "mul": ["*", "×", "x", "times", "multiplied by"],
@@ -94,7 +94,17 @@ HELDOUT = Family(
     ends=("", "", "??", " ?", "?!", "..."),
     cases=("as is", "as is", "as is", "lower", "upper", "title"),
 )
+# Data version 6: the training family in Title Case too. o200k's title-case words are tokens unrelated to their
+# lower-case forms (` From`, ` And`, ` Liters`), so a model trained without them reads a held-out Title Case
+# question's operator, order and units as unknown tokens: run 5 got 75 % of those right against 92 % of the
+# others. Its frames and glue stay held out (skeletons are case-folded), as for lower case and ALL CAPS.
+TRAIN_V6 = replace(TRAIN, cases=TRAIN.cases + ("title", "title"))
 FAMILIES = {"train": TRAIN, "heldout": HELDOUT}
+
+
+def training_family(version: int) -> Family:
+    """The training family as data `version` phrases it (version 6 adds Title Case)."""
+    return TRAIN_V6 if version >= 6 else TRAIN
 
 
 def with_separators(n: int) -> str:
@@ -129,7 +139,7 @@ def phrase(rng: random.Random, family: Family | str, op: str, a: int, b: int, wo
         frame = rng.choice(fam.words[op]).format(a=ta, b=tb)
     else:
         sym = rng.choice(OPERATORS[op])
-        if fam is TRAIN and sym[0].isalpha() and rng.random() < 0.15:
+        if fam.name == "train" and sym[0].isalpha() and rng.random() < 0.15:
             sym = sym.title()  # operator words in every casing a held-out question can give them (Title Case)
         space = " {op} " if sym[0].isalpha() else rng.choice(fam.spacing)
         e = ta + space.format(op=sym) + tb
