@@ -9,6 +9,7 @@ from, ending the turn with exactly one <|return|>.
 
 from __future__ import annotations
 
+import json
 import random
 import re
 
@@ -315,3 +316,13 @@ def test_version_6_trains_title_case_and_keeps_earlier_versions():
     rng5, rng6 = random.Random(7), random.Random(7)
     assert [D.question(rng5, "add", 1234, 5678, "heldout", 5) for _ in range(50)] == \
         [D.question(rng6, "add", 1234, 5678, "heldout", 6) for _ in range(50)]
+
+
+def test_version_6_json_answers_write_the_times_sign_as_itself():
+    """Version 6's JSON answers keep "×" unescaped (run 5 slipped on the six-token escape); version 5's as before."""
+    for version, sign in ((5, "\\u00d7"), (6, "×")):
+        answers = [ex.messages[-1]["content"] for ex in D.generate(seed=2, n=4000, version=version)
+                   if ex.kind == "json" and "×" in json.loads(ex.messages[-1]["content"]).get("expression", "")
+                   + json.loads(ex.messages[-1]["content"]).get("question", "")
+                   + json.loads(ex.messages[-1]["content"]).get("problem", "")]
+        assert len(answers) > 10 and all(sign in a for a in answers), (version, answers[:2])

@@ -41,7 +41,8 @@ Version 6 is version 5 with two changes to how training questions type their num
 56 held-out questions with thousands separators right, and 75 % of Title Case ones against 92 % of the rest):
 35 % of numbers ≥ 1000 carry thousands separators (10 % before), and the analysis copies such a request as typed
 and spells each separated number before restating it without separators (`restated`); and the training family
-uses Title Case as well (gptoss.demo.phrasing.TRAIN_V6), whose words are other o200k tokens.
+uses Title Case as well (gptoss.demo.phrasing.TRAIN_V6), whose words are other o200k tokens. Its JSON answers
+write "×" as itself, not as the escape `\u00d7`.
 
 A conversation is a list of message dicts {role, content, channel?, recipient?, content_type?} (the
 format `gptoss.train` reads from JSONL `messages`); `to_document` renders one for training, keeping the
@@ -578,7 +579,9 @@ def structured_example(rng: random.Random, version: int, phrasing: str | None = 
     messages = [m for m in base.messages if m["role"] != "developer"]
     at = 1  # after the system message
     dev = {"role": "developer", "content": {"tools": [TOOL_DEFS[t] for t in base.tools], "response_format": fmt}}
-    messages = [*messages[:at], dev, *messages[at:-1], final(json.dumps(answer))]
+    # version 6 writes "×" as itself: json.dumps's default "\u00d7" is six tokens the model must spell out, and
+    # run 5 got 27 of 52 held-out multiplications with an expression field right (90 % of the other JSON answers)
+    messages = [*messages[:at], dev, *messages[at:-1], final(json.dumps(answer, ensure_ascii=version < 6))]
     return Example("json", base.effort, base.tools, base.question, messages, base.answer, None, base.history,
                    base.free, base.history_free)
 
