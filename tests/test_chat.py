@@ -23,6 +23,7 @@ from gptoss.tools import BUILTIN_TOOLS, evaluate, load_tools, run_tool, ToolErro
 TOK = get_tokenizer()
 SCRIPT = [  # (user turn, completions of the model for that turn: one per model call)
     ("What is 12*34?", ['<|channel|>analysis<|message|>Use the calculator.<|end|>'
+                        '<|start|>assistant<|channel|>commentary<|message|>Let me check.<|end|>'  # a preamble
                         '<|start|>assistant<|channel|>commentary to=functions.calculator <|constrain|>json'
                         '<|message|>{"expression": "12*34"}<|call|>',
                         '<|channel|>final<|message|>12 × 34 = 408.<|return|>']),
@@ -60,6 +61,7 @@ def test_session_runs_the_tool_and_feeds_back_its_result():
     assert ("tool_call", '{"expression": "12*34"}', "calculator") in first
     assert ("tool_result", '{"result": 408}', "calculator") in first
     assert "".join(t for k, t, _ in first if k == "final") == "12 × 34 = 408."
+    assert "".join(t for k, t, _ in first if k == "commentary") == "Let me check."  # the preamble, before the call
     assert [k for k, _, _ in first if k in ("tool_call", "tool_result", "done")] == ["tool_call", "tool_result", "done"]
     # the second model call sees the call and the tool's result, rendered as Harmony prescribes
     second_prompt = TOK.decode(engine.prompts[1])
@@ -70,7 +72,9 @@ def test_session_runs_the_tool_and_feeds_back_its_result():
     third_prompt = TOK.decode(engine.prompts[2])
     assert "Use the calculator." not in third_prompt and "12 × 34 = 408." in third_prompt
     assert "type calculator = (_: {" in third_prompt and "Reasoning: low" in third_prompt
-    assert [m.role for m in session.messages] == ["user", "assistant", "tool", "assistant", "user", "assistant"]
+    assert "Let me check." in third_prompt  # a preamble is not reasoning: it stays
+    assert [m.role for m in session.messages] == ["user", "assistant", "assistant", "tool", "assistant", "user",
+                                                  "assistant"]
 
 
 def test_unknown_tool_and_bad_arguments_reach_the_model_as_errors():
@@ -151,6 +155,7 @@ def test_chat_cli_multi_turn_with_tool_call(scripted_checkpoint):
     assert done.returncode == 0, done.stderr
     assert done.stdout == (
         ">>> What is 12*34?\n"
+        "Let me check.\n"  # a preamble is for the user: shown without /reasoning, as the server returns it
         '[tool call] calculator({"expression": "12*34"})\n'
         '[tool result] {"result": 408}\n'
         "12 × 34 = 408.\n"
@@ -185,3 +190,24 @@ def test_a_broken_call_is_repaired_as_the_server_returns_it():
         ("tool_call", repaired), ("tool_result", run_tool(BUILTIN_TOOLS["calculator"], repaired))]
     assert json.loads(events[1].text) == {"result": 4}
     assert TOK.decode(prompts[1]).count(f"<|message|>{repaired}<|call|>") == 1  # the second prompt holds it
+
+
+def test_chat_and_server_show_the_same_preamble(scripted_checkpoint):
+    """One rule for what the user sees: the server returns the preamble (commentary to no one) as the message's
+    content beside its tool call, and `gptoss chat` prints that same text (test above)."""
+    openai = pytest.importorskip("openai")
+    from gptoss.checkpoint import load
+    from gptoss.engine import Engine
+    from gptoss.server import create_app, serve_in_thread
+
+    model = load(scripted_checkpoint, dtype=torch.float32)
+    tools = [{"type": "function", "function": {"name": t.name, "description": t.description,
+                                               "parameters": t.parameters}} for t in [BUILTIN_TOOLS["calculator"]]]
+    with Engine(model) as engine, serve_in_thread(create_app(engine, "scripted")) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="-")
+        r = client.chat.completions.create(model="scripted", messages=[{"role": "user", "content": "What is 12*34?"}],
+                                           tools=tools, reasoning_effort="low", temperature=0)
+    message = r.choices[0].message
+    assert message.content == "Let me check."
+    assert [(c.function.name, c.function.arguments) for c in message.tool_calls] == \
+        [("calculator", '{"expression": "12*34"}')]

@@ -241,14 +241,16 @@ def run_chat(args: argparse.Namespace) -> None:
                 continue
             channel = None
             for event in session.send(line):
+                # what `gptoss serve` returns as content: the final answer and preambles (commentary to no one,
+                # which Harmony means for the user); the analysis only with /reasoning
                 if event.kind in ("analysis", "commentary", "final"):
-                    if event.kind != "final" and not show_reasoning:
+                    if event.kind == "analysis" and not show_reasoning:
                         continue
                     if event.kind != channel:
-                        out.write({"analysis": "[thinking] ", "commentary": "[commentary] ", "final": ""}[event.kind]
-                                  if channel is None else f"\n{'' if event.kind == 'final' else '[' + event.kind + '] '}")
+                        out.write(("[thinking] " if event.kind == "analysis" else "") if channel is None else
+                                  "\n" + ("[thinking] " if event.kind == "analysis" else ""))
                         channel = event.kind
-                    out.write(event.text if event.kind == "final" else f"{dim}{event.text}{undim}")
+                    out.write(f"{dim}{event.text}{undim}" if event.kind == "analysis" else event.text)
                 elif event.kind == "tool_call" and event.name == "python":
                     out.write(f"{chr(10) if channel else ''}[python]\n{event.text.rstrip()}\n")
                     channel = None

@@ -231,12 +231,13 @@ def run_one(ex: data.Example, complete, effort: str, max_tokens: int, family: st
     r = Result(ex.kind, family, ex.question, list(ex.tools), ex.answer, ex.call)
     t0 = time.perf_counter()
     for event in session.send(ex.question):
-        if event.kind == "final":
+        if event.kind in ("final", "commentary"):  # what the user sees (the server's content: preambles too)
             r.final += event.text
         elif event.kind == "analysis":
             r.reasoning += event.text
-        elif event.kind == "tool_call":
+        elif event.kind == "tool_call":  # the text of a round that ends in a call is not the answer
             r.calls.append({"name": event.name, "arguments": event.text})
+            r.final = ""
     r.seconds = time.perf_counter() - t0
     r.stop = final_stop(completions[-1], session.tok) if completions else None
     return score(ex, r)
