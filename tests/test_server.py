@@ -428,6 +428,11 @@ ERRORS = [  # (case, path, body, status, param, code); every answer is {"error":
     ("unknown model", CHAT, {"model": "gpt-4o", "messages": USER}, 400, "model", "model_not_found"),
     ("missing messages", CHAT, {"model": M}, 400, "messages", "missing_required_parameter"),
     ("no messages", CHAT, {"model": M, "messages": []}, 400, "messages", "invalid_value"),
+    ("user message without content", CHAT, {"model": M, "messages": [{"role": "user"}]}, 400, "messages[0].content",
+     "missing_required_parameter"),
+    ("tool message without content", CHAT, {"model": M, "messages": [*USER, {"role": "assistant", "tool_calls": [
+        {"id": "c1", "function": {"name": "f", "arguments": "{}"}}]}, {"role": "tool", "tool_call_id": "c1"}]}, 400,
+     "messages[2].content", "missing_required_parameter"),
     ("unknown role", CHAT, {"model": M, "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages[0].role",
      "invalid_value"),
     ("image content", CHAT, {"model": M, "messages": [{"role": "user", "content": [
