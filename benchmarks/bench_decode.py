@@ -188,6 +188,9 @@ def main() -> None:
     p.add_argument("--no-bf16-kernel", action="store_true", help="dense bf16 layers through F.linear (A/B)")
     p.add_argument("--fp32-prefill-attention", action="store_true",
                    help="prefill attention in fp32 even where the CPU has bf16 math (A/B)")
+    p.add_argument("--hugepages", action="store_true",
+                   help="copy the CPU weights into anonymous memory on transparent huge pages after loading "
+                        "(gptoss.hugepages; A/B against the checkpoint's 4 KiB page-cache pages)")
     p.add_argument("--int8-unembedding", action="store_true",
                    help="quantize the unembedding to int8 (the opt-in mode) and report its logit error")
     args = p.parse_args()
@@ -208,6 +211,15 @@ def main() -> None:
     dense = {"auto": None, "mxfp4": False, "dense": True}[args.experts]
     model = gptoss.load(args.model, device=device, dtype=getattr(torch, args.dtype), dense_experts=dense)
     load_s = time.perf_counter() - t
+    hugepages_s = None
+    if args.hugepages:
+        from gptoss import hugepages
+
+        t = time.perf_counter()
+        moved = hugepages.to_hugepages(model)
+        hugepages_s = time.perf_counter() - t
+        print(f"hugepages: {moved / 2**30:.2f} GiB copied in {hugepages_s:.1f} s, "
+              f"{hugepages.anonymous_huge_bytes() / 2**30:.2f} GiB on huge pages", flush=True)
     rss_loaded = rss_gib()
     warm_s = touch_weights(model) if not args.cold else 0.0
     int8_error = quantize_unembedding(model) if args.int8_unembedding else None
@@ -217,7 +229,8 @@ def main() -> None:
     results = {"model": str(args.model), "device": str(device), "threads": torch.get_num_threads(),
                "dtype": args.dtype, "experts": type(model.block[0].mlp.mlp1_weight).__name__,
                "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-               "read_bandwidth_GBs": bandwidth / 1e9, "load_s": load_s, "rss_after_load_GiB": rss_loaded,
+               "read_bandwidth_GBs": bandwidth / 1e9, "load_s": load_s, "hugepages_s": hugepages_s,
+               "rss_after_load_GiB": rss_loaded,
                "touch_all_pages_s": warm_s,
                "checkpoint_GiB": checkpoint_bytes / 2**30, "bytes_per_token_GB": per_token_bytes / 1e9,
                "limit_tok_s": bandwidth / per_token_bytes, "int8_unembedding": int8_error, "decode": []}

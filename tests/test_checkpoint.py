@@ -97,6 +97,24 @@ def test_load_is_memory_mapped(tmp_path):
         assert torch.isfinite(model(torch.tensor([[1, 2, 3]]))).all()
 
 
+def test_weights_moved_to_huge_pages_are_the_same_weights(tmp_path):
+    """gptoss.hugepages: every CPU tensor of ≥ 2 MiB copied into anonymous memory starting on a 2 MiB boundary,
+    no longer a view of the checkpoint's files, and the logits bit for bit the same."""
+    from gptoss import hugepages
+
+    config = TINY.replace(hidden_size=512, intermediate_size=512, num_experts=16)
+    write_checkpoint(random_tensors(config), config, tmp_path / "m", "hf")
+    reference, model = gptoss.load(tmp_path / "m"), gptoss.load(tmp_path / "m")
+    big = {n: t.data_ptr() for n, t in [*model.named_parameters(), *model.named_buffers()] if t.nbytes >= 2 << 20}
+    moved = hugepages.to_hugepages(model)
+    after = dict([*model.named_parameters(), *model.named_buffers()])
+    assert big and moved == sum(after[n].nbytes for n in big)
+    for name, ptr in big.items():
+        assert after[name].data_ptr() != ptr and after[name].data_ptr() % (2 << 20) == 0, name
+    x = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with torch.no_grad():
+        assert torch.equal(model(x), reference(x))
+
 # ---------------------------------------------------------------- bad input, one clear error each
 def rewrite_shard_without(path: Path, name: str, replacement: torch.Tensor | None = None) -> Path:
     """Rewrite the shard holding `name` without it (or with `replacement` in its place)."""
