@@ -18,8 +18,8 @@ NAME = "gptoss-demo"
 FILES = ("config.json", "model.safetensors")
 # Written by `python -m gptoss.demo.recipe` when it ships a newly trained model.
 SHA256 = {
-    "config.json": "8f893a2a01d385e7913e0c29c166b5db960b91e3c61932b000034aaf2b68ee01",
-    "model.safetensors": "9e7dbfa8776957c20b30db3abf570d35d3c837cf6a06b82cdde65a184673b01b",
+    "config.json": "202c70e2eef022eaf68e41b3ee4b5df69089ff5935279ea7e9421d9e09a9edab",
+    "model.safetensors": "748418ebb9a843cc40a219df1b84f112f7443ae5f9228221dd932be73e9a94ab",
 }
 
 
