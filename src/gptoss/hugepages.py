@@ -11,8 +11,10 @@ page cache), so it is only for a model that fits in RAM with room to spare.
 
 from __future__ import annotations
 
+import math
 import mmap
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -29,37 +31,33 @@ def supported() -> bool:
     return hasattr(mmap, "MADV_HUGEPAGE") and ("[always]" in mode or "[madvise]" in mode)
 
 
-def _anonymous(nbytes: int) -> tuple[mmap.mmap, torch.Tensor]:
-    """An anonymous mapping advised MADV_HUGEPAGE and a uint8 view of nbytes of it starting on a 2 MiB boundary."""
-    size = -(-nbytes // HUGE_PAGE) * HUGE_PAGE + HUGE_PAGE  # room to align the start
-    region = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+def empty(shape: Sequence[int], dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+    """An uninitialised CPU tensor in anonymous memory advised MADV_HUGEPAGE, starting on a 2 MiB boundary. The
+    tensor keeps its mapping alive (torch.frombuffer holds a reference to it)."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    region = mmap.mmap(-1, -(-nbytes // HUGE_PAGE) * HUGE_PAGE + HUGE_PAGE,  # room to align the start
+                       flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     region.madvise(mmap.MADV_HUGEPAGE)
     raw = torch.frombuffer(region, dtype=torch.uint8)
     start = -raw.data_ptr() % HUGE_PAGE
-    return region, raw[start:start + nbytes]
+    return raw[start:start + nbytes].view(dtype).view(shape)
 
 
 def to_hugepages(model: nn.Module, min_bytes: int = HUGE_PAGE) -> int:
     """Copy every CPU parameter and buffer of at least `min_bytes` into huge-page memory, in place (the modules
-    keep their tensors' names, shapes and dtypes); the mappings live as long as the model. Returns the bytes
-    moved."""
-    regions = getattr(model, "_hugepage_regions", [])
+    keep their tensors' names, shapes and dtypes). Returns the bytes moved."""
     moved = 0
     for module in model.modules():
         for table in (module._parameters, module._buffers):
             for name, tensor in list(table.items()):
                 if tensor is None or tensor.device.type != "cpu" or tensor.nbytes < min_bytes:
                     continue
-                region, raw = _anonymous(tensor.nbytes)
-                copy = raw.view(tensor.dtype).view(tensor.shape)
-                copy.copy_(tensor)
+                copy = empty(tensor.shape, tensor.dtype).copy_(tensor)
                 if isinstance(tensor, nn.Parameter):
                     tensor.data = copy
                 else:
                     table[name] = copy
-                regions.append(region)
                 moved += tensor.nbytes
-    model._hugepage_regions = regions  # the mappings must outlive the views
     return moved
 
 
