@@ -37,12 +37,12 @@ arithmetic as soon as the words around a question were new): 35 % of training qu
 o200k words around them (gptoss.demo.phrasing.noise_words, none a word of any held-out question), half in the
 vocabulary and half outside it; 40 % of the general questions are training frames with words for operands
 (`What is tree plus void?`: no numbers, so refused); and general questions weigh 15 instead of 10.
-Version 6 is version 5 with two changes to how training questions type their numbers and words (run 5 got 4 of
-56 held-out questions with thousands separators right, and 75 % of Title Case ones against 92 % of the rest):
-35 % of numbers ≥ 1000 carry thousands separators (10 % before), and the analysis copies such a request as typed
-and spells each separated number before restating it without separators (`restated`); and the training family
-uses Title Case as well (gptoss.demo.phrasing.TRAIN_V6), whose words are other o200k tokens. Its JSON answers
-write "×" as itself, not as the escape `\u00d7`.
+Version 6 is version 5 with three changes, each aimed at one set of run 5's held-out misses: 35 % of numbers
+≥ 1000 carry thousands separators (10 % before), and the analysis copies such a request as typed and spells each
+separated number before restating it without separators (`restated`; run 5 got 4 of 56 such questions right);
+the training family uses Title Case as well (gptoss.demo.phrasing.TRAIN_V6), whose words are other o200k tokens
+(run 5: 75 % of Title Case questions right, 92 % of the rest); and JSON answers write "×" as itself, not as the
+escape `\u00d7` (run 5: 27 of 52 JSON multiplications with an expression field right).
 
 A conversation is a list of message dicts {role, content, channel?, recipient?, content_type?} (the
 format `gptoss.train` reads from JSONL `messages`); `to_document` renders one for training, keeping the
