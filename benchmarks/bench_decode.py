@@ -215,6 +215,9 @@ def main() -> None:
     if args.hugepages:
         from gptoss import hugepages
 
+        if not hugepages.supported():
+            raise SystemExit("--hugepages: this kernel gives no transparent huge pages on request "
+                             "(/sys/kernel/mm/transparent_hugepage/enabled is neither always nor madvise)")
         t = time.perf_counter()
         moved = hugepages.to_hugepages(model)
         hugepages_s = time.perf_counter() - t

@@ -321,8 +321,7 @@ def test_version_6_trains_title_case_and_keeps_earlier_versions():
 def test_version_6_json_answers_write_the_times_sign_as_itself():
     """Version 6's JSON answers keep "×" unescaped (run 5 slipped on the six-token escape); version 5's as before."""
     for version, sign in ((5, "\\u00d7"), (6, "×")):
-        answers = [ex.messages[-1]["content"] for ex in D.generate(seed=2, n=4000, version=version)
-                   if ex.kind == "json" and "×" in json.loads(ex.messages[-1]["content"]).get("expression", "")
-                   + json.loads(ex.messages[-1]["content"]).get("question", "")
-                   + json.loads(ex.messages[-1]["content"]).get("problem", "")]
+        finals = [ex.messages[-1]["content"] for ex in D.generate(seed=2, n=4000, version=version) if ex.kind == "json"]
+        answers = [a for a in finals if "×" in "".join(json.loads(a).get(f, "") for f in ("expression", "question",
+                                                                                          "problem"))]
         assert len(answers) > 10 and all(sign in a for a in answers), (version, answers[:2])

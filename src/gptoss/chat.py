@@ -247,8 +247,8 @@ def run_chat(args: argparse.Namespace) -> None:
                     if event.kind == "analysis" and not show_reasoning:
                         continue
                     if event.kind != channel:
-                        out.write(("[thinking] " if event.kind == "analysis" else "") if channel is None else
-                                  "\n" + ("[thinking] " if event.kind == "analysis" else ""))
+                        label = "[thinking] " if event.kind == "analysis" else ""
+                        out.write(label if channel is None else "\n" + label)
                         channel = event.kind
                     out.write(f"{dim}{event.text}{undim}" if event.kind == "analysis" else event.text)
                 elif event.kind == "tool_call" and event.name == "python":

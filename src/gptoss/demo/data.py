@@ -488,7 +488,8 @@ def make_example(rng: random.Random, kind: str | None = None, heldout: bool = Fa
         if uf in "CF" and rng.random() < 0.3:
             v = -v
         template = rng.choice(CONVERT_HELDOUT if phrasing == "heldout" else CONVERT_TEMPLATES)
-        q = _phrased(rng, phrasing, template, version, v=fmt_number(v), f=rng.choice(UNITS[uf][0]), t=rng.choice(UNITS[ut][0]))
+        q = _phrased(rng, phrasing, template, version, v=fmt_number(v), f=rng.choice(UNITS[uf][0]),
+                     t=rng.choice(UNITS[ut][0]))
         if version >= 5:
             q, free = glue(rng, q, phrasing, version)
         if kind == "no_converter":
@@ -603,13 +604,11 @@ def restated(request: str, assistant: list[dict[str, Any]], question: str | None
     text = first["content"]
     if not (text == request or text.startswith(request + "\n")):
         text = f"{request}\n{text}"
-    typed = {int(t.replace(",", "")): t for t in NUMBER.findall(question or "") if "," in t}
-    if typed:
-        parts = [typed.get(int(p), p) if p.isdigit() else p for p in request.split(" ")]
-        spelled = [f"{t} = {spaced(digits(n, len(str(n))))}" for n, t in typed.items()
-                   if str(n) in request.split(" ")]
-        if spelled:
-            text = "\n".join([" ".join(parts), *spelled, text])
+    words = request.split(" ")
+    typed = {t.replace(",", ""): t for t in NUMBER.findall(question or "") if "," in t and t.replace(",", "") in words}
+    if typed:  # plain digits → as typed
+        spelled = [f"{t} = {spaced(digits(int(n), len(n)))}" for n, t in typed.items()]
+        text = "\n".join([" ".join(typed.get(w, w) for w in words), *spelled, text])
     return [{**first, "content": text}, *rest]
 
 

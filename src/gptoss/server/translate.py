@@ -122,7 +122,7 @@ def chat_turns(messages: list[ChatMessage]) -> Turns:
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
         if m.content is None and not (m.role == "assistant" and (m.tool_calls or m.reasoning_content or m.reasoning)):
-            # OpenAI's rule: only an assistant message with tool calls may leave out its content
+            # OpenAI's rule: only an assistant message with tool calls (here: or reasoning) may leave out its content
             raise bad_request(f"Missing required parameter: '{where}.content'.", f"{where}.content",
                               "missing_required_parameter")
         text = _text(m.content, f"{where}.content")
