@@ -213,7 +213,7 @@ def test_eval_sees_how_the_final_answer_ends():
     assert final_stop(TOK.encode("<|channel|>analysis<|message|>x<|end|>", allowed_special="all"), TOK) is None
 
 
-@pytest.mark.parametrize("version", [5, 6])
+@pytest.mark.parametrize("version", [5, 6, 7])
 def test_version_5_noise_words_are_not_heldout_words_and_questions_stay_training_phrasings(version):
     """Version 5's noise words: two disjoint pools, none a word of any held-out question nor a word that changes
     the question; every training question is a training phrasing, carries filler, or carries a noise word
@@ -227,10 +227,10 @@ def test_version_5_noise_words_are_not_heldout_words_and_questions_stay_training
                   *D.HELDOUT_SUBJECTS, *D.HELDOUT_THINGS, *D.CONVERT_HELDOUT]
     held_words = {w for t in held_texts for w in re.findall(r"[a-z]+", t.casefold())}
     assert not noise & held_words
-    trained = P.training_skeletons()
+    trained = P.training_skeletons(version)
     examples = [ex for ex in D.generate(seed=0, n=4000, version=version) if ex.kind in ("add", "sub", "mul", "calc")]
     with_noise = 0
-    frame_words = {w for t in P._family_texts(P.TRAIN) for w in re.findall(r"[a-z]+", t.casefold())}
+    frame_words = {w for t in P._family_texts(P.training_family(version)) for w in re.findall(r"[a-z]+", t.casefold())}
     for ex in examples:
         has_noise = bool(set(re.findall(r"[a-z]+", ex.question.casefold())) & noise - frame_words)
         with_noise += has_noise
@@ -325,3 +325,64 @@ def test_version_6_json_answers_write_the_times_sign_as_itself():
         answers = [a for a in finals if "×" in "".join(json.loads(a).get(f, "") for f in ("expression", "question",
                                                                                           "problem"))]
         assert len(answers) > 10 and all(sign in a for a in answers), (version, answers[:2])
+
+
+def _compared(line: str) -> tuple[int, int, str, str]:
+    """(a, b, relation, reason) of a version-7 comparison line, either effort's form."""
+    m = re.fullmatch(r"Compare (\d+) and (\d+): (?:from the left )?(.+), so \1 ([<>=]) \2\.", line) or \
+        re.fullmatch(r"(\d+)([<>=])(\d+) \((.+)\)", line)
+    assert m, line
+    if line.startswith("Compare"):
+        return int(m[1]), int(m[2]), m[4], m[3]
+    return int(m[1]), int(m[3]), m[2], m[4]
+
+
+@pytest.mark.parametrize("effort", D.EFFORTS)
+def test_version_7_compares_the_operands_before_subtracting(effort):
+    """Every version-7 subtraction opens with a comparison whose relation is true and whose reason checks out:
+    the digit counts when they differ, else the digits from the left, equal up to the first that differs."""
+    rng = random.Random(3)
+    pairs = [(548, 743), (93, 94), (2108, 2039), (32, 307), (555, 555), (0, 0), (9, 10)]
+    pairs += [(D.number(rng), D.number(rng)) for _ in range(400)]
+    for a, b in pairs:
+        work, r = D.work_sub(a, b, effort, version=7)
+        assert r == a - b
+        first, rest = work.split("\n", 1)
+        ca, cb, rel, why = _compared(first)
+        assert (ca, cb) == (a, b) and rel == ("<" if a < b else ">" if a > b else "=")
+        if len(str(a)) != len(str(b)):
+            assert why == f"{len(str(a))} digits {rel} {len(str(b))} digits"
+        else:
+            steps = [re.fullmatch(r"(\d)([<>=])(\d)", s).groups() for s in why.split(", ")]
+            for k, (x, s, y) in enumerate(steps):
+                assert (x, y) == (str(a)[k], str(b)[k]) and s == ("<" if x < y else ">" if x > y else "=")
+            assert all(s == "=" for _, s, _ in steps[:-1]) and (steps[-1][1] != "=" or a == b)
+        assert rest == D.work_sub(a, b, effort, version=6)[0]  # then the work as version 6 writes it
+    # in the generated conversations, right after the restated request (and JSON answers too)
+    subs = [ex for ex in D.generate(seed=1, n=3000, version=7) if ex.kind == "sub"]
+    for ex in subs:
+        lines = next(m for m in ex.messages if m.get("channel") == "analysis")["content"].split("\n")
+        k = next(i for i, line in enumerate(lines) if line.startswith("Compare") or re.match(r"\d+[<>=]\d+ \(", line))
+        a, b = (int(t) for t in re.findall(r"-?\d+", lines[k])[:2])
+        assert lines[k - 1] == f"{a} - {b}" and ex.answer == str(a - b)
+
+
+def test_version_7_trains_the_inflected_operator_words_and_keeps_heldout_frames_out():
+    """"subtracted from" and "multiplied with" reach the training vocabulary (" sub" + "tracted"), in frames of the
+    training family's own: the held-out family stays disjoint from every skeleton version 7 can produce, and
+    version 6 and below draw what they drew (TRAIN_V6 unchanged)."""
+    v7 = list(D.generate(seed=0, n=4000, version=7))
+    vocab = set(D.build_vocab(v7, TOK))
+    assert TOK.encode_ordinary(" subtracted") == TOK.encode_ordinary(" sub") + TOK.encode_ordinary("tracted")
+    assert TOK.encode_ordinary("tracted")[0] in vocab
+    assert sum("subtracted from" in ex.question.lower() for ex in v7) > 20
+    assert sum("multiplied with" in ex.question.lower() for ex in v7) > 10
+    trained = P.training_skeletons(7)
+    assert P.training_skeletons(1) < trained
+    rng = random.Random(0)
+    held = {P.skeleton(P.phrase(rng, "heldout", rng.choice(OPS), rng.randint(0, 9999), rng.randint(0, 9999)))
+            for _ in range(5000)}
+    assert not held & trained
+    for op in OPS:
+        assert not {f.casefold() for f in P.HELDOUT.words[op]} & {f.casefold() for f in P.TRAIN_V7.words[op]}
+    assert P.training_family(6) is P.TRAIN_V6 and P.TRAIN_V6.words == P.TRAIN.words

@@ -43,6 +43,13 @@ separated number before restating it without separators (`restated`; run 5 got 4
 the training family uses Title Case as well (gptoss.demo.phrasing.TRAIN_V6), whose words are other o200k tokens
 (run 5: 75 % of Title Case questions right, 92 % of the rest); and JSON answers write "×" as itself, not as the
 escape `\u00d7` (run 5: 27 of 52 JSON multiplications with an expression field right).
+Version 7 is version 6 with two changes aimed at run 6's held-out misses: every subtraction first compares its
+operands in the open (`compare`: the digit counts, or the digits from the left up to the first that differs),
+so that the sign of the result rests on a checkable line (run 6 wrote `548 - 743 = 205` and `93 - 94 = 19`,
+never noticing a < b when both have as many digits); and the training family knows the inflected operator words
+a held-out question can use (gptoss.demo.phrasing.TRAIN_V7: "subtracted from", "multiplied with"), which run 6
+read as the unknown token (`subtracted` is ` sub` + `tracted`): it answered 10 of the 12 held-out "b subtracted
+from a" questions in its eval with an addition or a multiplication.
 
 A conversation is a list of message dicts {role, content, channel?, recipient?, content_type?} (the
 format `gptoss.train` reads from JSONL `messages`); `to_document` renders one for training, keeping the
@@ -155,7 +162,31 @@ def _sub_column(x: int, y: int, borrow: int, effort: str, k: int, version: int) 
     return (f"{PLACES[k]}: {col}, borrow {int(need)}" if effort == "high" else col), d, int(need)
 
 
+def compare(a: int, b: int, effort: str) -> str:
+    """Version 7: which of two whole numbers is larger, decided in the open: by their digit counts, or, with as
+    many digits, digit by digit from the left up to the first that differs (`2=2, 1>0`)."""
+    rel = "<" if a < b else ">" if a > b else "="
+    la, lb = len(str(a)), len(str(b))
+    if la != lb:
+        why = f"{la} digits {'<' if la < lb else '>'} {lb} digits"
+    else:
+        steps = []
+        for x, y in zip(str(a), str(b)):
+            steps.append(f"{x}{'<' if x < y else '>' if x > y else '='}{y}")
+            if x != y:
+                break
+        why = ", ".join(steps)
+    if effort == "low":
+        return f"{a}{rel}{b} ({why})"
+    if la != lb:
+        return f"Compare {a} and {b}: {why}, so {a} {rel} {b}."
+    return f"Compare {a} and {b}: from the left {why}, so {a} {rel} {b}."
+
+
 def work_sub(a: int, b: int, effort: str, version: int = 1) -> tuple[str, int]:
+    if version >= 7:  # the sign decided on a checkable line first, then the work as in version 6
+        text, r = work_sub(a, b, effort, 6)
+        return f"{compare(a, b, effort)}\n{text}", r
     if a < b:  # a − b = −(b − a)
         text, r = work_sub(b, a, effort, version)
         lead = {"low": f"{a}<{b}, negate {b}-{a}",

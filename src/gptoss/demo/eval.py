@@ -91,7 +91,7 @@ def heldout(n: int, seed: int = HELDOUT_SEED, train_seed: int = TRAIN_SEED, trai
     no question whose skeleton the training family can produce."""
     exclude = set(training_keys(train_seed, train_n, version))
     style = {"template": None if version == 1 else "train", "heldout": "heldout"}[family]
-    trained = phrasing.training_skeletons() if family == "heldout" else frozenset()
+    trained = phrasing.training_skeletons(version) if family == "heldout" else frozenset()
     rng = random.Random(seed if family == "template" else seed + 1000)
     out: list[data.Example] = []
     for kind in evaluated_kinds(version):

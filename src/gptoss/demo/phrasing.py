@@ -99,12 +99,21 @@ HELDOUT = Family(
 # question's operator, order and units as unknown tokens: run 5 got 75 % of those right against 92 % of the
 # others. Its frames and glue stay held out (skeletons are case-folded), as for lower case and ALL CAPS.
 TRAIN_V6 = replace(TRAIN, cases=TRAIN.cases + ("title", "title"))
+# Data version 7: the inflected operator words are atoms as much as "×" is. The held-out family asks "What is
+# {b} subtracted from {a}?" and "Multiply {a} with {b}"; o200k writes " subtracted" as " sub" + "tracted", and no
+# training question had "tracted", so run 6 read the unknown token there and answered 10 of 12 such questions
+# with an addition or a multiplication. Training frames of their own carry the words; the held-out frames stay
+# held out (their skeletons differ, and training_skeletons(7) includes these).
+TRAIN_V7 = replace(TRAIN_V6, words={
+    **TRAIN_V6.words,
+    "sub": TRAIN_V6.words["sub"] + ("{b} subtracted from {a}", "{b} subtracted from {a} leaves what?"),
+    "mul": TRAIN_V6.words["mul"] + ("{a} multiplied with {b}", "Multiplied with {b}, {a} gives?")})
 FAMILIES = {"train": TRAIN, "heldout": HELDOUT}
 
 
 def training_family(version: int) -> Family:
-    """The training family as data `version` phrases it (version 6 adds Title Case)."""
-    return TRAIN_V6 if version >= 6 else TRAIN
+    """The training family as data `version` phrases it (version 6 adds Title Case, 7 inflected operators)."""
+    return TRAIN_V7 if version >= 7 else TRAIN_V6 if version >= 6 else TRAIN
 
 
 def with_separators(n: int) -> str:
@@ -171,10 +180,11 @@ def numbers(question: str) -> list[int]:
 
 
 @functools.lru_cache(maxsize=None)
-def training_skeletons() -> frozenset[str]:
-    """Every skeleton the training family can produce (all frames × operators × spacing × glue × case)."""
+def training_skeletons(version: int = 1) -> frozenset[str]:
+    """Every skeleton the training family of data `version` can produce (all frames × operators × spacing ×
+    glue × case)."""
     out: set[str] = set()
-    fam = TRAIN
+    fam = training_family(version)
     frames: list[str] = []
     for op, syms in OPERATORS.items():
         for sym in syms:
