@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -167,6 +168,21 @@ def test_chat_cli_multi_turn_with_tool_call(scripted_checkpoint):
     )
 
 
+def test_chat_cli_goes_on_after_a_message_too_long_for_the_context(scripted_checkpoint):
+    """A message longer than the model's context (4096 here) is answered with an error that gives the sizes, and
+    the chat goes on with the next question, from the conversation as it was (it used to exit)."""
+    stdin = "word " * 5000 + "\nWhat is 12*34?\n"
+    done = subprocess.run([sys.executable, "-m", "gptoss", "chat", "-m", str(scripted_checkpoint), "--calculator",
+                           "--reasoning-effort", "low", "--temperature", "0", "--dtype", "float32", "-q"],
+                          input=stdin, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout.splitlines()
+    assert re.fullmatch(r"error: the message does not fit: with it the conversation takes 5\d{3} tokens, and the "
+                        r"model's context is 4096; /reset or write a shorter message", out[1]), out[1]
+    assert out[2:] == [">>> What is 12*34?", "Let me check.", '[tool call] calculator({"expression": "12*34"})',
+                       '[tool result] {"result": 408}', "12 × 34 = 408."]
+
+
 def test_a_broken_call_is_repaired_as_the_server_returns_it():
     """A function call whose JSON the model left unclosed: the chat runs the tool on the arguments the server
     would return (gptoss.harmony.call_arguments: the object closed) and keeps those in the conversation, so a
@@ -211,3 +227,34 @@ def test_chat_and_server_show_the_same_preamble(scripted_checkpoint):
     assert message.content == "Let me check."
     assert [(c.function.name, c.function.arguments) for c in message.tool_calls] == \
         [("calculator", '{"expression": "12*34"}')]
+
+
+def test_a_long_conversation_drops_its_oldest_turns_and_a_message_too_long_fails_alone():
+    """Past the model's context the session drops whole turns, oldest first, never the turn in progress, and
+    says so; generation is cut to the room left. A message that cannot fit even alone fails with an error that
+    gives both sizes, and leaves the conversation as it was (the next turn goes on from it)."""
+    answer = "<|channel|>final<|message|>ok<|return|>"
+    engine = Scripted([answer] * 12)
+    limit = 160
+    session = ChatSession(engine, SamplingParams(temperature=0, max_tokens=64), TOK, "low", context_limit=limit)
+    notices = []
+    for k in range(8):
+        events = list(session.send(f"turn {k}: " + "word " * 10))
+        notices += [e.text for e in events if e.kind == "notice"]
+        assert events[-1].kind == "done" and len(engine.prompts[-1]) + 64 <= limit  # room for max_tokens
+        assert TOK.decode(engine.prompts[-1]).count(f"turn {k}:") == 1  # the turn in progress is always there
+    assert notices and all("oldest turn" in n and "160-token context" in n for n in notices)
+    users = [m.content for m in session.messages if m.role == "user"]
+    assert users[-1].startswith("turn 7:") and not users[0].startswith("turn 0:")
+    assert [int(u.split(":")[0].split()[1]) for u in users] == list(range(8 - len(users), 8))  # oldest went first
+    kept = list(session.messages)
+    with pytest.raises(gptoss.GptOssError, match=r"takes \d+ tokens, and the model's context is 160"):
+        list(session.send("word " * 200))
+    assert session.messages == kept
+    # a prompt that leaves less room than max_tokens (the turn alone is long): generation is cut to what is left
+    asked = []
+    session.complete = lambda prompt, params: asked.append((len(prompt), params.max_tokens)) or engine(prompt, params)
+    session.reset()
+    list(session.send("word " * 100))
+    (prompt_tokens, max_tokens), = asked
+    assert prompt_tokens > limit - 64 and max_tokens == limit - prompt_tokens

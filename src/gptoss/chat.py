@@ -29,7 +29,7 @@ Complete = Callable[[Sequence[int], SamplingParams], Iterator[int]]
 
 @dataclass
 class ChatEvent:
-    kind: str  # "analysis" | "commentary" | "final" (text deltas), "tool_call", "tool_result", "done"
+    kind: str  # "analysis" | "commentary" | "final" (text deltas), "tool_call", "tool_result", "notice", "done"
     text: str = ""
     name: str | None = None  # the tool, for tool_call / tool_result
 
@@ -63,8 +63,10 @@ class ChatSession:
                  instructions: str | None = None, tools: Sequence[Tool] = (),
                  ask: Callable[[str], str] | None = None, max_tool_rounds: int = 8,
                  python_timeout: float | None = None, python_unsafe: bool = False,
-                 response_format: harmony.ResponseFormat | None = None, reasoning_budget: int | None = None):
+                 response_format: harmony.ResponseFormat | None = None, reasoning_budget: int | None = None,
+                 context_limit: int | None = None):
         self.complete, self.params = complete, params
+        self.context_limit = context_limit  # prompt + generated tokens (the model's context); None: not checked
         self.tok = tokenizer or get_tokenizer()
         self.tools = {t.name: t for t in tools}
         self.ask, self.max_tool_rounds = ask, max_tool_rounds
@@ -107,8 +109,39 @@ class ChatSession:
     def reset(self) -> None:
         self.messages.clear()
 
+    def fit(self) -> tuple[list[int], int, int]:
+        """(prompt, max_tokens, turns dropped): the oldest whole turns are dropped until the prompt leaves room
+        for max_tokens (at most half the context), never the turn in progress; max_tokens is then cut to the
+        room left. A turn that cannot fit on its own is a GptOssError that says by how much."""
+        prompt, max_tokens = self.prompt(), self.params.max_tokens
+        if self.context_limit is None:
+            return prompt, max_tokens, 0
+        limit, dropped = self.context_limit, 0
+        reserve = min(max_tokens, limit // 2)
+        while len(prompt) + reserve > limit:
+            starts = [i for i, m in enumerate(self.messages) if m.role == "user"]
+            if len(starts) < 2:  # only the turn in progress is left
+                break
+            del self.messages[:starts[1]]
+            dropped += 1
+            prompt = self.prompt()
+        if len(prompt) >= limit:
+            raise GptOssError(f"the message does not fit: with it the conversation takes {len(prompt)} tokens, "
+                              f"and the model's context is {limit}; /reset or write a shorter message")
+        return prompt, min(max_tokens, limit - len(prompt)), dropped
+
     # -------------------------------------------------------- one user turn
     def send(self, text: str) -> Iterator[ChatEvent]:
+        """One user turn: its events as the model writes them. A turn that fails (GptOssError) leaves the
+        conversation as it was before it, so the chat can go on."""
+        before = list(self.messages)
+        try:
+            yield from self._turn(text)
+        except Exception:
+            self.messages = before
+            raise
+
+    def _turn(self, text: str) -> Iterator[ChatEvent]:
         self.messages.append(harmony.Message(role="user", content=text))
         # <|endoftext|> is not a Harmony stop, but a model that emits it has nothing more to say
         stops = set(harmony.stop_tokens_for_assistant_actions(self.tok)) | {self.tok.endoftext}
@@ -117,7 +150,11 @@ class ChatSession:
             parser = harmony.StreamParser(self.tok, role="assistant")
             ended = harmony.FinalAnswerEnded(self.tok)  # a final answer ended with <|end|> ends the turn too
             tokens: list[int] = []
-            stream = self.complete(self.prompt(), params)
+            prompt, max_tokens, dropped = self.fit()
+            if dropped:
+                yield ChatEvent("notice", f"(the {dropped} oldest turn{'s' * (dropped > 1)} left the conversation: "
+                                          f"it no longer fit the model's {self.context_limit}-token context)")
+            stream = self.complete(prompt, dataclasses.replace(params, max_tokens=max_tokens))
             for token in stream:
                 tokens.append(token)
                 delta = parser.process(token)
@@ -206,13 +243,44 @@ def run_chat(args: argparse.Namespace) -> None:
         answer = read(f"[tool {call}] result> ")
         return answer if answer is not None else '{"error": "no result given"}'
 
+    # reasoning is dimmed on a colour terminal (https://no-color.org: NO_COLOR turns it off)
+    dim, undim = ("\033[2m", "\033[0m") if out.isatty() and not os.environ.get("NO_COLOR") else ("", "")
+
+    def show_turn(events: Iterator[ChatEvent], show_reasoning: bool) -> None:
+        channel = None
+        for event in events:
+            # what `gptoss serve` returns as content: the final answer and preambles (commentary to no one,
+            # which Harmony means for the user); the analysis only with /reasoning
+            if event.kind in ("analysis", "commentary", "final"):
+                if event.kind == "analysis" and not show_reasoning:
+                    continue
+                if event.kind != channel:
+                    label = "[thinking] " if event.kind == "analysis" else ""
+                    out.write(label if channel is None else "\n" + label)
+                    channel = event.kind
+                out.write(f"{dim}{event.text}{undim}" if event.kind == "analysis" else event.text)
+            elif event.kind == "tool_call" and event.name == "python":
+                out.write(f"{chr(10) if channel else ''}[python]\n{event.text.rstrip()}\n")
+                channel = None
+            elif event.kind == "tool_call":
+                out.write(f"{chr(10) if channel else ''}[tool call] {event.name}({event.text})\n")
+                channel = None
+            elif event.kind == "tool_result":
+                sep = "\n" if event.name == "python" else " "
+                out.write(f"[tool result]{sep}{event.text}\n")
+            elif event.kind == "notice":
+                out.write(f"{chr(10) if channel else ''}{event.text}\n")
+                channel = None
+            elif event.kind == "done":
+                out.write(f"{event.text}\n" if event.text else "\n")
+            out.flush()
+
     with model_completer(model, prefix_cache_bytes(args)) as complete:  # the engine thread ends with the chat
         session = ChatSession(complete, params, tok, args.reasoning_effort, args.system, args.developer, tools,
                               ask=ask_tool_result, python_timeout=args.python_timeout if python else None,
-                              python_unsafe=args.python_unsafe, response_format=response_format)
+                              python_unsafe=args.python_unsafe, response_format=response_format,
+                              context_limit=model.config.max_position_embeddings)
         show_reasoning = args.show_reasoning
-        # reasoning is dimmed on a colour terminal (https://no-color.org: NO_COLOR turns it off)
-        dim, undim = ("\033[2m", "\033[0m") if out.isatty() and not os.environ.get("NO_COLOR") else ("", "")
         if interactive:
             out.write(f"gptoss chat — {args.model} — reasoning {args.reasoning_effort}. /help for commands.\n")
         while True:
@@ -239,27 +307,8 @@ def run_chat(args: argparse.Namespace) -> None:
                 else:
                     out.write(HELP + "\n")
                 continue
-            channel = None
-            for event in session.send(line):
-                # what `gptoss serve` returns as content: the final answer and preambles (commentary to no one,
-                # which Harmony means for the user); the analysis only with /reasoning
-                if event.kind in ("analysis", "commentary", "final"):
-                    if event.kind == "analysis" and not show_reasoning:
-                        continue
-                    if event.kind != channel:
-                        label = "[thinking] " if event.kind == "analysis" else ""
-                        out.write(label if channel is None else "\n" + label)
-                        channel = event.kind
-                    out.write(f"{dim}{event.text}{undim}" if event.kind == "analysis" else event.text)
-                elif event.kind == "tool_call" and event.name == "python":
-                    out.write(f"{chr(10) if channel else ''}[python]\n{event.text.rstrip()}\n")
-                    channel = None
-                elif event.kind == "tool_call":
-                    out.write(f"{chr(10) if channel else ''}[tool call] {event.name}({event.text})\n")
-                    channel = None
-                elif event.kind == "tool_result":
-                    sep = "\n" if event.name == "python" else " "
-                    out.write(f"[tool result]{sep}{event.text}\n")
-                elif event.kind == "done":
-                    out.write(f"{event.text}\n" if event.text else "\n")
+            try:
+                show_turn(session.send(line), show_reasoning)
+            except GptOssError as e:  # this turn failed and left the conversation as it was: say why, go on
+                out.write(f"error: {e}\n")
                 out.flush()
