@@ -558,3 +558,43 @@ def test_serve_command_runs_a_server(tmp_path):
         _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert "tiny-ckpt on http://127.0.0.1" in err and "chat.completions in=" in err and "out=6" in err
+
+
+def test_responses_truncation_auto_drops_the_oldest_turns_of_a_long_chain(random_server):
+    """`truncation: "auto"` (OpenAI's Responses parameter): a previous_response_id chain past the context drops its
+    oldest whole turns, never the latest input, and leaves room for max_output_tokens; "disabled" (the default)
+    refuses the same request with 400 context_length_exceeded; a latest input too long on its own is a 400 either
+    way, never a 500."""
+    client = random_server.client()
+    limit = random_server.engine.max_context
+    ask = dict(model="tiny-random", temperature=0, max_output_tokens=8)
+    previous, refused = None, False
+    for k in range(12):
+        text = f"turn {k}: " + "word " * 300
+        if previous is not None and not refused:
+            try:
+                client.responses.create(input=text, previous_response_id=previous, **ask)
+            except openai.BadRequestError as e:
+                assert e.code == "context_length_exceeded" and e.status_code == 400
+                refused = True
+        r = client.responses.create(input=text, previous_response_id=previous, truncation="auto", **ask)
+        assert r.truncation == "auto" and r.usage.input_tokens + 8 <= limit
+        turns = random_server.app.state.gptoss.responses[r.id].turns.messages
+        users = [m.text for m in turns if m.role == "user"]
+        assert users[-1] == text  # the latest input is always there, whole
+        assert [int(u.split(":")[0].split()[1]) for u in users] == list(range(k + 1 - len(users), k + 1))
+        previous = r.id
+    assert refused and len(users) < 12  # the chain outgrew the context, and auto kept it going
+    for truncation in ("auto", "disabled"):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.responses.create(input="word " * 3000, previous_response_id=previous, truncation=truncation, **ask)
+        assert e.value.code == "context_length_exceeded"
+    # a history longer in characters than any prompt of the context could be: dropped before it is tokenized
+    items = [{"role": "user", "content": f"old {i}: " + "word " * 20_000} for i in range(40)] + \
+        [{"role": "user", "content": "hi"}]
+    r = client.responses.create(input=items, truncation="auto", **ask)
+    assert r.usage.input_tokens + 8 <= limit
+    assert [m.text for m in random_server.app.state.gptoss.responses[r.id].turns.messages if m.role == "user"] == ["hi"]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(input="hi", truncation="sometimes", **ask)
+    assert e.value.status_code == 400 and "truncation" in str(e.value)

@@ -48,7 +48,7 @@ from .schemas import MAX_BODY_BYTES, ChatCompletionRequest, GenerationBody, Resp
 from .shaping import chat_completion, chat_stream, conversation_after, finished_response, response_shell, \
     responses_stream
 from .translate import ToolChoice, Turns, _unsupported_tool, answer_format, chat_tool, chat_turns, check_unique, \
-    longest_token, render_prompt, responses_turns, structured_constraint, tool_choice, tool_definition
+    fit_turns, longest_token, render_prompt, responses_turns, structured_constraint, tool_choice, tool_definition
 
 log = logging.getLogger("gptoss.server")
 
@@ -270,8 +270,16 @@ class ServerState:
         if body.instructions is not None:
             turns.instructions.insert(0, body.instructions)
         effort = (body.reasoning.effort if body.reasoning else None) or "medium"
-        prompt, forced = render_prompt(self.tok, turns, tools, effort, choice, self.engine.max_context, "input",
-                                       answer)
+        limit = self.engine.max_context
+
+        def render() -> tuple[list[int], list[int]]:
+            return render_prompt(self.tok, turns, tools, effort, choice, limit, "input", answer)
+
+        if body.truncation == "auto":  # room for max_output_tokens, or without it for a quarter of the context
+            room = body.max_output_tokens or max(1, limit // 4)
+            prompt, forced, _ = fit_turns(self.tok, turns, render, min(room, limit), limit)
+        else:
+            prompt, forced = render()
         params = self.params(body, len(prompt), body.max_output_tokens, "input")
         params.constraint = constraint
         return Prepared(body, prompt, forced, params, tools, choice, turns, effort)

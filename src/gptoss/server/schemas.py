@@ -229,6 +229,8 @@ class ResponsesRequest(GenerationBody):
     metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None = \
         Field(None, max_length=16)
     text: TextOptions | None = None
+    # "auto": a conversation past the context drops its oldest whole turns (never the latest user turn)
+    truncation: Literal["auto", "disabled"] | None = None
 
 
 # ---------------------------------------------------------------------------------------------- reading

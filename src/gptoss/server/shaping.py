@@ -82,7 +82,7 @@ def response_shell(body: ResponsesRequest, rid: str, tools: list[harmony.ToolDef
             "temperature": 1.0 if body.temperature is None else body.temperature,
             "top_p": 1.0 if body.top_p is None else body.top_p, "max_output_tokens": body.max_output_tokens,
             "previous_response_id": body.previous_response_id, "reasoning": {"effort": effort, "summary": None},
-            "store": body.store, "text": {"format": text_format(body)}, "truncation": "disabled"}
+            "store": body.store, "text": {"format": text_format(body)}, "truncation": body.truncation or "disabled"}
 
 
 def text_format(body: ResponsesRequest) -> dict[str, Any]:

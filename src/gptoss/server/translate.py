@@ -7,7 +7,7 @@ import functools
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from .. import harmony
 from ..constrain import Constraint, ConstraintError, ToolSpec
@@ -205,6 +205,42 @@ def render_prompt(tok: Tokenizer, turns: Turns, tools: list[harmony.ToolDefiniti
     forced = forced_header(tok, choice, declared)
     return prompt + forced, forced
 
+
+
+def drop_oldest_turns(turns: Turns, chars: float) -> int:
+    """Drop whole turns from the start of the conversation (a user message and all that follows it up to the next
+    one), oldest first, at least one and until `chars` characters of text are gone, never the last user turn.
+    Returns the number dropped (0: only the last turn is left)."""
+    users = [i for i, m in enumerate(turns.messages) if m.role == "user"]
+    gone, k = 0, 0
+    while k + 1 < len(users) and (k == 0 or gone < chars):
+        gone += sum(len(m.text) for m in turns.messages[users[k] if k else 0:users[k + 1]])
+        k += 1
+    if k:
+        del turns.messages[:users[k]]
+    return k
+
+
+def fit_turns(tok: Tokenizer, turns: Turns, render: Callable[[], tuple[list[int], list[int]]], room: int,
+              max_context: int) -> tuple[list[int], list[int], int]:
+    """Responses' truncation "auto": the oldest whole turns dropped until the prompt leaves `room` tokens of
+    `max_context`. Returns (prompt, forced, turns dropped). Each round drops at least the text its excess
+    tokens stand for (at the prompt's own characters per token), so a long history takes few renders; when only
+    the last turn is left, what `render` (or the caller's length check) refuses is refused as without it."""
+    dropped, bound = 0, max_context * longest_token(tok)
+    while True:
+        chars = sum(len(m.text) for m in turns.messages) + sum(map(len, turns.instructions))
+        if chars > bound:  # cannot fit however it tokenizes: drop without tokenizing (check_characters' bound)
+            n = drop_oldest_turns(turns, chars - bound)
+            if n:
+                dropped += n
+                continue
+        prompt, forced = render()
+        over = len(prompt) + room - max_context
+        n = drop_oldest_turns(turns, over * chars / max(len(prompt), 1)) if over > 0 else 0
+        if not n:
+            return prompt, forced, dropped
+        dropped += n
 
 
 @functools.lru_cache(maxsize=4)
