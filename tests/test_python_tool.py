@@ -12,6 +12,7 @@ import os
 import resource
 import socket
 import time
+import types
 import uuid
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import pytest
 
 from gptoss import sandbox, tools
 from gptoss.chat import ChatSession
+from gptoss.config import preset
 from gptoss.generate import SamplingParams
 from gptoss.sandbox import SandboxUnavailable
 from gptoss.tokenizer import get_tokenizer
@@ -173,7 +175,8 @@ def test_chat_cli_python_flag(monkeypatch, capsys):
     python = "--python" if sandbox_here() is None else "--python-unsafe"
 
     engine = Scripted(PYTHON_SCRIPT)
-    monkeypatch.setattr(loading, "load_model", lambda *args, **kwargs: None)
+    # a stand-in for the model: the chat reads only its context length (the scripted engine answers)
+    monkeypatch.setattr(loading, "load_model", lambda *args, **kwargs: types.SimpleNamespace(config=preset("tiny")))
     monkeypatch.setattr(chat, "model_completer", lambda model, cache_bytes: contextlib.nullcontext(engine))
     monkeypatch.setattr("sys.stdin", io.StringIO("/reasoning\nWhat is 2**100?\n"))
     assert cli.main(["chat", python, "--python-timeout", "5", "--temperature", "0"]) in (0, None)

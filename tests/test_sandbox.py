@@ -14,6 +14,7 @@ import os
 import socket
 import sys
 import time
+import types
 import uuid
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import pytest
 
 from gptoss import sandbox
 from gptoss.chat import ChatSession
+from gptoss.config import preset
 from gptoss.generate import SamplingParams
 from gptoss.sandbox import SandboxUnavailable
 from gptoss.tools import run_python
@@ -228,7 +230,9 @@ def test_chat_cli_refuses_and_python_unsafe_opts_out(no_sandbox, monkeypatch, ca
 
     engine = Scripted(PYTHON_SCRIPT)
     loaded = []
-    monkeypatch.setattr(loading, "load_model", lambda *args, **kwargs: loaded.append(1))
+    # a stand-in for the model: the chat reads only its context length (the scripted engine answers)
+    stand_in = types.SimpleNamespace(config=preset("tiny"))
+    monkeypatch.setattr(loading, "load_model", lambda *args, **kwargs: loaded.append(1) or stand_in)
     monkeypatch.setattr(chat, "model_completer", lambda model, cache_bytes: contextlib.nullcontext(engine))
     monkeypatch.setattr("sys.stdin", io.StringIO("What is 2**100?\n"))
     assert cli.main(["chat", "--python"]) == 2
