@@ -49,7 +49,8 @@ so that the sign of the result rests on a checkable line (run 6 wrote `548 - 743
 never noticing a < b when both have as many digits); and the training family knows the inflected operator words
 a held-out question can use (gptoss.demo.phrasing.TRAIN_V7: "subtracted from", "multiplied with"), which run 6
 read as the unknown token (`subtracted` is ` sub` + `tracted`): it answered 10 of the 12 held-out "b subtracted
-from a" questions in its eval with an addition or a multiplication.
+from a" questions in its eval with an addition or a multiplication. Run 7 (trained on it) fixed both and was not
+shipped: it lost the held-out spacing `a +b` (experiments/demo/RESULTS.md).
 
 A conversation is a list of message dicts {role, content, channel?, recipient?, content_type?} (the
 format `gptoss.train` reads from JSONL `messages`); `to_document` renders one for training, keeping the
