@@ -152,8 +152,9 @@ class ChatSession:
             tokens: list[int] = []
             prompt, max_tokens, dropped = self.fit()
             if dropped:
-                yield ChatEvent("notice", f"(the {dropped} oldest turn{'s' * (dropped > 1)} left the conversation: "
-                                          f"it no longer fit the model's {self.context_limit}-token context)")
+                what = "the oldest turn" if dropped == 1 else f"the {dropped} oldest turns"
+                yield ChatEvent("notice", f"({what} left the conversation: it no longer fit the model's "
+                                          f"{self.context_limit}-token context)")
             stream = self.complete(prompt, dataclasses.replace(params, max_tokens=max_tokens))
             for token in stream:
                 tokens.append(token)
