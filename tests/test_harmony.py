@@ -714,3 +714,22 @@ def test_loads_lenient():
     assert h.loads_lenient('[1, 2, 3') == [1, 2, 3]
     assert h.loads_lenient("no json here") is None and h.loads_lenient("") is None
     assert h.Message.tool_call("f", '{"x": "trunc').json_content() == {"x": "trunc"}
+
+
+def test_drop_oldest_turns_drops_whole_turns_oldest_first_never_the_last():
+    """Hand-built conversations: a turn is a user message and what follows it; anything before the first user
+    message goes with the first turn; `chars` asks for at least that much text gone; the last turn stays."""
+    from gptoss.harmony import Message, drop_oldest_turns
+
+    def conversation():
+        return [Message.assistant("hello", "final"), Message.user("u0"), Message.assistant("a0 long", "final"),
+                Message.user("u1"), Message.assistant("a1", "final"), Message.user("u2")]
+
+    msgs = conversation()
+    assert drop_oldest_turns(msgs) == 1 and [m.text for m in msgs] == ["u1", "a1", "u2"]
+    msgs = conversation()  # the first turn is "hello" + "u0" + "a0 long" = 14 characters
+    assert drop_oldest_turns(msgs, chars=14) == 1 and [m.text for m in msgs] == ["u1", "a1", "u2"]
+    msgs = conversation()
+    assert drop_oldest_turns(msgs, chars=15) == 2 and [m.text for m in msgs] == ["u2"]
+    assert drop_oldest_turns(msgs, chars=1e9) == 0 and [m.text for m in msgs] == ["u2"]
+    assert drop_oldest_turns([], chars=5) == 0

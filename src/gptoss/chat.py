@@ -118,11 +118,7 @@ class ChatSession:
             return prompt, max_tokens, 0
         limit, dropped = self.context_limit, 0
         reserve = min(max_tokens, limit // 2)
-        while len(prompt) + reserve > limit:
-            starts = [i for i, m in enumerate(self.messages) if m.role == "user"]
-            if len(starts) < 2:  # only the turn in progress is left
-                break
-            del self.messages[:starts[1]]
+        while len(prompt) + reserve > limit and harmony.drop_oldest_turns(self.messages):  # one turn at a time
             dropped += 1
             prompt = self.prompt()
         if len(prompt) >= limit:

@@ -197,6 +197,21 @@ class Conversation:
 
 
 # ---------------------------------------------------------------------------------------------- rendering
+def drop_oldest_turns(messages: list[Message], chars: float = 0) -> int:
+    """Drop whole turns from the start of `messages` in place (a user message and all that follows it up to the
+    next one; anything before the first user message goes with the first turn), oldest first: at least one,
+    and until `chars` characters of text are gone, never the last user turn. Returns the number dropped (0:
+    only the last turn is left). What `gptoss chat` and the server's truncation "auto" do past the context."""
+    users = [i for i, m in enumerate(messages) if m.role == "user"]
+    gone, k = 0, 0
+    while k + 1 < len(users) and (k == 0 or gone < chars):
+        gone += sum(len(m.text) for m in messages[users[k] if k else 0:users[k + 1]])
+        k += 1
+    if k:
+        del messages[:users[k]]
+    return k
+
+
 def render_message(message: Message, tokenizer: Tokenizer | None = None, *,
                    has_function_tools: bool = False) -> list[int]:
     tok = tokenizer or get_tokenizer()

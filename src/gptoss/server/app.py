@@ -277,7 +277,7 @@ class ServerState:
 
         if body.truncation == "auto":  # room for max_output_tokens, or without it for a quarter of the context
             room = body.max_output_tokens or max(1, limit // 4)
-            prompt, forced, _ = fit_turns(self.tok, turns, render, min(room, limit), limit)
+            prompt, forced, _ = fit_turns(self.tok, turns, tools, render, min(room, limit), limit)
         else:
             prompt, forced = render()
         params = self.params(body, len(prompt), body.max_output_tokens, "input")

@@ -207,21 +207,8 @@ def render_prompt(tok: Tokenizer, turns: Turns, tools: list[harmony.ToolDefiniti
 
 
 
-def drop_oldest_turns(turns: Turns, chars: float) -> int:
-    """Drop whole turns from the start of the conversation (a user message and all that follows it up to the next
-    one), oldest first, at least one and until `chars` characters of text are gone, never the last user turn.
-    Returns the number dropped (0: only the last turn is left)."""
-    users = [i for i, m in enumerate(turns.messages) if m.role == "user"]
-    gone, k = 0, 0
-    while k + 1 < len(users) and (k == 0 or gone < chars):
-        gone += sum(len(m.text) for m in turns.messages[users[k] if k else 0:users[k + 1]])
-        k += 1
-    if k:
-        del turns.messages[:users[k]]
-    return k
-
-
-def fit_turns(tok: Tokenizer, turns: Turns, render: Callable[[], tuple[list[int], list[int]]], room: int,
+def fit_turns(tok: Tokenizer, turns: Turns, tools: list[harmony.ToolDefinition],
+              render: Callable[[], tuple[list[int], list[int]]], room: int,
               max_context: int) -> tuple[list[int], list[int], int]:
     """Responses' truncation "auto": the oldest whole turns dropped until the prompt leaves `room` tokens of
     `max_context`. Returns (prompt, forced, turns dropped). Each round drops at least the text its excess
@@ -229,15 +216,15 @@ def fit_turns(tok: Tokenizer, turns: Turns, render: Callable[[], tuple[list[int]
     the last turn is left, what `render` (or the caller's length check) refuses is refused as without it."""
     dropped, bound = 0, max_context * longest_token(tok)
     while True:
-        chars = sum(len(m.text) for m in turns.messages) + sum(map(len, turns.instructions))
+        chars = prompt_characters(turns, tools)
         if chars > bound:  # cannot fit however it tokenizes: drop without tokenizing (check_characters' bound)
-            n = drop_oldest_turns(turns, chars - bound)
+            n = harmony.drop_oldest_turns(turns.messages, chars - bound)
             if n:
                 dropped += n
                 continue
         prompt, forced = render()
         over = len(prompt) + room - max_context
-        n = drop_oldest_turns(turns, over * chars / max(len(prompt), 1)) if over > 0 else 0
+        n = harmony.drop_oldest_turns(turns.messages, over * chars / max(len(prompt), 1)) if over > 0 else 0
         if not n:
             return prompt, forced, dropped
         dropped += n
@@ -249,12 +236,17 @@ def longest_token(tok: Tokenizer) -> int:
     return max(len(tok.token_bytes(i)) for i in range(tok.n_vocab) if not tok.is_special(i))
 
 
+def prompt_characters(turns: Turns, tools: list[harmony.ToolDefinition]) -> int:
+    """Characters of the text a prompt is rendered from: messages, instructions and tool definitions."""
+    chars = sum(len(m.text) for m in turns.messages) + sum(map(len, turns.instructions))
+    return chars + sum(len(t.name) + len(t.description) + len(json.dumps(t.parameters or {})) for t in tools)
+
+
 def check_characters(tok: Tokenizer, turns: Turns, tools: list[harmony.ToolDefinition], max_context: int,
                      param: str) -> None:
     """Refuse, without tokenizing it, a prompt that cannot fit the context: a character is at least one byte
     and a token at most longest_token(tok) bytes, so text of C characters is at least C / longest tokens."""
-    chars = sum(len(m.text) for m in turns.messages) + sum(map(len, turns.instructions))
-    chars += sum(len(t.name) + len(t.description) + len(json.dumps(t.parameters or {})) for t in tools)
+    chars = prompt_characters(turns, tools)
     bound = max_context * longest_token(tok)
     if chars > bound:
         raise bad_request(f"This model's maximum context length is {max_context} tokens, and the {param} has "
