@@ -386,3 +386,33 @@ def test_version_7_trains_the_inflected_operator_words_and_keeps_heldout_frames_
     for op in OPS:
         assert not {f.casefold() for f in P.HELDOUT.words[op]} & {f.casefold() for f in P.TRAIN_V7.words[op]}
     assert P.training_family(6) is P.TRAIN_V6 and P.TRAIN_V6.words == P.TRAIN.words
+
+
+WRAPPED = re.compile(r"[(\[\"]\d[\d,]*[)\]\"]")
+
+
+def test_version_8_types_operands_in_brackets_or_quotes_and_heldout_never_does():
+    """Version 8 puts the second operand's digits after tokens other than a space or a bare operator (o200k never
+    joins a space to digits: ` 55` is ` ` + `55`), in about 15 % of training questions; the analysis restates the
+    operands plain, and held-out questions never type a number that way, so their skeletons (which would contain
+    `(n)`, `[n]` or `"n"`) stay disjoint from version 8's. Version 7 draws what it drew (TRAIN_V7 unchanged)."""
+    assert TOK.encode_ordinary("779 + 55") == TOK.encode_ordinary("779") + TOK.encode_ordinary(" +") + \
+        TOK.encode_ordinary(" ") + TOK.encode_ordinary("55")
+    v8 = [ex for ex in D.generate(seed=0, n=3000, version=8) if ex.kind in ("add", "sub", "mul")]
+    wrapped = [ex for ex in v8 if WRAPPED.search(ex.question)]
+    assert 0.08 < len(wrapped) / len(v8) < 0.25
+    after = {TOK.decode([TOK.encode_ordinary(ex.question)[i - 1]])
+             for ex in wrapped for i, t in enumerate(TOK.encode_ordinary(ex.question))
+             if i and TOK.decode([t]).isdigit()}
+    assert {" (", " [", ' "'} <= after  # digits right after a space-led token that is not " "
+    for ex in wrapped:
+        turn = max(i for i, m in enumerate(ex.messages) if m["role"] == "user")
+        first_line = next(m["content"] for m in ex.messages[turn:] if m["role"] == "assistant").split("\n")[0]
+        assert not WRAPPED.search(first_line) and "(" not in first_line, (ex.question, first_line)
+        assert sorted(P.numbers(first_line)) == sorted(P.numbers(ex.question)), (ex.question, first_line)
+    rng = random.Random(0)
+    held = [P.phrase(rng, "heldout", rng.choice(OPS), rng.randint(0, 9999), rng.randint(0, 9999)) for _ in range(5000)]
+    assert not any(WRAPPED.search(q) for q in held)
+    assert not any(WRAPPED.search(ex.question) for ex in heldout(30, family="heldout", train_n=500, version=8))
+    assert P.training_family(7) is P.TRAIN_V7 and P.TRAIN_V7.wrapped == 0
+    assert P.training_skeletons(8) == P.training_skeletons(7)  # plain operands: the same product

@@ -51,6 +51,11 @@ a held-out question can use (gptoss.demo.phrasing.TRAIN_V7: "subtracted from", "
 read as the unknown token (`subtracted` is ` sub` + `tracted`): it answered 10 of the 12 held-out "b subtracted
 from a" questions in its eval with an addition or a multiplication. Run 7 (trained on it) fixed both and was not
 shipped: it lost the held-out spacing `a +b` (experiments/demo/RESULTS.md).
+Version 8 is version 7 with one change: 15 % of training questions type their operands in brackets or quotes
+(`779 + (55)`, `[9,228]-[4615]`, gptoss.demo.phrasing.TRAIN_V8), the analysis restating them plain. o200k never
+joins a space to digits, so in version 7 the second operand's digits only ever followed ` `, a bare operator or a
+comma; the held-out `779 +55` puts them right after ` +`, which run 7 misread. No held-out question types a
+number in brackets or quotes.
 
 A conversation is a list of message dicts {role, content, channel?, recipient?, content_type?} (the
 format `gptoss.train` reads from JSONL `messages`); `to_document` renders one for training, keeping the

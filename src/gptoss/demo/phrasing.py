@@ -50,6 +50,8 @@ class Family:
     suffixes: tuple[str, ...]
     ends: tuple[str, ...]  # replaces the frame's own end punctuation ("" keeps it)
     cases: tuple[str, ...]  # "as is" | "lower" | "upper" | "title"
+    wrapped: float = 0.0  # the share of questions whose operands are typed inside `wrappers` (version 8)
+    wrappers: tuple[str, ...] = ()
 
 
 # The version-1 question templates (the shipped model's training data) are all in the training family.
@@ -108,12 +110,20 @@ TRAIN_V7 = replace(TRAIN_V6, words={
     **TRAIN_V6.words,
     "sub": TRAIN_V6.words["sub"] + ("{b} subtracted from {a}", "{b} subtracted from {a} leaves what?"),
     "mul": TRAIN_V6.words["mul"] + ("{a} multiplied with {b}", "Multiplied with {b}, {a} gives?")})
+# Data version 8: operands sometimes typed in brackets or quotes (`779 + (55)`, `[779] + [55]`, `"8848" - "210"`).
+# o200k never joins a space to digits (` 55` is ` ` + `55`), so in every training question of version 7 the
+# second operand's digits follow ` `, a bare operator (`779+55`) or a comma; the held-out spacing `779 +55` puts
+# them right after ` +`, and run 7 copied that operand wrong in 86 of 109 such questions. Here they also follow
+# ` (`, ` [`, ` "` and bare brackets: a number is its digits whatever token comes before. No held-out question
+# types a number in brackets or quotes (tests/test_demo_phrasing.py), so the families stay disjoint.
+TRAIN_V8 = replace(TRAIN_V7, wrapped=0.15, wrappers=("({n})", "[{n}]", '"{n}"'))
 FAMILIES = {"train": TRAIN, "heldout": HELDOUT}
 
 
 def training_family(version: int) -> Family:
-    """The training family as data `version` phrases it (version 6 adds Title Case, 7 inflected operators)."""
-    return TRAIN_V7 if version >= 7 else TRAIN_V6 if version >= 6 else TRAIN
+    """The training family as data `version` phrases it (version 6 adds Title Case, 7 inflected operators, 8
+    operands in brackets or quotes)."""
+    return TRAIN_V8 if version >= 8 else TRAIN_V7 if version >= 7 else TRAIN_V6 if version >= 6 else TRAIN
 
 
 def with_separators(n: int) -> str:
@@ -144,6 +154,11 @@ def phrase(rng: random.Random, family: Family | str, op: str, a: int, b: int, wo
     """One question asking for a OP b (op: add, sub, mul, div), phrased from `family`."""
     fam = FAMILIES[family] if isinstance(family, str) else family
     ta, tb = number_text(rng, a, separators), number_text(rng, b, separators)
+    if fam.wrapped and rng.random() < fam.wrapped:  # the second operand always, the first half of the time
+        wrapper = rng.choice(fam.wrappers)
+        tb = wrapper.format(n=tb)
+        if rng.random() < 0.5:
+            ta = wrapper.format(n=ta)
     if rng.random() < words:
         frame = rng.choice(fam.words[op]).format(a=ta, b=tb)
     else:
@@ -182,7 +197,8 @@ def numbers(question: str) -> list[int]:
 @functools.lru_cache(maxsize=None)
 def training_skeletons(version: int = 1) -> frozenset[str]:
     """Every skeleton the training family of data `version` can produce (all frames × operators × spacing ×
-    glue × case)."""
+    glue × case), operands typed plain. Version 8's operands in brackets or quotes are left out of the product
+    (it would grow sixfold): each such skeleton has `(n)`, `[n]` or `"n"` in it, which no held-out one has."""
     out: set[str] = set()
     fam = training_family(version)
     frames: list[str] = []
