@@ -416,3 +416,34 @@ def test_version_8_types_operands_in_brackets_or_quotes_and_heldout_never_does()
     assert not any(WRAPPED.search(ex.question) for ex in heldout(30, family="heldout", train_n=500, version=8))
     assert P.training_family(7) is P.TRAIN_V7 and P.TRAIN_V7.wrapped == 0
     assert P.training_skeletons(8) == P.training_skeletons(7)  # plain operands: the same product
+
+
+@pytest.mark.parametrize("effort", D.EFFORTS)
+def test_version_9_writes_both_sides_of_each_comparison_before_its_sign(effort):
+    """Version 9's comparison: every step names both digits (or both digit counts) before its sign, each sign is
+    true, the steps stop at the first difference, and the numbers' relation comes last; the work after it is
+    version 6's. Version 7's line is unchanged (its data draws what it drew)."""
+    rng = random.Random(4)
+    pairs = [(621, 201), (548, 743), (2108, 2039), (32, 307), (555, 555), (0, 0), (9, 10), (1, 2)]
+    pairs += [(D.number(rng), D.number(rng)) for _ in range(400)]
+    sign = lambda x, y: "<" if x < y else ">" if x > y else "="  # noqa: E731
+    for a, b in pairs:
+        work, r = D.work_sub(a, b, effort, version=9)
+        first, rest = work.split("\n", 1)
+        assert r == a - b and rest == D.work_sub(a, b, effort, version=6)[0]
+        head = f"{a} vs {b}: " if effort == "low" else f"Compare {a} and {b}: "
+        tail = f", so {a}{sign(a, b)}{b}" if effort == "low" else f", so {a} {sign(a, b)} {b}."
+        assert first.startswith(head) and first.endswith(tail), first
+        why = first[len(head):-len(tail)]
+        la, lb = len(str(a)), len(str(b))
+        if la != lb:
+            m = re.fullmatch(r"(\d) digits? vs (\d) digits?: (\d)([<>])(\d)", why)
+            assert m and m.group(1, 3) == (str(la), str(la)) and m.group(2, 5) == (str(lb), str(lb))
+            assert m.group(4) == sign(la, lb)
+        else:
+            assert why.startswith("from the left ")
+            steps = [re.fullmatch(r"(\d) vs (\d): (\d)([<>=])(\d)", s).groups() for s in why[14:].split("; ")]
+            for k, (x, y, x2, s, y2) in enumerate(steps):
+                assert (x, y) == (x2, y2) == (str(a)[k], str(b)[k]) and s == sign(x, y)
+            assert all(s[3] == "=" for s in steps[:-1]) and (steps[-1][3] != "=" or a == b)
+    assert D.work_sub(621, 201, "medium", 7)[0].startswith("Compare 621 and 201: from the left 6>2, so 621 > 201.")

@@ -56,6 +56,10 @@ Version 8 is version 7 with one change: 15 % of training questions type their op
 joins a space to digits, so in version 7 the second operand's digits only ever followed ` `, a bare operator or a
 comma; the held-out `779 +55` puts them right after ` +`, which run 7 misread. No held-out question types a
 number in brackets or quotes.
+Version 9 is version 8 with one change: the comparison before a subtraction writes both digits (or both digit
+counts) before their sign, `from the left 6 vs 2: 6>2`, and the numbers' relation last (`compare`). Version 7's
+`6<2` decided the sign before the second digit was written; run 7 did so wrongly in several held-out questions
+(`from the left 6<2, so 621 < 201`, then -580).
 
 A conversation is a list of message dicts {role, content, channel?, recipient?, content_type?} (the
 format `gptoss.train` reads from JSONL `messages`); `to_document` renders one for training, keeping the
@@ -168,11 +172,29 @@ def _sub_column(x: int, y: int, borrow: int, effort: str, k: int, version: int) 
     return (f"{PLACES[k]}: {col}, borrow {int(need)}" if effort == "high" else col), d, int(need)
 
 
-def compare(a: int, b: int, effort: str) -> str:
+def compare(a: int, b: int, effort: str, version: int = 7) -> str:
     """Version 7: which of two whole numbers is larger, decided in the open: by their digit counts, or, with as
-    many digits, digit by digit from the left up to the first that differs (`2=2, 1>0`)."""
+    many digits, digit by digit from the left up to the first that differs (`2=2, 1>0`).
+
+    Version 9 writes both sides of every comparison before its sign (`6 vs 2: 6>2`, `3 digits vs 1 digit: 3>1`),
+    and the relation of the numbers last: version 7's `6<2` puts the sign right after the first digit, so it is
+    decided before the second is written, from a digit inside a multi-digit token of the question (run 7 wrote
+    `from the left 6<2, so 621 < 201` and then answered -580)."""
     rel = "<" if a < b else ">" if a > b else "="
     la, lb = len(str(a)), len(str(b))
+    if version >= 9:
+        if la != lb:
+            why = f"{la} digit{'s' * (la > 1)} vs {lb} digit{'s' * (lb > 1)}: {la}{rel}{lb}"
+        else:
+            steps = []
+            for x, y in zip(str(a), str(b)):
+                steps.append(f"{x} vs {y}: {x}{'<' if x < y else '>' if x > y else '='}{y}")
+                if x != y:
+                    break
+            why = "from the left " + "; ".join(steps)
+        if effort == "low":
+            return f"{a} vs {b}: {why}, so {a}{rel}{b}"
+        return f"Compare {a} and {b}: {why}, so {a} {rel} {b}."
     if la != lb:
         why = f"{la} digits {'<' if la < lb else '>'} {lb} digits"
     else:
@@ -192,7 +214,7 @@ def compare(a: int, b: int, effort: str) -> str:
 def work_sub(a: int, b: int, effort: str, version: int = 1) -> tuple[str, int]:
     if version >= 7:  # the sign decided on a checkable line first, then the work as in version 6
         text, r = work_sub(a, b, effort, 6)
-        return f"{compare(a, b, effort)}\n{text}", r
+        return f"{compare(a, b, effort, version)}\n{text}", r
     if a < b:  # a − b = −(b − a)
         text, r = work_sub(b, a, effort, version)
         lead = {"low": f"{a}<{b}, negate {b}-{a}",
