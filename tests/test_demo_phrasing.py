@@ -447,3 +447,76 @@ def test_version_9_writes_both_sides_of_each_comparison_before_its_sign(effort):
                 assert (x, y) == (x2, y2) == (str(a)[k], str(b)[k]) and s == sign(x, y)
             assert all(s[3] == "=" for s in steps[:-1]) and (steps[-1][3] != "=" or a == b)
     assert D.work_sub(621, 201, "medium", 7)[0].startswith("Compare 621 and 201: from the left 6>2, so 621 > 201.")
+
+
+def test_version_10_follow_ups_work_on_the_previous_answer():
+    """Version 10's follow-ups ("Add 5 to that." after "1234 - 987 = 247"): the earlier turn is kept as the chat
+    keeps it, the analysis names the previous answer first (copied from that final answer), then works the
+    request in the right order (`Subtract that from n` is n − previous); the answer checks out. Held-out
+    follow-up frames are phrasings version 10's training family never produces. Version 9 draws what it drew."""
+    v10 = list(D.generate(seed=0, n=3000, version=10))
+    ups = [ex for ex in v10 if ex.kind == "followup"]
+    assert 0.05 < len(ups) / len(v10) < 0.15
+    trained = P.training_skeletons(10)
+    ops = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+    for ex in ups:
+        prev_final = ex.history[-1]["content"]
+        assert ex.history[0]["role"] == "user" and ex.history[-1]["channel"] == "final"
+        r = int(prev_final.split(" = ")[-1])
+        lines = next(m for m in ex.messages if m.get("channel") == "analysis")["content"].split("\n")
+        assert str(r) in lines[0] and P.numbers(lines[0]) == [r], lines[0]
+        a, op, b = re.fullmatch(r"(-?\d+) ([-+*]) (-?\d+)", next(x for x in lines[1:] if "," not in x)).groups()
+        n = [x for x in P.numbers(ex.question)]
+        assert sorted([int(a), int(b)]) == sorted([r, *n]), (ex.question, lines[:3])
+        assert int(a) == r or ("from" in ex.question.lower() or "minus that" in ex.question.lower())
+        assert ex.answer == str(ops[op](int(a), int(b)))
+        assert ex.messages[-1]["content"].endswith(f"= {ex.answer}")
+        if not ex.free:
+            assert P.skeleton(ex.question) in trained, ex.question
+    rng = random.Random(0)
+    held = {P.skeleton(P.followup(rng, "heldout", rng.choice(["add", "sub", "mul", "sub_from"]), rng.randint(0, 9999)))
+            for _ in range(3000)}
+    assert len(held) > 300 and not held & trained
+    items = [ex for ex in heldout(20, family="heldout", train_n=500, version=10) if ex.kind == "followup"]
+    assert len(items) == 20 and all(ex.history and ex.answer is not None for ex in items)
+    assert "followup" not in {ex.kind for ex in heldout(2, family="heldout", train_n=500, version=9)}
+
+
+def test_eval_asks_follow_ups_after_the_turn_they_refer_to():
+    """run_one (the engine's ChatSession) and run_one_remote (Chat Completions) both put the earlier turn before
+    a follow-up question, and only before follow-ups (other kinds are asked alone, as every stored evaluation
+    asked them)."""
+    from gptoss.demo.eval import run_one, run_one_remote
+
+    items = heldout(30, family="heldout", train_n=500, version=10)
+    ex = next(e for e in items if e.kind == "followup")
+    other = next(e for e in items if e.kind in ("add", "sub", "mul") and e.history)  # an earlier turn, not asked
+    prompts = []
+
+    def complete(prompt, params):
+        prompts.append(TOK.decode(list(prompt)))
+        return iter(TOK.encode(f"<|channel|>final<|message|>{ex.messages[-1]['content']}<|return|>",
+                               allowed_special="all"))
+
+    r = run_one(ex, complete, "medium", 64, "heldout")
+    assert r.correct and ex.history[0]["content"] in prompts[-1] and ex.history[-1]["content"] in prompts[-1]
+    assert prompts[-1].index(ex.history[-1]["content"]) < prompts[-1].index(ex.question)
+    run_one(other, complete, "medium", 64, "heldout")
+    assert other.history[0]["content"] not in prompts[-1] and other.question in prompts[-1]
+
+    sent = []
+
+    class Client:  # the openai client's surface run_one_remote uses
+        class chat:
+            class completions:
+                @staticmethod
+                def create(model, messages, **kw):
+                    sent.append(messages)
+                    msg = type("M", (), {"tool_calls": None, "content": ex.messages[-1]["content"],
+                                         "reasoning_content": ""})()
+                    return type("R", (), {"choices": [type("C", (), {"message": msg})()]})()
+
+    r = run_one_remote(ex, Client, "demo", "medium", 64, "heldout")
+    assert r.correct and [m["content"] for m in sent[0]] == [ex.history[0]["content"], ex.history[-1]["content"],
+                                                              ex.question]
+    assert [m["role"] for m in sent[0]] == ["user", "assistant", "user"]

@@ -60,6 +60,9 @@ Version 9 is version 8 with one change: the comparison before a subtraction writ
 counts) before their sign, `from the left 6 vs 2: 6>2`, and the numbers' relation last (`compare`). Version 7's
 `6<2` decided the sign before the second digit was written; run 7 did so wrongly in several held-out questions
 (`from the left 6<2, so 621 < 201`, then -580).
+Version 10 is version 9 with follow-up questions about the previous answer (`followup_example`, 8 % of the
+conversations: `Add 5 to that.` after `1234 - 987 = 247`); the analysis names the previous answer first. Until
+now every question stated all its numbers, and the shipped model answered `now add 5 to that` with `5 + 5 = 10`.
 
 A conversation is a list of message dicts {role, content, channel?, recipient?, content_type?} (the
 format `gptoss.train` reads from JSONL `messages`); `to_document` renders one for training, keeping the
@@ -80,7 +83,7 @@ from .. import harmony
 from ..tokenizer import Tokenizer, get_tokenizer
 from .phrasing import HELDOUT as HELDOUT_PHRASING
 from .phrasing import TRAIN as TRAIN_PHRASING
-from .phrasing import NUMBER, OPERATORS, compose, noise_words, phrase, training_family, with_noise
+from .phrasing import NUMBER, OPERATORS, compose, followup, noise_words, phrase, training_family, with_noise
 
 EFFORTS = ("low", "medium", "high")
 MAX_DIGITS = 4  # by hand: + and − up to 4 digits, × by one digit
@@ -110,7 +113,7 @@ GREETING = "Hello! I am a tiny GPT-oss demo model. " + SKILLS_LINE
 @dataclass
 class Example:
     """One conversation and what a correct model does with it (for the held-out evaluation)."""
-    kind: str  # add | sub | mul | calc | convert | general | too_big | no_converter | greeting
+    kind: str  # add | sub | mul | calc | convert | general | too_big | no_converter | greeting | json | followup
     effort: str
     tools: tuple[str, ...]
     question: str
@@ -488,7 +491,7 @@ def make_example(rng: random.Random, kind: str | None = None, heldout: bool = Fa
     if version >= 2 and phrasing is None:
         phrasing = "train"
     if not kind:
-        kinds, weights = ((KINDS_V4, WEIGHTS_V5) if version >= 5 else (KINDS_V4, WEIGHTS_V4) if version == 4 else
+        kinds, weights = ((KINDS_V10, WEIGHTS_V10) if version >= 10 else (KINDS_V4, WEIGHTS_V5) if version >= 5 else (KINDS_V4, WEIGHTS_V4) if version == 4 else
                           (KINDS, WEIGHTS if version == 1 else WEIGHTS_V2))
         kind = rng.choices(kinds, weights)[0]
     if kind == "json":
@@ -515,6 +518,8 @@ def make_example(rng: random.Random, kind: str | None = None, heldout: bool = Fa
         msgs = [analysis(work), final(f"{a} {sym} {b} = {result}")]
         return _example(kind, effort, tools, q, msgs, answer=str(result), rng=rng, free=free, version=version,
                         request=f"{a} {ASCII_OPS[kind]} {b}")
+    if kind == "followup":
+        return followup_example(rng, effort, phrasing, version)
     if kind == "calc":
         tools = rng.choice([("calculator",), ("calculator",), ("calculator", "convert_units"), ("convert_units", "calculator")])
         op = rng.choice(["+", "-", "*", "/"])
@@ -610,6 +615,37 @@ WEIGHTS = [20, 18, 18, 14, 10, 9, 6, 3, 2]
 WEIGHTS_V2 = [20, 22, 16, 12, 8, 10, 8, 2, 2]  # more subtraction (the weak spot) and more refusals to tell apart
 KINDS_V4, WEIGHTS_V4 = KINDS + ["json"], WEIGHTS_V2 + [8]
 WEIGHTS_V5 = [20, 22, 16, 12, 8, 15, 10, 2, 2, 8]  # more refusals: run 4 declined only half the held-out ones
+KINDS_V10, WEIGHTS_V10 = KINDS_V4 + ["followup"], WEIGHTS_V5 + [10]
+
+
+def followup_example(rng: random.Random, effort: str, phrasing: str | None, version: int) -> Example:
+    """Version 10: an in-scope arithmetic question about the previous turn's answer (`Add 5 to that.` after
+    `1234 - 987 = 247`). The earlier turn is kept as chat keeps it (question and final answer); the analysis
+    first names the number the question refers to, `Previous answer: 247.`, copied from that final answer,
+    then works `247 + 5` as any other question. Previous answers are 0 to 9999, so the work stays in scope."""
+    while True:
+        prev = make_example(rng, rng.choice(["add", "sub", "mul"]), phrasing=phrasing, version=version)
+        if prev.answer is not None and 0 <= int(prev.answer) <= 9999:
+            break
+    r = int(prev.answer)
+    op = rng.choice(["add", "sub", "sub", "mul", "sub_from"])
+    n = rng.randint(2, 9) if op == "mul" else number(rng)
+    a, b = (n, r) if op == "sub_from" else (r, n)
+    kind = "sub" if op == "sub_from" else op
+    work, result = (work_mul(a, b, effort, version) if kind == "mul" else
+                    (work_add if kind == "add" else work_sub)(a, b, effort, version))
+    fam = training_family(version) if phrasing != "heldout" else "heldout"
+    q = followup(rng, fam, op, n, separators=SEPARATORS_V6 if phrasing != "heldout" else 0.1)
+    request = f"{a} {ASCII_OPS[kind]} {b}"
+    first, last = restated(request, [analysis(work), final(f"{a} {OPS[kind][1]} {b} = {result}")], q)
+    lead = {"low": f"prev={r}", "medium": f"Previous answer: {r}.",
+            "high": f"The question refers to my previous answer, {r}."}[effort]
+    assistant = [{**first, "content": f"{lead}\n{first['content']}"}, last]
+    history = [{"role": "user", "content": prev.question}, {**prev.messages[-1]}]
+    tools: tuple[str, ...] = ("convert_units",) if rng.random() < 0.1 else ()
+    messages = [system(effort), *developer(tools), *history, {"role": "user", "content": q}, *assistant]
+    return Example("followup", effort, tools, q, messages, str(result), None, history, False,
+                   version >= 5 and user_free_text(prev))
 
 # Version 4's structured answers: (format name, description or None, the expression's field or None, the
 # result's field). The schema is built from them (response_schema); the final answer is that object.

@@ -49,15 +49,17 @@ HELDOUT_SEED = 1
 HELDOUT_PHRASING_N = 170  # per kind: 510 arithmetic questions
 TRAIN_SEED, TRAIN_N = 0, 120000  # the recipe's defaults; a shipped model's training.json says what it used
 CATEGORIES = {"arithmetic": ("add", "sub", "mul"), "tools": ("calc", "convert"), "refusal": ("general", "too_big"),
-              "structured": ("json",)}  # data version 4 on: an arithmetic question with a declared response format
+              "structured": ("json",),  # data version 4 on: an arithmetic question with a declared response format
+              "followup": ("followup",)}  # data version 10 on: arithmetic on the previous turn's answer
+SINCE_VERSION = {"structured": 4, "followup": 10}
 
 REFUSAL = re.compile(r"I don't know|I can't|I cannot")
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
 def evaluated_kinds(version: int) -> list[str]:
-    """The kinds asked, in order: the structured one only where the data teaches it (version 4 on)."""
-    return [k for cat, kinds in CATEGORIES.items() for k in kinds if cat != "structured" or version >= 4]
+    """The kinds asked, in order: structured answers and follow-ups only where the data teaches them."""
+    return [k for cat, kinds in CATEGORIES.items() for k in kinds if version >= SINCE_VERSION.get(cat, 1)]
 
 
 @dataclass
@@ -175,7 +177,7 @@ def score(ex: data.Example, r: Result) -> Result:
     number = final_number(r.final)
     if ex.kind in CATEGORIES["structured"]:
         r.correct = not r.calls and json_answer(ex, r.final)
-    elif ex.kind in CATEGORIES["arithmetic"]:
+    elif ex.kind in CATEGORIES["arithmetic"] + CATEGORIES["followup"]:
         r.correct = not r.calls and same_number(number, ex.answer)
     elif ex.kind in CATEGORIES["tools"]:
         r.call_ok = bool(r.calls) and call_matches(r.calls[0], ex.call)
@@ -228,6 +230,8 @@ def run_one(ex: data.Example, complete, effort: str, max_tokens: int, family: st
     fmt = harmony.ResponseFormat(**response_format(ex)) if ex.kind in CATEGORIES["structured"] else None
     session = ChatSession(recorded, SamplingParams(temperature=0, max_tokens=max_tokens), reasoning_effort=effort,
                           tools=tools, max_tool_rounds=2, response_format=fmt)
+    if ex.kind in CATEGORIES["followup"]:  # the turn it refers to, as the chat keeps it (other kinds are asked
+        session.messages = [data.message(m) for m in ex.history]  # alone, as every evaluation so far asked them)
     r = Result(ex.kind, family, ex.question, list(ex.tools), ex.answer, ex.call)
     t0 = time.perf_counter()
     for event in session.send(ex.question):
@@ -252,7 +256,9 @@ def run_one_remote(ex: data.Example, client, model: str, effort: str, max_tokens
     tools = [DEMO_TOOLS[name] for name in ex.tools]
     specs = [{"type": "function", "function": {"name": t.name, "description": t.description,
                                                "parameters": t.parameters}} for t in tools]
-    messages: list[dict[str, Any]] = [{"role": "user", "content": ex.question}]
+    earlier = ex.history if ex.kind in CATEGORIES["followup"] else []  # as run_one
+    messages: list[dict[str, Any]] = [*({"role": m["role"], "content": m["content"]} for m in earlier),
+                                      {"role": "user", "content": ex.question}]
     r = Result(ex.kind, family, ex.question, list(ex.tools), ex.answer, ex.call)
     t0 = time.perf_counter()
     for _ in range(3):  # the question, then at most two tool rounds (as run_one)
@@ -367,10 +373,12 @@ def summary(results: Sequence[Result]) -> dict[str, Any]:
     tools = [r for r in results if r.kind in CATEGORIES["tools"]]
     refusal = [r for r in results if r.kind in CATEGORIES["refusal"]]
     structured = [r for r in results if r.kind in CATEGORIES["structured"]]
-    in_scope = arith + tools + structured
+    followups = [r for r in results if r.kind in CATEGORIES["followup"]]
+    in_scope = arith + tools + structured + followups
     return {
         "arithmetic_exact": rate(arith),
         **({"json_exact": rate(structured)} if structured else {}),
+        **({"followup_exact": rate(followups)} if followups else {}),
         "tool_call_valid_args": rate(tools, "call_ok"),
         "tool_round_trip": rate(tools),
         "refusal_rate": rate(refusal),
@@ -396,6 +404,8 @@ def markdown(s: dict[str, Any], header: str = "") -> str:
              row("tool round trip (call + answer)", s["tool_round_trip"]),
              row("refusal of out-of-scope questions", s["refusal_rate"]),
              row("JSON answer (declared response format), exact result", s["json_exact"]) if "json_exact" in s
+             else None,
+             row("follow-up on the previous answer, exact", s["followup_exact"]) if "followup_exact" in s
              else None]
     lines += [row(f"  {k}", d) for k, d in s["by_kind"].items()]
     fr = s["false_refusals"]

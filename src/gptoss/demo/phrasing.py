@@ -33,7 +33,7 @@ import functools
 import itertools
 import random
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 # Operator atoms, shared by both families: the expression forms ({a} OP {b}); the first is the canonical one.
 OPERATORS = {"add": ["+", "plus"], "sub": ["-", "minus"], "mul": ["*", "×", "x", "times", "multiplied by"],
@@ -52,6 +52,9 @@ class Family:
     cases: tuple[str, ...]  # "as is" | "lower" | "upper" | "title"
     wrapped: float = 0.0  # the share of questions whose operands are typed inside `wrappers` (version 8)
     wrappers: tuple[str, ...] = ()
+    # follow-ups (version 10): questions about the previous answer, with {n} the new number; "add", "sub", "mul"
+    # take the previous answer first (`Subtract {n} from that`), "sub_from" second (`Subtract that from {n}`)
+    followups: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 # The version-1 question templates (the shipped model's training data) are all in the training family.
@@ -95,6 +98,13 @@ HELDOUT = Family(
     suffixes=("", "", " Thanks!", " Cheers.", " thx", " I need it for homework.", " :)", " thank you very much"),
     ends=("", "", "??", " ?", "?!", "..."),
     cases=("as is", "as is", "as is", "lower", "upper", "title"),
+    followups={"add": ("Now add {n} to it", "What is that plus {n}?", "And now plus {n}?",
+                       "Add {n} to the answer please", "Then add {n}."),
+               "sub": ("Now subtract {n} from it", "What is that minus {n}?", "And now minus {n}?",
+                       "Subtract {n} from the answer please", "Then take away {n}."),
+               "mul": ("Now multiply it by {n}", "What is that times {n}?", "And now times {n}?",
+                       "Multiply the answer by {n} please", "Then times {n}."),
+               "sub_from": ("What is {n} minus that?", "Now subtract it from {n}")},
 )
 # Data version 6: the training family in Title Case too. o200k's title-case words are tokens unrelated to their
 # lower-case forms (` From`, ` And`, ` Liters`), so a model trained without them reads a held-out Title Case
@@ -117,13 +127,25 @@ TRAIN_V7 = replace(TRAIN_V6, words={
 # ` (`, ` [`, ` "` and bare brackets: a number is its digits whatever token comes before. No held-out question
 # types a number in brackets or quotes (tests/test_demo_phrasing.py), so the families stay disjoint.
 TRAIN_V8 = replace(TRAIN_V7, wrapped=0.15, wrappers=("({n})", "[{n}]", '"{n}"'))
+# Data version 10: follow-up questions about the previous answer (`now add 5 to that`). Until version 9 every
+# question stated all its numbers, and the shipped model answered `now add 5 to that` after `1234 - 987 = 247`
+# with `5 + 5 = 10`. The reference words (that, it, the result, the answer) occur in both families; the frames
+# are each family's own.
+TRAIN_V10 = replace(TRAIN_V8, followups={
+    "add": ("Add {n} to that.", "Now add {n}.", "Plus {n}?", "That plus {n}", "Add {n} to the result",
+            "What if I add {n} to it?", "And add {n}"),
+    "sub": ("Subtract {n} from that.", "Now take away {n}.", "Minus {n}?", "That minus {n}",
+            "Take {n} away from the result", "What if I subtract {n} from it?", "And subtract {n}"),
+    "mul": ("Multiply that by {n}.", "Now times {n}.", "Times {n}?", "That times {n}", "Multiply the result by {n}",
+            "What if I multiply it by {n}?", "And multiply by {n}"),
+    "sub_from": ("Subtract that from {n}.", "{n} minus that?", "Take the result away from {n}")})
 FAMILIES = {"train": TRAIN, "heldout": HELDOUT}
 
 
 def training_family(version: int) -> Family:
     """The training family as data `version` phrases it (version 6 adds Title Case, 7 inflected operators, 8
-    operands in brackets or quotes)."""
-    return TRAIN_V8 if version >= 8 else TRAIN_V7 if version >= 7 else TRAIN_V6 if version >= 6 else TRAIN
+    operands in brackets or quotes, 10 follow-up questions)."""
+    return TRAIN_V10 if version >= 10 else TRAIN_V8 if version >= 8 else TRAIN_V7 if version >= 7 else TRAIN_V6 if version >= 6 else TRAIN
 
 
 def with_separators(n: int) -> str:
@@ -171,6 +193,12 @@ def phrase(rng: random.Random, family: Family | str, op: str, a: int, b: int, wo
     return compose(rng, fam, frame)
 
 
+def followup(rng: random.Random, family: Family | str, op: str, n: int, separators: float = 0.1) -> str:
+    """A follow-up question applying op to the previous answer and n (op "sub_from": n minus the answer)."""
+    fam = FAMILIES[family] if isinstance(family, str) else family
+    return compose(rng, fam, rng.choice(fam.followups[op]).format(n=number_text(rng, n, separators)))
+
+
 def compose(rng: random.Random, fam: Family, frame: str) -> str:
     """A frame with the family's glue around it: end punctuation, prefix, suffix, letter case."""
     text = _finish(frame, rng.choice(fam.ends))
@@ -207,6 +235,7 @@ def training_skeletons(version: int = 1) -> frozenset[str]:
             spaces = {" {op} "} if sym[0].isalpha() else set(fam.spacing)
             frames += [f.format(e="1" + s.format(op=sym) + "2") for f in fam.expression for s in spaces]
         frames += [f.format(a="1", b="2") for f in fam.words[op]]
+    frames += [f.format(n="1") for fs in fam.followups.values() for f in fs]
     for frame, end, prefix, suffix in itertools.product(frames, set(fam.ends), set(fam.prefixes), set(fam.suffixes)):
         text = _finish(frame, end)
         if prefix and text[:1].isalpha():
