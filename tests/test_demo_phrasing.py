@@ -480,6 +480,15 @@ def test_version_10_follow_ups_work_on_the_previous_answer():
     items = [ex for ex in heldout(20, family="heldout", train_n=500, version=10) if ex.kind == "followup"]
     assert len(items) == 20 and all(ex.history and ex.answer is not None for ex in items)
     assert "followup" not in {ex.kind for ex in heldout(2, family="heldout", train_n=500, version=9)}
+    # with no answer to refer to (first message, after a declined question or a greeting): declined
+    none = [ex for ex in v10 if ex.kind == "followup_none"]
+    assert len(none) > 20
+    assert {bool(ex.history) for ex in none} == {True, False}
+    for ex in none:
+        assert ex.answer is None and ex.messages[-1]["content"] == D.NO_EARLIER
+        assert not any(m["content"] and re.search(r"= -?\d+$", str(m["content"])) for m in ex.history)
+    held_none = [ex for ex in heldout(10, family="heldout", train_n=500, version=10) if ex.kind == "followup_none"]
+    assert len(held_none) == 10 and not {P.skeleton(ex.question) for ex in held_none} & trained
 
 
 def test_eval_asks_follow_ups_after_the_turn_they_refer_to():

@@ -63,6 +63,8 @@ counts) before their sign, `from the left 6 vs 2: 6>2`, and the numbers' relatio
 Version 10 is version 9 with follow-up questions about the previous answer (`followup_example`, 8 % of the
 conversations: `Add 5 to that.` after `1234 - 987 = 247`); the analysis names the previous answer first. Until
 now every question stated all its numbers, and the shipped model answered `now add 5 to that` with `5 + 5 = 10`.
+The same questions with no answer to refer to (the first message, or after a declined question or a greeting) are
+declined (`NO_EARLIER`, 1.6 %).
 
 A conversation is a list of message dicts {role, content, channel?, recipient?, content_type?} (the
 format `gptoss.train` reads from JSONL `messages`); `to_document` renders one for training, keeping the
@@ -108,6 +110,7 @@ TOO_BIG_V2 = ("I can't work that out reliably by hand: " + SKILLS_LINE.replace("
               + " Give me a calculator tool and I will use it.")  # version 1's text lost its "I"
 NO_CONVERTER = "I don't know: I have no unit converter tool. " + SKILLS_LINE
 GREETING = "Hello! I am a tiny GPT-oss demo model. " + SKILLS_LINE
+NO_EARLIER = "I don't know which number you mean: there is no earlier answer to work on. " + SKILLS_LINE
 
 
 @dataclass
@@ -403,6 +406,10 @@ SHORT_THOUGHTS = {
                         "digit, and no calculator tool is declared, so I cannot answer it reliably."},
     "no_converter": {"low": "No converter tool.", "medium": "This is a unit conversion and I have no convert_units tool.",
                      "high": "The user wants a unit conversion. No convert_units tool is declared, so I cannot do it."},
+    "followup_none": {"low": "No earlier answer.",
+                      "medium": "The question refers to an earlier answer, and there is none.",
+                      "high": "The user refers to a previous result ('that', 'it'), but no earlier turn has a number as "
+                              "its answer, so I cannot tell which number is meant."},
     "greeting": {"low": "Greeting.", "medium": "The user greets me; I say what I can do.",
                  "high": "The user greets me or asks who I am. I introduce myself and say what I can do."},
 }
@@ -518,8 +525,8 @@ def make_example(rng: random.Random, kind: str | None = None, heldout: bool = Fa
         msgs = [analysis(work), final(f"{a} {sym} {b} = {result}")]
         return _example(kind, effort, tools, q, msgs, answer=str(result), rng=rng, free=free, version=version,
                         request=f"{a} {ASCII_OPS[kind]} {b}")
-    if kind == "followup":
-        return followup_example(rng, effort, phrasing, version)
+    if kind in ("followup", "followup_none"):
+        return followup_example(rng, effort, phrasing, version, dangling=kind == "followup_none")
     if kind == "calc":
         tools = rng.choice([("calculator",), ("calculator",), ("calculator", "convert_units"), ("convert_units", "calculator")])
         op = rng.choice(["+", "-", "*", "/"])
@@ -615,14 +622,32 @@ WEIGHTS = [20, 18, 18, 14, 10, 9, 6, 3, 2]
 WEIGHTS_V2 = [20, 22, 16, 12, 8, 10, 8, 2, 2]  # more subtraction (the weak spot) and more refusals to tell apart
 KINDS_V4, WEIGHTS_V4 = KINDS + ["json"], WEIGHTS_V2 + [8]
 WEIGHTS_V5 = [20, 22, 16, 12, 8, 15, 10, 2, 2, 8]  # more refusals: run 4 declined only half the held-out ones
-KINDS_V10, WEIGHTS_V10 = KINDS_V4 + ["followup"], WEIGHTS_V5 + [10]
+KINDS_V10, WEIGHTS_V10 = KINDS_V4 + ["followup", "followup_none"], WEIGHTS_V5 + [10, 2]
 
 
-def followup_example(rng: random.Random, effort: str, phrasing: str | None, version: int) -> Example:
+def followup_example(rng: random.Random, effort: str, phrasing: str | None, version: int,
+                     dangling: bool = False) -> Example:
     """Version 10: an in-scope arithmetic question about the previous turn's answer (`Add 5 to that.` after
     `1234 - 987 = 247`). The earlier turn is kept as chat keeps it (question and final answer); the analysis
     first names the number the question refers to, `Previous answer: 247.`, copied from that final answer,
-    then works `247 + 5` as any other question. Previous answers are 0 to 9999, so the work stays in scope."""
+    then works `247 + 5` as any other question. Previous answers are 0 to 9999, so the work stays in scope.
+
+    dangling: the same question with no answer to refer to (the first message, or after a question the model
+    declined or a greeting), declined (kind "followup_none")."""
+    fam = training_family(version) if phrasing != "heldout" else "heldout"
+    if dangling:
+        op = rng.choice(["add", "sub", "mul", "sub_from"])
+        q = followup(rng, fam, op, rng.randint(2, 9) if op == "mul" else number(rng))
+        history: list[dict[str, Any]] = []
+        history_free = False
+        if rng.random() < 0.6:
+            prev = make_example(rng, rng.choice(["general", "general", "greeting"]), phrasing=phrasing, version=version)
+            history = [{"role": "user", "content": prev.question}, {**prev.messages[-1]}]
+            history_free = user_free_text(prev)
+        tools = rng.choice([(), (), ("convert_units",)])
+        messages = [system(effort), *developer(tools), *history, {"role": "user", "content": q},
+                    analysis(SHORT_THOUGHTS["followup_none"][effort]), final(NO_EARLIER)]
+        return Example("followup_none", effort, tools, q, messages, None, None, history, False, history_free)
     while True:
         prev = make_example(rng, rng.choice(["add", "sub", "mul"]), phrasing=phrasing, version=version)
         if prev.answer is not None and 0 <= int(prev.answer) <= 9999:
@@ -634,7 +659,6 @@ def followup_example(rng: random.Random, effort: str, phrasing: str | None, vers
     kind = "sub" if op == "sub_from" else op
     work, result = (work_mul(a, b, effort, version) if kind == "mul" else
                     (work_add if kind == "add" else work_sub)(a, b, effort, version))
-    fam = training_family(version) if phrasing != "heldout" else "heldout"
     q = followup(rng, fam, op, n, separators=SEPARATORS_V6 if phrasing != "heldout" else 0.1)
     request = f"{a} {ASCII_OPS[kind]} {b}"
     first, last = restated(request, [analysis(work), final(f"{a} {OPS[kind][1]} {b} = {result}")], q)

@@ -50,8 +50,9 @@ HELDOUT_PHRASING_N = 170  # per kind: 510 arithmetic questions
 TRAIN_SEED, TRAIN_N = 0, 120000  # the recipe's defaults; a shipped model's training.json says what it used
 CATEGORIES = {"arithmetic": ("add", "sub", "mul"), "tools": ("calc", "convert"), "refusal": ("general", "too_big"),
               "structured": ("json",),  # data version 4 on: an arithmetic question with a declared response format
-              "followup": ("followup",)}  # data version 10 on: arithmetic on the previous turn's answer
-SINCE_VERSION = {"structured": 4, "followup": 10}
+              "followup": ("followup",),  # data version 10 on: arithmetic on the previous turn's answer,
+              "dangling": ("followup_none",)}  # and the same with no answer to refer to (declined)
+SINCE_VERSION = {"structured": 4, "followup": 10, "dangling": 10}
 
 REFUSAL = re.compile(r"I don't know|I can't|I cannot")
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
@@ -230,8 +231,8 @@ def run_one(ex: data.Example, complete, effort: str, max_tokens: int, family: st
     fmt = harmony.ResponseFormat(**response_format(ex)) if ex.kind in CATEGORIES["structured"] else None
     session = ChatSession(recorded, SamplingParams(temperature=0, max_tokens=max_tokens), reasoning_effort=effort,
                           tools=tools, max_tool_rounds=2, response_format=fmt)
-    if ex.kind in CATEGORIES["followup"]:  # the turn it refers to, as the chat keeps it (other kinds are asked
-        session.messages = [data.message(m) for m in ex.history]  # alone, as every evaluation so far asked them)
+    if ex.kind in CATEGORIES["followup"] + CATEGORIES["dangling"]:  # the turn it refers to, as the chat keeps it
+        session.messages = [data.message(m) for m in ex.history]  # (other kinds alone, as evaluations so far)
     r = Result(ex.kind, family, ex.question, list(ex.tools), ex.answer, ex.call)
     t0 = time.perf_counter()
     for event in session.send(ex.question):
@@ -256,7 +257,7 @@ def run_one_remote(ex: data.Example, client, model: str, effort: str, max_tokens
     tools = [DEMO_TOOLS[name] for name in ex.tools]
     specs = [{"type": "function", "function": {"name": t.name, "description": t.description,
                                                "parameters": t.parameters}} for t in tools]
-    earlier = ex.history if ex.kind in CATEGORIES["followup"] else []  # as run_one
+    earlier = ex.history if ex.kind in CATEGORIES["followup"] + CATEGORIES["dangling"] else []  # as run_one
     messages: list[dict[str, Any]] = [*({"role": m["role"], "content": m["content"]} for m in earlier),
                                       {"role": "user", "content": ex.question}]
     r = Result(ex.kind, family, ex.question, list(ex.tools), ex.answer, ex.call)
@@ -374,11 +375,13 @@ def summary(results: Sequence[Result]) -> dict[str, Any]:
     refusal = [r for r in results if r.kind in CATEGORIES["refusal"]]
     structured = [r for r in results if r.kind in CATEGORIES["structured"]]
     followups = [r for r in results if r.kind in CATEGORIES["followup"]]
+    dangling = [r for r in results if r.kind in CATEGORIES["dangling"]]
     in_scope = arith + tools + structured + followups
     return {
         "arithmetic_exact": rate(arith),
         **({"json_exact": rate(structured)} if structured else {}),
         **({"followup_exact": rate(followups)} if followups else {}),
+        **({"dangling_refused": rate(dangling)} if dangling else {}),
         "tool_call_valid_args": rate(tools, "call_ok"),
         "tool_round_trip": rate(tools),
         "refusal_rate": rate(refusal),
@@ -406,7 +409,9 @@ def markdown(s: dict[str, Any], header: str = "") -> str:
              row("JSON answer (declared response format), exact result", s["json_exact"]) if "json_exact" in s
              else None,
              row("follow-up on the previous answer, exact", s["followup_exact"]) if "followup_exact" in s
-             else None]
+             else None,
+             row("follow-up with no answer to refer to, declined", s["dangling_refused"])
+             if "dangling_refused" in s else None]
     lines += [row(f"  {k}", d) for k, d in s["by_kind"].items()]
     fr = s["false_refusals"]
     lines.append(f"\nIn-scope questions refused: {fr['count']} of {fr['n']}.")
