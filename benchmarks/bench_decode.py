@@ -23,7 +23,7 @@ import torch
 
 import gptoss
 from gptoss.cache import KVCache, default_cache_dtype
-from gptoss.generate import prefill
+from gptoss.generate import decode_step, prefill
 
 
 def sync(device: torch.device) -> None:
@@ -56,6 +56,8 @@ def bytes_per_token(model: gptoss.Transformer) -> int:
             n = c.hidden_size * t.element_size()  # one row
         elif ".mlp.mlp" in name:  # expert weights and biases: k of E
             n = n * c.experts_per_token // c.num_experts
+        elif name == "unembedding.weight" and getattr(model, "bounded_argmax", None) is not None:
+            n = 0  # read for the few candidate rows only (bounded_argmax.* count instead)
         total += n
     return total
 
@@ -120,23 +122,28 @@ class LayerTimer:
 def decode_speed(model, context: int, steps: int, timer: LayerTimer) -> dict:
     cache = fill_cache(model, context)
     token = torch.tensor([[1000]], device=model.device)
-    per_token = []
+    per_token, candidates = [], []
     timer.times = {"sliding": 0.0, "full": 0.0}
     for s in range(steps):
         if s == 1:  # the first step pays page faults / the kernel build: timed neither here nor per block
             timer.times = {"sliding": 0.0, "full": 0.0}
         sync(model.device)
         t = time.perf_counter()
-        logits = model(token, torch.tensor([[context + s]], device=model.device), cache)
-        token = logits[:, -1].argmax(-1, keepdim=True)
+        # as generate() takes a greedy step: all logits, or BoundedArgmax's token where it is wanted
+        logits, greedy = decode_step(model, token, torch.tensor([[context + s]], device=model.device), cache,
+                                     greedy_only=True)
+        token = (logits.argmax(-1) if greedy is None else greedy).view(1, 1)
         sync(model.device)
         per_token.append(time.perf_counter() - t)
+        if model.bounded_argmax is not None:
+            candidates.append(model.bounded_argmax.last_candidates)
     per_token = per_token[1:]
     n_layers = {"sliding": sum(1 for b in model.block if b.attn.sliding_window),
                 "full": sum(1 for b in model.block if not b.attn.sliding_window)}
     return {"context": context, "ms_per_token": 1e3 * statistics.median(per_token),
             "ms_per_token_mean": 1e3 * statistics.mean(per_token),
             "tok_s": 1 / statistics.median(per_token),
+            **({"bounded_argmax_candidates_median": statistics.median(candidates)} if candidates else {}),
             "block_ms_per_layer": {k: 1e3 * v / max(steps - 1, 1) / max(n_layers[k], 1) for k, v in timer.times.items()}}
 
 
@@ -193,6 +200,9 @@ def main() -> None:
                         "(gptoss.hugepages; A/B against the checkpoint's 4 KiB page-cache pages)")
     p.add_argument("--int8-unembedding", action="store_true",
                    help="quantize the unembedding to int8 (the opt-in mode) and report its logit error")
+    p.add_argument("--bounded-argmax", action="store_true",
+                   help="greedy steps through model.BoundedArgmax (what gptoss chat/generate/serve do on the CPU "
+                        "by default): the unembedding read as int8, candidates recomputed exactly; same tokens")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -226,6 +236,15 @@ def main() -> None:
     rss_loaded = rss_gib()
     warm_s = touch_weights(model) if not args.cold else 0.0
     int8_error = quantize_unembedding(model) if args.int8_unembedding else None
+    bounded_s = None
+    if args.bounded_argmax:
+        if args.int8_unembedding:
+            raise SystemExit("--bounded-argmax and --int8-unembedding exclude each other")
+        t = time.perf_counter()
+        if not model.enable_bounded_argmax():
+            raise SystemExit("--bounded-argmax: needs a bf16 unembedding on the CPU")
+        bounded_s = time.perf_counter() - t
+        model.bounded_argmax_wanted = True
     per_token_bytes = bytes_per_token(model)
     checkpoint_bytes = sum(f.stat().st_size for f in Path(args.model).glob("*.safetensors"))
     timer = LayerTimer(model)
@@ -236,7 +255,8 @@ def main() -> None:
                "rss_after_load_GiB": rss_loaded,
                "touch_all_pages_s": warm_s,
                "checkpoint_GiB": checkpoint_bytes / 2**30, "bytes_per_token_GB": per_token_bytes / 1e9,
-               "limit_tok_s": bandwidth / per_token_bytes, "int8_unembedding": int8_error, "decode": []}
+               "limit_tok_s": bandwidth / per_token_bytes, "int8_unembedding": int8_error,
+               "bounded_argmax_build_s": bounded_s, "decode": []}
     for context in args.contexts:
         r = decode_speed(model, context, args.steps, timer)
         r["fraction_of_limit"] = r["tok_s"] / results["limit_tok_s"]

@@ -51,7 +51,7 @@ from .cache import CachedPrefix, KVCache, PrefixCache, SlotCache, default_cache_
 from .config import ModelConfig
 from .constrain import Guide
 from .errors import GenerationError, GptOssError
-from .generate import PREFILL_CHUNK, SamplingParams, left_pad, prefill, sample
+from .generate import PREFILL_CHUNK, SamplingParams, decode_step, left_pad, prefill, sample
 from .loading import DEFAULT_PREFIX_CACHE_GIB
 from .model import Transformer
 
@@ -377,12 +377,15 @@ class Engine:
         tokens = torch.tensor([[r.tokens[-1]] for r in active], device=self.device)  # (n, 1)
         positions = torch.tensor([[r.next_position] for r in active], device=self.device)  # (n, 1)
         self.cache.begin_step(int(positions.max()))
-        logits = self.model(tokens, positions, self.cache)[:, -1]  # (n, V)
-        greedy = logits.argmax(-1).tolist()
+        # greedy rows with no constraint need their argmax only (decode_step: the unembedding read mostly as int8)
+        logits, greedy_t = decode_step(self.model, tokens, positions, self.cache,
+                                       greedy_only=all(r.generator is None and r.guide is None for r in active))
+        greedy = (logits.argmax(-1) if greedy_t is None else greedy_t).tolist()  # logits (n, V) or None
         self.steps += 1
         self.max_batch = max(self.max_batch, n)
         with self._cond:
-            done = [i for i, r in enumerate(active) if self._step_row(r, logits[i], greedy[i])]
+            done = [i for i, r in enumerate(active)
+                    if self._step_row(r, None if logits is None else logits[i], greedy[i])]
         self._retire(active, done)
 
     def _retire(self, active: list[Request], rows: list[int]) -> list[Request]:
@@ -411,7 +414,7 @@ class Engine:
                 log.exception("storing request %s in the prefix cache failed", r.id)
 
     # ------------------------------------------------------------------ bookkeeping (under the lock)
-    def _step_row(self, r: Request, logits: torch.Tensor, greedy: int) -> bool:
+    def _step_row(self, r: Request, logits: torch.Tensor | None, greedy: int) -> bool:
         """Sample row r's next token and emit it; True if the request is now finished. Whatever fails here
         (sampling, the stop rule, a bug) ends this request with an error, never its neighbours in the batch.
         A constrained request masks its own row of logits first (the batch's argmax is then not its own)."""

@@ -155,6 +155,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], params: Sampl
 
         guides = [Guide(params.constraint, params.max_tokens) for _ in range(B)]
     logits = prefill(model, tokens, positions, cache, chunk_size)
+    greedy = None  # greedy rows with no constraint: the decode steps give tokens (decode_step), not logits
     next_pos = positions[:, -1] + 1
     active = [True] * B
     stop = set(params.stop_tokens)
@@ -162,8 +163,11 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], params: Sampl
         step = torch.zeros(B, dtype=torch.long, device=device)
         for i in range(B):
             if active[i]:
-                row = logits[i] if guides is None else guides[i].mask(logits[i].float())
-                token = sample(row, params, generators[i] if generators else None)
+                if greedy is not None:
+                    token = int(greedy[i])
+                else:
+                    row = logits[i] if guides is None else guides[i].mask(logits[i].float())
+                    token = sample(row, params, generators[i] if generators else None)
                 if guides is not None:
                     guides[i].advance(token)
                 step[i] = token
@@ -174,8 +178,20 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], params: Sampl
             return
         # Finished rows keep stepping with a masked position so shapes stay fixed; their output is ignored.
         pos = torch.where(torch.tensor(active, device=device), next_pos, torch.full_like(next_pos, -1))
-        logits = model(step[:, None], pos[:, None], cache)[:, -1]
+        logits, greedy = decode_step(model, step[:, None], pos[:, None], cache,
+                                     greedy_only=params.temperature == 0 and guides is None)
         next_pos = next_pos + 1
+
+
+def decode_step(model: Transformer, tokens: torch.Tensor, positions: torch.Tensor, cache,
+                greedy_only: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """One decode step for tokens [B, 1]: (logits [B, V], None), or, for greedy rows that need no logits
+    (greedy_only) on a model with `bounded_argmax_wanted`, (None, greedy tokens [B]) exactly as
+    logits.argmax(-1) (Transformer.greedy_tokens: the unembedding read mostly as int8)."""
+    if greedy_only and getattr(model, "bounded_argmax_wanted", False):
+        h = model.hidden_states(tokens, positions, cache)[:, -1]
+        return None, model.greedy_tokens(h)
+    return model(tokens, positions, cache)[:, -1], None
 
 
 def generate_tokens(model: Transformer, prompt: Sequence[int], params: SamplingParams | None = None) -> list[int]:

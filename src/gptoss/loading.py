@@ -106,13 +106,16 @@ def _size(n: float) -> str:
 
 def load_model(path: str | Path | None = None, *, device: "str | torch.device | None" = None,
                dtype: "str | torch.dtype" = "bfloat16", int8_unembedding: bool = False, progress: bool = True,
-               layout=None, memory_budget_gib: float | None = None, memory_reserve: int = 0) -> "nn.Module":
+               layout=None, memory_budget_gib: float | None = None, memory_reserve: int = 0,
+               bounded_argmax: bool = True) -> "nn.Module":
     """A model ready for inference: the checkpoint folder `path` (either layout; None: the embedded demo model,
     hash-checked) on `device` (None: cuda if available, else cpu), non-expert weights in `dtype` (experts stay
     MXFP4). int8_unembedding: quantize the unembedding rows (Transformer.quantize_unembedding). layout: a
     parallel.Layout under torchrun (this rank's shard; rank 0 gets a parallel.Leader). memory_budget_gib: see
     plan_memory (memory_reserve: its `reserve`); a model that does not fit streams its experts from disk
-    (streaming.py), said once on stderr."""
+    (streaming.py), said once on stderr. bounded_argmax: greedy decode steps on the CPU read the unembedding
+    mostly as int8, with the same tokens (model.BoundedArgmax, built at the first greedy step), where its int8
+    copy (vocab × hidden bytes) fits in memory beside the checkpoint without streaming."""
     import torch
 
     path = model_path(path)
@@ -130,6 +133,7 @@ def load_model(path: str | Path | None = None, *, device: "str | torch.device | 
             raise GptOssError("--memory-budget does not combine with --tp/--ep yet (each rank maps its shard)")
         return load_for_rank(path, layout, device=device, dtype=dtype)
     from .checkpoint import load
+    from .model import Transformer
 
     pool_bytes, message = plan_memory(path, dtype, memory_budget_gib, reserve=memory_reserve)
     if message:
@@ -139,7 +143,22 @@ def load_model(path: str | Path | None = None, *, device: "str | torch.device | 
         from .vocab import unwrap
 
         unwrap(model).quantize_unembedding()
+    elif (bounded_argmax and pool_bytes is None and isinstance(model, Transformer)  # not a vocabulary subset
+          and torch.device(device).type == "cpu" and dtype == torch.bfloat16
+          and _room_for_int8_unembedding(path, dtype, memory_budget_gib, model.config)):
+        model.bounded_argmax_wanted = True
     return model
+
+
+def _room_for_int8_unembedding(path: Path, dtype, memory_budget_gib: float | None, config) -> bool:
+    """Whether the checkpoint still maps whole with an int8 copy of the unembedding beside it (BoundedArgmax)."""
+    from .streaming import available_memory
+
+    extra = config.vocab_size * (config.hidden_size + 12)  # int8 rows + three fp32 per row
+    if memory_budget_gib is not None:
+        return plan_memory(path, dtype, memory_budget_gib - extra / 2**30)[0] is None if \
+            memory_budget_gib > extra / 2**30 else False
+    return plan_memory(path, dtype, available=available_memory() - extra)[0] is None
 
 
 def load_model_from_args(args: argparse.Namespace) -> "nn.Module":
@@ -154,6 +173,7 @@ def load_model_from_args(args: argparse.Namespace) -> "nn.Module":
         reserve = prefix_cache_bytes(args) if given else int(STREAMING_PREFIX_CACHE_GIB * 2**30)
     model = load_model(args.model, device=args.device, dtype=args.dtype,
                        int8_unembedding=getattr(args, "int8_unembedding", False),
+                       bounded_argmax=getattr(args, "bounded_argmax", True),
                        progress=not getattr(args, "quiet", False), layout=getattr(args, "layout", None),
                        memory_budget_gib=getattr(args, "memory_budget", None), memory_reserve=reserve)
     from .vocab import unwrap
@@ -172,6 +192,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--int8-unembedding", action="store_true",
                    help="quantize the unembedding to int8 rows after loading: half its bytes per decoded token "
                         "(gpt-oss-20b: 3.7 -> 3.1 GB), at a small logit error (benchmarks/RESULTS.md); off by default")
+    p.add_argument("--no-bounded-argmax", dest="bounded_argmax", action="store_false",
+                   help="greedy decoding computes every logit (by default, on the CPU, it reads the unembedding "
+                        "as int8 and recomputes only the rows that can win: the same tokens, fewer bytes)")
     p.add_argument("--memory-budget", type=float, default=None, metavar="GIB",
                    help="memory the weights may take; a checkpoint larger than that streams its experts from disk "
                         "through a pool of the most recently used ones (default: the memory available, less "

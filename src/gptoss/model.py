@@ -105,6 +105,78 @@ class Int8Linear(nn.Module):
         return y.view(*x.shape[:-1], -1)
 
 
+class BoundedArgmax(nn.Module):
+    """Exact greedy decoding that reads the unembedding mostly as int8: half the bytes of its bf16 rows, which
+    are a third of a gpt-oss-20b decode step's reads.
+
+    For the hidden state h of each row: proxy logits p = h · (q·s)ᵀ from int8 rows q with per-row scales s, and
+    for every vocabulary row i a bound on |logit_i − p_i|, where logit_i is what the bf16 unembedding computes
+    (fp32 sums, rounded to bf16). By Cauchy–Schwarz |h·(w_i − q_i s_i)| ≤ ‖h‖₂ ‖w_i − q_i s_i‖₂ (the second
+    factor precomputed per row); the fp32 summation error of both dot products is at most γ_K Σ|h_k w_ik| ≤
+    γ_K ‖h‖₂ ‖w_i‖₂ with γ_K = K·u/(1 − K·u), u = 2⁻²⁴ (Higham, *Accuracy and Stability of Numerical
+    Algorithms*, 2nd ed., §3.1, eq. 3.5), and bf16 rounding adds at most 2⁻⁸ of the value. Every row whose
+    upper bound reaches the largest lower bound is a candidate; only the candidates' logits are computed
+    exactly, by the same kernel with the same rows of h, so they equal the full computation's bit for bit, and
+    their argmax (first index on ties, as torch.argmax) is the full argmax. No approximation: the token is the
+    one `unembedding(h).argmax()` gives, and a test checks it against the full logits.
+
+    Used where the compiled CPU kernels run the unembedding (1 to kernels.BF16_MAX_ROWS rows, bf16 weight);
+    elsewhere, or when the candidates are many, `__call__` returns None and the caller computes all logits."""
+
+    MAX_CANDIDATE_SHARE = 0.125  # beyond this share of the vocabulary the full matmul reads less
+
+    def __init__(self, unembedding: nn.Linear, chunk: int = 16384):
+        super().__init__()
+        if unembedding.bias is not None or unembedding.weight.dtype != torch.bfloat16:
+            raise ValueError("BoundedArgmax: the unembedding must be a bias-free bf16 Linear, got "
+                             f"{unembedding.weight.dtype}" + (" with a bias" if unembedding.bias is not None else ""))
+        w = unembedding.weight.detach()
+        done = kernels.quantize_rows_int8(w)  # one pass in C++ (seconds in torch for 201,088 rows)
+        if done is not None:
+            q, s, err, norm = done
+        else:
+            q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+            s, err, norm = (torch.empty(w.shape[0], dtype=torch.float32, device=w.device) for _ in range(3))
+            for n0 in range(0, w.shape[0], chunk):  # one pass over the rows: quantize, then the bound's factors
+                wc = w[n0:n0 + chunk].float()
+                norm[n0:n0 + chunk] = wc.norm(dim=1)
+                sc = (wc.abs().amax(dim=1) / 127).clamp_min_(torch.finfo(torch.float32).tiny)
+                qc = torch.div(wc, sc[:, None]).round_().clamp_(-127, 127)
+                q[n0:n0 + chunk] = qc.to(torch.int8)
+                err[n0:n0 + chunk] = wc.sub_(qc.mul_(sc[:, None])).norm(dim=1)
+                s[n0:n0 + chunk] = sc
+        K = w.shape[1]
+        u = 2.0 ** -24
+        gamma = 2 * (K + 64) * u / (1 - (K + 64) * u)  # both dot products, plus the reductions' few additions
+        self.register_buffer("weight_int8", q)  # rows as Int8Linear.from_linear quantizes them
+        self.register_buffer("scale", s)
+        # per row: ‖w − q·s‖₂ + γ(‖w‖₂ + ‖q·s‖₂); × (1 + 10⁻³) covers these fp32 norms' own error (≤ γ_K relative)
+        self.register_buffer("row_bound", (err + gamma * (2 * norm + err)) * (1 + 1e-3))
+
+    def forward(self, h: torch.Tensor, unembedding: nn.Linear) -> torch.Tensor | None:
+        """h [M, D] final-normed hidden states → the greedy token of each row [M] (long), or None where this
+        path does not apply (the caller then computes the full logits)."""
+        M, V = h.shape[0], self.weight_int8.shape[0]
+        if (h.device.type != "cpu" or not 1 <= M <= kernels.BF16_MAX_ROWS or kernels.load_kernels() is None
+                or unembedding.weight.dtype != torch.bfloat16):
+            return None
+        p = kernels.int8_linear(h, self.weight_int8, self.scale)  # (M, V) fp32
+        h_norm = h.double().norm(dim=1, keepdim=True).float() * (1 + 1e-6)  # (M, 1), rounded up
+        bound = h_norm * self.row_bound  # |fp32 sum − p| (M, V)
+        bound = bound + (p.abs() + bound) * 2.0 ** -7 + 1e-30  # bf16 rounding (2⁻⁸, doubled), denormals flushed
+        if not torch.isfinite(bound).all():
+            return None
+        lower = (p - bound).amax(dim=1, keepdim=True)
+        candidates = ((p + bound) >= lower).any(dim=0).nonzero().squeeze(1)  # the union over rows, ascending
+        self.last_candidates = int(candidates.numel())  # for benchmarks: exact rows this step recomputed
+        if candidates.numel() > self.MAX_CANDIDATE_SHARE * V:
+            return None
+        exact = kernels.bf16_linear(h, unembedding.weight.index_select(0, candidates), None, out_dtype=h.dtype)
+        mask = (p + bound) >= lower  # a row's own candidates only
+        exact = exact.float().masked_fill(~mask[:, candidates], float("-inf"))
+        return candidates[exact.argmax(dim=1)]
+
+
 # ---------------------------------------------------------------- RMSNorm
 class RMSNorm(nn.Module):
     """Scale-only RMSNorm, computed in fp32 whatever the activation dtype (GPT-oss keeps norms in fp32).
@@ -795,6 +867,8 @@ class Transformer(nn.Module):
         self.norm = make_norm(config, config.hidden_size, device=device)
         self.unembedding = Linear(config.hidden_size, config.vocab_size, bias=False, device=device, dtype=dtype)
         self.checkpointing = False  # training: recompute each block in the backward instead of keeping its inside
+        self.bounded_argmax: BoundedArgmax | None = None  # exact greedy tokens from int8 reads (enable_bounded_argmax)
+        self.bounded_argmax_wanted = False  # build it at the first greedy decode step (loading.load_model sets it)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -805,6 +879,29 @@ class Transformer(nn.Module):
         decode step, halved (1.16 of gpt-oss-20b's 3.7 GB per token become 0.58). Inference only."""
         if not isinstance(self.unembedding, Int8Linear):
             self.unembedding = Int8Linear.from_linear(self.unembedding)
+
+    def enable_bounded_argmax(self) -> bool:
+        """Opt-in for inference: greedy decode steps read the unembedding as int8 and recompute only the rows that
+        can win exactly (BoundedArgmax; the tokens are the full logits' argmax). Costs an int8 copy of the
+        unembedding (0.58 GB on gpt-oss). False (nothing done) where it cannot apply: not a bf16 CPU unembedding,
+        or an int8 unembedding already (quantize_unembedding)."""
+        w = getattr(self.unembedding, "weight", None)
+        if w is None or w.dtype != torch.bfloat16 or w.device.type != "cpu":
+            return False
+        if self.bounded_argmax is None:
+            self.bounded_argmax = BoundedArgmax(self.unembedding)
+        return True
+
+    def greedy_tokens(self, h: torch.Tensor) -> torch.Tensor:
+        """h [M, D] final-normed hidden states → each row's greedy token [M]: exactly `unembedding(h).argmax(-1)`,
+        through BoundedArgmax where enabled and applicable."""
+        if self.bounded_argmax is None and self.bounded_argmax_wanted:
+            self.bounded_argmax_wanted = self.enable_bounded_argmax()  # once: False where it cannot apply
+        if self.bounded_argmax is not None:
+            tokens = self.bounded_argmax(h, self.unembedding)
+            if tokens is not None:
+                return tokens
+        return self.unembedding(h).float().argmax(-1)
 
     @property
     def device(self) -> torch.device:

@@ -219,6 +219,21 @@ def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return out
 
 
+def quantize_rows_int8(weight: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+    """weight [N, K] bf16 on CPU → (q int8 [N, K], scale [N], ‖w − q·scale‖₂ [N], ‖w‖₂ [N]) fp32, the rows quantized
+    as model.Int8Linear.from_linear does (scale = max|row| / 127, round half to even), in one pass; None without
+    the compiled kernels or for another weight (the caller then uses torch)."""
+    lib = load_kernels() if weight.device.type == "cpu" else None
+    if lib is None or weight.dim() != 2 or weight.dtype != torch.bfloat16:
+        return None
+    weight = weight.contiguous()
+    N, K = weight.shape
+    q = torch.empty(N, K, dtype=torch.int8)
+    scale, err, norm = (torch.empty(N, dtype=torch.float32) for _ in range(3))
+    lib.quantize_rows_int8(weight.data_ptr(), N, K, q.data_ptr(), scale.data_ptr(), err.data_ptr(), norm.data_ptr())
+    return q, scale, err, norm
+
+
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [M, K] floating, weight [N, K] int8, scale [N] fp32 → [M, N] fp32 = x @ (weight · scale[:, None]).T,
     up to the order of fp32 additions (the scale multiplies each row's sum). Streams the weight once for all

@@ -747,6 +747,35 @@ void int8_linear(const void* x, int64_t x_dtype, int64_t M, int64_t K, const int
   });
 }
 
+// The rows of a bf16 weight [N, K] quantized as int8_linear reads them (symmetric, scale = max|row| / 127,
+// floored at the smallest normal float, rounded half to even as torch.round), with
+// each row's ‖w‖₂ and ‖w − q·scale‖₂ (model.BoundedArgmax's bound). One pass over the weight, rows in parallel.
+void quantize_rows_int8(const uint16_t* w, int64_t N, int64_t K, int8_t* q, float* scale, float* err, float* norm) {
+  parallel_tasks((N + 63) / 64, N * K < (int64_t{1} << 16), [&](int64_t task) {
+    std::vector<float> row(K);
+    for (int64_t n = task * 64; n < std::min(N, task * 64 + 64); ++n) {
+      float amax = 0.f;
+      double ss = 0;
+      for (int64_t k = 0; k < K; ++k) {
+        row[k] = bf16_to_float(w[n * K + k]);
+        amax = std::max(amax, std::fabs(row[k]));
+        ss += static_cast<double>(row[k]) * row[k];
+      }
+      const float sc = std::max(amax / 127.f, std::numeric_limits<float>::min());
+      double es = 0;
+      for (int64_t k = 0; k < K; ++k) {
+        const float v = std::min(127.f, std::max(-127.f, std::nearbyint(row[k] / sc)));  // half to even
+        q[n * K + k] = static_cast<int8_t>(v);
+        const double d = static_cast<double>(row[k]) - static_cast<double>(v) * sc;
+        es += d * d;
+      }
+      scale[n] = sc;
+      err[n] = static_cast<float>(std::sqrt(es));
+      norm[n] = static_cast<float>(std::sqrt(ss));
+    }
+  });
+}
+
 // ---------------------------------------------------------------- the small steps of a decode step
 // One call each instead of a dozen torch ops: at batch 1 a token spends more time dispatching tiny ops than
 // computing them. Each equals the model's torch code (model.py) in fp32 up to summation order and the
@@ -1147,6 +1176,14 @@ PyObject* py_int8_linear(PyObject*, PyObject* args) {
   });
 }
 
+PyObject* py_quantize_rows_int8(PyObject*, PyObject* args) {
+  long long w, N, K, q, scale, err, norm;
+  if (!PyArg_ParseTuple(args, "LLLLLLL", &w, &N, &K, &q, &scale, &err, &norm)) return nullptr;
+  return run_without_gil([&] {
+    quantize_rows_int8(ptr<const uint16_t>(w), N, K, ptr<int8_t>(q), ptr<float>(scale), ptr<float>(err), ptr<float>(norm));
+  });
+}
+
 PyObject* py_swiglu(PyObject*, PyObject* args) {
   long long h, h_dtype, n, out, out_dtype;
   double alpha, limit;
@@ -1241,6 +1278,8 @@ PyMethodDef kMethods[] = {
      "bf16_linear(x, x_dtype, M, K, w_bf16, N, bias, bias_dtype, out, out_dtype): data pointers"},
     {"int8_linear", py_int8_linear, METH_VARARGS,
      "int8_linear(x, x_dtype, M, K, w_int8, scale_f32, N, out_f32): data pointers"},
+    {"quantize_rows_int8", py_quantize_rows_int8, METH_VARARGS,
+     "quantize_rows_int8(w_bf16, N, K, q_int8, scale_f32, err_f32, norm_f32): data pointers"},
     {"rmsnorm", py_rmsnorm, METH_VARARGS, "rmsnorm(x, dtype, M, D, scale_f32, eps, out): data pointers"},
     {"swiglu", py_swiglu, METH_VARARGS, "swiglu(h, h_dtype, n_pairs, alpha, limit, out, out_dtype): data pointers"},
     {"decode_attention", py_decode_attention, METH_VARARGS,

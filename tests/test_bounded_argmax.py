@@ -1,0 +1,168 @@
+"""Greedy decoding through model.BoundedArgmax: int8 proxy logits, a bound per vocabulary row, and the exact logits
+of the candidates only. The token must be the full logits' argmax in every case, ties and near-ties included;
+generate() and the engine must give the same tokens with it as without, and actually take it."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+import gptoss
+from gptoss import kernels, synthetic
+from gptoss.checkpoint import write_checkpoint
+from gptoss.config import preset
+from gptoss.engine import Engine
+from gptoss.generate import SamplingParams, generate_tokens
+from gptoss.loading import load_model
+from gptoss.model import BoundedArgmax, Int8Linear, Linear
+
+needs_kernels = pytest.mark.skipif(kernels.load_kernels() is None, reason="the compiled CPU kernels did not build")
+
+
+def unembedding(V: int = 5000, D: int = 256, seed: int = 0) -> Linear:
+    torch.manual_seed(seed)
+    lin = Linear(D, V, bias=False, dtype=torch.bfloat16)
+    torch.nn.init.normal_(lin.weight, std=0.02)
+    lin.requires_grad_(False)
+    return lin
+
+
+def full_argmax(lin: Linear, h: torch.Tensor) -> torch.Tensor:
+    return lin(h).float().argmax(-1)  # what Transformer.forward's logits give
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+def test_the_token_is_the_full_argmax(rows):
+    lin = unembedding()
+    bounded = BoundedArgmax(lin)
+    used = 0
+    for seed in range(40):
+        h = (torch.randn(rows, 256, generator=torch.Generator().manual_seed(seed)) * (1 + seed % 5)).bfloat16()
+        got = bounded(h, lin)
+        if got is not None:
+            used += 1
+            assert torch.equal(got, full_argmax(lin, h)), seed
+    assert used >= 30  # the fast path, not the fallback, was what got checked
+
+
+@needs_kernels
+def test_ties_and_near_ties_pick_what_argmax_picks():
+    """Rows equal to the winner (an exact tie: the first index wins), and rows one bf16 step away from it, in
+    every order: the candidates must hold all of them and their exact logits decide."""
+    lin = unembedding(V=3000)
+    h = torch.randn(1, 256, generator=torch.Generator().manual_seed(7)).bfloat16()
+    with torch.no_grad():
+        top = int(full_argmax(lin, h))
+        w = lin.weight[top].clone()
+        lin.weight[100] = w  # an exact tie before the winner: argmax takes 100
+        lin.weight[2900] = w  # and one after it
+        j = int(((h[0].float() * w.float()) > 0).nonzero()[0])  # a weight whose growth raises the logit
+        up, down = w.clone(), w.clone()
+        up.view(torch.int16)[j] += 1  # one bf16 step away from zero: up slightly above the winner's logit
+        down.view(torch.int16)[j] -= 1
+        lin.weight[50], lin.weight[60] = up, down  # near-ties, maybe equal once rounded to bf16
+    bounded = BoundedArgmax(lin)
+    got = bounded(h, lin)
+    assert got is not None and torch.equal(got, full_argmax(lin, h))
+    scores = lin(h).float()[0]
+    assert scores[100] == scores[2900] == scores[top]
+    assert int(got) == min(i for i in (50, 60, 100, top, 2900) if scores[i] == scores.max())
+
+
+@needs_kernels
+def test_many_candidates_or_non_finite_states_fall_back():
+    """Rows so alike that the bound admits most of the vocabulary, or a hidden state with an inf, give None
+    (the caller computes the full logits); Transformer.greedy_tokens still returns the full argmax."""
+    lin = unembedding(V=2000)
+    with torch.no_grad():  # every row the same up to noise far below int8's step
+        lin.weight.copy_(lin.weight[:1].float() * (1 + 1e-3 * torch.randn(2000, 256)))
+    bounded = BoundedArgmax(lin)
+    h = torch.randn(1, 256).bfloat16()
+    assert bounded(h, lin) is None
+    model = gptoss.Transformer(preset("tiny"), dtype=torch.bfloat16)
+    model.unembedding = Linear(256, 2000, bias=False, dtype=torch.bfloat16)
+    with torch.no_grad():
+        model.unembedding.weight.copy_(lin.weight)
+    assert model.enable_bounded_argmax() and torch.equal(model.greedy_tokens(h), full_argmax(lin, h))
+    lin = unembedding(V=2000)
+    bounded = BoundedArgmax(lin)
+    bad = torch.randn(1, 256).bfloat16()
+    bad[0, 3] = float("inf")
+    assert bounded(bad, lin) is None
+    assert bounded(torch.randn(5, 256).bfloat16(), lin) is None  # more rows than the streaming kernel takes
+
+
+@needs_kernels
+def test_proxy_rows_are_the_int8_unembeddings():
+    """The C++ quantization (one pass) gives Int8Linear.from_linear's rows and scales, bit for bit."""
+    lin = unembedding(V=3000, D=2880)
+    bounded, reference = BoundedArgmax(lin), Int8Linear.from_linear(lin)
+    assert torch.equal(bounded.weight_int8, reference.weight_int8) and torch.equal(bounded.scale, reference.scale)
+    err = (lin.weight.float() - reference.weight_int8.float() * reference.scale[:, None]).norm(dim=1)
+    assert torch.all(bounded.row_bound >= err)
+
+
+def test_only_bf16_unembeddings_on_the_cpu():
+    lin = Linear(16, 100, bias=False)  # fp32
+    with pytest.raises(ValueError, match="bf16"):
+        BoundedArgmax(lin)
+    m = gptoss.Transformer(preset("tiny"), dtype=torch.float32)
+    assert m.enable_bounded_argmax() is False and m.bounded_argmax is None
+
+
+def bf16_model() -> gptoss.Transformer:
+    config = preset("tiny")
+    m = gptoss.Transformer(config, dtype=torch.bfloat16)
+    m.load_state_dict(dict(synthetic.random_tensors(config, seed=3, dtype=torch.bfloat16)))
+    return m.requires_grad_(False)
+
+
+def count_fast_path(monkeypatch) -> list[int]:
+    hits = [0]
+    forward = BoundedArgmax.forward
+
+    def counted(self, h, lin):
+        out = forward(self, h, lin)
+        hits[0] += out is not None
+        return out
+
+    monkeypatch.setattr(BoundedArgmax, "forward", counted)
+    return hits
+
+
+@needs_kernels
+def test_generate_and_the_engine_give_the_same_tokens_with_it(monkeypatch):
+    hits = count_fast_path(monkeypatch)
+    model = bf16_model()
+    prompts = [torch.randint(0, 500, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 9, 14)]
+    greedy = SamplingParams(temperature=0, max_tokens=12)
+    plain = [generate_tokens(model, p, greedy) for p in prompts]
+    model.bounded_argmax_wanted = True
+    assert [generate_tokens(model, p, greedy) for p in prompts] == plain
+    assert hits[0] >= 3 * 11  # every decode step after the first token (which comes from the prefill's logits)
+    before = hits[0]
+    with Engine(model, max_concurrency=3) as engine, ThreadPoolExecutor(3) as pool:  # three rows per step
+        engine.start()
+        got = list(pool.map(lambda p: engine.generate(p, greedy)[0], prompts))
+    assert got == plain
+    assert hits[0] > before
+    # a sampled request in the batch: every row's logits are computed (no fast path), greedy rows unchanged
+    before = hits[0]
+    sampled = SamplingParams(temperature=1.0, max_tokens=12, seed=0)
+    with Engine(model, max_concurrency=3) as engine:
+        engine.start()
+        assert generate_tokens(model, prompts[0], sampled) == engine.generate(prompts[0], sampled)[0]
+    assert hits[0] == before
+
+
+def test_load_model_turns_it_on_for_cpu_bf16_and_off_when_asked(tmp_path):
+    config = preset("tiny")
+    write_checkpoint(synthetic.random_tensors(config), config, tmp_path, "hf")
+    assert load_model(tmp_path, progress=False, device="cpu").bounded_argmax_wanted is True
+    assert load_model(tmp_path, progress=False, device="cpu", bounded_argmax=False).bounded_argmax_wanted is False
+    assert load_model(tmp_path, progress=False, device="cpu", dtype="float32").bounded_argmax_wanted is False
+    # the demo model reads a vocabulary subset (its own argmax order): not taken there
+    assert not getattr(load_model(None, progress=False, device="cpu"), "bounded_argmax_wanted", False)
