@@ -23,7 +23,9 @@ import torch
 
 import gptoss
 from gptoss.cache import KVCache, default_cache_dtype
-from gptoss.generate import decode_step, prefill
+from gptoss.generate import SamplingParams, decode_step, prefill
+
+GREEDY = SamplingParams(temperature=0)
 
 
 def sync(device: torch.device) -> None:
@@ -130,9 +132,9 @@ def decode_speed(model, context: int, steps: int, timer: LayerTimer) -> dict:
         sync(model.device)
         t = time.perf_counter()
         # as generate() takes a greedy step: all logits, or BoundedArgmax's token where it is wanted
-        logits, greedy = decode_step(model, token, torch.tensor([[context + s]], device=model.device), cache,
-                                     greedy_only=True)
-        token = (logits.argmax(-1) if greedy is None else greedy).view(1, 1)
+        logits, chosen = decode_step(model, token, torch.tensor([[context + s]], device=model.device), cache,
+                                     [(GREEDY, None)])
+        token = logits.argmax(-1, keepdim=True) if chosen is None else torch.tensor([chosen], device=model.device)
         sync(model.device)
         per_token.append(time.perf_counter() - t)
         if model.bounded_argmax is not None:

@@ -1,6 +1,8 @@
-"""Greedy decoding through model.BoundedArgmax: int8 proxy logits, a bound per vocabulary row, and the exact logits
-of the candidates only. The token must be the full logits' argmax in every case, ties and near-ties included;
-generate() and the engine must give the same tokens with it as without, and actually take it."""
+"""Decoding through model.BoundedArgmax: int8 proxy logits, a bound per vocabulary row, and the exact logits of the
+candidates only. The token must be the full logits' argmax in every case, ties and near-ties included, and with
+temperature the token generate.sample draws from all logits with the same Gumbel noise; generate() and the engine
+must give the same tokens with it as without, and actually take it. The Gumbel-max sampler itself must draw
+from softmax(logits / temperature)."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from gptoss import kernels, synthetic
 from gptoss.checkpoint import write_checkpoint
 from gptoss.config import preset
 from gptoss.engine import Engine
-from gptoss.generate import SamplingParams, generate_tokens
+from gptoss.generate import SamplingParams, generate_tokens, gumbel_noise, sample
 from gptoss.loading import load_model
 from gptoss.model import BoundedArgmax, Int8Linear, Linear
 
@@ -124,8 +126,8 @@ def count_fast_path(monkeypatch) -> list[int]:
     hits = [0]
     forward = BoundedArgmax.forward
 
-    def counted(self, h, lin):
-        out = forward(self, h, lin)
+    def counted(self, *args):
+        out = forward(self, *args)
         hits[0] += out is not None
         return out
 
@@ -149,12 +151,12 @@ def test_generate_and_the_engine_give_the_same_tokens_with_it(monkeypatch):
         got = list(pool.map(lambda p: engine.generate(p, greedy)[0], prompts))
     assert got == plain
     assert hits[0] > before
-    # a sampled request in the batch: every row's logits are computed (no fast path), greedy rows unchanged
+    # a constrained-like request that needs its logits (top-k): no fast path, the same tokens as generate()
     before = hits[0]
-    sampled = SamplingParams(temperature=1.0, max_tokens=12, seed=0)
+    top_k = SamplingParams(temperature=1.0, top_k=5, max_tokens=12, seed=0)
     with Engine(model, max_concurrency=3) as engine:
         engine.start()
-        assert generate_tokens(model, prompts[0], sampled) == engine.generate(prompts[0], sampled)[0]
+        assert generate_tokens(model, prompts[0], top_k) == engine.generate(prompts[0], top_k)[0]
     assert hits[0] == before
 
 
@@ -166,3 +168,65 @@ def test_load_model_turns_it_on_for_cpu_bf16_and_off_when_asked(tmp_path):
     assert load_model(tmp_path, progress=False, device="cpu", dtype="float32").bounded_argmax_wanted is False
     # the demo model reads a vocabulary subset (its own argmax order): not taken there
     assert not getattr(load_model(None, progress=False, device="cpu"), "bounded_argmax_wanted", False)
+
+
+@needs_kernels
+@pytest.mark.parametrize("temperature", [0.3, 1.0, 2.5])
+def test_sampled_tokens_are_what_sample_draws_from_all_logits(temperature):
+    """Rows mixing greedy and temperature sampling: BoundedArgmax with the rows' Gumbel noise gives, row by row,
+    the token generate.sample draws from the full logits with a generator in the same state."""
+    lin = unembedding(V=4000)
+    bounded = BoundedArgmax(lin)
+    params = SamplingParams(temperature=temperature)
+    for seed in range(30):
+        h = torch.randn(3, 256, generator=torch.Generator().manual_seed(100 + seed)).bfloat16()
+        temps = [temperature, 0.0, temperature]
+        noise = torch.stack([gumbel_noise(4000, torch.Generator().manual_seed(seed)), torch.zeros(4000),
+                             gumbel_noise(4000, torch.Generator().manual_seed(seed + 1))])
+        got = bounded(h, lin, temps, noise)
+        assert got is not None
+        logits = lin(h).float()
+        want = [sample(logits[0], params, torch.Generator().manual_seed(seed)), int(logits[1].argmax()),
+                sample(logits[2], params, torch.Generator().manual_seed(seed + 1))]
+        assert got.tolist() == want, seed
+
+
+def test_gumbel_max_draws_from_the_softmax():
+    """generate.sample at temperature 2 on fixed logits: 20,000 draws against softmax(logits / 2), Pearson's
+    chi-square (fixed seed: the test is deterministic; p is far from any threshold)."""
+    from scipy.stats import chisquare
+
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+    probs = torch.softmax(logits.double() / 2, dim=0)
+    g = torch.Generator().manual_seed(0)
+    counts = torch.bincount(torch.tensor([sample(logits, SamplingParams(temperature=2.0), g) for _ in range(20000)]),
+                            minlength=6)
+    expected = probs.double() / probs.double().sum() * 20000
+    assert chisquare(counts.double().numpy(), expected.numpy()).pvalue > 0.01
+    top_k = [sample(logits, SamplingParams(temperature=2.0, top_k=2), g) for _ in range(2000)]
+    assert set(top_k) == {0, 1}  # top-k still keeps only the k best
+
+
+@needs_kernels
+def test_temperature_sampling_in_generate_and_the_engine_takes_it(monkeypatch):
+    """Seeded temperature sampling: the same tokens with BoundedArgmax as from all logits, in generate() and
+    in the engine's batch; top-p and top-k rows keep the full logits (the bounded path is not taken)."""
+    hits = count_fast_path(monkeypatch)
+    model = bf16_model()
+    prompts = [torch.randint(0, 500, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (6, 11)]
+    sampled = SamplingParams(temperature=0.8, max_tokens=10, seed=5)
+    plain = [generate_tokens(model, p, sampled) for p in prompts]
+    model.bounded_argmax_wanted = True
+    assert [generate_tokens(model, p, sampled) for p in prompts] == plain
+    assert hits[0] >= 2 * 9
+    before = hits[0]
+    greedy = SamplingParams(temperature=0, max_tokens=10)
+    with Engine(model, max_concurrency=2) as engine, ThreadPoolExecutor(2) as pool:  # sampled + greedy rows
+        engine.start()
+        got = list(pool.map(lambda a: engine.generate(*a)[0], [(prompts[0], sampled), (prompts[1], greedy)]))
+    assert got[0] == plain[0] and got[1] == generate_tokens(model, prompts[1], greedy)
+    assert hits[0] > before
+    before = hits[0]
+    nucleus = SamplingParams(temperature=0.8, top_p=0.9, max_tokens=10, seed=5)
+    generate_tokens(model, prompts[0], nucleus)
+    assert hits[0] == before

@@ -377,10 +377,11 @@ class Engine:
         tokens = torch.tensor([[r.tokens[-1]] for r in active], device=self.device)  # (n, 1)
         positions = torch.tensor([[r.next_position] for r in active], device=self.device)  # (n, 1)
         self.cache.begin_step(int(positions.max()))
-        # greedy rows with no constraint need their argmax only (decode_step: the unembedding read mostly as int8)
-        logits, greedy_t = decode_step(self.model, tokens, positions, self.cache,
-                                       greedy_only=all(r.generator is None and r.guide is None for r in active))
-        greedy = (logits.argmax(-1) if greedy_t is None else greedy_t).tolist()  # logits (n, V) or None
+        # rows that are greedy or plain temperature sampling get their tokens from decode_step (bounds on the
+        # logits, the unembedding read mostly as int8), the same tokens as from all logits
+        logits, chosen = decode_step(self.model, tokens, positions, self.cache,
+                                     [(r.params, r.generator) for r in active])
+        greedy = chosen if logits is None else logits.argmax(-1).tolist()
         self.steps += 1
         self.max_batch = max(self.max_batch, n)
         with self._cond:
@@ -417,8 +418,11 @@ class Engine:
     def _step_row(self, r: Request, logits: torch.Tensor | None, greedy: int) -> bool:
         """Sample row r's next token and emit it; True if the request is now finished. Whatever fails here
         (sampling, the stop rule, a bug) ends this request with an error, never its neighbours in the batch.
-        A constrained request masks its own row of logits first (the batch's argmax is then not its own)."""
+        A constrained request masks its own row of logits first (the batch's argmax is then not its own).
+        logits None: `greedy` is the row's token already (decode_step chose it, sampled or greedy)."""
         try:
+            if logits is None:
+                return self._emit(r, greedy)
             if r.guide is not None:
                 logits = r.guide.mask(logits.float())
                 greedy = int(logits.argmax())

@@ -60,8 +60,19 @@ class SamplingParams:
             raise GenerationError(f"max_tokens must be >= 0, got {self.max_tokens}")
 
 
+def gumbel_noise(n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+    """n standard Gumbel variates −log(−log U), U uniform on (0, 1) from `generator` (fp32).
+
+    The Gumbel-max trick (Gumbel 1954; Maddison, Tarlow & Minka, "A* Sampling", NeurIPS 2014, §2):
+    argmax_i(x_i + G_i) is distributed as softmax(x). `sample` draws this way, so a token can be chosen from
+    bounds on the logits (model.BoundedArgmax) with the same noise, and so the same token, as from all of them."""
+    u = torch.rand(n, generator=generator, device=device).clamp_min_(torch.finfo(torch.float32).tiny)
+    return u.log_().neg_().log_().neg_()
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> int:
-    """One token id from logits [V] (fp32): greedy at temperature 0, else top-k, then top-p (nucleus)."""
+    """One token id from logits [V] (fp32): greedy at temperature 0, else top-k, then top-p (nucleus), then
+    a draw from the softmax of what is left (by the Gumbel-max trick: gumbel_noise)."""
     if params.temperature == 0:
         return int(logits.argmax())
     logits = logits.float() / params.temperature
@@ -74,8 +85,13 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         # Keep the smallest prefix whose mass reaches top_p (the first token is always kept).
         drop = probs.cumsum(-1) - probs >= params.top_p
         logits = logits.scatter(0, order[drop], float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return int((logits + gumbel_noise(logits.shape[-1], generator, logits.device)).argmax())
+
+
+def bounded_ok(params: SamplingParams) -> bool:
+    """Whether a row with these parameters can take its token from bounds on the logits (model.BoundedArgmax):
+    greedy, or plain temperature sampling (top-k and nucleus need the logits themselves), unconstrained."""
+    return params.constraint is None and (params.temperature == 0 or (params.top_k is None and params.top_p >= 1))
 
 
 def left_pad(prompts: Sequence[Sequence[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,7 +171,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], params: Sampl
 
         guides = [Guide(params.constraint, params.max_tokens) for _ in range(B)]
     logits = prefill(model, tokens, positions, cache, chunk_size)
-    greedy = None  # greedy rows with no constraint: the decode steps give tokens (decode_step), not logits
+    chosen = None  # where decode_step gives the tokens themselves, not logits
     next_pos = positions[:, -1] + 1
     active = [True] * B
     stop = set(params.stop_tokens)
@@ -163,8 +179,8 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], params: Sampl
         step = torch.zeros(B, dtype=torch.long, device=device)
         for i in range(B):
             if active[i]:
-                if greedy is not None:
-                    token = int(greedy[i])
+                if chosen is not None:
+                    token = chosen[i]
                 else:
                     row = logits[i] if guides is None else guides[i].mask(logits[i].float())
                     token = sample(row, params, generators[i] if generators else None)
@@ -178,19 +194,24 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], params: Sampl
             return
         # Finished rows keep stepping with a masked position so shapes stay fixed; their output is ignored.
         pos = torch.where(torch.tensor(active, device=device), next_pos, torch.full_like(next_pos, -1))
-        logits, greedy = decode_step(model, step[:, None], pos[:, None], cache,
-                                     greedy_only=params.temperature == 0 and guides is None)
+        logits, chosen = decode_step(model, step[:, None], pos[:, None], cache,
+                                     [(params, generators[i] if generators else None) if active[i] else None
+                                      for i in range(B)])
         next_pos = next_pos + 1
 
 
 def decode_step(model: Transformer, tokens: torch.Tensor, positions: torch.Tensor, cache,
-                greedy_only: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """One decode step for tokens [B, 1]: (logits [B, V], None), or, for greedy rows that need no logits
-    (greedy_only) on a model with `bounded_argmax_wanted`, (None, greedy tokens [B]) exactly as
-    logits.argmax(-1) (Transformer.greedy_tokens: the unembedding read mostly as int8)."""
-    if greedy_only and getattr(model, "bounded_argmax_wanted", False):
+                rows: Sequence[tuple[SamplingParams, torch.Generator | None] | None] | None = None,
+                ) -> tuple[torch.Tensor | None, list[int] | None]:
+    """One decode step for tokens [B, 1]: (logits [B, V], None); or, where every row can take its token from
+    bounds on the logits (bounded_ok) on a model with `bounded_argmax_wanted`, (None, the B tokens) exactly as
+    `sample` would draw them from the logits (greedy, or Gumbel noise from the row's generator), through
+    Transformer.sample_tokens (the unembedding read mostly as int8). rows: each row's (params, generator), None
+    for a row whose token is not wanted (no noise is drawn for it)."""
+    if rows is not None and getattr(model, "bounded_argmax_wanted", False) and \
+            all(r is None or bounded_ok(r[0]) for r in rows):
         h = model.hidden_states(tokens, positions, cache)[:, -1]
-        return None, model.greedy_tokens(h)
+        return None, model.sample_tokens(h, [None if r is None or r[0].temperature == 0 else r for r in rows])
     return model(tokens, positions, cache)[:, -1], None
 
 

@@ -14,7 +14,7 @@ loads with no renaming; checkpoint.py maps the Hugging Face names onto these.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -153,9 +153,12 @@ class BoundedArgmax(nn.Module):
         # per row: ‖w − q·s‖₂ + γ(‖w‖₂ + ‖q·s‖₂); × (1 + 10⁻³) covers these fp32 norms' own error (≤ γ_K relative)
         self.register_buffer("row_bound", (err + gamma * (2 * norm + err)) * (1 + 1e-3))
 
-    def forward(self, h: torch.Tensor, unembedding: nn.Linear) -> torch.Tensor | None:
-        """h [M, D] final-normed hidden states → the greedy token of each row [M] (long), or None where this
-        path does not apply (the caller then computes the full logits)."""
+    def forward(self, h: torch.Tensor, unembedding: nn.Linear, temperature: Sequence[float] | None = None,
+                noise: torch.Tensor | None = None) -> torch.Tensor | None:
+        """h [M, D] final-normed hidden states → each row's token [M] (long), or None where this path does not
+        apply (the caller then computes all logits). Greedy by default; with temperature (one per row, 0 =
+        greedy) and noise [M, V] (Gumbel, generate.gumbel_noise; zeros on greedy rows), the argmax of
+        logits / temperature + noise, computed as generate.sample computes it: the same token."""
         M, V = h.shape[0], self.weight_int8.shape[0]
         if (h.device.type != "cpu" or not 1 <= M <= kernels.BF16_MAX_ROWS or kernels.load_kernels() is None
                 or unembedding.weight.dtype != torch.bfloat16):
@@ -164,17 +167,26 @@ class BoundedArgmax(nn.Module):
         h_norm = h.double().norm(dim=1, keepdim=True).float() * (1 + 1e-6)  # (M, 1), rounded up
         bound = h_norm * self.row_bound  # |fp32 sum − p| (M, V)
         bound = bound + (p.abs() + bound) * 2.0 ** -7 + 1e-30  # bf16 rounding (2⁻⁸, doubled), denormals flushed
-        if not torch.isfinite(bound).all():
+        lo, hi = p - bound, p + bound
+        if temperature is not None:  # the bounds' own roundings here stay far inside the bound's 2⁻⁸ slack
+            t = torch.tensor([x if x > 0 else 1.0 for x in temperature], dtype=torch.float32)[:, None]
+            lo, hi = lo / t + noise, hi / t + noise
+        if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
             return None
-        lower = (p - bound).amax(dim=1, keepdim=True)
-        candidates = ((p + bound) >= lower).any(dim=0).nonzero().squeeze(1)  # the union over rows, ascending
+        mask = hi >= lo.amax(dim=1, keepdim=True)  # each row's candidates: all others score below its best
+        candidates = mask.any(dim=0).nonzero().squeeze(1)  # the union over rows, ascending
         self.last_candidates = int(candidates.numel())  # for benchmarks: exact rows this step recomputed
         if candidates.numel() > self.MAX_CANDIDATE_SHARE * V:
             return None
         exact = kernels.bf16_linear(h, unembedding.weight.index_select(0, candidates), None, out_dtype=h.dtype)
-        mask = (p + bound) >= lower  # a row's own candidates only
-        exact = exact.float().masked_fill(~mask[:, candidates], float("-inf"))
-        return candidates[exact.argmax(dim=1)]
+        exact = exact.float()
+        out = torch.empty(M, dtype=torch.long)
+        for m in range(M):  # the row's score as generate.sample computes it, its own candidates only
+            score = exact[m]
+            if temperature is not None and temperature[m] > 0:
+                score = score / temperature[m] + noise[m, candidates]
+            out[m] = candidates[score.masked_fill(~mask[m, candidates], float("-inf")).argmax()]
+        return out
 
 
 # ---------------------------------------------------------------- RMSNorm
@@ -895,13 +907,29 @@ class Transformer(nn.Module):
     def greedy_tokens(self, h: torch.Tensor) -> torch.Tensor:
         """h [M, D] final-normed hidden states → each row's greedy token [M]: exactly `unembedding(h).argmax(-1)`,
         through BoundedArgmax where enabled and applicable."""
+        return torch.tensor(self.sample_tokens(h, [None] * h.shape[0]))
+
+    def sample_tokens(self, h: torch.Tensor, rows: Sequence[tuple | None]) -> list[int]:
+        """h [M, D] final-normed hidden states → each row's token, as generate.sample draws it from the logits
+        `unembedding(h)`: rows[m] None = greedy, else (SamplingParams, generator) of plain temperature sampling
+        (no top-k, top-p 1, unconstrained: generate.bounded_ok). Through BoundedArgmax where enabled and
+        applicable, else from all logits with the same Gumbel noise: either way the same tokens."""
+        from .generate import gumbel_noise
+
+        V = self.unembedding.weight.shape[0] if hasattr(self.unembedding, "weight") else self.config.vocab_size
+        temperature = noise = None
+        if any(r is not None for r in rows):
+            temperature = [0.0 if r is None else r[0].temperature for r in rows]
+            noise = torch.stack([torch.zeros(V) if r is None else gumbel_noise(V, r[1], h.device) for r in rows])
         if self.bounded_argmax is None and self.bounded_argmax_wanted:
             self.bounded_argmax_wanted = self.enable_bounded_argmax()  # once: False where it cannot apply
         if self.bounded_argmax is not None:
-            tokens = self.bounded_argmax(h, self.unembedding)
+            tokens = self.bounded_argmax(h, self.unembedding, temperature, noise)
             if tokens is not None:
-                return tokens
-        return self.unembedding(h).float().argmax(-1)
+                return tokens.tolist()
+        logits = self.unembedding(h).float()
+        return [int((logits[m] if temperature is None or temperature[m] == 0 else
+                     logits[m] / temperature[m] + noise[m]).argmax()) for m in range(h.shape[0])]
 
     @property
     def device(self) -> torch.device:
