@@ -163,17 +163,17 @@ class BoundedArgmax(nn.Module):
         if (h.device.type != "cpu" or not 1 <= M <= kernels.BF16_MAX_ROWS or kernels.load_kernels() is None
                 or unembedding.weight.dtype != torch.bfloat16):
             return None
-        p = kernels.int8_linear(h, self.weight_int8, self.scale)  # (M, V) fp32
-        h_norm = h.double().norm(dim=1, keepdim=True).float() * (1 + 1e-6)  # (M, 1), rounded up
-        bound = h_norm * self.row_bound  # |fp32 sum − p| (M, V)
-        bound = bound + (p.abs() + bound) * 2.0 ** -7 + 1e-30  # bf16 rounding (2⁻⁸, doubled), denormals flushed
-        lo, hi = p - bound, p + bound
-        if temperature is not None:  # the bounds' own roundings here stay far inside the bound's 2⁻⁸ slack
-            t = torch.tensor([x if x > 0 else 1.0 for x in temperature], dtype=torch.float32)[:, None]
-            lo, hi = lo / t + noise, hi / t + noise
-        if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+        h_norm = h.double().norm(dim=1).float() * (1 + 1e-6)  # (M,), rounded up
+        t = None
+        if temperature is not None:
+            t = torch.tensor([x if x > 0 else 0.0 for x in temperature], dtype=torch.float32)
+        # one pass (C++): proxy p = h·(q·s), bound b = ‖h‖·row_bound widened by (|p| + b)·2⁻⁷ for bf16 rounding
+        # (2⁻⁸, doubled) and 10⁻³⁰ for flushed denormals; lo/hi = p ∓ b (over the temperature, plus the noise)
+        bounds = kernels.int8_bounds(h, self.weight_int8, self.scale, self.row_bound, h_norm, t, noise)
+        if bounds is None or not bounds[2]:
             return None
-        mask = hi >= lo.amax(dim=1, keepdim=True)  # each row's candidates: all others score below its best
+        hi, max_lo, _ = bounds
+        mask = hi >= max_lo[:, None]  # each row's candidates: every other row scores below its best lower bound
         candidates = mask.any(dim=0).nonzero().squeeze(1)  # the union over rows, ascending
         self.last_candidates = int(candidates.numel())  # for benchmarks: exact rows this step recomputed
         if candidates.numel() > self.MAX_CANDIDATE_SHARE * V:

@@ -234,6 +234,30 @@ def quantize_rows_int8(weight: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
     return q, scale, err, norm
 
 
+def int8_bounds(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, row_bound: torch.Tensor,
+                h_norm: torch.Tensor, temperature: torch.Tensor | None = None, noise: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, bool] | None:
+    """model.BoundedArgmax's bounds in one pass over the int8 rows (see there): x [M, K] (M ≤ BF16_MAX_ROWS),
+    weight int8 [N, K], scale and row_bound fp32 [N], h_norm fp32 [M]; temperature fp32 [M] (0 = greedy row)
+    and noise fp32 [M, N] or None. → (hi [M, N], each row's largest lo [M], whether all were finite); None
+    without the compiled kernels (the caller then takes all logits)."""
+    lib = load_kernels() if x.device.type == "cpu" and weight.device.type == "cpu" else None
+    if lib is None or x.dim() != 2 or x.shape[0] > BF16_MAX_ROWS or x.dtype not in _DTYPE_CODES:
+        return None
+    M, K, N = x.shape[0], x.shape[1], weight.shape[0]
+    hi = torch.empty(M, N, dtype=torch.float32)
+    max_lo = torch.empty(M, dtype=torch.float32)
+    x, weight = x.contiguous(), weight.contiguous()
+    h_norm = h_norm.float().contiguous()
+    if temperature is not None:
+        temperature, noise = temperature.float().contiguous(), noise.float().contiguous()
+    finite = lib.int8_bounds(x.data_ptr(), _DTYPE_CODES[x.dtype], M, K, weight.data_ptr(), scale.data_ptr(),
+                             row_bound.data_ptr(), N, h_norm.data_ptr(),
+                             0 if temperature is None else temperature.data_ptr(),
+                             0 if noise is None else noise.data_ptr(), hi.data_ptr(), max_lo.data_ptr())
+    return hi, max_lo, bool(finite)
+
+
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [M, K] floating, weight [N, K] int8, scale [N] fp32 → [M, N] fp32 = x @ (weight · scale[:, None]).T,
     up to the order of fp32 additions (the scale multiplies each row's sum). Streams the weight once for all

@@ -695,9 +695,8 @@ void bf16_linear(const void* x, int64_t x_dtype, int64_t M, int64_t K, const uin
 // ---------------------------------------------------------------- int8 weights, few rows (the opt-in unembedding)
 // out[m][n] = scale[n] · Σ_k q[n][k] · x[m][k] (fp32) for int8 q [N, K] with one fp32 scale per row: half the
 // bytes of bf16, so half the unembedding's share of a decode step. x: M ≤ 4 fp32 rows.
-template <int R>
-void int8_rows(const float* x, int64_t K, const int8_t* w, const float* scale, int64_t n0, int64_t n1, float* out,
-               int64_t N) {
+template <int R, typename Epilogue>
+void int8_rows(const float* x, int64_t K, const int8_t* w, int64_t n0, int64_t n1, const Epilogue& epilogue) {
 #if defined(GPTOSS_AVX512)
   const bool prefetch = !cpu_is_amd();  // see bf16_rows_512
 #endif
@@ -730,12 +729,21 @@ void int8_rows(const float* x, int64_t K, const int8_t* w, const float* scale, i
 #endif
     for (; k < K; ++k)
       for (int r = 0; r < R; ++r) sums[r] += static_cast<float>(wn[k]) * x[r * K + k];
-    for (int r = 0; r < R; ++r) out[r * N + n] = sums[r] * scale[n];
+    for (int r = 0; r < R; ++r) epilogue(r, n, sums[r]);  // Σ_k q[n][k]·x[r][k], before the row's scale
   }
 }
 
-using Int8Fn = void (*)(const float*, int64_t, const int8_t*, const float*, int64_t, int64_t, float*, int64_t);
-constexpr Int8Fn kInt8Fns[kBf16MaxRows] = {int8_rows<1>, int8_rows<2>, int8_rows<3>, int8_rows<4>};
+// int8_rows for r ≤ kBf16MaxRows activation rows at x.
+template <typename Epilogue>
+void int8_rows_dispatch(int64_t r, const float* x, int64_t K, const int8_t* w, int64_t n0, int64_t n1,
+                        const Epilogue& epilogue) {
+  switch (r) {
+    case 1: int8_rows<1>(x, K, w, n0, n1, epilogue); break;
+    case 2: int8_rows<2>(x, K, w, n0, n1, epilogue); break;
+    case 3: int8_rows<3>(x, K, w, n0, n1, epilogue); break;
+    default: int8_rows<4>(x, K, w, n0, n1, epilogue); break;
+  }
+}
 
 // x [M, K] fp32 or bf16 (x_dtype), M ≤ kBf16MaxRows per pass; out [M, N] fp32.
 void int8_linear(const void* x, int64_t x_dtype, int64_t M, int64_t K, const int8_t* w, const float* scale, int64_t N,
@@ -743,8 +751,54 @@ void int8_linear(const void* x, int64_t x_dtype, int64_t M, int64_t K, const int
   std::vector<float> xf(static_cast<size_t>(M * K));
   for (int64_t i = 0; i < M * K; ++i) xf[i] = load_float(x, x_dtype, i);
   row_passes(M, N, N * K < (int64_t{1} << 16), [&](int64_t m, int64_t r, int64_t n0, int64_t n1) {
-    kInt8Fns[r - 1](xf.data() + m * K, K, w, scale, n0, n1, out + m * N, N);
+    float* o = out + m * N;
+    int8_rows_dispatch(r, xf.data() + m * K, K, w, n0, n1, [&](int r_, int64_t n, float sum) {
+      o[r_ * N + n] = sum * scale[n];
+    });
   });
+}
+
+// model.BoundedArgmax in one pass over the int8 rows: for each activation row m and vocabulary row n the proxy
+// p = scale[n]·Σ q·x, the bound b = h_norm[m]·row_bound[n], widened by (|p| + b)·2⁻⁷ + 10⁻³⁰, then
+// lo = p − b and hi = p + b, over temperature[m] plus noise[m][n] where temperature is given (> 0 rows).
+// hi [M, N] is written, each row's max lo to max_lo [M]; returns false if any lo or hi is not finite.
+bool int8_bounds(const void* x, int64_t x_dtype, int64_t M, int64_t K, const int8_t* w, const float* scale,
+                 const float* row_bound, int64_t N, const float* h_norm, const float* temperature,
+                 const float* noise, float* hi, float* max_lo) {
+  std::vector<float> xf(static_cast<size_t>(M * K));
+  for (int64_t i = 0; i < M * K; ++i) xf[i] = load_float(x, x_dtype, i);
+  const int64_t rows_per_task = 64, tasks = (N + rows_per_task - 1) / rows_per_task;
+  std::vector<float> task_max(static_cast<size_t>(tasks * M), -std::numeric_limits<float>::infinity());
+  std::atomic<bool> finite{true};
+  parallel_tasks(tasks, N * K < (int64_t{1} << 16), [&](int64_t task) {
+    const int64_t n0 = task * rows_per_task, n1 = std::min(N, n0 + rows_per_task);
+    bool ok = true;
+    for (int64_t m = 0; m < M; m += kBf16MaxRows) {
+      int8_rows_dispatch(std::min<int64_t>(kBf16MaxRows, M - m), xf.data() + m * K, K, w, n0, n1,
+                         [&](int r, int64_t n, float sum) {
+        const int64_t row = m + r;
+        const float p = sum * scale[n];
+        float b = h_norm[row] * row_bound[n];
+        b = b + (std::fabs(p) + b) * 0.0078125f + 1e-30f;
+        float lo = p - b, h = p + b;
+        if (temperature && temperature[row] > 0) {
+          lo = lo / temperature[row] + noise[row * N + n];
+          h = h / temperature[row] + noise[row * N + n];
+        }
+        ok = ok && std::isfinite(lo) && std::isfinite(h);
+        hi[row * N + n] = h;
+        float& best = task_max[task * M + row];
+        best = std::max(best, lo);
+      });
+    }
+    if (!ok) finite = false;
+  });
+  for (int64_t m = 0; m < M; ++m) {
+    float best = -std::numeric_limits<float>::infinity();
+    for (int64_t t = 0; t < tasks; ++t) best = std::max(best, task_max[t * M + m]);
+    max_lo[m] = best;
+  }
+  return finite;
 }
 
 // The rows of a bf16 weight [N, K] quantized as int8_linear reads them (symmetric, scale = max|row| / 127,
@@ -1184,6 +1238,22 @@ PyObject* py_quantize_rows_int8(PyObject*, PyObject* args) {
   });
 }
 
+PyObject* py_int8_bounds(PyObject*, PyObject* args) {
+  long long x, x_dtype, M, K, w, scale, row_bound, N, h_norm, temperature, noise, hi, max_lo;
+  if (!PyArg_ParseTuple(args, "LLLLLLLLLLLLL", &x, &x_dtype, &M, &K, &w, &scale, &row_bound, &N, &h_norm,
+                        &temperature, &noise, &hi, &max_lo))
+    return nullptr;
+  bool finite = true;
+  PyObject* done = run_without_gil([&] {
+    finite = int8_bounds(ptr<const void>(x), x_dtype, M, K, ptr<const int8_t>(w), ptr<const float>(scale),
+                         ptr<const float>(row_bound), N, ptr<const float>(h_norm), ptr<const float>(temperature),
+                         ptr<const float>(noise), ptr<float>(hi), ptr<float>(max_lo));
+  });
+  if (!done) return nullptr;
+  Py_DECREF(done);
+  return PyBool_FromLong(finite);
+}
+
 PyObject* py_swiglu(PyObject*, PyObject* args) {
   long long h, h_dtype, n, out, out_dtype;
   double alpha, limit;
@@ -1280,6 +1350,9 @@ PyMethodDef kMethods[] = {
      "int8_linear(x, x_dtype, M, K, w_int8, scale_f32, N, out_f32): data pointers"},
     {"quantize_rows_int8", py_quantize_rows_int8, METH_VARARGS,
      "quantize_rows_int8(w_bf16, N, K, q_int8, scale_f32, err_f32, norm_f32): data pointers"},
+    {"int8_bounds", py_int8_bounds, METH_VARARGS,
+     "int8_bounds(x, x_dtype, M, K, w_int8, scale, row_bound, N, h_norm, temperature, noise, hi, max_lo) -> "
+     "all finite: data pointers (0 for no temperature / noise)"},
     {"rmsnorm", py_rmsnorm, METH_VARARGS, "rmsnorm(x, dtype, M, D, scale_f32, eps, out): data pointers"},
     {"swiglu", py_swiglu, METH_VARARGS, "swiglu(h, h_dtype, n_pairs, alpha, limit, out, out_dtype): data pointers"},
     {"decode_attention", py_decode_attention, METH_VARARGS,
