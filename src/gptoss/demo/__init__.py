@@ -18,8 +18,8 @@ NAME = "gptoss-demo"
 FILES = ("config.json", "model.safetensors")
 # Written by `python -m gptoss.demo.recipe` when it ships a newly trained model.
 SHA256 = {
-    "config.json": "202c70e2eef022eaf68e41b3ee4b5df69089ff5935279ea7e9421d9e09a9edab",
-    "model.safetensors": "748418ebb9a843cc40a219df1b84f112f7443ae5f9228221dd932be73e9a94ab",
+    "config.json": "28217c6ee731b45506b3bcb6cbe94298a3594a8045a58ba41f94ac05695c3ee8",
+    "model.safetensors": "4903a0d4261f90aba6cfc5e4f385608cdb270d09f9ab87abee0869f9d79e99cd",
 }
 
 
