@@ -163,9 +163,12 @@ def test_generate_and_the_engine_give_the_same_tokens_with_it(monkeypatch):
 def test_load_model_turns_it_on_for_cpu_bf16_and_off_when_asked(tmp_path):
     config = preset("tiny")
     write_checkpoint(synthetic.random_tensors(config), config, tmp_path, "hf")
-    assert load_model(tmp_path, progress=False, device="cpu").bounded_argmax_wanted is True
+    assert load_model(tmp_path, progress=False, device="cpu", bounded_argmax=True).bounded_argmax_wanted is True
+    # by default only where the unembedding is large enough to pay (gpt-oss's: 1.16 GB; this one 64 KiB)
+    assert load_model(tmp_path, progress=False, device="cpu").bounded_argmax_wanted is False
     assert load_model(tmp_path, progress=False, device="cpu", bounded_argmax=False).bounded_argmax_wanted is False
-    assert load_model(tmp_path, progress=False, device="cpu", dtype="float32").bounded_argmax_wanted is False
+    assert load_model(tmp_path, progress=False, device="cpu", dtype="float32",
+                      bounded_argmax=True).bounded_argmax_wanted is False
     # the demo model reads a vocabulary subset (its own argmax order): not taken there
     assert not getattr(load_model(None, progress=False, device="cpu"), "bounded_argmax_wanted", False)
 

@@ -107,15 +107,16 @@ def _size(n: float) -> str:
 def load_model(path: str | Path | None = None, *, device: "str | torch.device | None" = None,
                dtype: "str | torch.dtype" = "bfloat16", int8_unembedding: bool = False, progress: bool = True,
                layout=None, memory_budget_gib: float | None = None, memory_reserve: int = 0,
-               bounded_argmax: bool = True) -> "nn.Module":
+               bounded_argmax: bool | None = None) -> "nn.Module":
     """A model ready for inference: the checkpoint folder `path` (either layout; None: the embedded demo model,
     hash-checked) on `device` (None: cuda if available, else cpu), non-expert weights in `dtype` (experts stay
     MXFP4). int8_unembedding: quantize the unembedding rows (Transformer.quantize_unembedding). layout: a
     parallel.Layout under torchrun (this rank's shard; rank 0 gets a parallel.Leader). memory_budget_gib: see
     plan_memory (memory_reserve: its `reserve`); a model that does not fit streams its experts from disk
-    (streaming.py), said once on stderr. bounded_argmax: greedy decode steps on the CPU read the unembedding
-    mostly as int8, with the same tokens (model.BoundedArgmax, built at the first greedy step), where its int8
-    copy (vocab × hidden bytes) fits in memory beside the checkpoint without streaming."""
+    (streaming.py), said once on stderr. bounded_argmax: decode steps on the CPU (greedy, plain temperature
+    sampling) read the unembedding mostly as int8, with the same tokens (model.BoundedArgmax, built at the first
+    such step), where its int8 copy (vocab × hidden bytes) fits in memory beside the checkpoint without
+    streaming; None: only where the unembedding is large enough for it to pay (≥ BOUNDED_ARGMAX_MIN_BYTES)."""
     import torch
 
     path = model_path(path)
@@ -143,11 +144,17 @@ def load_model(path: str | Path | None = None, *, device: "str | torch.device | 
         from .vocab import unwrap
 
         unwrap(model).quantize_unembedding()
-    elif (bounded_argmax and pool_bytes is None and isinstance(model, Transformer)  # not a vocabulary subset
+    elif (bounded_argmax is not False and pool_bytes is None and isinstance(model, Transformer)  # not a subset
           and torch.device(device).type == "cpu" and dtype == torch.bfloat16
+          and (bounded_argmax or 2 * model.config.vocab_size * model.config.hidden_size >= BOUNDED_ARGMAX_MIN_BYTES)
           and _room_for_int8_unembedding(path, dtype, memory_budget_gib, model.config)):
         model.bounded_argmax_wanted = True
     return model
+
+
+# Below this many bytes of bf16 unembedding the bounds cost more than the bytes they save (a 4,096 × 64 model:
+# 0.8 against 0.6 ms a step); gpt-oss's is 1.16 GB (benchmarks/RESULTS.md: 1.13× per decode step on the 20b).
+BOUNDED_ARGMAX_MIN_BYTES = 64 * 2**20
 
 
 def _room_for_int8_unembedding(path: Path, dtype, memory_budget_gib: float | None, config) -> bool:
@@ -173,7 +180,7 @@ def load_model_from_args(args: argparse.Namespace) -> "nn.Module":
         reserve = prefix_cache_bytes(args) if given else int(STREAMING_PREFIX_CACHE_GIB * 2**30)
     model = load_model(args.model, device=args.device, dtype=args.dtype,
                        int8_unembedding=getattr(args, "int8_unembedding", False),
-                       bounded_argmax=getattr(args, "bounded_argmax", True),
+                       bounded_argmax=getattr(args, "bounded_argmax", None),
                        progress=not getattr(args, "quiet", False), layout=getattr(args, "layout", None),
                        memory_budget_gib=getattr(args, "memory_budget", None), memory_reserve=reserve)
     from .vocab import unwrap
@@ -192,7 +199,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--int8-unembedding", action="store_true",
                    help="quantize the unembedding to int8 rows after loading: half its bytes per decoded token "
                         "(gpt-oss-20b: 3.7 -> 3.1 GB), at a small logit error (benchmarks/RESULTS.md); off by default")
-    p.add_argument("--no-bounded-argmax", dest="bounded_argmax", action="store_false",
+    p.add_argument("--no-bounded-argmax", dest="bounded_argmax", action="store_false", default=None,
                    help="greedy decoding computes every logit (by default, on the CPU, it reads the unembedding "
                         "as int8 and recomputes only the rows that can win: the same tokens, fewer bytes)")
     p.add_argument("--memory-budget", type=float, default=None, metavar="GIB",
