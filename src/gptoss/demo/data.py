@@ -178,6 +178,20 @@ def _sub_column(x: int, y: int, borrow: int, effort: str, k: int, version: int) 
     return (f"{PLACES[k]}: {col}, borrow {int(need)}" if effort == "high" else col), d, int(need)
 
 
+def _sign(x, y) -> str:
+    return "<" if x < y else ">" if x > y else "="
+
+
+def _leading_digits(a: str, b: str) -> list[tuple[str, str]]:
+    """The digit pairs of two equally long numbers from the left, up to and including the first that differs."""
+    out = []
+    for x, y in zip(a, b):
+        out.append((x, y))
+        if x != y:
+            break
+    return out
+
+
 def compare(a: int, b: int, effort: str, version: int = 7) -> str:
     """Version 7: which of two whole numbers is larger, decided in the open: by their digit counts, or, with as
     many digits, digit by digit from the left up to the first that differs (`2=2, 1>0`).
@@ -186,30 +200,21 @@ def compare(a: int, b: int, effort: str, version: int = 7) -> str:
     and the relation of the numbers last: version 7's `6<2` puts the sign right after the first digit, so it is
     decided before the second is written, from a digit inside a multi-digit token of the question (run 7 wrote
     `from the left 6<2, so 621 < 201` and then answered -580)."""
-    rel = "<" if a < b else ">" if a > b else "="
+    rel = _sign(a, b)
     la, lb = len(str(a)), len(str(b))
+    leading = [] if la != lb else _leading_digits(str(a), str(b))
     if version >= 9:
         if la != lb:
             why = f"{la} digit{'s' * (la > 1)} vs {lb} digit{'s' * (lb > 1)}: {la}{rel}{lb}"
         else:
-            steps = []
-            for x, y in zip(str(a), str(b)):
-                steps.append(f"{x} vs {y}: {x}{'<' if x < y else '>' if x > y else '='}{y}")
-                if x != y:
-                    break
-            why = "from the left " + "; ".join(steps)
+            why = "from the left " + "; ".join(f"{x} vs {y}: {x}{_sign(x, y)}{y}" for x, y in leading)
         if effort == "low":
             return f"{a} vs {b}: {why}, so {a}{rel}{b}"
         return f"Compare {a} and {b}: {why}, so {a} {rel} {b}."
     if la != lb:
-        why = f"{la} digits {'<' if la < lb else '>'} {lb} digits"
+        why = f"{la} digits {_sign(la, lb)} {lb} digits"
     else:
-        steps = []
-        for x, y in zip(str(a), str(b)):
-            steps.append(f"{x}{'<' if x < y else '>' if x > y else '='}{y}")
-            if x != y:
-                break
-        why = ", ".join(steps)
+        why = ", ".join(f"{x}{_sign(x, y)}{y}" for x, y in leading)
     if effort == "low":
         return f"{a}{rel}{b} ({why})"
     if la != lb:
@@ -625,6 +630,17 @@ WEIGHTS_V5 = [20, 22, 16, 12, 8, 15, 10, 2, 2, 8]  # more refusals: run 4 declin
 KINDS_V10, WEIGHTS_V10 = KINDS_V4 + ["followup", "followup_none"], WEIGHTS_V5 + [10, 2]
 
 
+def earlier_turn(prev: Example) -> list[dict[str, Any]]:
+    """An earlier turn as the chat keeps it in the history: the question and the final answer (no analysis)."""
+    return [{"role": "user", "content": prev.question}, {**prev.messages[-1]}]
+
+
+def conversation(effort: str, tools: tuple[str, ...], history: list[dict[str, Any]], question: str,
+                 assistant: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """System and developer messages, the earlier turns, the question, and the assistant's messages."""
+    return [system(effort), *developer(tools), *history, {"role": "user", "content": question}, *assistant]
+
+
 def followup_example(rng: random.Random, effort: str, phrasing: str | None, version: int,
                      dangling: bool = False) -> Example:
     """Version 10: an in-scope arithmetic question about the previous turn's answer (`Add 5 to that.` after
@@ -642,11 +658,11 @@ def followup_example(rng: random.Random, effort: str, phrasing: str | None, vers
         history_free = False
         if rng.random() < 0.6:
             prev = make_example(rng, rng.choice(["general", "general", "greeting"]), phrasing=phrasing, version=version)
-            history = [{"role": "user", "content": prev.question}, {**prev.messages[-1]}]
+            history = earlier_turn(prev)
             history_free = user_free_text(prev)
         tools = rng.choice([(), (), ("convert_units",)])
-        messages = [system(effort), *developer(tools), *history, {"role": "user", "content": q},
-                    analysis(SHORT_THOUGHTS["followup_none"][effort]), final(NO_EARLIER)]
+        messages = conversation(effort, tools, history, q,
+                                [analysis(SHORT_THOUGHTS["followup_none"][effort]), final(NO_EARLIER)])
         return Example("followup_none", effort, tools, q, messages, None, None, history, False, history_free)
     while True:
         prev = make_example(rng, rng.choice(["add", "sub", "mul"]), phrasing=phrasing, version=version)
@@ -665,9 +681,9 @@ def followup_example(rng: random.Random, effort: str, phrasing: str | None, vers
     lead = {"low": f"prev={r}", "medium": f"Previous answer: {r}.",
             "high": f"The question refers to my previous answer, {r}."}[effort]
     assistant = [{**first, "content": f"{lead}\n{first['content']}"}, last]
-    history = [{"role": "user", "content": prev.question}, {**prev.messages[-1]}]
+    history = earlier_turn(prev)
     tools: tuple[str, ...] = ("convert_units",) if rng.random() < 0.1 else ()
-    messages = [system(effort), *developer(tools), *history, {"role": "user", "content": q}, *assistant]
+    messages = conversation(effort, tools, history, q, assistant)
     return Example("followup", effort, tools, q, messages, str(result), None, history, False,
                    version >= 5 and user_free_text(prev))
 
@@ -740,9 +756,9 @@ def _example(kind: str, effort: str, tools: tuple[str, ...], q: str, assistant: 
     history_free = False
     if rng is not None and rng.random() < 0.1:  # an earlier turn, as chat keeps it (final answer only)
         prev = make_example(rng, rng.choice(["add", "sub", "mul", "general"]), version=version)
-        history = [{"role": "user", "content": prev.question}, {**prev.messages[-1]}]
+        history = earlier_turn(prev)
         history_free = version >= 5 and user_free_text(prev)  # (versions 2 to 4 put its words in the vocabulary)
-    messages = [system(effort), *developer(tools), *history, {"role": "user", "content": q}, *assistant]
+    messages = conversation(effort, tools, history, q, assistant)
     return Example(kind, effort, tools, q, messages, answer, call, history, free, history_free)
 
 
