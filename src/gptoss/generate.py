@@ -70,9 +70,11 @@ def gumbel_noise(n: int, generator: torch.Generator | None = None, device=None) 
     return u.log_().neg_().log_().neg_()
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> int:
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
+           noise: torch.Tensor | None = None) -> int:
     """One token id from logits [V] (fp32): greedy at temperature 0, else top-k, then top-p (nucleus), then
-    a draw from the softmax of what is left (by the Gumbel-max trick: gumbel_noise)."""
+    a draw from the softmax of what is left (by the Gumbel-max trick: gumbel_noise from `generator`, or the
+    `noise` [V] given, already drawn from it)."""
     if params.temperature == 0:
         return int(logits.argmax())
     logits = logits.float() / params.temperature
@@ -85,7 +87,9 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         # Keep the smallest prefix whose mass reaches top_p (the first token is always kept).
         drop = probs.cumsum(-1) - probs >= params.top_p
         logits = logits.scatter(0, order[drop], float("-inf"))
-    return int((logits + gumbel_noise(logits.shape[-1], generator, logits.device)).argmax())
+    if noise is None:
+        noise = gumbel_noise(logits.shape[-1], generator, logits.device)
+    return int((logits + noise).argmax())
 
 
 def bounded_ok(params: SamplingParams) -> bool:

@@ -163,8 +163,8 @@ def _room_for_int8_unembedding(path: Path, dtype, memory_budget_gib: float | Non
 
     extra = config.vocab_size * (config.hidden_size + 12)  # int8 rows + three fp32 per row
     if memory_budget_gib is not None:
-        return plan_memory(path, dtype, memory_budget_gib - extra / 2**30)[0] is None if \
-            memory_budget_gib > extra / 2**30 else False
+        left = memory_budget_gib - extra / 2**30
+        return left > 0 and plan_memory(path, dtype, left)[0] is None
     return plan_memory(path, dtype, available=available_memory() - extra)[0] is None
 
 

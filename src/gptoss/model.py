@@ -125,26 +125,16 @@ class BoundedArgmax(nn.Module):
 
     MAX_CANDIDATE_SHARE = 0.125  # beyond this share of the vocabulary the full matmul reads less
 
-    def __init__(self, unembedding: nn.Linear, chunk: int = 16384):
+    def __init__(self, unembedding: nn.Linear):
         super().__init__()
         if unembedding.bias is not None or unembedding.weight.dtype != torch.bfloat16:
             raise ValueError("BoundedArgmax: the unembedding must be a bias-free bf16 Linear, got "
                              f"{unembedding.weight.dtype}" + (" with a bias" if unembedding.bias is not None else ""))
         w = unembedding.weight.detach()
-        done = kernels.quantize_rows_int8(w)  # one pass in C++ (seconds in torch for 201,088 rows)
-        if done is not None:
-            q, s, err, norm = done
-        else:
-            q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
-            s, err, norm = (torch.empty(w.shape[0], dtype=torch.float32, device=w.device) for _ in range(3))
-            for n0 in range(0, w.shape[0], chunk):  # one pass over the rows: quantize, then the bound's factors
-                wc = w[n0:n0 + chunk].float()
-                norm[n0:n0 + chunk] = wc.norm(dim=1)
-                sc = (wc.abs().amax(dim=1) / 127).clamp_min_(torch.finfo(torch.float32).tiny)
-                qc = torch.div(wc, sc[:, None]).round_().clamp_(-127, 127)
-                q[n0:n0 + chunk] = qc.to(torch.int8)
-                err[n0:n0 + chunk] = wc.sub_(qc.mul_(sc[:, None])).norm(dim=1)
-                s[n0:n0 + chunk] = sc
+        done = kernels.quantize_rows_int8(w)  # one pass in C++; forward needs the compiled kernels as well
+        if done is None:
+            raise ValueError("BoundedArgmax: needs the compiled CPU kernels (and the unembedding on the CPU)")
+        q, s, err, norm = done
         K = w.shape[1]
         u = 2.0 ** -24
         gamma = 2 * (K + 64) * u / (1 - (K + 64) * u)  # both dot products, plus the reductions' few additions
@@ -164,9 +154,7 @@ class BoundedArgmax(nn.Module):
                 or unembedding.weight.dtype != torch.bfloat16):
             return None
         h_norm = h.double().norm(dim=1).float() * (1 + 1e-6)  # (M,), rounded up
-        t = None
-        if temperature is not None:
-            t = torch.tensor([x if x > 0 else 0.0 for x in temperature], dtype=torch.float32)
+        t = None if temperature is None else torch.tensor(temperature, dtype=torch.float32)
         # one pass (C++): proxy p = h·(q·s), bound b = ‖h‖·row_bound widened by (|p| + b)·2⁻⁷ for bf16 rounding
         # (2⁻⁸, doubled) and 10⁻³⁰ for flushed denormals; lo/hi = p ∓ b (over the temperature, plus the noise)
         bounds = kernels.int8_bounds(h, self.weight_int8, self.scale, self.row_bound, h_norm, t, noise)
@@ -896,9 +884,9 @@ class Transformer(nn.Module):
         """Opt-in for inference: greedy decode steps read the unembedding as int8 and recompute only the rows that
         can win exactly (BoundedArgmax; the tokens are the full logits' argmax). Costs an int8 copy of the
         unembedding (0.58 GB on gpt-oss). False (nothing done) where it cannot apply: not a bf16 CPU unembedding,
-        or an int8 unembedding already (quantize_unembedding)."""
+        an int8 unembedding already (quantize_unembedding), or no compiled kernels."""
         w = getattr(self.unembedding, "weight", None)
-        if w is None or w.dtype != torch.bfloat16 or w.device.type != "cpu":
+        if w is None or w.dtype != torch.bfloat16 or w.device.type != "cpu" or kernels.load_kernels() is None:
             return False
         if self.bounded_argmax is None:
             self.bounded_argmax = BoundedArgmax(self.unembedding)
@@ -914,7 +902,7 @@ class Transformer(nn.Module):
         `unembedding(h)`: rows[m] None = greedy, else (SamplingParams, generator) of plain temperature sampling
         (no top-k, top-p 1, unconstrained: generate.bounded_ok). Through BoundedArgmax where enabled and
         applicable, else from all logits with the same Gumbel noise: either way the same tokens."""
-        from .generate import gumbel_noise
+        from .generate import gumbel_noise, sample
 
         V = self.unembedding.weight.shape[0] if hasattr(self.unembedding, "weight") else self.config.vocab_size
         temperature = noise = None
@@ -928,8 +916,8 @@ class Transformer(nn.Module):
             if tokens is not None:
                 return tokens.tolist()
         logits = self.unembedding(h).float()
-        return [int((logits[m] if temperature is None or temperature[m] == 0 else
-                     logits[m] / temperature[m] + noise[m]).argmax()) for m in range(h.shape[0])]
+        return [int(logits[m].argmax()) if r is None else sample(logits[m], r[0], noise=noise[m])
+                for m, r in enumerate(rows)]
 
     @property
     def device(self) -> torch.device:
