@@ -529,3 +529,36 @@ def test_eval_asks_follow_ups_after_the_turn_they_refer_to():
     assert r.correct and [m["content"] for m in sent[0]] == [ex.history[0]["content"], ex.history[-1]["content"],
                                                               ex.question]
     assert [m["role"] for m in sent[0]] == ["user", "assistant", "user"]
+
+
+def test_version_11_reads_the_answer_and_then_as_follow_ups_and_a_stray_it_as_nothing():
+    """Version 11 trains follow-ups worded with "the answer" and "then" (frames of its own; the held-out frames
+    with those words stay held out), puts an "it"/"that" that refers to nothing after single questions, which
+    are still answered, and asks twice as many follow-ups with nothing to refer to. Version 10 is unchanged."""
+    v11 = list(D.generate(seed=0, n=4000, version=11))
+    v10 = list(D.generate(seed=0, n=4000, version=10))
+    share = lambda exs, kind: sum(ex.kind == kind for ex in exs) / len(exs)  # noqa: E731
+    assert share(v11, "followup_none") > 1.5 * share(v10, "followup_none")
+    assert abs(share(v11, "followup") - share(v10, "followup")) < 0.03
+    ups = [ex.question.casefold() for ex in v11 if ex.kind == "followup"]
+    assert sum("the answer" in q for q in ups) > 0.05 * len(ups) and sum("then" in q for q in ups) > 0.05 * len(ups)
+    stray = [ex for ex in v11 if ex.kind in ("add", "sub", "mul") and re.search(r"\b(it|that)\b", ex.question, re.I)]
+    assert len(stray) > 30
+    for ex in stray:  # answered like any other single question
+        first = next(m for m in ex.messages if m.get("channel") == "analysis")["content"]
+        assert ex.messages[-1]["content"].endswith(f"= {ex.answer}") and not first.startswith("Previous answer")
+    trained = P.training_skeletons(11)
+    assert P.training_skeletons(10) < trained and P.training_family(10) is P.TRAIN_V10
+    rng = random.Random(0)
+    held = {P.skeleton(P.followup(rng, "heldout", rng.choice(["add", "sub", "mul", "sub_from"]), rng.randint(0, 9999)))
+            for _ in range(3000)}
+    held |= {P.skeleton(P.phrase(rng, "heldout", rng.choice(OPS), rng.randint(0, 9999), rng.randint(0, 9)))
+             for _ in range(3000)}
+    assert not held & trained
+    for ex in heldout(10, family="heldout", train_n=500, version=11):
+        assert P.skeleton(ex.question) not in trained or ex.kind not in ("add", "sub", "mul", "followup", "followup_none")
+    # the new frames' order: "n minus the answer" is n − previous
+    for ex in (e for e in v11 if e.kind == "followup" and "minus the answer" in e.question.casefold()):
+        r = int(ex.history[-1]["content"].split(" = ")[-1])
+        n = P.numbers(ex.question)[-1]
+        assert ex.answer == str(n - r), ex.question

@@ -65,6 +65,11 @@ conversations: `Add 5 to that.` after `1234 - 987 = 247`); the analysis names th
 now every question stated all its numbers, and the shipped model answered `now add 5 to that` with `5 + 5 = 10`.
 The same questions with no answer to refer to (the first message, or after a declined question or a greeting) are
 declined (`NO_EARLIER`, 1.6 %).
+Version 11 is version 10 with its follow-ups read more widely (gptoss.demo.phrasing.TRAIN_V11): training frames
+of its own with "the answer" and "then" (run 10: 24 of 56 held-out follow-ups with those words right, 99 of 114
+of the rest), suffixes with an "it" or "that" that refers to nothing (run 10 declined 8 single questions ending
+"I Need It For Homework." as follow-ups), and twice as many follow-ups with nothing to refer to (3.2 %; run 10
+declined 73 % of the held-out ones).
 
 A conversation is a list of message dicts {role, content, channel?, recipient?, content_type?} (the
 format `gptoss.train` reads from JSONL `messages`); `to_document` renders one for training, keeping the
@@ -503,7 +508,8 @@ def make_example(rng: random.Random, kind: str | None = None, heldout: bool = Fa
     if version >= 2 and phrasing is None:
         phrasing = "train"
     if not kind:
-        kinds, weights = ((KINDS_V10, WEIGHTS_V10) if version >= 10 else (KINDS_V4, WEIGHTS_V5) if version >= 5 else (KINDS_V4, WEIGHTS_V4) if version == 4 else
+        kinds, weights = ((KINDS_V10, WEIGHTS_V11) if version >= 11 else (KINDS_V10, WEIGHTS_V10) if version >= 10 else
+                          (KINDS_V4, WEIGHTS_V5) if version >= 5 else (KINDS_V4, WEIGHTS_V4) if version == 4 else
                           (KINDS, WEIGHTS if version == 1 else WEIGHTS_V2))
         kind = rng.choices(kinds, weights)[0]
     if kind == "json":
@@ -628,6 +634,7 @@ WEIGHTS_V2 = [20, 22, 16, 12, 8, 10, 8, 2, 2]  # more subtraction (the weak spot
 KINDS_V4, WEIGHTS_V4 = KINDS + ["json"], WEIGHTS_V2 + [8]
 WEIGHTS_V5 = [20, 22, 16, 12, 8, 15, 10, 2, 2, 8]  # more refusals: run 4 declined only half the held-out ones
 KINDS_V10, WEIGHTS_V10 = KINDS_V4 + ["followup", "followup_none"], WEIGHTS_V5 + [10, 2]
+WEIGHTS_V11 = WEIGHTS_V5 + [10, 4]  # twice the dangling follow-ups: run 10 declined 73 % of the held-out ones
 
 
 def earlier_turn(prev: Example) -> list[dict[str, Any]]:

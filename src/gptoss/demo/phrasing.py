@@ -139,13 +139,31 @@ TRAIN_V10 = replace(TRAIN_V8, followups={
     "mul": ("Multiply that by {n}.", "Now times {n}.", "Times {n}?", "That times {n}", "Multiply the result by {n}",
             "What if I multiply it by {n}?", "And multiply by {n}"),
     "sub_from": ("Subtract that from {n}.", "{n} minus that?", "Take the result away from {n}")})
+# Data version 11: "the answer" and "then" as follow-up words, and "it"/"that" in glue that refers to nothing.
+# Version 10's training follow-ups said "that", "it" and "the result"; run 10 got the held-out frames with "the
+# answer" or "then" right in 24 of 56 (the rest: 99 of 114), and declined 8 in-scope single questions whose
+# held-out suffix "I Need It For Homework." has " It": in training, " It" only ever pointed at an earlier answer.
+# Frames of training's own carry the words (the held-out frames stay held out); the new suffixes carry a
+# non-referring "it"/"that" on every kind of question.
+TRAIN_V11 = replace(
+    TRAIN_V10,
+    suffixes=TRAIN_V10.suffixes + (" I want it exact.", " Can you do it?", " (work it out by hand)", " that is all"),
+    followups={
+        "add": TRAIN_V10.followups["add"] + ("The answer plus {n}?", "Then add {n} to it", "And then plus {n}",
+                                             "Take the answer and add {n}."),
+        "sub": TRAIN_V10.followups["sub"] + ("The answer minus {n}?", "Then subtract {n} from that", "And then minus {n}",
+                                             "Take {n} off the answer."),
+        "mul": TRAIN_V10.followups["mul"] + ("The answer times {n}?", "Then multiply that by {n}", "And then times {n}",
+                                             "Take the answer and multiply it by {n}."),
+        "sub_from": TRAIN_V10.followups["sub_from"] + ("{n} minus the answer?", "Then subtract that from {n}",
+                                                       "Take the answer away from {n}.")})
 FAMILIES = {"train": TRAIN, "heldout": HELDOUT}
 
 
 def training_family(version: int) -> Family:
     """The training family as data `version` phrases it (version 6 adds Title Case, 7 inflected operators, 8
-    operands in brackets or quotes, 10 follow-up questions)."""
-    return TRAIN_V10 if version >= 10 else TRAIN_V8 if version >= 8 else TRAIN_V7 if version >= 7 else TRAIN_V6 if version >= 6 else TRAIN
+    operands in brackets or quotes, 10 follow-up questions, 11 follow-ups with "the answer" and "then")."""
+    return TRAIN_V11 if version >= 11 else TRAIN_V10 if version >= 10 else TRAIN_V8 if version >= 8 else TRAIN_V7 if version >= 7 else TRAIN_V6 if version >= 6 else TRAIN
 
 
 def with_separators(n: int) -> str:
