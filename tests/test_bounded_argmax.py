@@ -163,7 +163,8 @@ def test_generate_and_the_engine_give_the_same_tokens_with_it(monkeypatch):
 def test_load_model_turns_it_on_for_cpu_bf16_and_off_when_asked(tmp_path):
     config = preset("tiny")
     write_checkpoint(synthetic.random_tensors(config), config, tmp_path, "hf")
-    assert load_model(tmp_path, progress=False, device="cpu", bounded_argmax=True).bounded_argmax_wanted is True
+    on = load_model(tmp_path, progress=False, device="cpu", bounded_argmax=True)
+    assert on.bounded_argmax_wanted is True and on.bounded_argmax is not None  # built at load, not in a request
     # by default only where the unembedding is large enough to pay (gpt-oss's: 1.16 GB; this one 64 KiB)
     assert load_model(tmp_path, progress=False, device="cpu").bounded_argmax_wanted is False
     assert load_model(tmp_path, progress=False, device="cpu", bounded_argmax=False).bounded_argmax_wanted is False

@@ -114,8 +114,7 @@ def load_model(path: str | Path | None = None, *, device: "str | torch.device | 
     parallel.Layout under torchrun (this rank's shard; rank 0 gets a parallel.Leader). memory_budget_gib: see
     plan_memory (memory_reserve: its `reserve`); a model that does not fit streams its experts from disk
     (streaming.py), said once on stderr. bounded_argmax: decode steps on the CPU (greedy, plain temperature
-    sampling) read the unembedding mostly as int8, with the same tokens (model.BoundedArgmax, built at the first
-    such step), where its int8 copy (vocab × hidden bytes) fits in memory beside the checkpoint without
+    sampling) read the unembedding mostly as int8, with the same tokens (model.BoundedArgmax, built here), where its int8 copy (vocab × hidden bytes) fits in memory beside the checkpoint without
     streaming; None: only where the unembedding is large enough for it to pay (≥ BOUNDED_ARGMAX_MIN_BYTES)."""
     import torch
 
@@ -148,7 +147,8 @@ def load_model(path: str | Path | None = None, *, device: "str | torch.device | 
           and torch.device(device).type == "cpu" and dtype == torch.bfloat16
           and (bounded_argmax or 2 * model.config.vocab_size * model.config.hidden_size >= BOUNDED_ARGMAX_MIN_BYTES)
           and _room_for_int8_unembedding(path, dtype, memory_budget_gib, model.config)):
-        model.bounded_argmax_wanted = True
+        # built now (1-3 s on gpt-oss), not at the first decode step: that step is a user's first request
+        model.bounded_argmax_wanted = model.enable_bounded_argmax()
     return model
 
 
