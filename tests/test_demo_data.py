@@ -143,7 +143,7 @@ def test_teacher_forced_counts_every_slip_on_what_the_model_writes():
     written_digits = 0
     for ex in heldout(3, train_n=2000):
         if ex.kind in ("add", "sub", "mul"):
-            tokens, mask = D.to_document(ex, TOK)
+            tokens, mask = D.to_document(ex, TOK, current_turn_only=True)
             written_digits += sum(m and TOK.decode([t]).isdigit() for t, m in zip(tokens, mask))
     assert slips["token_errors"] == written_digits > 9 and slips["all_right"] == 0
     assert slips["tokens"] == right["tokens"]
@@ -225,3 +225,25 @@ def test_eval_scores_json_answers_on_heldout_phrasing():
         assert not E.json_answer(ex, json.dumps(right)[:-1])  # cut before it closes
         r = E.score(ex, E.Result(ex.kind, "heldout", ex.question, [], ex.answer, None, final=json.dumps(right)))
         assert r.correct and not r.repeated
+
+
+def test_version_11_trains_only_what_the_model_writes_in_the_current_turn():
+    """Earlier turns' answers end with <|end|> in the history (as the chat renders them), but the model wrote
+    <|return|> there: from version 11 the recipe keeps them out of the loss, so that every final answer the
+    model learns to write ends with <|return|>. Versions before 11 train as they did."""
+    from gptoss.demo.recipe import documents
+
+    examples = [ex for ex in D.generate(seed=0, n=400, version=11) if ex.history]
+    assert len(examples) > 30
+    for ex in examples:
+        full, full_mask = D.to_document(ex, TOK)
+        tokens, mask = D.to_document(ex, TOK, current_turn_only=True)
+        assert tokens == full
+        last_user = max(i for i, t in enumerate(tokens) if TOK.decode(tokens[i:i + 2]) == "<|start|>user")
+        assert not any(mask[:last_user]) and mask[last_user:] == full_mask[last_user:]
+        assert any(full_mask[:last_user])  # the earlier answers were targets before
+        written = TOK.decode([t for t, m in zip(tokens, mask) if m])
+        assert written.endswith("<|return|>") and written.count("<|channel|>final") == 1, written
+    old = documents(examples, 4096, len(examples), version=10)
+    new = documents(examples, 4096, len(examples), version=11)
+    assert sum(sum(d.targets) for d in new) < sum(sum(d.targets) for d in old)

@@ -69,7 +69,9 @@ Version 11 is version 10 with its follow-ups read more widely (gptoss.demo.phras
 of its own with "the answer" and "then" (run 10: 24 of 56 held-out follow-ups with those words right, 99 of 114
 of the rest), suffixes with an "it" or "that" that refers to nothing (run 10 declined 8 single questions ending
 "I Need It For Homework." as follow-ups), and twice as many follow-ups with nothing to refer to (3.2 %; run 10
-declined 73 % of the held-out ones).
+declined 73 % of the held-out ones). And its recipe trains only the current turn (`to_document`'s
+current_turn_only): earlier turns' answers, which end with <|end|> in the history, had taught final answers
+that end with <|end|> (run 10: 12 of 1700 held-out answers, every one a reply of a kind earlier turns hold).
 
 A conversation is a list of message dicts {role, content, channel?, recipient?, content_type?} (the
 format `gptoss.train` reads from JSONL `messages`); `to_document` renders one for training, keeping the
@@ -810,16 +812,23 @@ def to_messages(ex: Example) -> list[harmony.Message]:
     return [message(m) for m in ex.messages]
 
 
-def to_document(ex: Example, tok: Tokenizer | None = None) -> tuple[list[int], list[bool]]:
+def to_document(ex: Example, tok: Tokenizer | None = None,
+                current_turn_only: bool = False) -> tuple[list[int], list[bool]]:
     """Token ids of the whole conversation and the loss mask (True on what the assistant writes).
 
     Rendered without Harmony's drop of the last turn's analysis: the analysis is exactly what the model must
     learn to write (history turns carry no analysis in the first place). The final answer ends with
     <|return|>, a tool call with <|call|>. The mask covers what the model writes: each assistant message after
     the `<|start|>assistant` that ends the prompt, and the whole header of an assistant message that follows
-    another one (after its analysis `<|end|>` the model itself goes on with `<|start|>assistant<|channel|>…`)."""
+    another one (after its analysis `<|end|>` the model itself goes on with `<|start|>assistant<|channel|>…`).
+
+    current_turn_only (data version 11 on): earlier turns' answers are context, not targets. They end with
+    <|end|>, as the chat renders them in the history, but the model wrote <|return|> there; trained on, they
+    teach a final answer that ends with <|end|> (run 10: 12 of 1700 held-out answers not ended with
+    <|return|>, all of them replies of the kinds that earlier turns hold)."""
     tok = tok or get_tokenizer()
     messages = to_messages(ex)
+    turn = max(i for i, m in enumerate(messages) if m.role == "user") if current_turn_only else 0
     has_tools = harmony.Conversation(messages).has_function_tools()
     tokens: list[int] = []
     mask: list[bool] = []
@@ -829,7 +838,7 @@ def to_document(ex: Example, tok: Tokenizer | None = None) -> tuple[list[int], l
         if i == len(messages) - 1 and m.role == "assistant" and m.channel == "final":
             part[-1] = tok.return_
         tokens += part
-        if m.role != "assistant":
+        if m.role != "assistant" or i < turn:
             mask += [False] * len(part)
         elif i > 0 and messages[i - 1].role == "assistant":  # the model itself starts this message
             mask += [True] * len(part)  # <|start|> included: it follows the <|end|> the model wrote

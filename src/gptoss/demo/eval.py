@@ -352,7 +352,7 @@ def teacher_forced(model, n: int = 20, seed: int = HELDOUT_SEED, kinds: Sequence
     total = whole = 0
     examples = [ex for ex in heldout(n, seed, train_seed, train_n, family, version) if ex.kind in kinds]
     for ex in examples:
-        tokens, mask = data.to_document(ex, tok)
+        tokens, mask = data.to_document(ex, tok, current_turn_only=True)  # earlier turns: not written now
         with torch.no_grad():
             pred = model(torch.tensor([tokens], device=model.device))[0].argmax(-1).tolist()
         slips = [i for i in range(len(tokens) - 1) if mask[i + 1] and pred[i] != tokens[i + 1]]

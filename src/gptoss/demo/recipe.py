@@ -35,21 +35,22 @@ SHIPPED = Path(__file__).resolve().parent.parent / "data" / "demo"
 HASHES_FILE = Path(__file__).resolve().parent / "__init__.py"
 
 
-def documents(examples: list[data.Example], seq_len: int, samples: int, seed: int = 0):
+def documents(examples: list[data.Example], seq_len: int, samples: int, seed: int = 0, version: int = 1):
     """Training documents laid out so that no conversation is cut between two training samples.
 
     The trainer packs documents into one stream cut every seq_len tokens; a conversation cut in two would
     continue in the next sample without its question. So conversations are binned (first fit, shuffled)
     into groups of at most seq_len tokens, each group topped up to exactly seq_len by a filler document
     (<|endoftext|> tokens, no loss), and handed over in order (the TOML sets [data] shuffle = false):
-    sample i is then exactly bin i. Enough epochs, each re-shuffled, to cover `samples` samples."""
+    sample i is then exactly bin i. Enough epochs, each re-shuffled, to cover `samples` samples. From data
+    `version` 11 only the current turn is a target (data.to_document's current_turn_only)."""
     import random
 
     from ..tokenizer import get_tokenizer
     from ..train.data import Document
 
     tok = get_tokenizer()
-    docs = [Document(*data.to_document(ex, tok)) for ex in examples]
+    docs = [Document(*data.to_document(ex, tok, current_turn_only=version >= 11)) for ex in examples]
     fits = [d for d in docs if len(d.tokens) <= seq_len]
     if len(fits) < len(docs):
         print(f"note: {len(docs) - len(fits)} conversations longer than seq_len {seq_len} left out", file=sys.stderr)
@@ -180,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
               " using the data's", file=sys.stderr)
         cfg.model.overrides["vocab_size"] = int(ids.numel())
     cfg.data.shuffle = False  # documents() lays out whole samples; the trainer must keep their order
-    docs = documents(examples, cfg.data.seq_len, cfg.train.steps * cfg.data.batch_size * cfg.train.grad_accum, seed)
+    docs = documents(examples, cfg.data.seq_len, cfg.train.steps * cfg.data.batch_size * cfg.train.grad_accum, seed,
+                     version)
     targets = sum(sum(d.targets) for d in docs)
     print(f"data: {n} conversations (seed {seed}, version {version}), {sum(len(d.tokens) for d in docs)} tokens, "
           f"{targets} targets, vocabulary {ids.numel()} rows ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
