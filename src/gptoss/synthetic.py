@@ -25,9 +25,11 @@ def _fp4_byte_table(sigma_in_fp4_units: float, generator: torch.Generator) -> to
     return codes[0::2] | (codes[1::2] << 4)
 
 
-def random_tensors(config: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.bfloat16
-                   ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (original name, tensor) one at a time, so a 20b-sized checkpoint streams to disk."""
+def random_tensors(config: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
+                   zero_experts: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (original name, tensor) one at a time, so a 20b-sized checkpoint streams to disk.
+    zero_experts: every expert weight (.blocks) all zero, as a broadcast tensor that takes no memory (stride
+    0), not drawn."""
     g = torch.Generator().manual_seed(seed)
     table = _fp4_byte_table(2.4, g)
     for name, (shape, kind) in expected_tensors(config).items():
@@ -36,6 +38,8 @@ def random_tensors(config: ModelConfig, seed: int = 0, dtype: torch.dtype = torc
             fan_in = shape[-1] * mxfp4.BLOCK
             exponent = math.ceil(math.log2(2.4 / math.sqrt(fan_in) / 6))
             t = (torch.randint(-1, 2, shape, generator=g) + exponent + mxfp4.SCALE_BIAS).to(torch.uint8)
+        elif name.endswith(".blocks") and zero_experts:
+            t = torch.zeros((), dtype=torch.uint8).expand(shape)
         elif name.endswith(".blocks"):
             t = torch.empty(shape, dtype=torch.uint8)
             for e in range(shape[0]):  # one expert at a time keeps the index tensor small
