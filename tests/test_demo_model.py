@@ -205,7 +205,7 @@ def test_chat_cli_answers_a_follow_up_on_the_previous_answer():
 
 
 STOP_PROBES = ["What is 2+2?", "2+2", "What is 12 + 7?", "What is 1234 - 987?"]
-KNOWN_UNCLEAN = {((), "2+2")}  # the shipped model's one unclean stop among the probes (see the test)
+KNOWN_UNCLEAN: set = set()  # the shipped model's unclean stops among the probes (run 10 had one; see the test)
 BOTH_TOOLS = ("calculator", "convert_units")
 
 
@@ -272,8 +272,7 @@ def test_the_model_itself_ends_its_final_answer_with_return():
                 ends = [t for t in out[at:] if t in (tok.end, tok.return_)] if at is not None else []
                 if not ends or ends[0] != tok.return_:
                     bad.append((tools, q, tok.decode(out)))
-    # Run 10 (the shipped model, experiments/demo/RESULTS.md) answers a bare "2+2" with no tools declared
-    # straight in the final channel, then ends that message with <|end|> and answers again: the chat and the
-    # server cut at the first answer's end (the test above), but the model's own stop is not clean. Recorded
-    # here as it is, so that a model that fixes it, or breaks another probe, fails this test.
+    # Run 10 answered a bare "2+2" with no tools in the final channel, ended it with <|end|> and answered again
+    # (trained on earlier turns' answers, which end with <|end|> in the history); run 11, trained on the
+    # current turn only, stops cleanly on every probe.
     assert {(tools, q) for tools, q, _ in bad} == KNOWN_UNCLEAN, bad

@@ -18,8 +18,8 @@ NAME = "gptoss-demo"
 FILES = ("config.json", "model.safetensors")
 # Written by `python -m gptoss.demo.recipe` when it ships a newly trained model.
 SHA256 = {
-    "config.json": "28217c6ee731b45506b3bcb6cbe94298a3594a8045a58ba41f94ac05695c3ee8",
-    "model.safetensors": "4903a0d4261f90aba6cfc5e4f385608cdb270d09f9ab87abee0869f9d79e99cd",
+    "config.json": "f708893f7e9f65391e6b43d8182d2a576ccc95f7fbfc69e16d9ee76183b7172d",
+    "model.safetensors": "13ebfff6403e93e6f3c6802a6c49fcd230f080405121dd9057c7bed6c38f6241",
 }
 
 

@@ -219,7 +219,10 @@ def final_stop(tokens: Sequence[int], tok) -> str | None:
     return "none"
 
 
-def run_one(ex: data.Example, complete, effort: str, max_tokens: int, family: str = "template") -> Result:
+def run_one(ex: data.Example, complete, effort: str, max_tokens: int, family: str = "template",
+            history: list[dict[str, Any]] | None = None) -> Result:
+    """One question through a ChatSession; history: earlier turns to put before it (default: a follow-up's
+    own turn, none for other kinds)."""
     tools = [DEMO_TOOLS[name] for name in ex.tools]
     completions: list[list[int]] = []
 
@@ -231,8 +234,10 @@ def run_one(ex: data.Example, complete, effort: str, max_tokens: int, family: st
     fmt = harmony.ResponseFormat(**response_format(ex)) if ex.kind in CATEGORIES["structured"] else None
     session = ChatSession(recorded, SamplingParams(temperature=0, max_tokens=max_tokens), reasoning_effort=effort,
                           tools=tools, max_tool_rounds=2, response_format=fmt)
-    if ex.kind in CATEGORIES["followup"] + CATEGORIES["dangling"]:  # the turn it refers to, as the chat keeps it
-        session.messages = [data.message(m) for m in ex.history]  # (other kinds alone, as evaluations so far)
+    if history is None and ex.kind in CATEGORIES["followup"] + CATEGORIES["dangling"]:
+        history = ex.history  # the turn it refers to, as the chat keeps it (other kinds alone, as evaluations so far)
+    if history:
+        session.messages = [data.message(m) for m in history]
     r = Result(ex.kind, family, ex.question, list(ex.tools), ex.answer, ex.call)
     t0 = time.perf_counter()
     for event in session.send(ex.question):
