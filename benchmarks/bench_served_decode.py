@@ -80,9 +80,11 @@ def served(model: str, dtype: str, context: int, max_tokens: int, raw: bool = Fa
                     pass
         time.sleep(0.5)  # the log line is written as the response ends
         lines = [line for line in Path(log.name).read_text().splitlines() if "step_median=" in line]
-        m = re.search(r"in=(\d+) out=(\d+).*decode=([\d.]+)tok/s step_median=([\d.]+)ms", lines[-1])
+        first, m = (re.search(r"in=(\d+) out=(\d+).*decode=([\d.]+)tok/s step_median=([\d.]+)ms", line)
+                    for line in lines[-2:])
         return {"prompt_tokens": int(m[1]), "tokens": int(m[2]), "tok_s_mean": float(m[3]),
-                "ms_median": float(m[4])}
+                "ms_median": float(m[4]),  # the second request's; the first request's beside it (a user's first)
+                "first_request": {"tok_s_mean": float(first[3]), "ms_median": float(first[4])}}
     finally:
         server.terminate()
         server.wait(30)
