@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 
-from gptoss import checkpoint
 from gptoss.checkpoint import write_checkpoint
 from gptoss.config import PRESETS, preset
 from gptoss.safetensors_io import DTYPES
@@ -60,14 +59,9 @@ def main(argv=None) -> int:
                    help="expert weights all zero, as holes of sparse files (shape and size, not speed)")
     args = p.parse_args(argv)
     config = preset(args.preset)
-    ordinary = checkpoint.save_file  # write_checkpoint's shard writer
-    if args.sparse_experts:
-        checkpoint.save_file = save_sparse
-    try:
-        write_checkpoint(random_tensors(config, args.seed, zero_experts=args.sparse_experts), config, args.out,
-                         args.layout, max_shard_bytes=int(args.max_shard_gib * 2**30), progress=True)
-    finally:
-        checkpoint.save_file = ordinary
+    write_checkpoint(random_tensors(config, args.seed, zero_experts=args.sparse_experts), config, args.out,
+                     args.layout, max_shard_bytes=int(args.max_shard_gib * 2**30), progress=True,
+                     save_shard=save_sparse if args.sparse_experts else None)
     print(f"wrote {args.preset} ({args.layout} layout) to {args.out}")
     return 0
 

@@ -14,7 +14,7 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping
+from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
 
@@ -355,12 +355,15 @@ def _stored_items(tensors: Iterable[tuple[str, torch.Tensor]], config: ModelConf
 
 def write_checkpoint(tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
                      config: ModelConfig, path: str | Path, layout: str = "hf",
-                     max_shard_bytes: int = 5 * 2**30, progress: bool = False) -> None:
+                     max_shard_bytes: int = 5 * 2**30, progress: bool = False,
+                     save_shard: Callable[[dict[str, torch.Tensor], Path], None] | None = None) -> None:
     """Write original-named tensors (in their given dtypes) as a checkpoint folder in `layout`.
 
     Tensors may come from a generator: each shard is written as soon as it is full, so at most one shard
-    is held in memory (a 12.8 GiB checkpoint can be generated on a 24 GiB machine).
+    is held in memory (a 12.8 GiB checkpoint can be generated on a 24 GiB machine). save_shard(tensors, file)
+    writes one shard (default: safetensors_io.save_file).
     """
+    save_shard = save_shard or save_file
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     path = Path(path)
@@ -378,7 +381,7 @@ def write_checkpoint(tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, t
     size = total = 0
 
     def flush() -> None:
-        save_file(shard, path / f"part-{len(parts):05d}.safetensors")
+        save_shard(shard, path / f"part-{len(parts):05d}.safetensors")
         parts.append(list(shard))
         shard.clear()
 

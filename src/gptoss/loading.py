@@ -114,8 +114,8 @@ def load_model(path: str | Path | None = None, *, device: "str | torch.device | 
     parallel.Layout under torchrun (this rank's shard; rank 0 gets a parallel.Leader). memory_budget_gib: see
     plan_memory (memory_reserve: its `reserve`); a model that does not fit streams its experts from disk
     (streaming.py), said once on stderr. bounded_argmax: decode steps on the CPU (greedy, plain temperature
-    sampling) read the unembedding mostly as int8, with the same tokens (model.BoundedArgmax, built here), where its int8 copy (vocab × hidden bytes) fits in memory beside the checkpoint without
-    streaming; None: only where the unembedding is large enough for it to pay (≥ BOUNDED_ARGMAX_MIN_BYTES)."""
+    sampling) read the unembedding mostly as int8, with the same tokens (model.BoundedArgmax, built here), where
+    its int8 copy (vocab × hidden bytes) fits in memory beside the checkpoint without streaming; None: only where the unembedding is large enough for it to pay (≥ BOUNDED_ARGMAX_MIN_BYTES)."""
     import torch
 
     path = model_path(path)

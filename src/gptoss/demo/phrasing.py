@@ -151,19 +151,21 @@ TRAIN_V11 = replace(
     followups={
         "add": TRAIN_V10.followups["add"] + ("The answer plus {n}?", "Then add {n} to it", "And then plus {n}",
                                              "Take the answer and add {n}."),
-        "sub": TRAIN_V10.followups["sub"] + ("The answer minus {n}?", "Then subtract {n} from that", "And then minus {n}",
-                                             "Take {n} off the answer."),
+        "sub": TRAIN_V10.followups["sub"] + ("The answer minus {n}?", "Then subtract {n} from that",
+                                             "And then minus {n}", "Take {n} off the answer."),
         "mul": TRAIN_V10.followups["mul"] + ("The answer times {n}?", "Then multiply that by {n}", "And then times {n}",
                                              "Take the answer and multiply it by {n}."),
         "sub_from": TRAIN_V10.followups["sub_from"] + ("{n} minus the answer?", "Then subtract that from {n}",
                                                        "Take the answer away from {n}.")})
 FAMILIES = {"train": TRAIN, "heldout": HELDOUT}
+# (first data version, its training family), newest first; earlier versions: TRAIN
+TRAINING_FAMILIES = ((11, TRAIN_V11), (10, TRAIN_V10), (8, TRAIN_V8), (7, TRAIN_V7), (6, TRAIN_V6))
 
 
 def training_family(version: int) -> Family:
     """The training family as data `version` phrases it (version 6 adds Title Case, 7 inflected operators, 8
     operands in brackets or quotes, 10 follow-up questions, 11 follow-ups with "the answer" and "then")."""
-    return TRAIN_V11 if version >= 11 else TRAIN_V10 if version >= 10 else TRAIN_V8 if version >= 8 else TRAIN_V7 if version >= 7 else TRAIN_V6 if version >= 6 else TRAIN
+    return next((fam for since, fam in TRAINING_FAMILIES if version >= since), TRAIN)
 
 
 def with_separators(n: int) -> str:
