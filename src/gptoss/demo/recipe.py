@@ -35,6 +35,17 @@ SHIPPED = Path(__file__).resolve().parent.parent / "data" / "demo"
 HASHES_FILE = Path(__file__).resolve().parent / "__init__.py"
 
 
+def fitted(ex: data.Example, tok, seq_len: int, version: int) -> tuple[list[int], list[bool]]:
+    """The conversation rendered for training; from data version 12 a conversation longer than seq_len loses
+    its earliest turns until it fits (version 12 gives 30 % of conversations up to 4 earlier turns: left out
+    whole, the longest histories would be the ones never trained)."""
+    tokens, mask = data.to_document(ex, tok, current_turn_only=version >= 11)
+    while version >= 12 and len(tokens) > seq_len and ex.history:
+        ex = data.without_earliest_turn(ex)
+        tokens, mask = data.to_document(ex, tok, current_turn_only=True)
+    return tokens, mask
+
+
 def documents(examples: list[data.Example], seq_len: int, samples: int, seed: int = 0, version: int = 1):
     """Training documents laid out so that no conversation is cut between two training samples.
 
@@ -43,14 +54,15 @@ def documents(examples: list[data.Example], seq_len: int, samples: int, seed: in
     into groups of at most seq_len tokens, each group topped up to exactly seq_len by a filler document
     (<|endoftext|> tokens, no loss), and handed over in order (the TOML sets [data] shuffle = false):
     sample i is then exactly bin i. Enough epochs, each re-shuffled, to cover `samples` samples. From data
-    `version` 11 only the current turn is a target (data.to_document's current_turn_only)."""
+    `version` 11 only the current turn is a target (data.to_document's current_turn_only); from 12 a long
+    conversation is shortened by its earliest turns (`fitted`)."""
     import random
 
     from ..tokenizer import get_tokenizer
     from ..train.data import Document
 
     tok = get_tokenizer()
-    docs = [Document(*data.to_document(ex, tok, current_turn_only=version >= 11)) for ex in examples]
+    docs = [Document(*fitted(ex, tok, seq_len, version)) for ex in examples]
     fits = [d for d in docs if len(d.tokens) <= seq_len]
     if len(fits) < len(docs):
         print(f"note: {len(docs) - len(fits)} conversations longer than seq_len {seq_len} left out", file=sys.stderr)
