@@ -247,3 +247,46 @@ def test_version_11_trains_only_what_the_model_writes_in_the_current_turn():
     old = documents(examples, 4096, len(examples), version=10)
     new = documents(examples, 4096, len(examples), version=11)
     assert sum(sum(d.targets) for d in new) < sum(sum(d.targets) for d in old)
+
+
+def test_version_12_conversations_carry_up_to_four_earlier_turns_and_are_shortened_to_fit():
+    """Version 12: about 30 % of conversations have 1 to 4 earlier turns, each a user question followed by the
+    final answer the chat keeps; a calculator never sits beside a declined "too big" turn; free-text history
+    questions stay out of the vocabulary; the recipe drops the earliest turns of a conversation that does not fit
+    seq_len instead of the whole conversation, and keeps the current turn's targets unchanged."""
+    from gptoss.demo.recipe import fitted
+
+    examples = list(D.generate(seed=0, n=1500, version=12))
+    turns = [len(ex.history) // 2 for ex in examples]
+    assert 0.22 < sum(t > 0 for t in turns) / len(examples) < 0.38
+    assert max(turns) >= 4 and sum(t >= 3 for t in turns) > 30
+    too_big = D.make_example(random.Random(0), "too_big", version=12).messages[-1]["content"]
+    for ex in examples:
+        roles = [m["role"] for m in ex.history]
+        assert roles == ["user", "assistant"] * (len(ex.history) // 2)
+        assert all(m.get("channel") == "final" for m in ex.history[1::2])
+        if "calculator" in ex.tools:
+            assert not any(m["content"] == too_big for m in ex.history[1::2])
+        assert set(ex.free_history) <= {m["content"] for m in ex.history[::2]}
+    with_free = [ex for ex in examples if ex.free_history and ex.question not in ex.free_history]
+    assert with_free
+    for ex in with_free[:20]:  # a free-text earlier question's own words are not in the vocabulary
+        vocab = set(D.build_vocab([ex], TOK))
+        others = set()
+        for m in ex.messages:
+            if m["role"] != "user" or m["content"] not in ex.free_history:
+                others.update(harmony.render_message(D.message(m), TOK, has_function_tools=bool(ex.tools)))
+        own = {t for q in ex.free_history for t in TOK.encode_ordinary(q)} - others
+        own = {t for t in own if not TOK.decode([t]).strip().isdigit()}  # number tokens are always known
+        assert own and not own & vocab, ex.free_history
+    long = [ex for ex in examples if len(ex.history) >= 6]
+    for ex in long[:20]:
+        full, full_mask = D.to_document(ex, TOK, current_turn_only=True)
+        seq_len = len(full) - 1
+        tokens, mask = fitted(ex, TOK, seq_len, version=12)
+        assert len(tokens) <= seq_len < len(full)
+        assert TOK.decode([t for t, m in zip(tokens, mask) if m]) == TOK.decode([t for t, m in zip(full, full_mask) if m])
+        shorter = D.without_earliest_turn(ex)
+        assert shorter.history == ex.history[2:]
+        assert shorter.messages == [m for m in ex.messages if m is not ex.history[0] and m is not ex.history[1]]
+        assert fitted(ex, TOK, seq_len, version=11) == (full, full_mask)  # version 11 is left as it was
