@@ -808,9 +808,8 @@ def earlier_turns(rng: random.Random, tools: tuple[str, ...], version: int,
     one, 146 of 160 after three) and garbled a subtraction after a declined question; until version 11 only 10 %
     of training conversations had an earlier turn, and only one. Returns the turns and the questions among them
     that are free text (kept out of the vocabulary, as a current free-text question is)."""
-    kinds, weights = HISTORY_KINDS_V12
-    if "calculator" in tools:  # "too big to work out by hand" contradicts a declared calculator
-        kinds, weights = kinds[:4] + kinds[5:], weights[:4] + weights[5:]
+    # "too big to work out by hand" contradicts a declared calculator
+    kinds, weights = zip(*((k, w) for k, w in zip(*HISTORY_KINDS_V12) if k != "too_big" or "calculator" not in tools))
     history: list[dict[str, Any]] = []
     free: list[str] = []
     for _ in range(turns or rng.choices(*HISTORY_TURNS_V12)[0]):
