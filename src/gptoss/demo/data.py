@@ -76,6 +76,10 @@ Version 12 is version 11 with longer conversations: 30 % have 1 to 4 earlier tur
 general questions, greetings, declined out-of-scope questions), where until now 10 % had one; a follow-up may
 have turns before the one it refers to. Run 11 got 231 of 240 held-out questions right after one earlier turn
 and 146 of 160 after three (experiments/demo/long_history.py), and garbled a subtraction after a declined question.
+Version 13 is version 11 (not 12: run 12 did worse than run 11) with results that start with zeros restated
+without them before the answer (`digits: 0 0 7 6`, `without leading zeros: 7 6`, `so 4050 - 3974 = 76`), and a
+fifth of training subtractions drawn as close pairs (`close_pair`: the result shorter than the first number).
+Half of run 11's held-out arithmetic misses were such results written wrong (0 6 9 1 -> 619, 0 0 7 6 -> 756).
 
 A conversation is a list of message dicts {role, content, channel?, recipient?, content_type?} (the
 format `gptoss.train` reads from JSONL `messages`); `to_document` renders one for training, keeping the
@@ -235,12 +239,13 @@ def compare(a: int, b: int, effort: str, version: int = 7) -> str:
     return f"Compare {a} and {b}: from the left {why}, so {a} {rel} {b}."
 
 
-def work_sub(a: int, b: int, effort: str, version: int = 1) -> tuple[str, int]:
+def work_sub(a: int, b: int, effort: str, version: int = 1, unpad: bool | None = None) -> tuple[str, int]:
+    unpad = version >= 13 if unpad is None else unpad
     if version >= 7:  # the sign decided on a checkable line first, then the work as in version 6
-        text, r = work_sub(a, b, effort, 6)
+        text, r = work_sub(a, b, effort, 6, unpad)
         return f"{compare(a, b, effort, version)}\n{text}", r
     if a < b:  # a − b = −(b − a)
-        text, r = work_sub(b, a, effort, version)
+        text, r = work_sub(b, a, effort, version, unpad)
         lead = {"low": f"{a}<{b}, negate {b}-{a}",
                 "medium": f"{a} is less than {b}, so compute {b} - {a} and negate it.",
                 "high": f"{a} is smaller than {b}, so the result is negative: compute {b} - {a} and negate it."}[effort]
@@ -252,7 +257,7 @@ def work_sub(a: int, b: int, effort: str, version: int = 1) -> tuple[str, int]:
         line, d, borrow = _sub_column(da[w - 1 - k], db[w - 1 - k], borrow, effort, k, version)
         lines.append(line)
         out.append(d)
-    return _assemble(f"{a} - {b}", da, db, lines, out[::-1], a - b, effort, "Subtract", version), a - b
+    return _assemble(f"{a} - {b}", da, db, lines, out[::-1], a - b, effort, "Subtract", version, unpad), a - b
 
 
 def work_mul(a: int, m: int, effort: str, version: int = 1) -> tuple[str, int]:
@@ -263,16 +268,22 @@ def work_mul(a: int, m: int, effort: str, version: int = 1) -> tuple[str, int]:
 
 
 def _assemble(problem: str, da: list[int], db: list[int], lines: list[str], out: list[int], result: int,
-              effort: str, verb: str, version: int = 1) -> str:
+              effort: str, verb: str, version: int = 1, unpad: bool | None = None) -> str:
+    # version 13: a result with leading zeros (4050 - 3974: digits 0 0 7 6) is restated without them before the
+    # answer; run 11 wrote such results wrong (0 0 7 6 -> 756, 0 6 9 1 -> 619, 0 2 8 5 -> 258)
+    unpadded = []
+    if (version >= 13 if unpad is None else unpad) and len(out) > 1 and out[0] == 0:
+        kept = out[next((i for i, d in enumerate(out) if d), len(out) - 1):]
+        unpadded = [spaced(kept) if effort == "low" else f"without leading zeros: {spaced(kept)}"]
     if effort == "low":
         # version 2 restates the operands at every effort, so that copying them is checkable
         head = [problem, spaced(da), spaced(db)] if version >= 2 else []
-        return "\n".join([*head, *lines, spaced(out)])
+        return "\n".join([*head, *lines, spaced(out), *unpadded])
     head = [f"{problem}, column by column from the right.", spaced(da), spaced(db)]
     if effort == "high":
         head = [f"We need {problem}. {verb} column by column from the right. The digits, aligned:", spaced(da),
                 spaced(db)]
-    return "\n".join([*head, *lines, f"digits: {spaced(out)}", f"so {problem} = {result}"])
+    return "\n".join([*head, *lines, f"digits: {spaced(out)}", *unpadded, f"so {problem} = {result}"])
 
 
 def hard_pair(rng: random.Random, kind: str) -> tuple[int, int]:
@@ -289,6 +300,24 @@ def hard_pair(rng: random.Random, kind: str) -> tuple[int, int]:
             db.append(y)
         a, b = int("".join(map(str, da))), int("".join(map(str, db)))
         if kind == "add" or a >= b:
+            return a, b
+
+
+CLOSE_SUB_P_V13 = 0.2  # version 13: the share of training subtractions whose result is shorter than a
+
+
+def close_pair(rng: random.Random) -> tuple[int, int]:
+    """Version 13: a − b ≥ 0 with fewer digits than a (1694 − 1003 = 691: digits 0 6 9 1), the result's length
+    uniform below a's. In version 11's data about 10 % of subtractions have one leading zero and 0.5 % two or
+    more; run 11 missed 4050 − 3974 = 76 and 1694 − 1003 = 691 among 8 held-out misses."""
+    while True:
+        a = number(rng)
+        w = len(str(a))
+        if w < 2:
+            continue
+        k = rng.randint(1, w - 1)
+        b = a - rng.randint(0 if k == 1 else 10 ** (k - 1), 10 ** k - 1)
+        if b >= 0:
             return a, b
 
 
@@ -535,6 +564,8 @@ def make_example(rng: random.Random, kind: str | None = None, heldout: bool = Fa
                         "high": f"Multiplication is commutative: {a} × {b} = {big} × {small}.\n"}[effort] + work
         else:
             a, b = hard_pair(rng, kind) if version >= 2 and rng.random() < 0.3 else (number(rng), number(rng))
+            if version >= 13 and kind == "sub" and phrasing != "heldout" and rng.random() < CLOSE_SUB_P_V13:
+                a, b = close_pair(rng)
             if version >= 2 and kind == "sub" and rng.random() < 0.5 and a < b:
                 a, b = b, a  # mostly non-negative results, still some negative ones
             work, result = (work_add if kind == "add" else work_sub)(a, b, effort, version)
@@ -699,7 +730,7 @@ def followup_example(rng: random.Random, effort: str, phrasing: str | None, vers
     history = earlier_turn(prev)
     tools: tuple[str, ...] = ("convert_units",) if rng.random() < 0.1 else ()
     free_history: tuple[str, ...] = ()
-    if version >= 12 and rng.random() < HISTORY_P_V12:  # turns before the one referred to (the last answer counts)
+    if long_histories(version) and rng.random() < HISTORY_P_V12:  # turns before the one referred to (the last answer counts)
         before, free_before = earlier_turns(rng, tools, version, turns=rng.choice([1, 1, 2]))
         history = before + history
         free_history = free_before + ((prev.question,) if user_free_text(prev) else ())
@@ -775,7 +806,7 @@ def _example(kind: str, effort: str, tools: tuple[str, ...], q: str, assistant: 
     history: list[dict[str, Any]] = []
     history_free = False
     free_history: tuple[str, ...] = ()
-    if rng is not None and version >= 12:
+    if rng is not None and long_histories(version):
         if rng.random() < HISTORY_P_V12:
             history, free_history = earlier_turns(rng, tools, version)
     elif rng is not None and rng.random() < 0.1:  # an earlier turn, as chat keeps it (final answer only)
@@ -793,6 +824,12 @@ def without_earliest_turn(ex: Example) -> Example:
     return dataclasses.replace(ex, messages=ex.messages[:start] + ex.messages[start + 2:], history=ex.history[2:],
                                history_free=False, free_history=tuple(q for q in ex.free_history
                                                                       if q != drop[0]["content"]))
+
+
+def long_histories(version: int) -> bool:
+    """Version 12's 1 to 4 earlier turns on 30 % of conversations. Version 13 goes back to version 11's one
+    earlier turn on 10 %: run 12, trained on version 12, did worse than run 11 (experiments/demo/RESULTS.md)."""
+    return version == 12
 
 
 HISTORY_P_V12 = 0.3  # version 12: the share of conversations with earlier turns (until version 11: 10 %, one turn)

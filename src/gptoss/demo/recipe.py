@@ -36,11 +36,11 @@ HASHES_FILE = Path(__file__).resolve().parent / "__init__.py"
 
 
 def fitted(ex: data.Example, tok, seq_len: int, version: int) -> tuple[list[int], list[bool]]:
-    """The conversation rendered for training; from data version 12 a conversation longer than seq_len loses
+    """The conversation rendered for training; in data version 12 a conversation longer than seq_len loses
     its earliest turns until it fits (version 12 gives 30 % of conversations up to 4 earlier turns: left out
     whole, the longest histories would be the ones never trained)."""
     tokens, mask = data.to_document(ex, tok, current_turn_only=version >= 11)
-    while version >= 12 and len(tokens) > seq_len and ex.history:
+    while data.long_histories(version) and len(tokens) > seq_len and ex.history:
         ex = data.without_earliest_turn(ex)
         tokens, mask = data.to_document(ex, tok, current_turn_only=True)
     return tokens, mask
