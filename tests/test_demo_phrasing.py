@@ -249,7 +249,7 @@ def test_version_5_unknown_noise_stays_outside_the_vocabulary():
     other: set[int] = set()
     for ex in examples:
         for m in ex.messages:
-            if m["role"] == "user" and (m["content"] == ex.question or ex.history_free):
+            if m["role"] == "user" and (m["content"] == ex.question or m["content"] in ex.free_history):
                 continue
             other.update(harmony.render_message(D.message(m), TOK, has_function_tools=bool(ex.tools)))
         if not D.user_free_text(ex):

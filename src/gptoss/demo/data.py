@@ -141,8 +141,7 @@ class Example:
     call: dict[str, Any] | None = None  # {"name", "arguments"} expected for tool examples
     history: list[dict[str, Any]] = field(default_factory=list)  # earlier turns kept in the prompt (no analysis)
     free: bool = False  # the question carries filler words that stay outside the vocabulary
-    history_free: bool = False  # so does the earlier turn's question (version 5)
-    free_history: tuple[str, ...] = ()  # version 12: the earlier turns' questions that are free text
+    free_history: tuple[str, ...] = ()  # earlier turns' questions that are free text (kept out likewise)
 
     def prompt_messages(self) -> list[dict[str, Any]]:
         """system, developer, earlier turns, the user's question: what the model is given."""
@@ -701,15 +700,15 @@ def followup_example(rng: random.Random, effort: str, phrasing: str | None, vers
         op = rng.choice(["add", "sub", "mul", "sub_from"])
         q = followup(rng, fam, op, rng.randint(2, 9) if op == "mul" else number(rng))
         history: list[dict[str, Any]] = []
-        history_free = False
+        free_history: tuple[str, ...] = ()
         if rng.random() < 0.6:
             prev = make_example(rng, rng.choice(["general", "general", "greeting"]), phrasing=phrasing, version=version)
             history = earlier_turn(prev)
-            history_free = user_free_text(prev)
+            free_history = (prev.question,) if user_free_text(prev) else ()
         tools = rng.choice([(), (), ("convert_units",)])
         messages = conversation(effort, tools, history, q,
                                 [analysis(SHORT_THOUGHTS["followup_none"][effort]), final(NO_EARLIER)])
-        return Example("followup_none", effort, tools, q, messages, None, None, history, False, history_free)
+        return Example("followup_none", effort, tools, q, messages, None, None, history, False, free_history)
     while True:
         prev = make_example(rng, rng.choice(["add", "sub", "mul"]), phrasing=phrasing, version=version)
         if prev.answer is not None and 0 <= int(prev.answer) <= 9999:
@@ -729,14 +728,13 @@ def followup_example(rng: random.Random, effort: str, phrasing: str | None, vers
     assistant = [{**first, "content": f"{lead}\n{first['content']}"}, last]
     history = earlier_turn(prev)
     tools: tuple[str, ...] = ("convert_units",) if rng.random() < 0.1 else ()
-    free_history: tuple[str, ...] = ()
+    free_history = (prev.question,) if user_free_text(prev) else ()
     if long_histories(version) and rng.random() < HISTORY_P_V12:  # turns before the one referred to (the last answer counts)
         before, free_before = earlier_turns(rng, tools, version, turns=rng.choice([1, 1, 2]))
         history = before + history
-        free_history = free_before + ((prev.question,) if user_free_text(prev) else ())
+        free_history = free_before + free_history
     messages = conversation(effort, tools, history, q, assistant)
-    return Example("followup", effort, tools, q, messages, str(result), None, history, False,
-                   version >= 5 and user_free_text(prev) and not free_history, free_history)
+    return Example("followup", effort, tools, q, messages, str(result), None, history, False, free_history)
 
 # Version 4's structured answers: (format name, description or None, the expression's field or None, the
 # result's field). The schema is built from them (response_schema); the final answer is that object.
@@ -770,7 +768,7 @@ def structured_example(rng: random.Random, version: int, phrasing: str | None = 
     # run 5 got 27 of 52 held-out multiplications with an expression field right (90 % of the other JSON answers)
     messages = [*messages[:at], dev, *messages[at:-1], final(json.dumps(answer, ensure_ascii=version < 6))]
     return Example("json", base.effort, base.tools, base.question, messages, base.answer, None, base.history,
-                   base.free, base.history_free, base.free_history)
+                   base.free, base.free_history)
 
 
 ASCII_OPS = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
@@ -804,7 +802,6 @@ def _example(kind: str, effort: str, tools: tuple[str, ...], q: str, assistant: 
     if version >= 3 and request is not None:
         assistant = restated(request, assistant, q if version >= 6 else None)
     history: list[dict[str, Any]] = []
-    history_free = False
     free_history: tuple[str, ...] = ()
     if rng is not None and long_histories(version):
         if rng.random() < HISTORY_P_V12:
@@ -812,9 +809,10 @@ def _example(kind: str, effort: str, tools: tuple[str, ...], q: str, assistant: 
     elif rng is not None and rng.random() < 0.1:  # an earlier turn, as chat keeps it (final answer only)
         prev = make_example(rng, rng.choice(["add", "sub", "mul", "general"]), version=version)
         history = earlier_turn(prev)
-        history_free = version >= 5 and user_free_text(prev)  # (versions 2 to 4 put its words in the vocabulary)
+        if version >= 5 and user_free_text(prev):  # (versions 2 to 4 put its words in the vocabulary)
+            free_history = (prev.question,)
     messages = conversation(effort, tools, history, q, assistant)
-    return Example(kind, effort, tools, q, messages, answer, call, history, free, history_free, free_history)
+    return Example(kind, effort, tools, q, messages, answer, call, history, free, free_history)
 
 
 def without_earliest_turn(ex: Example) -> Example:
@@ -822,8 +820,7 @@ def without_earliest_turn(ex: Example) -> Example:
     start = next(i for i, m in enumerate(ex.messages) if m is ex.history[0])
     drop = ex.history[:2]
     return dataclasses.replace(ex, messages=ex.messages[:start] + ex.messages[start + 2:], history=ex.history[2:],
-                               history_free=False, free_history=tuple(q for q in ex.free_history
-                                                                      if q != drop[0]["content"]))
+                               free_history=tuple(q for q in ex.free_history if q != drop[0]["content"]))
 
 
 def long_histories(version: int) -> bool:
@@ -950,8 +947,6 @@ def build_vocab(examples: list[Example], tok: Tokenizer | None = None) -> list[i
     for ex in examples:
         for m in ex.messages:
             if m["role"] == "user" and m.get("content") == ex.question and user_free_text(ex):
-                continue
-            if m["role"] == "user" and ex.history_free and m.get("content") == ex.history[0]["content"]:
                 continue
             if m["role"] == "user" and m.get("content") in ex.free_history and m.get("content") != ex.question:
                 continue
