@@ -562,3 +562,47 @@ def test_version_11_reads_the_answer_and_then_as_follow_ups_and_a_stray_it_as_no
         r = int(ex.history[-1]["content"].split(" = ")[-1])
         n = P.numbers(ex.question)[-1]
         assert ex.answer == str(n - r), ex.question
+
+
+def test_version_14_asks_more_follow_ups_in_more_training_frames_and_keeps_heldout_frames_out():
+    """Version 14: half again as many follow-ups, more of them with the previous answer as second operand
+    (`{n} minus that`), in training frames of its own that no held-out question uses; versions up to 13 draw
+    what they drew (the family of version 11 serves 11 to 13)."""
+    v13, v14 = (list(D.generate(seed=0, n=5000, version=v)) for v in (13, 14))
+    share = lambda exs, kind: sum(ex.kind == kind for ex in exs) / len(exs)  # noqa: E731
+    assert share(v14, "followup") > 1.35 * share(v13, "followup")
+    assert abs(share(v14, "followup_none") - share(v13, "followup_none")) < 0.01
+
+    def second(exs) -> float:  # follow-ups whose answer is n − previous (the previous answer second)
+        ups = [ex for ex in exs if ex.kind == "followup"]
+        out = 0
+        for ex in ups:
+            r, n = int(ex.history[-1]["content"].split(" = ")[-1]), P.numbers(ex.question)[-1]
+            out += ex.answer == str(n - r) != str(r - n)
+        return out / len(ups)
+
+    assert second(v14) > 1.25 * second(v13)
+    new = {f for op, fs in P.TRAIN_V14.followups.items() for f in fs} - {
+        f for op, fs in P.TRAIN_V11.followups.items() for f in fs}
+    asked = [ex.question for ex in v14 if ex.kind == "followup"]
+    assert len(new) >= 12 and sum(any(P.skeleton(f.format(n="1")).rstrip(".?") in P.skeleton(q) for f in new)
+                                  for q in asked) > 0.2 * len(asked)
+    assert P.training_family(13) is P.TRAIN_V11 and P.training_family(14) is P.TRAIN_V14
+    trained = P.training_skeletons(14)
+    assert P.training_skeletons(11) < trained
+    rng = random.Random(0)
+    held = {P.skeleton(P.followup(rng, "heldout", rng.choice(["add", "sub", "mul", "sub_from"]), rng.randint(0, 9999)))
+            for _ in range(3000)}
+    assert not held & trained
+    for ex in (e for e in v14 if e.kind == "followup"):  # every frame's order holds: the answer is the work's
+        r, n = int(ex.history[-1]["content"].split(" = ")[-1]), P.numbers(ex.question)[-1]
+        assert ex.answer in (str(r + n), str(r - n), str(n - r), str(r * n)), ex.question
+    # the new frames' order: "subtract that from n", "n minus that", "take that from n" are n − previous
+    sub_from = re.compile(r"subtract (that|the previous answer) from|minus that now|take away the result|take that from",
+                          re.I)
+    checked = 0
+    for ex in (e for e in v14 if e.kind == "followup" and sub_from.search(e.question)):
+        r, n = int(ex.history[-1]["content"].split(" = ")[-1]), P.numbers(ex.question)[-1]
+        assert ex.answer == str(n - r), ex.question
+        checked += 1
+    assert checked > 30

@@ -80,6 +80,11 @@ Version 13 is version 11 (not 12: run 12 did worse than run 11) with results tha
 without them before the answer (`digits: 0 0 7 6`, `without leading zeros: 7 6`, `so 4050 - 3974 = 76`), and a
 fifth of training subtractions drawn as close pairs (`close_pair`: the result shorter than the first number).
 Half of run 11's held-out arithmetic misses were such results written wrong (0 6 9 1 -> 619, 0 0 7 6 -> 756).
+Version 14 is version 13 with more follow-ups, read more widely: 16 in the weight table where 10 were (12 % of
+conversations), twice as many whose previous answer is the second operand (`sub_from`: `1234 minus that`), and
+training frames of its own in new sentence shapes (gptoss.demo.phrasing.TRAIN_V14). Three draws of version-11-like
+data gave 153, 129 and 108 of 170 held-out follow-ups right, and `what is {n} minus that` was missed 15, 17 and 26
+times of 26 (the previous answer copied wrong into the second operand).
 
 A conversation is a list of message dicts {role, content, channel?, recipient?, content_type?} (the
 format `gptoss.train` reads from JSONL `messages`); `to_document` renders one for training, keeping the
@@ -544,7 +549,8 @@ def make_example(rng: random.Random, kind: str | None = None, heldout: bool = Fa
     if version >= 2 and phrasing is None:
         phrasing = "train"
     if not kind:
-        kinds, weights = ((KINDS_V10, WEIGHTS_V11) if version >= 11 else (KINDS_V10, WEIGHTS_V10) if version >= 10 else
+        kinds, weights = ((KINDS_V10, WEIGHTS_V14) if version >= 14 else
+                          (KINDS_V10, WEIGHTS_V11) if version >= 11 else (KINDS_V10, WEIGHTS_V10) if version >= 10 else
                           (KINDS_V4, WEIGHTS_V5) if version >= 5 else (KINDS_V4, WEIGHTS_V4) if version == 4 else
                           (KINDS, WEIGHTS if version == 1 else WEIGHTS_V2))
         kind = rng.choices(kinds, weights)[0]
@@ -673,6 +679,7 @@ KINDS_V4, WEIGHTS_V4 = KINDS + ["json"], WEIGHTS_V2 + [8]
 WEIGHTS_V5 = [20, 22, 16, 12, 8, 15, 10, 2, 2, 8]  # more refusals: run 4 declined only half the held-out ones
 KINDS_V10, WEIGHTS_V10 = KINDS_V4 + ["followup", "followup_none"], WEIGHTS_V5 + [10, 2]
 WEIGHTS_V11 = WEIGHTS_V5 + [10, 4]  # twice the dangling follow-ups: run 10 declined 73 % of the held-out ones
+WEIGHTS_V14 = WEIGHTS_V5 + [16, 4]  # more follow-ups: their held-out score swung from 108 to 153 of 170 by draw
 
 
 def earlier_turn(prev: Example) -> list[dict[str, Any]]:
@@ -684,6 +691,10 @@ def conversation(effort: str, tools: tuple[str, ...], history: list[dict[str, An
                  assistant: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """System and developer messages, the earlier turns, the question, and the assistant's messages."""
     return [system(effort), *developer(tools), *history, {"role": "user", "content": question}, *assistant]
+
+
+FOLLOWUP_OPS = ("add", "sub", "sub", "mul", "sub_from")
+FOLLOWUP_OPS_V14 = FOLLOWUP_OPS + ("sub_from",)  # the previous answer as second operand: the frame missed most
 
 
 def followup_example(rng: random.Random, effort: str, phrasing: str | None, version: int,
@@ -714,7 +725,7 @@ def followup_example(rng: random.Random, effort: str, phrasing: str | None, vers
         if prev.answer is not None and 0 <= int(prev.answer) <= 9999:
             break
     r = int(prev.answer)
-    op = rng.choice(["add", "sub", "sub", "mul", "sub_from"])
+    op = rng.choice(FOLLOWUP_OPS_V14 if version >= 14 else FOLLOWUP_OPS)
     n = rng.randint(2, 9) if op == "mul" else number(rng)
     a, b = (n, r) if op == "sub_from" else (r, n)
     kind = "sub" if op == "sub_from" else op

@@ -157,14 +157,32 @@ TRAIN_V11 = replace(
                                              "Take the answer and multiply it by {n}."),
         "sub_from": TRAIN_V10.followups["sub_from"] + ("{n} minus the answer?", "Then subtract that from {n}",
                                                        "Take the answer away from {n}.")})
+# Data version 14: more follow-up frames of training's own, so that reading a question as a follow-up rests on
+# more than a few wordings. Runs 11, 15 and 14 (two draws of version 11 and one of version 13, whose follow-ups
+# are version 11's) got 153, 129 and 108 of 170 held-out follow-ups right; in 59 of run 14's 62 misses it never
+# read the question as a follow-up. The new frames say "the previous answer", "the result" and "that" in
+# sentence shapes no training follow-up had ("What do I get if ...", "Okay, ... now", "Use the result and ..."),
+# none of them a held-out frame (the skeletons stay disjoint, tests/test_demo_phrasing.py).
+TRAIN_V14 = replace(TRAIN_V11, followups={
+    "add": TRAIN_V11.followups["add"] + ("What do I get if I add {n} to that?", "Add {n} to the previous answer.",
+                                         "Okay, plus {n} now", "Use the result and add {n}"),
+    "sub": TRAIN_V11.followups["sub"] + ("What do I get if I subtract {n} from that?",
+                                         "Subtract {n} from the previous answer.", "Okay, minus {n} now",
+                                         "Use the result and subtract {n}"),
+    "mul": TRAIN_V11.followups["mul"] + ("What do I get if I multiply that by {n}?",
+                                         "Multiply the previous answer by {n}.", "Okay, times {n} now",
+                                         "Use the result and multiply by {n}"),
+    "sub_from": TRAIN_V11.followups["sub_from"] + ("What do I get if I subtract that from {n}?",
+                                                   "Subtract the previous answer from {n}.", "Okay, {n} minus that now",
+                                                   "{n} take away the result?", "What is left if I take that from {n}?")})
 FAMILIES = {"train": TRAIN, "heldout": HELDOUT}
 # (first data version, its training family), newest first; earlier versions: TRAIN
-TRAINING_FAMILIES = ((11, TRAIN_V11), (10, TRAIN_V10), (8, TRAIN_V8), (7, TRAIN_V7), (6, TRAIN_V6))
+TRAINING_FAMILIES = ((14, TRAIN_V14), (11, TRAIN_V11), (10, TRAIN_V10), (8, TRAIN_V8), (7, TRAIN_V7), (6, TRAIN_V6))
 
 
 def training_family(version: int) -> Family:
     """The training family as data `version` phrases it (version 6 adds Title Case, 7 inflected operators, 8
-    operands in brackets or quotes, 10 follow-up questions, 11 follow-ups with "the answer" and "then")."""
+    operands in brackets or quotes, 10 follow-up questions, 11 follow-ups with "the answer" and "then", 14 more follow-up frames)."""
     return next((fam for since, fam in TRAINING_FAMILIES if version >= since), TRAIN)
 
 
