@@ -243,13 +243,16 @@ def compare(a: int, b: int, effort: str, version: int = 7) -> str:
     return f"Compare {a} and {b}: from the left {why}, so {a} {rel} {b}."
 
 
-def work_sub(a: int, b: int, effort: str, version: int = 1, unpad: bool | None = None) -> tuple[str, int]:
-    unpad = version >= 13 if unpad is None else unpad
-    if version >= 7:  # the sign decided on a checkable line first, then the work as in version 6
-        text, r = work_sub(a, b, effort, 6, unpad)
-        return f"{compare(a, b, effort, version)}\n{text}", r
+def work_sub(a: int, b: int, effort: str, version: int = 1) -> tuple[str, int]:
+    text, r = _columns_sub(a, b, effort, version)
+    if version >= 7:  # the sign decided on a checkable line first, then the column work
+        text = f"{compare(a, b, effort, version)}\n{text}"
+    return text, r
+
+
+def _columns_sub(a: int, b: int, effort: str, version: int) -> tuple[str, int]:
     if a < b:  # a − b = −(b − a)
-        text, r = work_sub(b, a, effort, version, unpad)
+        text, r = _columns_sub(b, a, effort, version)
         lead = {"low": f"{a}<{b}, negate {b}-{a}",
                 "medium": f"{a} is less than {b}, so compute {b} - {a} and negate it.",
                 "high": f"{a} is smaller than {b}, so the result is negative: compute {b} - {a} and negate it."}[effort]
@@ -261,7 +264,7 @@ def work_sub(a: int, b: int, effort: str, version: int = 1, unpad: bool | None =
         line, d, borrow = _sub_column(da[w - 1 - k], db[w - 1 - k], borrow, effort, k, version)
         lines.append(line)
         out.append(d)
-    return _assemble(f"{a} - {b}", da, db, lines, out[::-1], a - b, effort, "Subtract", version, unpad), a - b
+    return _assemble(f"{a} - {b}", da, db, lines, out[::-1], a - b, effort, "Subtract", version), a - b
 
 
 def work_mul(a: int, m: int, effort: str, version: int = 1) -> tuple[str, int]:
@@ -272,11 +275,11 @@ def work_mul(a: int, m: int, effort: str, version: int = 1) -> tuple[str, int]:
 
 
 def _assemble(problem: str, da: list[int], db: list[int], lines: list[str], out: list[int], result: int,
-              effort: str, verb: str, version: int = 1, unpad: bool | None = None) -> str:
+              effort: str, verb: str, version: int = 1) -> str:
     # version 13: a result with leading zeros (4050 - 3974: digits 0 0 7 6) is restated without them before the
     # answer; run 11 wrote such results wrong (0 0 7 6 -> 756, 0 6 9 1 -> 619, 0 2 8 5 -> 258)
     unpadded = []
-    if (version >= 13 if unpad is None else unpad) and len(out) > 1 and out[0] == 0:
+    if version >= 13 and len(out) > 1 and out[0] == 0:
         kept = out[next((i for i, d in enumerate(out) if d), len(out) - 1):]
         unpadded = [spaced(kept) if effort == "low" else f"without leading zeros: {spaced(kept)}"]
     if effort == "low":
