@@ -567,7 +567,7 @@ def test_version_11_reads_the_answer_and_then_as_follow_ups_and_a_stray_it_as_no
 def test_version_14_asks_more_follow_ups_in_more_training_frames_and_keeps_heldout_frames_out():
     """Version 14: half again as many follow-ups, more of them with the previous answer as second operand
     (`{n} minus that`), in training frames of its own that no held-out question uses; versions up to 13 draw
-    what they drew (the family of version 11 serves 11 to 13)."""
+    what they drew (the family of version 11 serves 11 to 13). Version 15: version 14's frames, version 13's shares."""
     v13, v14 = (list(D.generate(seed=0, n=5000, version=v)) for v in (13, 14))
     share = lambda exs, kind: sum(ex.kind == kind for ex in exs) / len(exs)  # noqa: E731
     assert share(v14, "followup") > 1.35 * share(v13, "followup")
@@ -587,7 +587,11 @@ def test_version_14_asks_more_follow_ups_in_more_training_frames_and_keeps_heldo
     asked = [ex.question for ex in v14 if ex.kind == "followup"]
     assert len(new) >= 12 and sum(any(P.skeleton(f.format(n="1")).rstrip(".?") in P.skeleton(q) for f in new)
                                   for q in asked) > 0.2 * len(asked)
-    assert P.training_family(13) is P.TRAIN_V11 and P.training_family(14) is P.TRAIN_V14
+    assert P.training_family(13) is P.TRAIN_V11 and P.training_family(14) is P.TRAIN_V14 is P.training_family(15)
+    v15 = list(D.generate(seed=0, n=5000, version=15))  # version 14's frames at version 13's shares
+    assert abs(share(v15, "followup") - share(v13, "followup")) < 0.01 and abs(second(v15) - second(v13)) < 0.05
+    assert sum(any(P.skeleton(f.format(n="1")).rstrip(".?") in P.skeleton(ex.question) for f in new)
+               for ex in v15 if ex.kind == "followup") > 30
     trained = P.training_skeletons(14)
     assert P.training_skeletons(11) < trained
     rng = random.Random(0)
