@@ -531,6 +531,11 @@ def test_eval_asks_follow_ups_after_the_turn_they_refer_to():
     assert [m["role"] for m in sent[0]] == ["user", "assistant", "user"]
 
 
+def previous_and_new(ex) -> tuple[int, int]:
+    """A follow-up's previous answer (the last final of its history) and the new number its question states."""
+    return int(ex.history[-1]["content"].split(" = ")[-1]), P.numbers(ex.question)[-1]
+
+
 def test_version_11_reads_the_answer_and_then_as_follow_ups_and_a_stray_it_as_nothing():
     """Version 11 trains follow-ups worded with "the answer" and "then" (frames of its own; the held-out frames
     with those words stay held out), puts an "it"/"that" that refers to nothing after single questions, which
@@ -559,8 +564,7 @@ def test_version_11_reads_the_answer_and_then_as_follow_ups_and_a_stray_it_as_no
         assert P.skeleton(ex.question) not in trained or ex.kind not in ("add", "sub", "mul", "followup", "followup_none")
     # the new frames' order: "n minus the answer" is n − previous
     for ex in (e for e in v11 if e.kind == "followup" and "minus the answer" in e.question.casefold()):
-        r = int(ex.history[-1]["content"].split(" = ")[-1])
-        n = P.numbers(ex.question)[-1]
+        r, n = previous_and_new(ex)
         assert ex.answer == str(n - r), ex.question
 
 
@@ -577,7 +581,7 @@ def test_version_14_asks_more_follow_ups_in_more_training_frames_and_keeps_heldo
         ups = [ex for ex in exs if ex.kind == "followup"]
         out = 0
         for ex in ups:
-            r, n = int(ex.history[-1]["content"].split(" = ")[-1]), P.numbers(ex.question)[-1]
+            r, n = previous_and_new(ex)
             out += ex.answer == str(n - r) != str(r - n)
         return out / len(ups)
 
@@ -585,13 +589,12 @@ def test_version_14_asks_more_follow_ups_in_more_training_frames_and_keeps_heldo
     new = {f for op, fs in P.TRAIN_V14.followups.items() for f in fs} - {
         f for op, fs in P.TRAIN_V11.followups.items() for f in fs}
     asked = [ex.question for ex in v14 if ex.kind == "followup"]
-    assert len(new) >= 12 and sum(any(P.skeleton(f.format(n="1")).rstrip(".?") in P.skeleton(q) for f in new)
-                                  for q in asked) > 0.2 * len(asked)
+    uses_new = lambda q: any(P.skeleton(f.format(n="1")).rstrip(".?") in P.skeleton(q) for f in new)  # noqa: E731
+    assert len(new) >= 12 and sum(map(uses_new, asked)) > 0.2 * len(asked)
     assert P.training_family(13) is P.TRAIN_V11 and P.training_family(14) is P.TRAIN_V14 is P.training_family(15)
     v15 = list(D.generate(seed=0, n=5000, version=15))  # version 14's frames at version 13's shares
     assert abs(share(v15, "followup") - share(v13, "followup")) < 0.01 and abs(second(v15) - second(v13)) < 0.05
-    assert sum(any(P.skeleton(f.format(n="1")).rstrip(".?") in P.skeleton(ex.question) for f in new)
-               for ex in v15 if ex.kind == "followup") > 30
+    assert sum(uses_new(ex.question) for ex in v15 if ex.kind == "followup") > 30
     trained = P.training_skeletons(14)
     assert P.training_skeletons(11) < trained
     rng = random.Random(0)
@@ -599,14 +602,14 @@ def test_version_14_asks_more_follow_ups_in_more_training_frames_and_keeps_heldo
             for _ in range(3000)}
     assert not held & trained
     for ex in (e for e in v14 if e.kind == "followup"):  # every frame's order holds: the answer is the work's
-        r, n = int(ex.history[-1]["content"].split(" = ")[-1]), P.numbers(ex.question)[-1]
+        r, n = previous_and_new(ex)
         assert ex.answer in (str(r + n), str(r - n), str(n - r), str(r * n)), ex.question
     # the new frames' order: "subtract that from n", "n minus that", "take that from n" are n − previous
     sub_from = re.compile(r"subtract (that|the previous answer) from|minus that now|take away the result|take that from",
                           re.I)
     checked = 0
     for ex in (e for e in v14 if e.kind == "followup" and sub_from.search(e.question)):
-        r, n = int(ex.history[-1]["content"].split(" = ")[-1]), P.numbers(ex.question)[-1]
+        r, n = previous_and_new(ex)
         assert ex.answer == str(n - r), ex.question
         checked += 1
     assert checked > 30

@@ -22,11 +22,11 @@ def frame_pattern(frame: str) -> re.Pattern:
     return re.compile(body, re.I)
 
 
-FRAMES = [(op, f, frame_pattern(f)) for op, fs in HELDOUT.followups.items() for f in fs]
+FRAMES = [(f, frame_pattern(f)) for fs in HELDOUT.followups.values() for f in fs]
 
 
 def frame_of(question: str) -> str:
-    hits = [f for _, f, pat in FRAMES if pat.search(question)]
+    hits = [f for f, pat in FRAMES if pat.search(question)]
     return max(hits, key=len) if hits else "(no frame)"  # the longest frame that matches is the one asked
 
 
@@ -48,11 +48,12 @@ def main() -> None:
     labels = args.labels or [name for name, _ in runs]
     questions = [r["question"] for r in runs[0][1]]
     assert all([r["question"] for r in rows] == questions for _, rows in runs), "different items"
-    frames = sorted({frame_of(q) for q in questions}, key=lambda f: -sum(frame_of(q) == f for q in questions))
+    asked = [frame_of(q) for q in questions]
+    frames = sorted(set(asked), key=lambda f: -asked.count(f))
     print("| frame | n | " + " | ".join(f"{label} misses" for label in labels) + " |")
     print("|---|---:|" + "---:|" * len(runs))
     for f in frames:
-        idx = [i for i, q in enumerate(questions) if frame_of(q) == f]
+        idx = [i for i, a in enumerate(asked) if a == f]
         misses = [sum(not rows[i]["correct"] for i in idx) for _, rows in runs]
         print(f"| `{f}` | {len(idx)} | " + " | ".join(map(str, misses)) + " |")
     print(f"| all | {len(questions)} | " + " | ".join(str(sum(not r['correct'] for r in rows)) for _, rows in runs) + " |")
