@@ -5,7 +5,8 @@
 The items are the ones the recipe evaluates a run of data `version` on (`gptoss eval demo`'s sets: --n per kind
 in the template family, --heldout-n per kind in held-out phrasing, excluding the training questions of
 --train-n conversations). Each model's results are written to DIR/A.jsonl and DIR/B.jsonl (and read back from
-there when present, so a second comparison costs nothing). `gptoss.demo.checkpoint_path()` is the shipped model.
+there when present, so a second comparison costs nothing; a run's own evaluation by the recipe, MODEL/results.jsonl,
+is taken when it was on these items). `gptoss.demo.checkpoint_path()` is the shipped model.
 """
 
 import argparse
@@ -27,8 +28,17 @@ def category(r: dict) -> str:
 
 
 def results(path: Path, out: Path, args: argparse.Namespace) -> list[dict]:
+    """A model's results on the items: from `out` when present, else from the recipe's own evaluation
+    (MODEL/results.jsonl) when it ran on exactly these items, else evaluated now."""
     if out.exists():
         return [json.loads(line) for line in out.open()]
+    own = path / "results.jsonl"
+    if own.exists():
+        rs = [json.loads(line) for line in own.open()]
+        items = E.examples_for(args.n, args.heldout_n, E.HELDOUT_SEED, args.train_seed, args.train_n, args.version)
+        if [(r["kind"], r["question"]) for r in rs] == [(ex.kind, ex.question) for _, ex in items]:
+            out.write_text(own.read_text())
+            return rs
     model = load(path, dtype=torch.bfloat16)  # as `gptoss chat` loads it
     rs = [asdict(r) for r in E.evaluate(model, args.n, E.HELDOUT_SEED, "medium", train_seed=args.train_seed,
                                         train_n=args.train_n, heldout_n=args.heldout_n, version=args.version)]

@@ -1,0 +1,103 @@
+"""The demo recipe end to end at toy size: data, training, MXFP4 export, evaluation and its records.
+
+The real recipe (experiments/demo/*.toml) trains for about an hour; this runs the same code path with a model
+of a few thousand parameters for two steps, so it checks the plumbing, not the model's skill."""
+
+import importlib.util
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from gptoss.demo import eval as E
+from gptoss.demo import recipe
+
+ROOT = Path(__file__).resolve().parent.parent
+
+TOML = """
+[demo]
+data_seed = 0
+number_init = true
+data_n = 300
+data_version = 11
+eval_n = 1
+heldout_eval_n = 1
+
+[model]
+preset = "tiny"
+vocab_size = 1600
+hidden_size = 32
+num_hidden_layers = 2
+num_attention_heads = 2
+num_key_value_heads = 1
+head_dim = 16
+num_experts = 4
+experts_per_token = 2
+intermediate_size = 32
+sliding_window = 128
+initial_context_length = 256
+max_position_embeddings = 4096
+
+[data]
+seq_len = 384
+batch_size = 2
+shuffle = false
+
+[optim]
+lr = 3e-3
+warmup_steps = 1
+
+[train]
+steps = 2
+save_every = 2
+seed = 0
+out_dir = "unused"
+dtype = "float32"
+save_layout = "original"
+save_dtype = "bfloat16"
+"""
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("recipe")
+    (tmp / "recipe.toml").write_text(TOML)
+    assert recipe.main([str(tmp / "recipe.toml"), "--run-dir", str(tmp / "run")]) == 0
+    return tmp / "run" / "export"
+
+
+def test_recipe_exports_a_model_with_its_evaluation_and_each_items_result(run):
+    info = json.loads((run / "training.json").read_text())
+    assert (info["data_seed"], info["data_n"], info["data_version"], info["steps"]) == (0, 300, 11, 2)
+    assert "held-out" in (run / "EVAL.md").read_text().lower()
+    rows = [json.loads(line) for line in (run / "results.jsonl").open()]
+    items = E.examples_for(1, 1, E.HELDOUT_SEED, 0, 300, 11)
+    assert [(r["family"], r["kind"], r["question"]) for r in rows] == [(f, ex.kind, ex.question) for f, ex in items]
+    # the counts EVAL.md states are the rows' own
+    arithmetic = [r for r in rows if r["family"] == "heldout" and r["kind"] in E.CATEGORIES["arithmetic"]]
+    right = sum(r["correct"] for r in arithmetic)
+    assert f"| arithmetic, final answer exact | {len(arithmetic)} | {right} |" in (run / "EVAL.md").read_text()
+
+
+def load_paired():
+    spec = importlib.util.spec_from_file_location("paired", ROOT / "experiments" / "demo" / "paired.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_paired_reuses_the_recipes_results_only_on_the_same_items(run, tmp_path, monkeypatch):
+    paired = load_paired()
+    args = types.SimpleNamespace(n=1, heldout_n=1, train_seed=0, train_n=300, version=11)
+    monkeypatch.setattr(paired, "load", lambda *a, **k: pytest.fail("evaluated again instead of reusing"))
+    rs = paired.results(run, tmp_path / "B.jsonl", args)
+    assert rs == [json.loads(line) for line in (run / "results.jsonl").open()]
+    assert (tmp_path / "B.jsonl").read_text() == (run / "results.jsonl").read_text()
+    # other items (here two per kind instead of one): the run's file is not taken
+    evaluated = []
+    monkeypatch.setattr(paired, "load", lambda *a, **k: evaluated.append(a) or object())
+    monkeypatch.setattr(paired.E, "evaluate", lambda *a, **k: [])
+    paired.results(run, tmp_path / "C.jsonl", types.SimpleNamespace(**{**vars(args), "n": 2}))
+    assert evaluated
