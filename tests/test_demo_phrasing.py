@@ -613,3 +613,52 @@ def test_version_14_asks_more_follow_ups_in_more_training_frames_and_keeps_heldo
         assert ex.answer == str(n - r), ex.question
         checked += 1
     assert checked > 30
+
+
+def typed_tokens(fam: P.Family, frames) -> set[str]:
+    """The tokens of each frame as `fam` can type it: in each of its letter cases, the first word as it begins the
+    question and as it follows a prefix (o200k's `Product` and ` product` are different tokens)."""
+    out = set()
+    for frame in frames:
+        frame = frame.format(a=12, b=34, n=5, e="12 + 34")
+        for case in {*fam.cases, "as is"}:
+            for text in (frame, "Hi, " + frame[0].lower() + frame[1:]):
+                out.update(TOK.decode([i]) for i in TOK.encode_ordinary(P._case(text, case)))
+    return out
+
+
+def untrained_operation_words(version: int) -> set[str]:
+    """Tokens of the words that name an operation or its order (P.MEANINGFUL) in held-out operator frames and
+    follow-ups that no training frame of data `version` types."""
+    held = P.HELDOUT
+    fam = P.training_family(version)
+    heldout = typed_tokens(held, [*(f for fs in held.words.values() for f in fs),
+                                  *(f for fs in held.followups.values() for f in fs)])
+    trained = typed_tokens(fam, [*fam.expression, *(f for fs in fam.words.values() for f in fs),
+                                 *(f for fs in fam.followups.values() for f in fs)])
+    return {t for t in heldout - trained if t.strip().casefold() in P.MEANINGFUL}
+
+
+def test_version_16_types_every_operation_word_a_heldout_question_can_begin_with():
+    """Version 16: version 13 with training frames that begin with "product" and "from", so that no held-out
+    question names its operation with a token training never had (version 11's family: `Product`, `From` in each
+    case); the new frames are answered as they read and the held-out skeletons stay out."""
+    assert untrained_operation_words(11) == {"Product", "product", "PRODUCT", "From", "from", "FROM"}
+    assert untrained_operation_words(16) == set()
+    assert P.training_family(16) is P.TRAIN_V16 and P.training_family(15) is P.TRAIN_V14
+    assert P.training_family(13) is P.TRAIN_V11
+    v16 = list(D.generate(seed=0, n=20000, version=16))
+    vocab = {TOK.decode([i]) for i in D.build_vocab(v16)}
+    assert {"Product", "PRODUCT", "From", "FROM"} <= vocab
+    new = re.compile(r"^(?:\w+[,!:]? )*?(from [\d,]+,? take|product of [\d,]+ with)", re.I)
+    asked = [ex for ex in v16 if ex.kind in ("sub", "mul") and new.search(ex.question)]
+    assert len(asked) > 40
+    for ex in asked:
+        a, b = P.numbers(ex.question)[:2]
+        assert ex.answer == str(a - b if ex.kind == "sub" else a * b), ex.question
+    trained = P.training_skeletons(16)
+    assert P.training_skeletons(13) < trained
+    rng = random.Random(0)
+    held = {P.skeleton(P.phrase(rng, "heldout", rng.choice(OPS), rng.randint(0, 9999), rng.randint(0, 9999)))
+            for _ in range(5000)}
+    assert not held & trained

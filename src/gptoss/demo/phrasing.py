@@ -175,14 +175,27 @@ TRAIN_V14 = replace(TRAIN_V11, followups={
     "sub_from": TRAIN_V11.followups["sub_from"] + ("What do I get if I subtract that from {n}?",
                                                    "Subtract the previous answer from {n}.", "Okay, {n} minus that now",
                                                    "{n} take away the result?", "What is left if I take that from {n}?")})
+# Data version 16: version 13 (version 14's frames left out again) with the words that name an operation or its
+# order in every token form a held-out question can type them. o200k writes a sentence's first word without the
+# leading space (`Product`, `From` are tokens of their own, unrelated to ` product`, ` from`), and no training
+# question began with "product" or "from": the held-out "Product of 7 and 5?" reaches the model as the unknown
+# token + "of 7 and 5", and all six runs paired on it (11, 14-18) answered it with an addition. Training frames
+# of their own begin with the words (held-out frames stay held out); "From {a}, ..." also puts a comma right
+# after a number, which no training question did (run 11 restated "From 9,907, subtract 1931" as `9,907,7 -
+# 1931` and declined it).
+TRAIN_V16 = replace(TRAIN_V11, words={
+    **TRAIN_V11.words,
+    "sub": TRAIN_V11.words["sub"] + ("From {a}, take away {b}.", "From {a} take {b} away"),
+    "mul": TRAIN_V11.words["mul"] + ("Product of {a} with {b}",)})
 FAMILIES = {"train": TRAIN, "heldout": HELDOUT}
 # (first data version, its training family), newest first; earlier versions: TRAIN
-TRAINING_FAMILIES = ((14, TRAIN_V14), (11, TRAIN_V11), (10, TRAIN_V10), (8, TRAIN_V8), (7, TRAIN_V7), (6, TRAIN_V6))
+TRAINING_FAMILIES = ((16, TRAIN_V16), (14, TRAIN_V14), (11, TRAIN_V11), (10, TRAIN_V10), (8, TRAIN_V8), (7, TRAIN_V7), (6, TRAIN_V6))
 
 
 def training_family(version: int) -> Family:
     """The training family as data `version` phrases it (version 6 adds Title Case, 7 inflected operators, 8
-    operands in brackets or quotes, 10 follow-up questions, 11 follow-ups with "the answer" and "then", 14 more follow-up frames)."""
+    operands in brackets or quotes, 10 follow-up questions, 11 follow-ups with "the answer" and "then", 14 more follow-up
+    frames, 16 version 11's family with operation words beginning a question)."""
     return next((fam for since, fam in TRAINING_FAMILIES if version >= since), TRAIN)
 
 
