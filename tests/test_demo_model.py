@@ -12,6 +12,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -276,3 +277,31 @@ def test_the_model_itself_ends_its_final_answer_with_return():
     # (trained on earlier turns' answers, which end with <|end|> in the history); run 11, trained on the
     # current turn only, stops cleanly on every probe.
     assert {(tools, q) for tools, q, _ in bad} == KNOWN_UNCLEAN, bad
+
+
+def load_readme_transcript():
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "experiments" / "demo" / "readme_transcript.py"
+    spec = importlib.util.spec_from_file_location("readme_transcript", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass looks its module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readme_sessions_are_what_the_shipped_model_says(tmp_path):
+    """README.md's `gptoss chat` sessions, piped into the chat line by line, print exactly what the README shows;
+    a changed answer is caught and `--write` records the chat's own words again."""
+    rt = load_readme_transcript()
+    found = rt.sessions(rt.README.read_text())
+    assert [s.args for s in found] == [[], ["--calculator"]]
+    assert all(len(s.inputs) >= 2 for s in found)
+    assert rt.main([]) == 0
+    readme = tmp_path / "README.md"  # the first session alone, its first answer changed
+    true = "```text\n$ gptoss chat\n" + found[0].recorded + "```\n"
+    first = found[0].recorded.splitlines()[1]
+    readme.write_text(true.replace(first, first[:-1] + ("8" if first.endswith("9") else "9"), 1))
+    assert rt.main(["--readme", str(readme)]) == 1
+    assert rt.main(["--readme", str(readme), "--write"]) == 0
+    assert readme.read_text() == true
