@@ -12,9 +12,9 @@ import json
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+import repo_scripts
 import torch
 
 from gptoss import demo
@@ -279,21 +279,10 @@ def test_the_model_itself_ends_its_final_answer_with_return():
     assert {(tools, q) for tools, q, _ in bad} == KNOWN_UNCLEAN, bad
 
 
-def load_readme_transcript():
-    import importlib.util
-
-    path = Path(__file__).resolve().parent.parent / "experiments" / "demo" / "readme_transcript.py"
-    spec = importlib.util.spec_from_file_location("readme_transcript", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclass looks its module up
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_readme_sessions_are_what_the_shipped_model_says(tmp_path):
     """README.md's `gptoss chat` sessions, piped into the chat line by line, print exactly what the README shows;
     a changed answer is caught and `--write` records the chat's own words again."""
-    rt = load_readme_transcript()
+    rt = repo_scripts.load("experiments/demo/readme_transcript.py")
     found = rt.sessions(rt.README.read_text())
     assert [s.args for s in found] == [[], ["--calculator"]]
     assert all(len(s.inputs) >= 2 for s in found)

@@ -3,18 +3,14 @@
 The real recipe (experiments/demo/*.toml) trains for about an hour; this runs the same code path with a model
 of a few thousand parameters for two steps, so it checks the plumbing, not the model's skill."""
 
-import importlib.util
 import json
-import sys
 import types
-from pathlib import Path
 
 import pytest
+import repo_scripts
 
 from gptoss.demo import eval as E
 from gptoss.demo import recipe
-
-ROOT = Path(__file__).resolve().parent.parent
 
 TOML = """
 [demo]
@@ -81,15 +77,8 @@ def test_recipe_exports_a_model_with_its_evaluation_and_each_items_result(run):
     assert f"| arithmetic, final answer exact | {len(arithmetic)} | {right} |" in (run / "EVAL.md").read_text()
 
 
-def load_paired():
-    spec = importlib.util.spec_from_file_location("paired", ROOT / "experiments" / "demo" / "paired.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_paired_reuses_the_recipes_results_only_on_the_same_items(run, tmp_path, monkeypatch):
-    paired = load_paired()
+    paired = repo_scripts.load("experiments/demo/paired.py")
     args = types.SimpleNamespace(n=1, heldout_n=1, train_seed=0, train_n=300, version=11)
     monkeypatch.setattr(paired, "load", lambda *a, **k: pytest.fail("evaluated again instead of reusing"))
     rs = paired.results(run, tmp_path / "B.jsonl", args)

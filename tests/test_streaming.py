@@ -193,14 +193,10 @@ def test_sparse_expert_checkpoints_read_as_zero_experts(tmp_path):
     expert weights are holes of sparse files. The safetensors library reads them as zeros and every other
     tensor as random_tensors(zero_experts=True) draws it, and gptoss, streaming its experts, computes what
     the same tensors written the ordinary way compute."""
-    import importlib.util
-
+    import repo_scripts
     from safetensors import safe_open
 
-    spec = importlib.util.spec_from_file_location(
-        "make_checkpoint", Path(__file__).resolve().parent.parent / "benchmarks" / "make_checkpoint.py")
-    make = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(make)
+    make = repo_scripts.load("benchmarks/make_checkpoint.py")
     config = preset("tiny")
     sparse, plain = tmp_path / "sparse", tmp_path / "plain"
     assert make.main([str(sparse), "--preset", "tiny", "--sparse-experts"]) == 0
