@@ -9,6 +9,7 @@ from, ending the turn with exactly one <|return|>.
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import re
@@ -26,11 +27,25 @@ TOK = get_tokenizer()
 OPS = ("add", "sub", "mul", "div")
 
 
+@functools.lru_cache(maxsize=None)
+def heldout_skeletons() -> frozenset[str]:
+    """Skeletons of 5,000 held-out-family questions (seed 0, operands up to 4 digits)."""
+    rng = random.Random(0)
+    return frozenset(P.skeleton(P.phrase(rng, "heldout", rng.choice(OPS), rng.randint(0, 9999), rng.randint(0, 9999)))
+                     for _ in range(5000))
+
+
+@functools.lru_cache(maxsize=None)
+def heldout_followup_skeletons() -> frozenset[str]:
+    """Skeletons of 3,000 held-out-family follow-ups (seed 0)."""
+    rng = random.Random(0)
+    return frozenset(P.skeleton(P.followup(rng, "heldout", rng.choice(["add", "sub", "mul", "sub_from"]),
+                                           rng.randint(0, 9999))) for _ in range(3000))
+
+
 def test_heldout_family_is_disjoint_from_every_training_phrasing():
     trained = P.training_skeletons()
-    rng = random.Random(0)
-    held = {P.skeleton(P.phrase(rng, "heldout", rng.choice(OPS), rng.randint(0, 9999), rng.randint(0, 9999)))
-            for _ in range(5000)}
+    held = heldout_skeletons()
     assert len(held) > 2000  # varied, not a handful of frames
     assert not held & trained
     # the frames themselves differ too, case folded (not only the glue around them)
@@ -379,9 +394,7 @@ def test_version_7_trains_the_inflected_operator_words_and_keeps_heldout_frames_
     assert sum("multiplied with" in ex.question.lower() for ex in v7) > 10
     trained = P.training_skeletons(7)
     assert P.training_skeletons(1) < trained
-    rng = random.Random(0)
-    held = {P.skeleton(P.phrase(rng, "heldout", rng.choice(OPS), rng.randint(0, 9999), rng.randint(0, 9999)))
-            for _ in range(5000)}
+    held = heldout_skeletons()
     assert not held & trained
     for op in OPS:
         assert not {f.casefold() for f in P.HELDOUT.words[op]} & {f.casefold() for f in P.TRAIN_V7.words[op]}
@@ -473,9 +486,7 @@ def test_version_10_follow_ups_work_on_the_previous_answer():
         assert ex.messages[-1]["content"].endswith(f"= {ex.answer}")
         if not ex.free:
             assert P.skeleton(ex.question) in trained, ex.question
-    rng = random.Random(0)
-    held = {P.skeleton(P.followup(rng, "heldout", rng.choice(["add", "sub", "mul", "sub_from"]), rng.randint(0, 9999)))
-            for _ in range(3000)}
+    held = heldout_followup_skeletons()
     assert len(held) > 300 and not held & trained
     items = [ex for ex in heldout(20, family="heldout", train_n=500, version=10) if ex.kind == "followup"]
     assert len(items) == 20 and all(ex.history and ex.answer is not None for ex in items)
@@ -597,9 +608,7 @@ def test_version_14_asks_more_follow_ups_in_more_training_frames_and_keeps_heldo
     assert sum(uses_new(ex.question) for ex in v15 if ex.kind == "followup") > 30
     trained = P.training_skeletons(14)
     assert P.training_skeletons(11) < trained
-    rng = random.Random(0)
-    held = {P.skeleton(P.followup(rng, "heldout", rng.choice(["add", "sub", "mul", "sub_from"]), rng.randint(0, 9999)))
-            for _ in range(3000)}
+    held = heldout_followup_skeletons()
     assert not held & trained
     for ex in (e for e in v14 if e.kind == "followup"):  # every frame's order holds: the answer is the work's
         r, n = previous_and_new(ex)
@@ -658,7 +667,5 @@ def test_version_16_types_every_operation_word_a_heldout_question_can_begin_with
         assert ex.answer == str(a - b if ex.kind == "sub" else a * b), ex.question
     trained = P.training_skeletons(16)
     assert P.training_skeletons(13) < trained
-    rng = random.Random(0)
-    held = {P.skeleton(P.phrase(rng, "heldout", rng.choice(OPS), rng.randint(0, 9999), rng.randint(0, 9999)))
-            for _ in range(5000)}
+    held = heldout_skeletons()
     assert not held & trained
