@@ -288,7 +288,7 @@ def test_readme_sessions_are_what_the_shipped_model_says(tmp_path):
     assert all(len(s.inputs) >= 2 for s in found)
     assert rt.main([]) == 0
     readme = tmp_path / "README.md"  # the first session alone, its first answer changed
-    true = "```text\n$ gptoss chat\n" + found[0].recorded + "```\n"
+    true = "```text\n$ gptoss chat\n" + found[0].recorded + "\n```\n"
     first = found[0].recorded.splitlines()[1]
     readme.write_text(true.replace(first, first[:-1] + ("8" if first.endswith("9") else "9"), 1))
     assert rt.main(["--readme", str(readme)]) == 1

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 README = Path(__file__).resolve().parents[2] / "README.md"
-SESSION = re.compile(r"^\$ gptoss chat(?P<args>[^\n]*)\n(?P<body>.*?)(?=^\$ gptoss chat|^```)", re.S | re.M)
+# a session's transcript ends at its last printed line: the blank lines before the next session stay README's
+SESSION = re.compile(r"^\$ gptoss chat(?P<args>[^\n]*)\n(?P<body>.*?)\n*(?=^\$ gptoss chat|^```)", re.S | re.M)
 
 
 @dataclass
@@ -51,7 +52,7 @@ def replay(session: Session, timeout: float = 300) -> str:
                           timeout=timeout)
     if done.returncode != 0:
         raise RuntimeError(f"gptoss chat {' '.join(session.args)} exited {done.returncode}: {done.stderr[-2000:]}")
-    return done.stdout.rstrip("\n") + "\n\n" if session.recorded.endswith("\n\n") else done.stdout
+    return done.stdout.rstrip("\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -189,13 +189,14 @@ TRAIN_V16 = replace(TRAIN_V11, words={
     "mul": TRAIN_V11.words["mul"] + ("Product of {a} with {b}",)})
 FAMILIES = {"train": TRAIN, "heldout": HELDOUT}
 # (first data version, its training family), newest first; earlier versions: TRAIN
-TRAINING_FAMILIES = ((16, TRAIN_V16), (14, TRAIN_V14), (11, TRAIN_V11), (10, TRAIN_V10), (8, TRAIN_V8), (7, TRAIN_V7), (6, TRAIN_V6))
+TRAINING_FAMILIES = ((16, TRAIN_V16), (14, TRAIN_V14), (11, TRAIN_V11), (10, TRAIN_V10), (8, TRAIN_V8), (7, TRAIN_V7),
+                     (6, TRAIN_V6))
 
 
 def training_family(version: int) -> Family:
     """The training family as data `version` phrases it (version 6 adds Title Case, 7 inflected operators, 8
-    operands in brackets or quotes, 10 follow-up questions, 11 follow-ups with "the answer" and "then", 14 more follow-up
-    frames, 16 version 11's family with operation words beginning a question)."""
+    operands in brackets or quotes, 10 follow-up questions, 11 follow-ups with "the answer" and "then", 14 more
+    follow-up frames, 16 version 11's family with operation words beginning a question)."""
     return next((fam for since, fam in TRAINING_FAMILIES if version >= since), TRAIN)
 
 

@@ -9,7 +9,8 @@
 3. export the trained step (dense experts quantized to MXFP4 by the trainer) with `vocab_ids`, as an
    `original`-layout checkpoint, into [demo].export_dir;
 4. evaluate the exported MXFP4 model with `gptoss eval demo` (bf16, greedy, the held-out seed) and write
-   the markdown summary (EVAL.md) and each item's result (results.jsonl) next to it; with --ship, copy it into src/gptoss/data/demo and record its sha256.
+   the markdown summary (EVAL.md) and each item's result (results.jsonl) next to it; with --ship, copy it
+   into src/gptoss/data/demo and record its sha256.
 
 The TOML is a `gptoss train` config plus a [demo] table (data_seed, data_n, data_version, number_init,
 export_dir, eval_n, heldout_eval_n), which this module reads and removes before handing the rest to the
