@@ -6,8 +6,11 @@ of a few thousand parameters for two steps, so it checks the plumbing, not the m
 import json
 import types
 
+import torch
+
 import pytest
 import repo_scripts
+from safetensors.torch import load_file
 
 from gptoss.demo import eval as E
 from gptoss.demo import recipe
@@ -47,7 +50,7 @@ warmup_steps = 1
 
 [train]
 steps = 2
-save_every = 2
+save_every = 1
 seed = 0
 out_dir = "unused"
 dtype = "float32"
@@ -90,3 +93,28 @@ def test_paired_reuses_the_recipes_results_only_on_the_same_items(run, tmp_path,
     monkeypatch.setattr(paired.E, "evaluate", lambda *a, **k: [])
     paired.results(run, tmp_path / "C.jsonl", types.SimpleNamespace(**{**vars(args), "n": 2}))
     assert evaluated
+
+
+def test_average_last_exports_the_mean_of_the_saved_steps_weights(run, tmp_path):
+    """--average-last 2: the exported model holds the mean of steps 1 and 2's fp32 training weights, non-expert
+    tensors in bf16 and the experts quantized from the mean (not the mean of two quantizations)."""
+    from gptoss.checkpoint import dense_experts_to_mxfp4
+
+    toml, run_dir = run.parent.parent / "recipe.toml", run.parent
+    out = tmp_path / "avg"
+    assert recipe.main([str(toml), "--run-dir", str(run_dir), "--skip-train", "--average-last", "2",
+                        "--export-dir", str(out), "--eval-n", "1"]) == 0
+    steps = [load_file(str(run_dir / "train" / f"step-00000{i}" / "train_state.safetensors")) for i in (1, 2)]
+    mean = {k[len("model."):]: (steps[0][k].double() + steps[1][k].double()).div(2).float()
+            for k in steps[0] if k.startswith("model.")}
+    got = load_file(str(out / "model.safetensors"))
+    name = "block.1.attn.qkv.weight"
+    assert not torch.equal(steps[0]["model." + name], steps[1]["model." + name])  # the steps differ
+    assert torch.equal(got[name], mean[name].to(torch.bfloat16))
+    want = dict(dense_experts_to_mxfp4("block.0.mlp.mlp1_weight.weight", mean["block.0.mlp.mlp1_weight.weight"]))
+    assert torch.equal(got["block.0.mlp.mlp1_weight.blocks"], want["block.0.mlp.mlp1_weight.blocks"])
+    assert torch.equal(got["block.0.mlp.mlp1_weight.scales"], want["block.0.mlp.mlp1_weight.scales"])
+    assert json.loads((out / "training.json").read_text())["averaged_steps"] == ["step-000001", "step-000002"]
+    with pytest.raises(SystemExit, match="average_last = 3, but .* holds 2 saved steps"):
+        recipe.main([str(toml), "--run-dir", str(run_dir), "--skip-train", "--average-last", "3",
+                     "--export-dir", str(tmp_path / "avg3"), "--eval-n", "1"])

@@ -7,13 +7,14 @@
 2. train with `gptoss.train` on the TOML's [model]/[data]/[optim]/[train] sections, the conversations
    rendered with the current turn's analysis kept and the loss on assistant tokens only, ids mapped to rows;
 3. export the trained step (dense experts quantized to MXFP4 by the trainer) with `vocab_ids`, as an
-   `original`-layout checkpoint, into [demo].export_dir;
+   `original`-layout checkpoint, into [demo].export_dir; with [demo] average_last = K (or --average-last K),
+   the uniform average of the last K saved steps' fp32 weights instead of the last step alone;
 4. evaluate the exported MXFP4 model with `gptoss eval demo` (bf16, greedy, the held-out seed) and write
    the markdown summary (EVAL.md) and each item's result (results.jsonl) next to it; with --ship, copy it
    into src/gptoss/data/demo and record its sha256.
 
 The TOML is a `gptoss train` config plus a [demo] table (data_seed, data_n, data_version, number_init,
-export_dir, eval_n, heldout_eval_n), which this module reads and removes before handing the rest to the
+export_dir, eval_n, heldout_eval_n, average_last), which this module reads and removes before handing the rest to the
 trainer. `--run-dir DIR` puts the training run (DIR/train) and the export (DIR/export) outside the repository.
 """
 
@@ -142,6 +143,36 @@ def export(step_dir: Path, ids: torch.Tensor, out: Path, info: dict) -> Path:
     return out
 
 
+def averaged_checkpoint(step_dirs: list[Path], cfg, out: Path) -> Path:
+    """The uniform average of several saved steps' fp32 weights (train_state.safetensors), written as an
+    inference checkpoint (experts re-quantized to MXFP4 from the averaged dense weights) into out/model.
+
+    Stochastic weight averaging with a constant learning rate and one model per cycle (Izmailov et al. 2018,
+    "Averaging Weights Leads to Wider Optima and Better Generalization", Algorithm 1: w_SWA ← (w_SWA·n + w)/(n+1))
+    over the tail of one run, as latest weight averaging does (Kaddour 2022, "Stop Wasting My Time!", §3)."""
+    from safetensors import safe_open
+
+    from ..errors import CheckpointError
+    from ..model import Transformer
+    from ..train.loop import STATE_FILE, save_model
+
+    total: dict[str, torch.Tensor] = {}
+    for d in step_dirs:
+        with safe_open(str(d / STATE_FILE), "pt") as f:
+            names = {k for k in f.keys() if k.startswith("model.")}
+            if total and names != {f"model.{k}" for k in total}:
+                raise CheckpointError(f"{d / STATE_FILE}: holds other weights than {step_dirs[0] / STATE_FILE} "
+                                      f"(e.g. {sorted(names ^ {f'model.{k}' for k in total})[:3]})")
+            for name in names:
+                t = f.get_tensor(name).double()
+                key = name[len("model."):]
+                total[key] = total[key] + t if key in total else t
+    state = {k: (v / len(step_dirs)).float() for k, v in total.items()}
+    model = Transformer(cfg.model_config(), device="meta", dtype=torch.float32)
+    save_model(model, out / "model", "original", torch.float32, state)
+    return out
+
+
 def ship(src: Path) -> dict[str, str]:
     """Copy an exported model into the package and record its hashes in gptoss/demo/__init__.py."""
     from . import FILES, sha256
@@ -165,12 +196,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true", help="continue from the newest step-* checkpoint of out_dir")
     p.add_argument("--eval-n", type=int, default=None, help="override [demo] eval_n and heldout_eval_n (quick trials)")
     p.add_argument("--skip-train", action="store_true", help="export/evaluate the existing last step of out_dir")
+    p.add_argument("--average-last", type=int, default=None, metavar="K",
+                   help="export the average of the last K saved steps (overrides [demo] average_last; 1: the last)")
+    p.add_argument("--export-dir", default=None, help="export here (overrides [demo] export_dir and --run-dir's)")
     p.add_argument("--run-dir", default=None, help="train into RUN_DIR/train and export to RUN_DIR/export "
                                                    "(instead of the TOML's out_dir and export_dir)")
     args = p.parse_args(argv)
 
     from ..train import TrainConfig, train
-    from ..train.loop import latest_checkpoint
+    from ..train.loop import STATE_FILE, latest_checkpoint
 
     path = Path(args.config)
     raw = tomllib.loads(path.read_text())
@@ -185,6 +219,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.run_dir:
         run_dir = Path(args.run_dir).expanduser().resolve()
         cfg.train.out_dir, out = str(run_dir / "train"), run_dir / "export"
+    if args.export_dir:
+        out = Path(args.export_dir).expanduser().resolve()
+    average_last = args.average_last if args.average_last is not None else int(demo.get("average_last", 1))
+    if average_last < 1:
+        raise SystemExit(f"error: average_last = {average_last}: the number of last saved steps to average, ≥ 1")
 
     t0 = time.perf_counter()
     examples = list(data.generate(seed, n, version=version))
@@ -207,6 +246,15 @@ def main(argv: list[str] | None = None) -> int:
         step_dir = result.checkpoint
     else:
         step_dir = latest_checkpoint(cfg.path(cfg.train.out_dir))
+    averaged = []
+    if average_last > 1:
+        steps = sorted(p for p in cfg.path(cfg.train.out_dir).glob("step-*") if (p / STATE_FILE).exists())
+        if len(steps) < average_last:
+            raise SystemExit(f"error: average_last = {average_last}, but {cfg.path(cfg.train.out_dir)} holds "
+                             f"{len(steps)} saved steps")
+        averaged = steps[-average_last:]
+        step_dir = averaged_checkpoint(averaged, cfg, out.parent / f"{out.name}-average")
+        print(f"averaged {', '.join(p.name for p in averaged)}", file=sys.stderr)
     train_s = time.perf_counter() - t1
     metrics = cfg.path(cfg.train.out_dir) / "metrics.jsonl"
     rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
@@ -216,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
             "train_seconds": round(train_s),
             "final_loss": rows[-1]["loss"] if rows else None,
             "loss_last_50": sum(r["loss"] for r in rows[-50:]) / max(1, len(rows[-50:])) if rows else None,
+            "averaged_steps": [p.name for p in averaged],
             "vocab_rows": int(ids.numel()), "config": cfg.to_dict(), "torch_threads": torch.get_num_threads()}
     export(step_dir, ids, out, info)
     print(f"trained in {train_s:.0f} s (loss {info['final_loss']}), exported to {out}", file=sys.stderr)
