@@ -82,7 +82,8 @@ def test_recipe_exports_a_model_with_its_evaluation_and_each_items_result(run):
 
 def test_paired_reuses_the_recipes_results_only_on_the_same_items(run, tmp_path, monkeypatch):
     paired = repo_scripts.load("experiments/demo/paired.py")
-    args = types.SimpleNamespace(n=1, heldout_n=1, train_seed=0, train_n=300, version=11)
+    args = types.SimpleNamespace(n=1, heldout_n=1, train_seed=0, train_n=300, version=11,
+                                 seed=E.HELDOUT_SEED)
     monkeypatch.setattr(paired, "load", lambda *a, **k: pytest.fail("evaluated again instead of reusing"))
     rs = paired.results(run, tmp_path / "B.jsonl", args)
     assert rs == [json.loads(line) for line in (run / "results.jsonl").open()]

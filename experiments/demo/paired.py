@@ -4,9 +4,9 @@
 
 The items are the ones the recipe evaluates a run of data `version` on (`gptoss eval demo`'s sets: --n per kind
 in the template family, --heldout-n per kind in held-out phrasing, excluding the training questions of
---train-n conversations). Each model's results are written to DIR/A.jsonl and DIR/B.jsonl (and read back from
-there when present, so a second comparison costs nothing; a run's own evaluation by the recipe, MODEL/results.jsonl,
-is taken when it was on these items). `gptoss.demo.checkpoint_path()` is the shipped model.
+--train-n conversations; --seed draws other items from the same families). Each model's results are written
+to DIR/A.jsonl and DIR/B.jsonl (and read back from there when present, so a second comparison costs nothing;
+a run's own evaluation by the recipe, MODEL/results.jsonl, is taken when it was on these items). `gptoss.demo.checkpoint_path()` is the shipped model.
 """
 
 import argparse
@@ -35,12 +35,12 @@ def results(path: Path, out: Path, args: argparse.Namespace) -> list[dict]:
     own = path / "results.jsonl"
     if own.exists():
         rs = [json.loads(line) for line in own.open()]
-        items = E.examples_for(args.n, args.heldout_n, E.HELDOUT_SEED, args.train_seed, args.train_n, args.version)
+        items = E.examples_for(args.n, args.heldout_n, args.seed, args.train_seed, args.train_n, args.version)
         if [(r["kind"], r["question"]) for r in rs] == [(ex.kind, ex.question) for _, ex in items]:
             out.write_text(own.read_text())
             return rs
     model = load(path, dtype=torch.bfloat16)  # as `gptoss chat` loads it
-    rs = [asdict(r) for r in E.evaluate(model, args.n, E.HELDOUT_SEED, "medium", train_seed=args.train_seed,
+    rs = [asdict(r) for r in E.evaluate(model, args.n, args.seed, "medium", train_seed=args.train_seed,
                                         train_n=args.train_n, heldout_n=args.heldout_n, version=args.version)]
     out.write_text("".join(json.dumps(r) + "\n" for r in rs))
     return rs
@@ -56,6 +56,9 @@ def main() -> None:
     p.add_argument("--train-seed", type=int, default=0)
     p.add_argument("--train-n", type=int, default=200000)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=E.HELDOUT_SEED,
+                   help=f"the items' seed (default {E.HELDOUT_SEED}, the evaluation's; another seed draws a "
+                        "validation set from the same families, for choices that must not look at the held-out items)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
