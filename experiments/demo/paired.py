@@ -6,7 +6,8 @@ The items are the ones the recipe evaluates a run of data `version` on (`gptoss 
 in the template family, --heldout-n per kind in held-out phrasing, excluding the training questions of
 --train-n conversations; --seed draws other items from the same families). Each model's results are written
 to DIR/A.jsonl and DIR/B.jsonl (and read back from there when present, so a second comparison costs nothing;
-a run's own evaluation by the recipe, MODEL/results.jsonl, is taken when it was on these items). `gptoss.demo.checkpoint_path()` is the shipped model.
+a run's own evaluation by the recipe, MODEL/results.jsonl, is taken when it was on these items).
+`gptoss.demo.checkpoint_path()` is the shipped model.
 """
 
 import argparse
