@@ -6,10 +6,9 @@ of a few thousand parameters for two steps, so it checks the plumbing, not the m
 import json
 import types
 
-import torch
-
 import pytest
 import repo_scripts
+import torch
 from safetensors.torch import load_file
 
 from gptoss.demo import eval as E
@@ -119,3 +118,7 @@ def test_average_last_exports_the_mean_of_the_saved_steps_weights(run, tmp_path)
     with pytest.raises(SystemExit, match="average_last = 3, but .* holds 2 saved steps"):
         recipe.main([str(toml), "--run-dir", str(run_dir), "--skip-train", "--average-last", "3",
                      "--export-dir", str(tmp_path / "avg3"), "--eval-n", "1"])
+    # a run that would save fewer steps than it is asked to average is refused before it trains
+    with pytest.raises(SystemExit, match=r"average_last = 3, but \[train\] steps = 2 with save_every = 1 saves 2"):
+        recipe.main([str(toml), "--run-dir", str(tmp_path / "never"), "--average-last", "3"])
+    assert not (tmp_path / "never").exists()

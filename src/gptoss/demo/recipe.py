@@ -14,8 +14,8 @@
    into src/gptoss/data/demo and record its sha256.
 
 The TOML is a `gptoss train` config plus a [demo] table (data_seed, data_n, data_version, number_init,
-export_dir, eval_n, heldout_eval_n, average_last), which this module reads and removes before handing the rest to the
-trainer. `--run-dir DIR` puts the training run (DIR/train) and the export (DIR/export) outside the repository.
+export_dir, eval_n, heldout_eval_n, average_last), which this module reads and removes before handing the rest
+to the trainer. `--run-dir DIR` puts the training run (DIR/train) and the export (DIR/export) outside the repository.
 """
 
 from __future__ import annotations
@@ -28,10 +28,14 @@ import sys
 import time
 import tomllib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from . import data
+
+if TYPE_CHECKING:
+    from ..train import TrainConfig
 
 SHIPPED = Path(__file__).resolve().parent.parent / "data" / "demo"
 HASHES_FILE = Path(__file__).resolve().parent / "__init__.py"
@@ -143,13 +147,14 @@ def export(step_dir: Path, ids: torch.Tensor, out: Path, info: dict) -> Path:
     return out
 
 
-def averaged_checkpoint(step_dirs: list[Path], cfg, out: Path) -> Path:
+def averaged_checkpoint(step_dirs: list[Path], cfg: TrainConfig, out: Path) -> Path:
     """The uniform average of several saved steps' fp32 weights (train_state.safetensors), written as an
     inference checkpoint (experts re-quantized to MXFP4 from the averaged dense weights) into out/model.
 
     Stochastic weight averaging with a constant learning rate and one model per cycle (Izmailov et al. 2018,
     "Averaging Weights Leads to Wider Optima and Better Generalization", Algorithm 1: w_SWA ← (w_SWA·n + w)/(n+1))
-    over the tail of one run, as latest weight averaging does (Kaddour 2022, "Stop Wasting My Time!", §3)."""
+    over the tail of one run (the "latest weight averaging" of Kaddour 2022, "Stop Wasting My Time! Saving Days
+    of ImageNet and BERT Training with Latest Weight Averaging")."""
     from safetensors import safe_open
 
     from ..errors import CheckpointError
@@ -224,6 +229,11 @@ def main(argv: list[str] | None = None) -> int:
     average_last = args.average_last if args.average_last is not None else int(demo.get("average_last", 1))
     if average_last < 1:
         raise SystemExit(f"error: average_last = {average_last}: the number of last saved steps to average, ≥ 1")
+    every = cfg.train.save_every
+    saves = len({*(range(every, cfg.train.steps + 1, every) if every else ()), cfg.train.steps})
+    if not args.skip_train and saves < average_last:  # say so before an hour of training, not after
+        raise SystemExit(f"error: average_last = {average_last}, but [train] steps = {cfg.train.steps} with "
+                         f"save_every = {cfg.train.save_every} saves {saves} steps")
 
     t0 = time.perf_counter()
     examples = list(data.generate(seed, n, version=version))
