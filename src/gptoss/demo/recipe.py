@@ -162,15 +162,16 @@ def averaged_checkpoint(step_dirs: list[Path], cfg: TrainConfig, out: Path) -> P
     from ..train.loop import STATE_FILE, save_model
 
     total: dict[str, torch.Tensor] = {}
+    first: set[str] = set()
     for d in step_dirs:
-        with safe_open(str(d / STATE_FILE), "pt") as f:
+        with safe_open(str(d / STATE_FILE), "pt") as f:  # the weights only, not the AdamW moments beside them
             names = {k for k in f.keys() if k.startswith("model.")}
-            if total and names != {f"model.{k}" for k in total}:
+            first = first or names
+            if names != first:
                 raise CheckpointError(f"{d / STATE_FILE}: holds other weights than {step_dirs[0] / STATE_FILE} "
-                                      f"(e.g. {sorted(names ^ {f'model.{k}' for k in total})[:3]})")
+                                      f"(e.g. {sorted(names ^ first)[:3]})")
             for name in names:
-                t = f.get_tensor(name).double()
-                key = name[len("model."):]
+                key, t = name[len("model."):], f.get_tensor(name).double()
                 total[key] = total[key] + t if key in total else t
     state = {k: (v / len(step_dirs)).float() for k, v in total.items()}
     model = Transformer(cfg.model_config(), device="meta", dtype=torch.float32)
@@ -209,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from ..train import TrainConfig, train
-    from ..train.loop import STATE_FILE, latest_checkpoint
+    from ..train.loop import latest_checkpoint, saved_steps
 
     path = Path(args.config)
     raw = tomllib.loads(path.read_text())
@@ -258,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         step_dir = latest_checkpoint(cfg.path(cfg.train.out_dir))
     averaged = []
     if average_last > 1:
-        steps = sorted(p for p in cfg.path(cfg.train.out_dir).glob("step-*") if (p / STATE_FILE).exists())
+        steps = saved_steps(cfg.path(cfg.train.out_dir))
         if len(steps) < average_last:
             raise SystemExit(f"error: average_last = {average_last}, but {cfg.path(cfg.train.out_dir)} holds "
                              f"{len(steps)} saved steps")

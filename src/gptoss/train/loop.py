@@ -289,8 +289,13 @@ def load_train_state(path: Path, model: Transformer, opt: torch.optim.Optimizer)
     return int(meta["step"])
 
 
+def saved_steps(out_dir: Path) -> list[Path]:
+    """The run's complete step folders, oldest first (the JSON is written after the weights)."""
+    return sorted(p for p in out_dir.glob("step-*") if (p / STATE_JSON).exists())
+
+
 def latest_checkpoint(out_dir: Path) -> Path | None:
-    steps = sorted(p for p in out_dir.glob("step-*") if (p / STATE_JSON).exists())
+    steps = saved_steps(out_dir)
     return steps[-1] if steps else None
 
 
