@@ -109,7 +109,8 @@ from .. import harmony
 from ..tokenizer import Tokenizer, get_tokenizer
 from .phrasing import HELDOUT as HELDOUT_PHRASING
 from .phrasing import TRAIN as TRAIN_PHRASING
-from .phrasing import NUMBER, OPERATORS, compose, followup, noise_words, phrase, training_family, with_noise
+from .phrasing import (NUMBER, OPERATORS, compose, followup, noise_words, phrase, question_version, training_family,
+                       with_noise)
 
 EFFORTS = ("low", "medium", "high")
 MAX_DIGITS = 4  # by hand: + and − up to 4 digits, × by one digit
@@ -135,6 +136,29 @@ TOO_BIG_V2 = ("I can't work that out reliably by hand: " + SKILLS_LINE.replace("
 NO_CONVERTER = "I don't know: I have no unit converter tool. " + SKILLS_LINE
 GREETING = "Hello! I am a tiny GPT-oss demo model. " + SKILLS_LINE
 NO_EARLIER = "I don't know which number you mean: there is no earlier answer to work on. " + SKILLS_LINE
+# Version 17: the same replies in words that are not a held-out question's words the training questions never use.
+# Such a word the model has only ever written is a cue for the one reply it wrote it in: held-out questions with
+# " up" (`add up 9398 and 4883`, SKILLS_LINE's "up to 4 digits", in every decline) were declined 7.2 % of the time
+# over 29 evaluations of runs 11 to 23, against 0.68 % for all in-scope held-out questions, and `Hi there,` drew
+# NO_EARLIER's "there is no earlier answer" (experiments/demo/RESULTS.md, run 24).
+SKILLS_LINE_V17 = ("I can add and subtract whole numbers with at most 4 digits, multiply them by a 1-digit number, "
+                   "and use the tools I am given.")
+REPLIES_V17 = {
+    "dont_know": "I don't know. " + SKILLS_LINE_V17,
+    "too_big": ("I can't work that out reliably by hand: " + SKILLS_LINE_V17.replace(", and use the tools I am given", "")
+                + " Declare a calculator tool and I will use it."),
+    "no_converter": "I don't know: no unit converter tool is declared. " + SKILLS_LINE_V17,
+    "greeting": "Hello! I am a tiny GPT-oss demo. " + SKILLS_LINE_V17,
+    "no_earlier": "I don't know what number you mean: this conversation has no earlier answer. " + SKILLS_LINE_V17,
+}
+
+
+def replies(version: int) -> dict[str, str]:
+    """The fixed final answers of data `version`: declines, the greeting, the no-earlier-answer reply."""
+    if version >= 17:
+        return REPLIES_V17
+    return {"dont_know": DONT_KNOW, "too_big": TOO_BIG if version == 1 else TOO_BIG_V2, "no_converter": NO_CONVERTER,
+            "greeting": GREETING, "no_earlier": NO_EARLIER}
 
 
 @dataclass
@@ -282,7 +306,7 @@ def _assemble(problem: str, da: list[int], db: list[int], lines: list[str], out:
     # version 13: a result with leading zeros (4050 - 3974: digits 0 0 7 6) is restated without them before the
     # answer; run 11 wrote such results wrong (0 0 7 6 -> 756, 0 6 9 1 -> 619, 0 2 8 5 -> 258)
     unpadded = []
-    if version >= 13 and len(out) > 1 and out[0] == 0:
+    if question_version(version) >= 13 and len(out) > 1 and out[0] == 0:
         kept = out[next((i for i, d in enumerate(out) if d), len(out) - 1):]
         unpadded = [spaced(kept) if effort == "low" else f"without leading zeros: {spaced(kept)}"]
     if effort == "low":
@@ -472,6 +496,27 @@ SHORT_THOUGHTS = {
 }
 
 
+# version 17: the same thoughts without "there", "turn", "which" and "I have" (see REPLIES_V17)
+SHORT_THOUGHTS_V17 = {
+    **SHORT_THOUGHTS,
+    "too_big": {**SHORT_THOUGHTS["too_big"],
+                "medium": "This is beyond what I can compute by hand, and no calculator is declared.",
+                "high": "This needs more than adding or subtracting numbers with at most 4 digits or multiplying by "
+                        "one digit, and no calculator tool is declared, so I cannot answer it reliably."},
+    "no_converter": {**SHORT_THOUGHTS["no_converter"],
+                     "medium": "This is a unit conversion and no convert_units tool is declared."},
+    "followup_none": {"low": "No earlier answer.",
+                      "medium": "The question refers to an earlier answer, and this conversation has none.",
+                      "high": "The user refers to a previous result ('that', 'it'), but no earlier answer holds a "
+                              "number, so I cannot tell what number is meant."},
+}
+
+
+def thoughts(version: int) -> dict[str, dict[str, str]]:
+    """The short analyses before data `version`'s fixed replies, by kind and effort."""
+    return SHORT_THOUGHTS_V17 if version >= 17 else SHORT_THOUGHTS
+
+
 def _tool_thought(effort: str, name: str, what: str) -> str:
     return {"low": f"Use {name}.", "medium": f"I will use the {name} tool for {what}.",
             "high": f"A {name} tool is declared, so I call it for {what} instead of working it out by hand, "
@@ -575,7 +620,7 @@ def make_example(rng: random.Random, kind: str | None = None, heldout: bool = Fa
                         "high": f"Multiplication is commutative: {a} × {b} = {big} × {small}.\n"}[effort] + work
         else:
             a, b = hard_pair(rng, kind) if version >= 2 and rng.random() < 0.3 else (number(rng), number(rng))
-            if version >= 13 and kind == "sub" and phrasing != "heldout" and rng.random() < CLOSE_SUB_P_V13:
+            if question_version(version) >= 13 and kind == "sub" and phrasing != "heldout" and rng.random() < CLOSE_SUB_P_V13:
                 a, b = close_pair(rng)
             if version >= 2 and kind == "sub" and rng.random() < 0.5 and a < b:
                 a, b = b, a  # mostly non-negative results, still some negative ones
@@ -626,7 +671,7 @@ def make_example(rng: random.Random, kind: str | None = None, heldout: bool = Fa
             q, free = glue(rng, q, phrasing, version)
         if kind == "no_converter":
             tools = rng.choice([(), (), ("calculator",)])
-            return _example(kind, effort, tools, q, [analysis(SHORT_THOUGHTS[kind][effort]), final(NO_CONVERTER)],
+            return _example(kind, effort, tools, q, [analysis(thoughts(version)[kind][effort]), final(replies(version)["no_converter"])],
                             rng=rng, free=free, version=version, request=f"{fmt_number(v)} {uf} to {ut}")
         tools = rng.choice([("convert_units",), ("convert_units",), ("calculator", "convert_units")])
         args = {"value": json.loads(fmt_number(v)), "from": uf, "to": ut}
@@ -656,8 +701,8 @@ def make_example(rng: random.Random, kind: str | None = None, heldout: bool = Fa
         else:
             q = question(rng, op, a, b) if op != "div" else f"What is {a} / {max(b, 2)}?"
         q, free = glue(rng, q, phrasing, version)
-        return _example(kind, effort, tools, q, [analysis(SHORT_THOUGHTS[kind][effort]),
-                                                 final(TOO_BIG if version == 1 else TOO_BIG_V2)], rng=rng,
+        return _example(kind, effort, tools, q, [analysis(thoughts(version)[kind][effort]),
+                                                 final(replies(version)["too_big"])], rng=rng,
                         free=free, version=version, request=f"{a} {ASCII_OPS[op]} {max(b, 2) if op == 'div' else b}")
     if kind == "general":
         tools = rng.choice([(), (), ("calculator",), ("convert_units",)])
@@ -669,12 +714,12 @@ def make_example(rng: random.Random, kind: str | None = None, heldout: bool = Fa
             if rng.random() < 0.4:
                 q = numberless(rng, version)
             q = glue(rng, q, phrasing, version)[0]
-        return _example(kind, effort, tools, q, [analysis(SHORT_THOUGHTS[kind][effort]), final(DONT_KNOW)], rng=rng,
+        return _example(kind, effort, tools, q, [analysis(thoughts(version)[kind][effort]), final(replies(version)["dont_know"])], rng=rng,
                         version=version)
     if kind == "greeting":
         tools = rng.choice([(), ("calculator",)])
         return _example(kind, effort, tools, rng.choice(GREETINGS),
-                        [analysis(SHORT_THOUGHTS[kind][effort]), final(GREETING)], rng=rng, version=version)
+                        [analysis(thoughts(version)[kind][effort]), final(replies(version)["greeting"])], rng=rng, version=version)
     raise ValueError(f"unknown example kind {kind!r}")
 
 
@@ -724,7 +769,7 @@ def followup_example(rng: random.Random, effort: str, phrasing: str | None, vers
             free_history = (prev.question,) if user_free_text(prev) else ()
         tools = rng.choice([(), (), ("convert_units",)])
         messages = conversation(effort, tools, history, q,
-                                [analysis(SHORT_THOUGHTS["followup_none"][effort]), final(NO_EARLIER)])
+                                [analysis(thoughts(version)["followup_none"][effort]), final(replies(version)["no_earlier"])])
         return Example("followup_none", effort, tools, q, messages, None, None, history, False, free_history)
     while True:
         prev = make_example(rng, rng.choice(["add", "sub", "mul"]), phrasing=phrasing, version=version)

@@ -193,10 +193,21 @@ TRAINING_FAMILIES = ((16, TRAIN_V16), (14, TRAIN_V14), (11, TRAIN_V11), (10, TRA
                      (6, TRAIN_V6))
 
 
+# Data versions that ask another version's questions and change only how the model answers (version 17: version
+# 11's questions, the fixed replies worded anew: gptoss.demo.data.REPLIES_V17).
+QUESTIONS_OF = {17: 11}
+
+
+def question_version(version: int) -> int:
+    """The data version whose questions (phrasing, numbers, shares of kinds) data `version` asks."""
+    return QUESTIONS_OF.get(version, version)
+
+
 def training_family(version: int) -> Family:
     """The training family as data `version` phrases it (version 6 adds Title Case, 7 inflected operators, 8
     operands in brackets or quotes, 10 follow-up questions, 11 follow-ups with "the answer" and "then", 14 more
-    follow-up frames, 16 version 11's family with operation words beginning a question)."""
+    follow-up frames, 16 version 11's family with operation words beginning a question; 17 version 11's)."""
+    version = question_version(version)
     return next((fam for since, fam in TRAINING_FAMILIES if version >= since), TRAIN)
 
 
