@@ -669,3 +669,46 @@ def test_version_16_types_every_operation_word_a_heldout_question_can_begin_with
     assert P.training_skeletons(13) < trained
     held = heldout_skeletons()
     assert not held & trained
+
+
+def _reply_tokens(version: int) -> set[int]:
+    texts = set(D.replies(version).values()) | {t for by_effort in D.thoughts(version).values() for t in by_effort.values()}
+    return {t for text in texts for t in TOK.encode_ordinary(text)}
+
+
+def test_version17_asks_version11s_questions_with_only_the_fixed_replies_reworded():
+    """Version 17 draws version 11's conversations (same seed: same questions, answers, calls and histories);
+    the messages that differ are version 17's fixed replies and the thoughts before them."""
+    v17_texts = set(D.REPLIES_V17.values()) | {t for e in D.SHORT_THOUGHTS_V17.values() for t in e.values()}
+    changed = 0
+    for a, b in zip(D.generate(5, 3000, version=11), D.generate(5, 3000, version=17), strict=True):
+        assert (a.kind, a.effort, a.tools, a.question, a.answer, a.call) == (b.kind, b.effort, b.tools, b.question,
+                                                                              b.answer, b.call)
+        for x, y in zip(a.messages, b.messages, strict=True):
+            if x != y:
+                changed += 1
+                # an analysis may restate the request first (`7607096 + 2` newline, then the thought)
+                assert y["role"] == "assistant" and any(y["content"].endswith(t) for t in v17_texts), (x, y)
+    assert changed > 300
+    assert D.replies(11)["no_earlier"] == D.NO_EARLIER and D.replies(1)["too_big"] == D.TOO_BIG
+
+
+def test_version17_replies_use_no_heldout_word_that_training_questions_lack():
+    """A held-out question's word that no training question has, but that the model writes in its fixed replies
+    and nowhere in its answers to in-scope questions, reads as a cue for those replies (version 11: `add up 9398
+    and 4883` declined with SKILLS_LINE's "up to 4 digits", `Hi there,` answered with NO_EARLIER's "there is no
+    earlier answer"). Version 17's replies have none; the same check finds ` up` and ` there` in version 11's."""
+    rng = random.Random(3)
+    in_scope = ("add", "sub", "mul", "calc", "convert", "json", "followup")
+    held = {t for _ in range(400) for kind in in_scope
+            for t in TOK.encode_ordinary(D.make_example(rng, kind, heldout=True, phrasing="heldout", version=17).question)}
+    asked, answered = set(), set()  # words of training questions; words of in-scope answers and their analyses
+    for ex in D.generate(0, 20_000, version=17):
+        if not D.user_free_text(ex):
+            asked.update(t for m in ex.messages if m["role"] == "user" for t in TOK.encode_ordinary(m["content"]))
+        if ex.kind in in_scope:
+            answered.update(t for m in ex.messages if m["role"] == "assistant" and isinstance(m["content"], str)
+                            for t in TOK.encode_ordinary(m["content"]))
+    cues = lambda version: {TOK.decode([t]) for t in (_reply_tokens(version) & held) - asked - answered}  # noqa: E731
+    assert cues(17) == set()
+    assert {" up", " there"} <= cues(11)
