@@ -88,6 +88,11 @@ times of 26 (the previous answer copied wrong into the second operand).
 Version 15 is version 14's training frames with version 13's shares (`more_followups`): runs 16 and 17 on
 version 14 missed `{n} minus that` less (7 and 12 of 26) but copied the operands of held-out arithmetic wrong
 far more often (467 and 485 of 510 right, against 498 to 504 for three draws of versions 11 and 13).
+Version 17 asks version 11's questions (the same conversations for the same seed) and words its fixed replies and
+the thoughts before them anew (`REPLIES_V17`, `SHORT_THOUGHTS_V17`): without the held-out family's words that
+no training question has and no in-scope answer uses (" up", " there", " Give", " have", " turn", " which").
+The model had only ever written them, in one kind of reply each, so a held-out question containing one read as
+a cue for that reply (`add up 9398 and 4883` declined, `Hi there,` answered "there is no earlier answer").
 
 A conversation is a list of message dicts {role, content, channel?, recipient?, content_type?} (the
 format `gptoss.train` reads from JSONL `messages`); `to_document` renders one for training, keeping the
