@@ -93,6 +93,8 @@ the thoughts before them anew (`REPLIES_V17`, `SHORT_THOUGHTS_V17`): without the
 no training question has and no in-scope answer uses (" up", " there", " Give", " have", " turn", " which").
 The model had only ever written them, in one kind of reply each, so a held-out question containing one read as
 a cue for that reply (`add up 9398 and 4883` declined, `Hi there,` answered "there is no earlier answer").
+Runs 24 and 25 on version 17 did worse than their version-11 twins (all held-out items 2636 -> 2560 and
+2611 -> 2524, dangling follow-ups declined less often, in-scope declines not fewer): not used since.
 
 A conversation is a list of message dicts {role, content, channel?, recipient?, content_type?} (the
 format `gptoss.train` reads from JSONL `messages`); `to_document` renders one for training, keeping the
