@@ -229,6 +229,9 @@ class ServerState:
         for name in ("frequency_penalty", "presence_penalty"):
             if getattr(body, name) not in (None, 0, 0.0):
                 raise bad_request(f"Invalid value for '{name}': only 0 is supported.", name)
+        if body.logit_bias:
+            raise bad_request("Invalid value for 'logit_bias': token biases are not supported (send {} or leave it "
+                              "out).", "logit_bias")
         answer = answer_format(body.response_format, "response_format", nested=True)
         stop = [body.stop] if isinstance(body.stop, str) else body.stop
         tools = check_unique([chat_tool(t, i) for i, t in enumerate(body.tools or [])])

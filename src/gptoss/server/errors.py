@@ -60,4 +60,6 @@ def validation_error(e: ValidationError, data: Any) -> APIError:
         return bad_request(f"Invalid value for '{param}': {err['ctx']['tag']!r}; supported: "
                            f"{err['ctx']['expected_tags']}.", param)
     where = f"'{param}'" if param else "the request body"
-    return bad_request(f"Invalid value for {where}: {err['msg']}.", param)
+    # a validator's own ValueError: its words, without pydantic's "Value error, " in front
+    msg = str(err["ctx"]["error"]) if err["type"] == "value_error" and "error" in err.get("ctx", {}) else err["msg"]
+    return bad_request(f"Invalid value for {where}: {msg}.", param)

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 import pydantic_core
 from fastapi import Request
-from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, ValidationError
 
 from .errors import APIError, bad_request, validation_error
 
@@ -139,6 +139,15 @@ class ResponseFormat(_Body):
 StopString = Annotated[str, Field(max_length=1024)]
 
 
+def _stop_shape(value: Any) -> Any:
+    """`stop` is a string or a list of up to 4 (OpenAI's rule); said so, instead of the union's first error."""
+    if value is not None and not isinstance(value, (str, list)):
+        raise ValueError(f"expected a string or a list of up to 4 strings, got {type(value).__name__}")
+    if isinstance(value, list) and len(value) > 4:
+        raise ValueError(f"at most 4 stop sequences are supported, got {len(value)}")
+    return value
+
+
 class ChatCompletionRequest(GenerationBody):
     messages: list[ChatMessage] = Field(min_length=1)
     tools: list[ChatTool] | None = None
@@ -147,11 +156,12 @@ class ChatCompletionRequest(GenerationBody):
     max_completion_tokens: int | None = Field(None, ge=1)
     # up to 4 stop strings (OpenAI's rule) of up to 1024 characters: each generated token is checked against
     # every prefix of each (generation.StopStrings), so their length is bounded
-    stop: StopString | Annotated[list[StopString], Field(max_length=4)] | None = None
+    stop: Annotated[StopString | list[StopString] | None, BeforeValidator(_stop_shape)] = None
     n: int | None = None
     stream_options: StreamOptions | None = None
     logprobs: bool | None = None
     frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None  # refused unless empty: ignoring it would change what was asked
     presence_penalty: float | None = None
     response_format: ResponseFormat | None = None
 
