@@ -672,7 +672,8 @@ def test_version_16_types_every_operation_word_a_heldout_question_can_begin_with
 
 
 def _reply_tokens(version: int) -> set[int]:
-    texts = set(D.replies(version).values()) | {t for by_effort in D.thoughts(version).values() for t in by_effort.values()}
+    texts = set(D.replies(version).values())
+    texts |= {t for by_effort in D.thoughts(version).values() for t in by_effort.values()}
     return {t for text in texts for t in TOK.encode_ordinary(text)}
 
 
@@ -700,8 +701,11 @@ def test_version17_replies_use_no_heldout_word_that_training_questions_lack():
     earlier answer"). Version 17's replies have none; the same check finds ` up` and ` there` in version 11's."""
     rng = random.Random(3)
     in_scope = ("add", "sub", "mul", "calc", "convert", "json", "followup")
-    held = {t for _ in range(400) for kind in in_scope
-            for t in TOK.encode_ordinary(D.make_example(rng, kind, heldout=True, phrasing="heldout", version=17).question)}
+    held = set()  # the words of held-out in-scope questions
+    for _ in range(400):
+        for kind in in_scope:
+            ex = D.make_example(rng, kind, heldout=True, phrasing="heldout", version=17)
+            held.update(TOK.encode_ordinary(ex.question))
     asked, answered = set(), set()  # words of training questions; words of in-scope answers and their analyses
     for ex in D.generate(0, 20_000, version=17):
         if not D.user_free_text(ex):

@@ -143,16 +143,17 @@ TOO_BIG_V2 = ("I can't work that out reliably by hand: " + SKILLS_LINE.replace("
 NO_CONVERTER = "I don't know: I have no unit converter tool. " + SKILLS_LINE
 GREETING = "Hello! I am a tiny GPT-oss demo model. " + SKILLS_LINE
 NO_EARLIER = "I don't know which number you mean: there is no earlier answer to work on. " + SKILLS_LINE
-# Version 17: the same replies in words that are not a held-out question's words the training questions never use.
-# Such a word the model has only ever written is a cue for the one reply it wrote it in: held-out questions with
+# Version 17: the same replies without the held-out questions' words that no training question uses. The idea: such
+# a word, which the model has only ever written, is a cue for the one reply it wrote it in. Held-out questions with
 # " up" (`add up 9398 and 4883`, SKILLS_LINE's "up to 4 digits", in every decline) were declined 7.2 % of the time
 # over 29 evaluations of runs 11 to 23, against 0.68 % for all in-scope held-out questions, and `Hi there,` drew
-# NO_EARLIER's "there is no earlier answer" (experiments/demo/RESULTS.md, run 24).
+# NO_EARLIER's "there is no earlier answer". Runs 24 and 25 on version 17 did worse (experiments/demo/RESULTS.md).
 SKILLS_LINE_V17 = ("I can add and subtract whole numbers with at most 4 digits, multiply them by a 1-digit number, "
                    "and use the tools I am given.")
 REPLIES_V17 = {
     "dont_know": "I don't know. " + SKILLS_LINE_V17,
-    "too_big": ("I can't work that out reliably by hand: " + SKILLS_LINE_V17.replace(", and use the tools I am given", "")
+    "too_big": ("I can't work that out reliably by hand: "
+                + SKILLS_LINE_V17.replace(", and use the tools I am given", "")
                 + " Declare a calculator tool and I will use it."),
     "no_converter": "I don't know: no unit converter tool is declared. " + SKILLS_LINE_V17,
     "greeting": "Hello! I am a tiny GPT-oss demo. " + SKILLS_LINE_V17,
@@ -627,7 +628,8 @@ def make_example(rng: random.Random, kind: str | None = None, heldout: bool = Fa
                         "high": f"Multiplication is commutative: {a} × {b} = {big} × {small}.\n"}[effort] + work
         else:
             a, b = hard_pair(rng, kind) if version >= 2 and rng.random() < 0.3 else (number(rng), number(rng))
-            if question_version(version) >= 13 and kind == "sub" and phrasing != "heldout" and rng.random() < CLOSE_SUB_P_V13:
+            close = question_version(version) >= 13 and kind == "sub" and phrasing != "heldout"
+            if close and rng.random() < CLOSE_SUB_P_V13:
                 a, b = close_pair(rng)
             if version >= 2 and kind == "sub" and rng.random() < 0.5 and a < b:
                 a, b = b, a  # mostly non-negative results, still some negative ones
@@ -678,7 +680,8 @@ def make_example(rng: random.Random, kind: str | None = None, heldout: bool = Fa
             q, free = glue(rng, q, phrasing, version)
         if kind == "no_converter":
             tools = rng.choice([(), (), ("calculator",)])
-            return _example(kind, effort, tools, q, [analysis(thoughts(version)[kind][effort]), final(replies(version)["no_converter"])],
+            return _example(kind, effort, tools, q, [analysis(thoughts(version)[kind][effort]),
+                                                     final(replies(version)["no_converter"])],
                             rng=rng, free=free, version=version, request=f"{fmt_number(v)} {uf} to {ut}")
         tools = rng.choice([("convert_units",), ("convert_units",), ("calculator", "convert_units")])
         args = {"value": json.loads(fmt_number(v)), "from": uf, "to": ut}
@@ -721,12 +724,13 @@ def make_example(rng: random.Random, kind: str | None = None, heldout: bool = Fa
             if rng.random() < 0.4:
                 q = numberless(rng, version)
             q = glue(rng, q, phrasing, version)[0]
-        return _example(kind, effort, tools, q, [analysis(thoughts(version)[kind][effort]), final(replies(version)["dont_know"])], rng=rng,
-                        version=version)
+        return _example(kind, effort, tools, q, [analysis(thoughts(version)[kind][effort]),
+                                                 final(replies(version)["dont_know"])], rng=rng, version=version)
     if kind == "greeting":
         tools = rng.choice([(), ("calculator",)])
         return _example(kind, effort, tools, rng.choice(GREETINGS),
-                        [analysis(thoughts(version)[kind][effort]), final(replies(version)["greeting"])], rng=rng, version=version)
+                        [analysis(thoughts(version)[kind][effort]), final(replies(version)["greeting"])], rng=rng,
+                        version=version)
     raise ValueError(f"unknown example kind {kind!r}")
 
 
@@ -776,7 +780,8 @@ def followup_example(rng: random.Random, effort: str, phrasing: str | None, vers
             free_history = (prev.question,) if user_free_text(prev) else ()
         tools = rng.choice([(), (), ("convert_units",)])
         messages = conversation(effort, tools, history, q,
-                                [analysis(thoughts(version)["followup_none"][effort]), final(replies(version)["no_earlier"])])
+                                [analysis(thoughts(version)["followup_none"][effort]),
+                                 final(replies(version)["no_earlier"])])
         return Example("followup_none", effort, tools, q, messages, None, None, history, False, free_history)
     while True:
         prev = make_example(rng, rng.choice(["add", "sub", "mul"]), phrasing=phrasing, version=version)
