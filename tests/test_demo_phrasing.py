@@ -671,16 +671,19 @@ def test_version_16_types_every_operation_word_a_heldout_question_can_begin_with
     assert not held & trained
 
 
+def _reply_texts(version: int) -> set[str]:
+    """Data `version`'s fixed replies and the thoughts before them."""
+    return set(D.replies(version).values()) | {t for e in D.thoughts(version).values() for t in e.values()}
+
+
 def _reply_tokens(version: int) -> set[int]:
-    texts = set(D.replies(version).values())
-    texts |= {t for by_effort in D.thoughts(version).values() for t in by_effort.values()}
-    return {t for text in texts for t in TOK.encode_ordinary(text)}
+    return {t for text in _reply_texts(version) for t in TOK.encode_ordinary(text)}
 
 
 def test_version17_asks_version11s_questions_with_only_the_fixed_replies_reworded():
     """Version 17 draws version 11's conversations (same seed: same questions, answers, calls and histories);
     the messages that differ are version 17's fixed replies and the thoughts before them."""
-    v17_texts = set(D.REPLIES_V17.values()) | {t for e in D.SHORT_THOUGHTS_V17.values() for t in e.values()}
+    v17_texts = _reply_texts(17)
     changed = 0
     for a, b in zip(D.generate(5, 3000, version=11), D.generate(5, 3000, version=17), strict=True):
         assert (a.kind, a.effort, a.tools, a.question, a.answer, a.call) == (b.kind, b.effort, b.tools, b.question,

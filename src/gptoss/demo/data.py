@@ -143,11 +143,12 @@ TOO_BIG_V2 = ("I can't work that out reliably by hand: " + SKILLS_LINE.replace("
 NO_CONVERTER = "I don't know: I have no unit converter tool. " + SKILLS_LINE
 GREETING = "Hello! I am a tiny GPT-oss demo model. " + SKILLS_LINE
 NO_EARLIER = "I don't know which number you mean: there is no earlier answer to work on. " + SKILLS_LINE
-# Version 17: the same replies without the held-out questions' words that no training question uses. The idea: such
-# a word, which the model has only ever written, is a cue for the one reply it wrote it in. Held-out questions with
-# " up" (`add up 9398 and 4883`, SKILLS_LINE's "up to 4 digits", in every decline) were declined 7.2 % of the time
-# over 29 evaluations of runs 11 to 23, against 0.68 % for all in-scope held-out questions, and `Hi there,` drew
-# NO_EARLIER's "there is no earlier answer". Runs 24 and 25 on version 17 did worse (experiments/demo/RESULTS.md).
+# The fixed final answers by data version: declines, the greeting, the no-earlier-answer reply.
+REPLIES_V2 = {"dont_know": DONT_KNOW, "too_big": TOO_BIG_V2, "no_converter": NO_CONVERTER, "greeting": GREETING,
+              "no_earlier": NO_EARLIER}
+REPLIES_V1 = {**REPLIES_V2, "too_big": TOO_BIG}
+# Version 17 (module docstring): the same replies without the held-out questions' words that no training question
+# uses (` up`, ` there`, ...); runs 24 and 25 on it did worse (experiments/demo/RESULTS.md).
 SKILLS_LINE_V17 = ("I can add and subtract whole numbers with at most 4 digits, multiply them by a 1-digit number, "
                    "and use the tools I am given.")
 REPLIES_V17 = {
@@ -163,10 +164,7 @@ REPLIES_V17 = {
 
 def replies(version: int) -> dict[str, str]:
     """The fixed final answers of data `version`: declines, the greeting, the no-earlier-answer reply."""
-    if version >= 17:
-        return REPLIES_V17
-    return {"dont_know": DONT_KNOW, "too_big": TOO_BIG if version == 1 else TOO_BIG_V2, "no_converter": NO_CONVERTER,
-            "greeting": GREETING, "no_earlier": NO_EARLIER}
+    return REPLIES_V17 if version >= 17 else REPLIES_V1 if version == 1 else REPLIES_V2
 
 
 @dataclass
