@@ -1,5 +1,5 @@
 """Prefill time with the MoE's fused MXFP4 kernel against dequantize-then-GEMM, by prompt length: the A/B
-behind model.FUSED_ROWS_PER_EXPERT. Alternating order in one process (same weights, same page cache).
+behind model.FUSED_ROWS_PER_EXPERT (and its AMX bf16 form). Alternating order in one process (same weights, same page cache).
 
     python benchmarks/bench_prefill_moe.py /work/ckpt/gpt-oss-20b --lengths 32 128 512 --rounds 3
 """
@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
                 ids = torch.randint(0, model.config.vocab_size, (n,), generator=g).tolist()
                 for name in (list(VARIANTS) if r % 2 == 0 else list(VARIANTS)[::-1]):
                     model_module.FUSED_ROWS_PER_EXPERT = VARIANTS[name]
+                    model_module.FUSED_ROWS_PER_EXPERT_AMX_BF16 = VARIANTS[name]
                     cache = KVCache(model.config, 1, max_len=n + 1, dtype=default_cache_dtype(model.dtype, "cpu"))
                     t0 = time.perf_counter()
                     prefill(model, *left_pad([ids], "cpu"), cache)

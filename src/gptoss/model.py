@@ -32,11 +32,19 @@ from .config import ModelConfig
 # tokens, fused vs grouped: 1.2/4.2/8.9/16.0/31.5/157 s vs 6.4/7.8/12.1/18.2/24.0/48.5 s (64 per expert at
 # 512 tokens). The kernel's cost per row is per expert, so the bound scales with the expert count.
 FUSED_ROWS_PER_EXPERT = 64
+# Where oneDNN runs bf16 GEMMs on AMX tiles the grouped GEMMs are 3-4x cheaper and the crossing comes early:
+# a Xeon with AMX (2 threads), 64/96/128/160/192/512 tokens, fused vs grouped: 2.6/4.3/5.7/7.1/8.8/19.3 s vs
+# 4.4/4.7/4.8/4.9/5.2/6.4 s (benchmarks/RESULTS.md). fp32 activations do not reach AMX and keep the bound above.
+FUSED_ROWS_PER_EXPERT_AMX_BF16 = 12
+_CPU_AMX = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 
 
-def fused_experts_fit(rows: int, num_experts: int) -> bool:
-    """Whether `rows` (token, expert) pairs over `num_experts` experts take the fused MXFP4 kernel."""
-    return rows <= FUSED_ROWS_PER_EXPERT * num_experts
+def fused_experts_fit(rows: int, num_experts: int, dtype: torch.dtype) -> bool:
+    """Whether `rows` (token, expert) pairs over `num_experts` experts in `dtype` take the fused MXFP4 kernel."""
+    per_expert = FUSED_ROWS_PER_EXPERT
+    if _CPU_AMX and dtype == torch.bfloat16:
+        per_expert = min(per_expert, FUSED_ROWS_PER_EXPERT_AMX_BF16)
+    return rows <= per_expert * num_experts
 
 
 def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
@@ -739,7 +747,7 @@ class MoE(nn.Module):
         if self.record_routing:
             self.routing = Routing(logits, selected, experts)
         fused = (t.device.type == "cpu" and t.dtype != torch.float64
-                 and fused_experts_fit(experts.numel(), self.config.num_experts)
+                 and fused_experts_fit(experts.numel(), self.config.num_experts, t.dtype)
                  and isinstance(self.mlp1_weight, MXFP4Weight) and self.capacity_factor is None
                  and self.expert_lora is None  # the kernel knows no adapters
                  and not (torch.is_grad_enabled() and t.requires_grad))  # the fused kernel has no backward

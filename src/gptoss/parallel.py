@@ -253,7 +253,7 @@ class ParallelMoE(MoE):
         local = experts - self.first_expert
         local = torch.where((local >= 0) & (local < self.mlp1_bias.shape[0]), local, -1)  # −1: owned elsewhere
         if t.device.type == "cpu" and t.dtype != torch.float64 and fused_experts_fit(experts.numel(),
-                                                                                     self.config.num_experts):
+                                                                                     self.config.num_experts, t.dtype):
             out = self._owned_pairs(t, local, weights)
         else:
             out = self._grouped(t, local, weights)  # skips −1 as it skips capacity drops
