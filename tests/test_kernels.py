@@ -105,6 +105,27 @@ def test_linear_extreme_scales(use_kernels, scale_lo, scale_hi, x_exp):
     assert_close(y, ref, mag)
 
 
+@pytest.mark.parametrize("rows", [[3], [16], [17, 3], [64], [65, 2], [130, 1, 4], [5, 40, 33]],
+                         ids=lambda r: "-".join(map(str, r)))
+@pytest.mark.parametrize("bias_dtype", [None, torch.float32, torch.bfloat16])
+def test_amx_tiles_match_reference(rows, bias_dtype):
+    """Where the CPU has AMX, experts with at least 3 bf16 rows run on tiles (1 to 4 tiles of 16 rows per pass,
+    more rows than a pass holds, output rows not a multiple of 16; experts with fewer rows take the vector
+    kernels in the same call): against the reference, and a NaN scale still makes its outputs NaN."""
+    lib = load_kernels()
+    if lib is None or not lib.amx():
+        pytest.skip("no AMX tiles on this CPU (or no kernels)")
+    E, N, K = len(rows), 37, 320
+    blocks, scales, bias = make(E, N, K, seed=sum(rows), bias_dtype=bias_dtype)
+    g = torch.Generator().manual_seed(len(rows))
+    ids = torch.cat([torch.full((n,), e) for e, n in enumerate(rows)])[torch.randperm(sum(rows), generator=g)]
+    x = torch.randn(sum(rows), K, generator=g).bfloat16()
+    assert_close(mxfp4_linear(x, blocks, scales, bias, ids, use_kernels=True), *reference(x, blocks, scales, bias, ids))
+    scales[0, 20, 3] = 255
+    y = mxfp4_linear(x, blocks, scales, bias, ids, use_kernels=True)
+    assert torch.isnan(y[ids == 0, 20]).all() and torch.isfinite(y[:, :20]).all()
+
+
 def test_linear_scale_255_is_nan():
     """2^128 is no fp32 value (the OCP spec reads 0xFF as NaN): such a block makes its output NaN."""
     needs_kernels(True)

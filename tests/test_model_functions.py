@@ -257,17 +257,18 @@ def test_rmsnorm_is_fp32_inside_bf16():
 
 
 def test_fused_expert_kernel_bound_is_chosen_per_cpu_and_dtype(monkeypatch):
-    """Past FUSED_ROWS_PER_EXPERT rows per expert the MoE dequantizes and runs GEMMs; where bf16 GEMMs run on
-    AMX tiles they win much sooner (benchmarks/RESULTS.md), fp32 activations never reach AMX."""
+    """Past FUSED_ROWS_PER_EXPERT rows per expert the MoE dequantizes and runs GEMMs; where the fused kernel
+    multiplies bf16 rows on AMX tiles it stays ahead longer (benchmarks/RESULTS.md); fp32 never reaches AMX."""
     import gptoss.model as model_module
 
     E = 32
-    monkeypatch.setattr(model_module, "_CPU_AMX", False)
+    monkeypatch.setattr(model_module.kernels, "amx_tiles", lambda: False)
     assert model_module.fused_experts_fit(64 * E, E, torch.bfloat16)
     assert not model_module.fused_experts_fit(64 * E + 1, E, torch.bfloat16)
-    monkeypatch.setattr(model_module, "_CPU_AMX", True)
-    assert model_module.fused_experts_fit(12 * E, E, torch.bfloat16)
-    assert not model_module.fused_experts_fit(12 * E + 1, E, torch.bfloat16)
+    monkeypatch.setattr(model_module.kernels, "amx_tiles", lambda: True)
+    assert model_module.fused_experts_fit(128 * E, E, torch.bfloat16)  # the tiles' bound, not the vector kernels'
+    assert not model_module.fused_experts_fit(128 * E + 1, E, torch.bfloat16)
     assert model_module.fused_experts_fit(64 * E, E, torch.float32)
+    assert not model_module.fused_experts_fit(64 * E + 1, E, torch.float32)
     monkeypatch.setattr(model_module, "FUSED_ROWS_PER_EXPERT", 0)  # forcing the grouped path still works on AMX
     assert not model_module.fused_experts_fit(4, E, torch.bfloat16)

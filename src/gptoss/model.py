@@ -32,19 +32,19 @@ from .config import ModelConfig
 # tokens, fused vs grouped: 1.2/4.2/8.9/16.0/31.5/157 s vs 6.4/7.8/12.1/18.2/24.0/48.5 s (64 per expert at
 # 512 tokens). The kernel's cost per row is per expert, so the bound scales with the expert count.
 FUSED_ROWS_PER_EXPERT = 64
-# Where oneDNN runs bf16 GEMMs on AMX tiles the grouped GEMMs are 3-4x cheaper and the crossing comes early:
-# a Xeon with AMX (2 threads), 64/96/128/160/192/512 tokens, fused vs grouped: 2.6/4.3/5.7/7.1/8.8/19.3 s vs
-# 4.4/4.7/4.8/4.9/5.2/6.4 s (benchmarks/RESULTS.md). fp32 activations do not reach AMX and keep the bound above.
-FUSED_ROWS_PER_EXPERT_AMX_BF16 = 12
-_CPU_AMX = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+# On CPUs with AMX the fused kernel multiplies bf16 rows on tiles (kernels: amx_pass), and the grouped GEMMs
+# (oneDNN, also on AMX) win only for long prompts. The Xeon measured (2 threads), prefill of 128/256/512/1024/
+# 2048 tokens, fused vs grouped: 1.5/2.5/4.3/8.7/20.0 s vs 5.1/5.4/6.8/9.4/15.5 s (benchmarks/RESULTS.md).
+# fp32 activations do not reach the tiles and keep the bound above.
+FUSED_ROWS_PER_EXPERT_AMX_BF16 = 128
 
 
 def fused_experts_fit(rows: int, num_experts: int, dtype: torch.dtype) -> bool:
     """Whether `rows` (token, expert) pairs over `num_experts` experts in `dtype` take the fused MXFP4 kernel."""
-    per_expert = FUSED_ROWS_PER_EXPERT
-    if _CPU_AMX and dtype == torch.bfloat16:
-        per_expert = min(per_expert, FUSED_ROWS_PER_EXPERT_AMX_BF16)
-    return rows <= per_expert * num_experts
+    if rows <= FUSED_ROWS_PER_EXPERT * num_experts:  # decode steps end here
+        return True
+    return (dtype == torch.bfloat16 and FUSED_ROWS_PER_EXPERT > 0  # 0: always grouped (A/B runs, tests)
+            and rows <= FUSED_ROWS_PER_EXPERT_AMX_BF16 * num_experts and kernels.amx_tiles())
 
 
 def at_least_fp32(x: torch.Tensor) -> torch.Tensor:

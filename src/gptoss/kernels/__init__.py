@@ -83,6 +83,13 @@ def kernels_available() -> bool:
     return load_kernels() is not None
 
 
+def amx_tiles() -> bool:
+    """Whether the fused expert kernel multiplies bf16 rows on AMX tiles here (an AMX CPU, a kernel build for
+    it, and Linux's permission; decides model.fused_experts_fit's bound)."""
+    lib = load_kernels()
+    return lib is not None and lib.amx()
+
+
 def _select(use_kernels: bool | None, device: torch.device, fn: str) -> ModuleType | None:
     """use_kernels None: the kernels when available; False: pure torch; True: the kernels or an error."""
     if use_kernels is False:

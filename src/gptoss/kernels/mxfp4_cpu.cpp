@@ -45,6 +45,12 @@
 #if defined(__AVX512F__)
 #define GPTOSS_AVX512 1
 #endif
+// AMX (Intel Sapphire Rapids and later): tile multiplies for experts with several rows (amx_pass).
+#if defined(GPTOSS_AVX512BF16) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define GPTOSS_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 #endif
 
 namespace {
@@ -387,6 +393,173 @@ template <typename T>
 constexpr PassFn kPassFns[kMaxRows] = {pass_rows<1, T>, pass_rows<2, T>, pass_rows<3, T>, pass_rows<4, T>,
                                        pass_rows<5, T>, pass_rows<6, T>, pass_rows<7, T>, pass_rows<8, T>};
 
+#ifdef GPTOSS_AMX
+// Experts with several rows of x on AMX. The fused kernels above multiply on the vector units, once per row
+// of x: with 16 rows per expert they cost 4x a decode pass, and dequantizing the expert for a oneDNN GEMM
+// writes and re-reads its whole bf16 copy (33 MB for a 20b mlp1) however few rows use it. Here each 16x32
+// piece of the weight (16 output rows, one block each) is decoded into an L1 tile buffer (the vpermw tables of
+// dot_rows_bf16) and multiplied by up to 4 tiles of 16 rows of x (tdpbf16ps: exact bf16 products, fp32 sums,
+// subnormals as zero like vdpbf16ps and oneDNN's AMX GEMM). The weights are read once per 64 rows of x.
+constexpr int kAmxTokens = 16;     // rows of x per tile (the B and C tiles' columns)
+constexpr int kAmxMaxTiles = 4;    // C tiles per pass (tiles 0-3; 4 holds the weights, 5 x)
+constexpr int64_t kAmxRowsPerTask = 64;  // output rows per parallel work item
+// Experts with at least this many rows of x take the tiles (below: the vector kernels). The Xeon measured,
+// 2 threads, 32 experts x n rows of a 20b mlp1, tiles vs vector kernels: n = 2: 24 vs 19 ms, 3: 24 vs 23,
+// 4: 24 vs 31, 6: 24 vs 45, 8: 27 vs 59 (dequantize + oneDNN GEMM: 111). -D overrides for A/B runs.
+#ifndef GPTOSS_AMX_MIN_ROWS
+#define GPTOSS_AMX_MIN_ROWS 3
+#endif
+
+// Linux grants the AMX tile state only on request, once per process (arch_prctl ARCH_REQ_XCOMP_PERM).
+inline bool amx_ready() {
+  static const bool ready = [] {
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ready;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// The rows of x of one pass (bf16 words, natural order) as B tiles: tile (j, g) is 16 lines of 64 bytes, line
+// r holding, for each of the 16 rows j·16 + c, the words of the elements that the decoded weight words 2r and
+// 2r + 1 stand for (activation_element_bf16: even elements, then odd ones). Rows past the pass are zero.
+void pack_amx(const uint16_t* const* x, int rows, int64_t G, uint16_t* packed) {
+  const int tiles = (rows + kAmxTokens - 1) / kAmxTokens;
+  for (int j = 0; j < tiles; ++j)
+    for (int64_t g = 0; g < G; ++g) {
+      uint16_t* tile = packed + (j * G + g) * 512;
+      for (int r = 0; r < 16; ++r)
+        for (int c = 0; c < kAmxTokens; ++c) {
+          const int row = j * kAmxTokens + c;
+          for (int h = 0; h < 2; ++h)
+            tile[r * 32 + 2 * c + h] = row < rows ? x[row][g * kBlock + activation_element_bf16(2 * r + h)] : 0;
+        }
+    }
+}
+
+// out[row][n] = bias[n] + sum_k W[n][k] x[row][k] for output rows [n0, n1) and the pass's rows (T tiles).
+template <int T>
+void amx_pass(const uint8_t* blocks, const uint8_t* scales, const void* bias, int64_t bias_dtype, int64_t n0,
+              int64_t n1, int64_t G, const uint16_t* packed, int rows, float* const* out) {
+  TileConfig cfg;
+  for (int t = 0; t < 6; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+  alignas(64) uint16_t a[16 * 32];
+  alignas(64) float c[16 * 16];
+  for (int64_t o0 = n0; o0 < n1; o0 += 16) {
+    const int valid = static_cast<int>(std::min<int64_t>(16, n1 - o0));
+    if (valid < 16) std::memset(a, 0, sizeof a);  // output rows past N multiply as zero
+    _tile_zero(0);
+    if constexpr (T > 1) _tile_zero(1);
+    if constexpr (T > 2) _tile_zero(2);
+    if constexpr (T > 3) _tile_zero(3);
+    for (int64_t g = 0; g < G; ++g) {
+      for (int i = 0; i < valid; ++i) {
+        const int64_t b = (o0 + i) * G + g;
+        // 16 weight rows are 16 streams, more than the hardware prefetcher follows: 2 lines ahead by hand
+        // (2 threads, 32 experts x 8 rows of a 20b mlp1: 46 -> 27 ms; 4 lines ahead 32 ms).
+        if ((g & 3) == 0) _mm_prefetch(reinterpret_cast<const char*>(blocks + (b + 8) * kBytes), _MM_HINT_T0);
+        const __m256i bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blocks + b * kBytes)));
+        const __m256i table = _mm256_load_si256(reinterpret_cast<const __m256i*>(kTables.scaled_words[scales[b]]));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(a + i * 32), _mm256_permutexvar_epi16(bytes, table));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(a + i * 32 + 16),
+                           _mm256_permutexvar_epi16(_mm256_srli_epi16(bytes, 4), table));
+      }
+      _tile_loadd(4, a, 64);
+      _tile_loadd(5, packed + g * 512, 64);
+      _tile_dpbf16ps(0, 4, 5);
+      if constexpr (T > 1) {
+        _tile_loadd(5, packed + (G + g) * 512, 64);
+        _tile_dpbf16ps(1, 4, 5);
+      }
+      if constexpr (T > 2) {
+        _tile_loadd(5, packed + (2 * G + g) * 512, 64);
+        _tile_dpbf16ps(2, 4, 5);
+      }
+      if constexpr (T > 3) {
+        _tile_loadd(5, packed + (3 * G + g) * 512, 64);
+        _tile_dpbf16ps(3, 4, 5);
+      }
+    }
+    for (int j = 0; j < T; ++j) {
+      switch (j) {  // tile numbers are immediates
+        case 0: _tile_stored(0, c, 64); break;
+        case 1: _tile_stored(1, c, 64); break;
+        case 2: _tile_stored(2, c, 64); break;
+        default: _tile_stored(3, c, 64); break;
+      }
+      for (int col = 0; col < kAmxTokens && j * kAmxTokens + col < rows; ++col)
+        for (int i = 0; i < valid; ++i)
+          out[j * kAmxTokens + col][o0 + i] = c[i * 16 + col] + (bias ? load_float(bias, bias_dtype, o0 + i) : 0.f);
+    }
+  }
+  _tile_release();
+}
+
+using AmxPassFn = void (*)(const uint8_t*, const uint8_t*, const void*, int64_t, int64_t, int64_t, int64_t,
+                           const uint16_t*, int, float* const*);
+constexpr AmxPassFn kAmxPassFns[kAmxMaxTiles] = {amx_pass<1>, amx_pass<2>, amx_pass<3>, amx_pass<4>};
+#endif
+
+#ifdef GPTOSS_AMX
+// The experts of by_expert with at least GPTOSS_AMX_MIN_ROWS rows, on the tiles; their rows are then removed
+// from by_expert, which linear() finishes on the vector units.
+void linear_amx(const uint16_t* x, int64_t K, const uint8_t* blocks, const uint8_t* scales, int64_t N,
+                const void* bias, int64_t bias_dtype, std::vector<std::vector<int64_t>>& by_expert, float* out) {
+  const int64_t G = K / kBlock, rows_max = kAmxTokens * kAmxMaxTiles;
+  struct Pass {
+    int64_t expert;
+    int rows;
+    size_t packed;  // offset in packed
+    float* out[kAmxTokens * kAmxMaxTiles];
+  };
+  std::vector<Pass> passes;
+  size_t words = 0;
+  for (size_t e = 0; e < by_expert.size(); ++e) {
+    if (static_cast<int64_t>(by_expert[e].size()) < GPTOSS_AMX_MIN_ROWS) continue;
+    for (size_t i = 0; i < by_expert[e].size(); i += rows_max) {
+      Pass p{static_cast<int64_t>(e), static_cast<int>(std::min<size_t>(rows_max, by_expert[e].size() - i)), words, {}};
+      words += static_cast<size_t>((p.rows + kAmxTokens - 1) / kAmxTokens) * G * 512;
+      passes.push_back(p);
+    }
+  }
+  if (passes.empty()) return;
+  std::vector<uint16_t> packed(words);
+  // The passes of one expert take its rows rows_max at a time, in the order they were made above.
+  for (size_t next = 0, e = 0; e < by_expert.size() && next < passes.size(); ++e) {
+    if (passes[next].expert != static_cast<int64_t>(e)) continue;
+    for (size_t i = 0; i < by_expert[e].size(); i += rows_max, ++next) {
+      Pass& p = passes[next];
+      const uint16_t* rows[kAmxTokens * kAmxMaxTiles];
+      for (int r = 0; r < p.rows; ++r) {
+        const int64_t m = by_expert[e][i + r];
+        rows[r] = x + m * K;
+        p.out[r] = out + m * N;
+      }
+      pack_amx(rows, p.rows, G, packed.data() + p.packed);
+    }
+    by_expert[e].clear();
+  }
+  const int64_t tasks_per_pass = (N + kAmxRowsPerTask - 1) / kAmxRowsPerTask;
+  parallel_tasks(static_cast<int64_t>(passes.size()) * tasks_per_pass, false, [&](int64_t i) {
+    const Pass& p = passes[i / tasks_per_pass];
+    const int64_t n0 = (i % tasks_per_pass) * kAmxRowsPerTask, n1 = std::min(N, n0 + kAmxRowsPerTask);
+    const void* b = bias ? static_cast<const uint8_t*>(bias) + p.expert * N * (bias_dtype == kBF16 ? 2 : 4) : nullptr;
+    kAmxPassFns[(p.rows + kAmxTokens - 1) / kAmxTokens - 1](blocks + p.expert * N * G * kBytes, scales + p.expert * N * G,
+                                                            b, bias_dtype, n0, n1, G, packed.data() + p.packed, p.rows, p.out);
+  });
+}
+#endif
+
 // out[m] = x[m] @ W[ids[m]].T + bias[ids[m]] (fp32). x, bias: fp32 or bf16 (bias may be null).
 void linear(const void* x, int64_t x_dtype, int64_t M, int64_t K, const uint8_t* blocks, const uint8_t* scales,
             int64_t E, int64_t N, const void* bias, int64_t bias_dtype, const int64_t* ids, float* out) {
@@ -424,6 +597,10 @@ void linear(const void* x, int64_t x_dtype, int64_t M, int64_t K, const uint8_t*
   };
   std::vector<std::vector<int64_t>> by_expert(E);
   for (int64_t m = 0; m < M; ++m) by_expert[ids[m]].push_back(m);
+#ifdef GPTOSS_AMX
+  if (x_dtype == kBF16 && amx_ready()) linear_amx(static_cast<const uint16_t*>(x), K, blocks, scales, N, bias,
+                                                  bias_dtype, by_expert, out);
+#endif
   std::vector<Pass> passes;
   for (int64_t e = 0; e < E; ++e) {
     for (size_t i = 0; i < by_expert[e].size(); i += kMaxRows) {
@@ -1329,6 +1506,13 @@ PyObject* py_simd(PyObject*, PyObject*) {
 #endif
 }
 
+PyObject* py_amx(PyObject*, PyObject*) {
+#ifdef GPTOSS_AMX
+  if (amx_ready()) Py_RETURN_TRUE;
+#endif
+  Py_RETURN_FALSE;
+}
+
 PyObject* py_experts_kernel(PyObject*, PyObject*) {
   if (use_vdpbf16ps()) return PyUnicode_FromString("vdpbf16ps");
 #if defined(GPTOSS_AVX512)
@@ -1365,6 +1549,8 @@ PyMethodDef kMethods[] = {
      "decode_attention_block(x, dtype, B, D, attn_norm, eps, qkv_w, qkv_b, H, K, Dh, cos, sin, cache_k, cache_v, "
      "cache_pos, S, slots, q_pos, window, sinks, out_w, out_b, mlp_norm, gate_w, gate_b, E, x_out, t_out, logits)"},
     {"simd", py_simd, METH_NOARGS, "the instruction set this build uses: 'avx512bf16', 'avx2' or 'scalar'"},
+    {"amx", py_amx, METH_NOARGS,
+     "whether experts with several bf16 rows run on AMX tiles here (built for them and granted by the kernel)"},
     {"experts_kernel", py_experts_kernel, METH_NOARGS,
      "the MXFP4 expert kernel bf16 activations take here: 'vdpbf16ps', 'vpermps', 'vpshufb' or 'scalar'"},
     {nullptr, nullptr, 0, nullptr}};
