@@ -105,11 +105,11 @@ def test_linear_extreme_scales(use_kernels, scale_lo, scale_hi, x_exp):
     assert_close(y, ref, mag)
 
 
-@pytest.mark.parametrize("rows", [[3], [16], [17, 3], [64], [65, 2], [130, 1, 4], [5, 40, 33]],
+@pytest.mark.parametrize("rows", [[3], [16], [17, 3], [64], [96, 2], [97], [130, 1, 4], [5, 40, 33]],
                          ids=lambda r: "-".join(map(str, r)))
 @pytest.mark.parametrize("bias_dtype", [None, torch.float32, torch.bfloat16])
 def test_amx_tiles_match_reference(rows, bias_dtype):
-    """Where the CPU has AMX, experts with at least 3 bf16 rows run on tiles (1 to 4 tiles of 16 rows per pass,
+    """Where the CPU has AMX, experts with at least 3 bf16 rows run on tiles (1 to 6 tiles of 16 rows per pass,
     more rows than a pass holds, output rows not a multiple of 16; experts with fewer rows take the vector
     kernels in the same call): against the reference, and a NaN scale still makes its outputs NaN."""
     lib = load_kernels()

@@ -30,6 +30,7 @@
 #include <stdexcept>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -399,9 +400,9 @@ constexpr PassFn kPassFns[kMaxRows] = {pass_rows<1, T>, pass_rows<2, T>, pass_ro
 // writes and re-reads its whole bf16 copy (33 MB for a 20b mlp1) however few rows use it. Here each 16x32
 // piece of the weight (16 output rows, one block each) is decoded into an L1 tile buffer (the vpermw tables of
 // dot_rows_bf16) and multiplied by up to 4 tiles of 16 rows of x (tdpbf16ps: exact bf16 products, fp32 sums,
-// subnormals as zero like vdpbf16ps and oneDNN's AMX GEMM). The weights are read once per 64 rows of x.
+// subnormals as zero like vdpbf16ps and oneDNN's AMX GEMM). The weights are read once per 96 rows of x.
 constexpr int kAmxTokens = 16;     // rows of x per tile (the B and C tiles' columns)
-constexpr int kAmxMaxTiles = 4;    // C tiles per pass (tiles 0-3; 4 holds the weights, 5 x)
+constexpr int kAmxMaxTiles = 6;    // accumulating tiles per pass (of 8: the weights and x take two)
 constexpr int64_t kAmxRowsPerTask = 64;  // output rows per parallel work item
 // Experts with at least this many rows of x take the tiles (below: the vector kernels). The Xeon measured,
 // 2 threads, 32 experts x n rows of a 20b mlp1, tiles vs vector kernels: n = 2: 24 vs 19 ms, 3: 24 vs 23,
@@ -443,25 +444,48 @@ void pack_amx(const uint16_t* const* x, int rows, int64_t G, uint16_t* packed) {
     }
 }
 
+// Tile numbers are literals in GCC's intrinsics (pasted into the assembly): tiles 0-5 accumulate, 6 holds the
+// decoded weights, 7 the rows of x; the per-tile steps pick their literal at compile time.
+#define GPTOSS_TILE_CASES(op) \
+  if constexpr (J == 0) op(0); else if constexpr (J == 1) op(1); else if constexpr (J == 2) op(2); \
+  else if constexpr (J == 3) op(3); else if constexpr (J == 4) op(4); else op(5);
+template <int J>
+inline void amx_zero() {
+#define GPTOSS_OP(t) _tile_zero(t)
+  GPTOSS_TILE_CASES(GPTOSS_OP)
+#undef GPTOSS_OP
+}
+template <int J>
+inline void amx_step(const uint16_t* x_tile) {
+  _tile_loadd(7, x_tile, 64);
+#define GPTOSS_OP(t) _tile_dpbf16ps(t, 6, 7)
+  GPTOSS_TILE_CASES(GPTOSS_OP)
+#undef GPTOSS_OP
+}
+template <int J>
+inline void amx_store(float* c) {
+#define GPTOSS_OP(t) _tile_stored(t, c, 64)
+  GPTOSS_TILE_CASES(GPTOSS_OP)
+#undef GPTOSS_OP
+}
+#undef GPTOSS_TILE_CASES
+
 // out[row][n] = bias[n] + sum_k W[n][k] x[row][k] for output rows [n0, n1) and the pass's rows (T tiles).
 template <int T>
 void amx_pass(const uint8_t* blocks, const uint8_t* scales, const void* bias, int64_t bias_dtype, int64_t n0,
               int64_t n1, int64_t G, const uint16_t* packed, int rows, float* const* out) {
   TileConfig cfg;
-  for (int t = 0; t < 6; ++t) {
+  for (int t = 0; t < 8; ++t) {
     cfg.rows[t] = 16;
     cfg.colsb[t] = 64;
   }
   _tile_loadconfig(&cfg);
   alignas(64) uint16_t a[16 * 32];
-  alignas(64) float c[16 * 16];
+  alignas(64) float c[T][16 * 16];
   for (int64_t o0 = n0; o0 < n1; o0 += 16) {
     const int valid = static_cast<int>(std::min<int64_t>(16, n1 - o0));
     if (valid < 16) std::memset(a, 0, sizeof a);  // output rows past N multiply as zero
-    _tile_zero(0);
-    if constexpr (T > 1) _tile_zero(1);
-    if constexpr (T > 2) _tile_zero(2);
-    if constexpr (T > 3) _tile_zero(3);
+    [&]<int... J>(std::integer_sequence<int, J...>) { (amx_zero<J>(), ...); }(std::make_integer_sequence<int, T>{});
     for (int64_t g = 0; g < G; ++g) {
       for (int i = 0; i < valid; ++i) {
         const int64_t b = (o0 + i) * G + g;
@@ -474,40 +498,24 @@ void amx_pass(const uint8_t* blocks, const uint8_t* scales, const void* bias, in
         _mm256_store_si256(reinterpret_cast<__m256i*>(a + i * 32 + 16),
                            _mm256_permutexvar_epi16(_mm256_srli_epi16(bytes, 4), table));
       }
-      _tile_loadd(4, a, 64);
-      _tile_loadd(5, packed + g * 512, 64);
-      _tile_dpbf16ps(0, 4, 5);
-      if constexpr (T > 1) {
-        _tile_loadd(5, packed + (G + g) * 512, 64);
-        _tile_dpbf16ps(1, 4, 5);
-      }
-      if constexpr (T > 2) {
-        _tile_loadd(5, packed + (2 * G + g) * 512, 64);
-        _tile_dpbf16ps(2, 4, 5);
-      }
-      if constexpr (T > 3) {
-        _tile_loadd(5, packed + (3 * G + g) * 512, 64);
-        _tile_dpbf16ps(3, 4, 5);
-      }
+      _tile_loadd(6, a, 64);
+      [&]<int... J>(std::integer_sequence<int, J...>) {
+        (amx_step<J>(packed + (J * G + g) * 512), ...);
+      }(std::make_integer_sequence<int, T>{});
     }
-    for (int j = 0; j < T; ++j) {
-      switch (j) {  // tile numbers are immediates
-        case 0: _tile_stored(0, c, 64); break;
-        case 1: _tile_stored(1, c, 64); break;
-        case 2: _tile_stored(2, c, 64); break;
-        default: _tile_stored(3, c, 64); break;
-      }
+    [&]<int... J>(std::integer_sequence<int, J...>) { (amx_store<J>(c[J]), ...); }(std::make_integer_sequence<int, T>{});
+    for (int j = 0; j < T; ++j)
       for (int col = 0; col < kAmxTokens && j * kAmxTokens + col < rows; ++col)
         for (int i = 0; i < valid; ++i)
-          out[j * kAmxTokens + col][o0 + i] = c[i * 16 + col] + (bias ? load_float(bias, bias_dtype, o0 + i) : 0.f);
-    }
+          out[j * kAmxTokens + col][o0 + i] = c[j][i * 16 + col] + (bias ? load_float(bias, bias_dtype, o0 + i) : 0.f);
   }
   _tile_release();
 }
 
 using AmxPassFn = void (*)(const uint8_t*, const uint8_t*, const void*, int64_t, int64_t, int64_t, int64_t,
                            const uint16_t*, int, float* const*);
-constexpr AmxPassFn kAmxPassFns[kAmxMaxTiles] = {amx_pass<1>, amx_pass<2>, amx_pass<3>, amx_pass<4>};
+constexpr AmxPassFn kAmxPassFns[] = {amx_pass<1>, amx_pass<2>, amx_pass<3>, amx_pass<4>, amx_pass<5>, amx_pass<6>};
+static_assert(sizeof(kAmxPassFns) / sizeof(kAmxPassFns[0]) == kAmxMaxTiles);
 #endif
 
 #ifdef GPTOSS_AMX
