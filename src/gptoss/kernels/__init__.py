@@ -12,7 +12,9 @@ Instruction sets, chosen at build time by -march=native (`load_kernels().simd()`
 AVX2 + FMA, or portable C++. On AVX-512 the expert kernel for bf16 activations is chosen per CPU at load
 (`load_kernels().experts_kernel()`): vdpbf16ps on AMD (Zen 4 issues it every cycle), an fp32 table lookup
 (vpermps) with FMAs elsewhere (the Intel Xeon measured issues vdpbf16ps every other cycle). Either way the
-products are exact and the sums fp32; only the summation order differs from dequantize-then-matmul.
+products are exact and the sums fp32; only the summation order differs from dequantize-then-matmul. Where
+the build finds AMX (Intel Sapphire Rapids and later) and Linux grants it, experts with at least 3 bf16 rows in
+one call multiply on AMX tiles instead (`load_kernels().amx()`): short prompts and batched decode.
 
 GPTOSS_KERNELS=0 forces the fallback (read on every call); GPTOSS_KERNELS_VERBOSE=1 shows the build.
 """
