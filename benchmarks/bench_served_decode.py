@@ -9,6 +9,9 @@ tokens after a prompt of about --context tokens, twice (the first warms up; the 
 `bench_decode.py` at that context for the same number of steps. The served figure is the engine's own (from the
 server's log line: the median time between consecutive tokens, and the mean rate after the first token);
 bench_decode's is its median (and mean) step. Nothing else should run on the machine meanwhile.
+
+The served greedy step picks its token through model.BoundedArgmax on the CPU (the default since 2026-12-05), so
+bench_decode runs with --bounded-argmax too (--full-logits-reference: without, as the rounds before that date).
 """
 
 from __future__ import annotations
@@ -91,11 +94,12 @@ def served(model: str, dtype: str, context: int, max_tokens: int, raw: bool = Fa
         os.unlink(log.name)
 
 
-def bench_decode(model: str, dtype: str, context: int, steps: int) -> dict:
+def bench_decode(model: str, dtype: str, context: int, steps: int, bounded: bool = True) -> dict:
     """bench_decode.py at `context` (the served prompt's length) for `steps` steps: its median and mean step."""
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         subprocess.run([sys.executable, str(HERE / "bench_decode.py"), model, "--dtype", dtype, "--contexts",
-                        str(context), "--steps", str(steps), "--prefill", "0", "--json", f.name],
+                        str(context), "--steps", str(steps), "--prefill", "0", "--json", f.name,
+                        *(["--bounded-argmax"] if bounded else [])],
                        check=True, stdout=subprocess.DEVNULL)
         r = json.loads(Path(f.name).read_text())["decode"][0]
     return {"ms_median": r["ms_per_token"], "tok_s_mean": 1e3 / r["ms_per_token_mean"]}
@@ -108,6 +112,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--context", type=int, default=384, help="prompt tokens, about (default 384)")
     p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--full-logits-reference", action="store_true",
+                   help="bench_decode without --bounded-argmax (the served step still uses it)")
     p.add_argument("--raw-client", action="store_true",
                    help="read the stream as bytes instead of through the openai client (its parsing costs CPU)")
     args = p.parse_args()
@@ -121,7 +127,8 @@ def main() -> None:
                 got[what] = served(args.model, args.dtype, args.context, args.max_tokens, args.raw_client)
                 context = context or got[what]["prompt_tokens"]
             else:
-                got[what] = bench_decode(args.model, args.dtype, context, args.max_tokens)
+                got[what] = bench_decode(args.model, args.dtype, context, args.max_tokens,
+                                         bounded=not args.full_logits_reference)
         ratio = got["bench"]["ms_median"] / got["served"]["ms_median"]
         ratio_mean = got["served"]["tok_s_mean"] / got["bench"]["tok_s_mean"]
         rows.append((ratio, ratio_mean))
