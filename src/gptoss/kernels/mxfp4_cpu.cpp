@@ -399,7 +399,7 @@ constexpr PassFn kPassFns[kMaxRows] = {pass_rows<1, T>, pass_rows<2, T>, pass_ro
 // of x: with 16 rows per expert they cost 4x a decode pass, and dequantizing the expert for a oneDNN GEMM
 // writes and re-reads its whole bf16 copy (33 MB for a 20b mlp1) however few rows use it. Here each 16x32
 // piece of the weight (16 output rows, one block each) is decoded into an L1 tile buffer (the vpermw tables of
-// dot_rows_bf16) and multiplied by up to 4 tiles of 16 rows of x (tdpbf16ps: exact bf16 products, fp32 sums,
+// dot_rows_bf16) and multiplied by up to 6 tiles of 16 rows of x (tdpbf16ps: exact bf16 products, fp32 sums,
 // subnormals as zero like vdpbf16ps and oneDNN's AMX GEMM). The weights are read once per 96 rows of x.
 constexpr int kAmxTokens = 16;     // rows of x per tile (the B and C tiles' columns)
 constexpr int kAmxMaxTiles = 6;    // accumulating tiles per pass (of 8: the weights and x take two)
@@ -516,9 +516,7 @@ using AmxPassFn = void (*)(const uint8_t*, const uint8_t*, const void*, int64_t,
                            const uint16_t*, int, float* const*);
 constexpr AmxPassFn kAmxPassFns[] = {amx_pass<1>, amx_pass<2>, amx_pass<3>, amx_pass<4>, amx_pass<5>, amx_pass<6>};
 static_assert(sizeof(kAmxPassFns) / sizeof(kAmxPassFns[0]) == kAmxMaxTiles);
-#endif
 
-#ifdef GPTOSS_AMX
 // The experts of by_expert with at least GPTOSS_AMX_MIN_ROWS rows, on the tiles; their rows are then removed
 // from by_expert, which linear() finishes on the vector units.
 void linear_amx(const uint16_t* x, int64_t K, const uint8_t* blocks, const uint8_t* scales, int64_t N,
