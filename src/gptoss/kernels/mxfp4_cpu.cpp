@@ -526,6 +526,7 @@ void linear_amx(const uint16_t* x, int64_t K, const uint8_t* blocks, const uint8
     int64_t expert;
     int rows;
     size_t packed;  // offset in packed
+    const uint16_t* x[kAmxTokens * kAmxMaxTiles];
     float* out[kAmxTokens * kAmxMaxTiles];
   };
   std::vector<Pass> passes;
@@ -533,28 +534,21 @@ void linear_amx(const uint16_t* x, int64_t K, const uint8_t* blocks, const uint8
   for (size_t e = 0; e < by_expert.size(); ++e) {
     if (static_cast<int64_t>(by_expert[e].size()) < GPTOSS_AMX_MIN_ROWS) continue;
     for (size_t i = 0; i < by_expert[e].size(); i += rows_max) {
-      Pass p{static_cast<int64_t>(e), static_cast<int>(std::min<size_t>(rows_max, by_expert[e].size() - i)), words, {}};
+      Pass p{static_cast<int64_t>(e), static_cast<int>(std::min<size_t>(rows_max, by_expert[e].size() - i)), words,
+             {}, {}};
+      for (int r = 0; r < p.rows; ++r) {
+        const int64_t m = by_expert[e][i + r];
+        p.x[r] = x + m * K;
+        p.out[r] = out + m * N;
+      }
       words += static_cast<size_t>((p.rows + kAmxTokens - 1) / kAmxTokens) * G * 512;
       passes.push_back(p);
     }
+    by_expert[e].clear();
   }
   if (passes.empty()) return;
   std::vector<uint16_t> packed(words);
-  // The passes of one expert take its rows rows_max at a time, in the order they were made above.
-  for (size_t next = 0, e = 0; e < by_expert.size() && next < passes.size(); ++e) {
-    if (passes[next].expert != static_cast<int64_t>(e)) continue;
-    for (size_t i = 0; i < by_expert[e].size(); i += rows_max, ++next) {
-      Pass& p = passes[next];
-      const uint16_t* rows[kAmxTokens * kAmxMaxTiles];
-      for (int r = 0; r < p.rows; ++r) {
-        const int64_t m = by_expert[e][i + r];
-        rows[r] = x + m * K;
-        p.out[r] = out + m * N;
-      }
-      pack_amx(rows, p.rows, G, packed.data() + p.packed);
-    }
-    by_expert[e].clear();
-  }
+  for (const Pass& p : passes) pack_amx(p.x, p.rows, G, packed.data() + p.packed);
   const int64_t tasks_per_pass = (N + kAmxRowsPerTask - 1) / kAmxRowsPerTask;
   parallel_tasks(static_cast<int64_t>(passes.size()) * tasks_per_pass, false, [&](int64_t i) {
     const Pass& p = passes[i / tasks_per_pass];
