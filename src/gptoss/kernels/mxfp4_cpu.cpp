@@ -564,28 +564,37 @@ void linear_amx(const uint16_t* x, int64_t K, const uint8_t* blocks, const uint8
 void linear(const void* x, int64_t x_dtype, int64_t M, int64_t K, const uint8_t* blocks, const uint8_t* scales,
             int64_t E, int64_t N, const void* bias, int64_t bias_dtype, const int64_t* ids, float* out) {
   const int64_t G = K / kBlock;
-  // Activations in decode order, once per call (M·K values: small next to the weights): bf16 words where
-  // the CPU multiplies bf16 natively, fp32 otherwise.
+  std::vector<std::vector<int64_t>> by_expert(E);
+  for (int64_t m = 0; m < M; ++m) by_expert[ids[m]].push_back(m);
+#ifdef GPTOSS_AMX
+  // Experts with several bf16 rows go to the tiles and leave by_expert; the vector kernels take the rest.
+  if (x_dtype == kBF16 && amx_ready()) linear_amx(static_cast<const uint16_t*>(x), K, blocks, scales, N, bias,
+                                                  bias_dtype, by_expert, out);
+#endif
+  int64_t left = 0;
+  for (const auto& rows : by_expert) left += static_cast<int64_t>(rows.size());
+  // The rows left, in decode order, once per call (left·K values: small next to the weights), row after row in
+  // the order the passes take them: bf16 words where the CPU multiplies bf16 natively, fp32 otherwise.
   const bool bf16 = x_dtype == kBF16 && use_vdpbf16ps();
-  std::vector<float> xs(bf16 ? 0 : static_cast<size_t>(M * K));
-  std::vector<uint16_t> xs16(bf16 ? static_cast<size_t>(M * K) : 0);
+  std::vector<float> xs(bf16 ? 0 : static_cast<size_t>(left * K));
+  std::vector<uint16_t> xs16(bf16 ? static_cast<size_t>(left * K) : 0);
   int order[kBlock];
   for (int p = 0; p < kBlock; ++p) order[p] = bf16 ? activation_element_bf16(p) : activation_element(p);
-  for (int64_t i = 0; i < M * G; ++i) {  // one 32-value block of one row at a time
-    if (bf16) {
-      const uint16_t* src = static_cast<const uint16_t*>(x) + i * kBlock;
-      for (int p = 0; p < kBlock; ++p) xs16[i * kBlock + p] = src[order[p]];
-      continue;
+  auto permute = [&](int64_t m, int64_t slot) {  // row m of x into row slot of xs / xs16
+    for (int64_t g = 0; g < G; ++g) {  // one 32-value block at a time
+      const int64_t i = m * G + g, o = (slot * G + g) * kBlock;
+      if (bf16) {
+        const uint16_t* src = static_cast<const uint16_t*>(x) + i * kBlock;
+        for (int p = 0; p < kBlock; ++p) xs16[o + p] = src[order[p]];
+      } else if (x_dtype == kBF16) {
+        const uint16_t* src = static_cast<const uint16_t*>(x) + i * kBlock;
+        for (int p = 0; p < kBlock; ++p) xs[o + p] = bf16_to_float(src[order[p]]);
+      } else {
+        const float* src = static_cast<const float*>(x) + i * kBlock;
+        for (int p = 0; p < kBlock; ++p) xs[o + p] = src[order[p]];
+      }
     }
-    float* dst = xs.data() + i * kBlock;
-    if (x_dtype == kBF16) {
-      const uint16_t* src = static_cast<const uint16_t*>(x) + i * kBlock;
-      for (int p = 0; p < kBlock; ++p) dst[p] = bf16_to_float(src[order[p]]);
-    } else {
-      const float* src = static_cast<const float*>(x) + i * kBlock;
-      for (int p = 0; p < kBlock; ++p) dst[p] = src[order[p]];
-    }
-  }
+  };
   const PassFn* pass_fns = bf16 ? kPassFns<uint16_t> : kPassFns<float>;
   // Rows grouped by expert in chunks of at most kMaxRows: each chunk is one pass over that expert.
   struct Pass {
@@ -595,19 +604,15 @@ void linear(const void* x, int64_t x_dtype, int64_t M, int64_t K, const uint8_t*
     float* out[kMaxRows];
     const void* bias;  // bias[expert] (bias_dtype), null if none
   };
-  std::vector<std::vector<int64_t>> by_expert(E);
-  for (int64_t m = 0; m < M; ++m) by_expert[ids[m]].push_back(m);
-#ifdef GPTOSS_AMX
-  if (x_dtype == kBF16 && amx_ready()) linear_amx(static_cast<const uint16_t*>(x), K, blocks, scales, N, bias,
-                                                  bias_dtype, by_expert, out);
-#endif
   std::vector<Pass> passes;
+  int64_t slot = 0;
   for (int64_t e = 0; e < E; ++e) {
     for (size_t i = 0; i < by_expert[e].size(); i += kMaxRows) {
       Pass p{e, static_cast<int>(std::min<size_t>(kMaxRows, by_expert[e].size() - i)), {}, {}, {}};
-      for (int r = 0; r < p.rows; ++r) {
+      for (int r = 0; r < p.rows; ++r, ++slot) {
         const int64_t m = by_expert[e][i + r];
-        p.x[r] = bf16 ? static_cast<const void*>(xs16.data() + m * K) : xs.data() + m * K;
+        permute(m, slot);
+        p.x[r] = bf16 ? static_cast<const void*>(xs16.data() + slot * K) : xs.data() + slot * K;
         p.out[r] = out + m * N;
       }
       p.bias = bias ? static_cast<const uint8_t*>(bias) + e * N * (bias_dtype == kBF16 ? 2 : 4) : nullptr;
