@@ -26,11 +26,14 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bench_streaming import drop_caches  # this folder is on sys.path when run as a script
+from bench_train import paired_t
+
 
 def drop_page_cache() -> bool:
+    """bench_streaming.drop_caches, or False where this process may not (not root)."""
     try:
-        subprocess.run(["sync"], check=True)
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        drop_caches()
         return True
     except OSError:
         return False
@@ -68,10 +71,7 @@ def gptoss_bench(model: str, threads: int, extra: list[str]) -> dict[str, float]
 def summary(name: str, ratios: list[float]) -> str:
     line = f"{name}: gptoss / llama.cpp median {statistics.median(ratios):.3f} (range {min(ratios):.2f}-{max(ratios):.2f})"
     if len(ratios) >= 3:
-        from scipy import stats
-
-        logs = [math.log(r) for r in ratios]
-        line += f", t-test of log ratios vs 0: p = {stats.ttest_1samp(logs, 0.0).pvalue:.2g}"
+        line += f", t-test of log ratios vs 0: p = {paired_t([math.log(r) for r in ratios]):.2g}"
     return line
 
 
