@@ -4,8 +4,8 @@
 
 llama.cpp's `convert_hf_to_gguf.py` reads the tokenizer from a `tokenizer.json`, which our checkpoints
 (generated, or the real ones without their tokenizer files) do not carry. This writes one from our shipped
-o200k_harmony with transformers' TikTokenConverter (what `convert_tiktoken_to_fast` runs), drops the added tokens it numbers at or past the
-model's vocabulary (the converter would reject them), and runs the converter on a staging folder of symlinks
+o200k_harmony with transformers' TikTokenConverter (what `convert_tiktoken_to_fast` runs), drops the added
+tokens it numbers at or past the model's vocabulary (the converter would reject them), and runs the converter on a staging folder of symlinks
 to the checkpoint, `--outtype bf16` (experts stay MXFP4, as in the real GGUFs). Nothing of llama.cpp is in
 this repository: pass the folder of its sources (e.g. the one vendored in the `llama_cpp_python` sdist).
 """
@@ -34,13 +34,11 @@ def write_tokenizer(folder: Path, vocab_size: int) -> None:
                                   for token, rank in sorted(encoding._mergeable_ranks.items(), key=lambda kv: kv[1])))
     converted = TikTokenConverter(vocab_file=str(ranks_file), pattern=encoding._pat_str,
                                   extra_special_tokens=encoding._special_tokens).converted()
-    converted.save(str(folder / "tokenizer.json"))
-    path = folder / "tokenizer.json"
-    tokenizer = json.loads(path.read_text())
+    tokenizer = json.loads(converted.to_str())
     kept = [t for t in tokenizer["added_tokens"] if t["id"] < vocab_size]
     dropped = [t["content"] for t in tokenizer["added_tokens"] if t["id"] >= vocab_size]
     tokenizer["added_tokens"] = kept
-    path.write_text(json.dumps(tokenizer))
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
     if dropped:
         print(f"tokenizer.json: dropped {len(dropped)} added token(s) past the vocabulary: {dropped[:4]}")
 
