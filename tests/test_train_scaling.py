@@ -3,6 +3,7 @@ gradients included; activation checkpointing; validation files; throughput, MFU 
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -23,7 +24,8 @@ def loop_experts(t, experts, weights, w1, b1, w2, b2, alpha, limit):
     return out
 
 
-def test_grouped_experts_equal_the_per_expert_loop_with_gradients():
+@pytest.mark.parametrize("multiple", [1, 3, 32])  # groups padded to multiples of 1, 3 or 32 rows
+def test_grouped_experts_equal_the_per_expert_loop_with_gradients(multiple):
     g = torch.Generator().manual_seed(0)
     N, k, E, D, I = 40, 2, 4, 32, 32
     params = [torch.randn(E, 2 * I, D, generator=g) * 0.2, torch.randn(E, 2 * I, generator=g) * 0.1,
@@ -35,7 +37,7 @@ def test_grouped_experts_equal_the_per_expert_loop_with_gradients():
     weights = torch.softmax(torch.randn(N, k, generator=g), -1)
     grad = torch.randn(N, D, generator=g)
     outs, grads = [], []
-    for fn in (loop_experts, grouped_experts):
+    for fn in (loop_experts, functools.partial(grouped_experts, group_rows_multiple=multiple)):
         leaves = [p.clone().requires_grad_(True) for p in [t, *params]]
         out = fn(leaves[0], experts, weights, *leaves[1:], 1.702, 7.0)
         out.backward(grad)

@@ -492,7 +492,11 @@ class Attention(nn.Module):
 # ---------------------------------------------------------------- MoE
 def swiglu(h: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
     """Clamped SwiGLU of GPT-oss on interleaved columns: even = gate, odd = linear. [.., 2I] → [.., I]."""
-    gate, linear = h[..., ::2], h[..., 1::2]
+    return swiglu_halves(h[..., ::2], h[..., 1::2], alpha, limit)
+
+
+def swiglu_halves(gate: torch.Tensor, linear: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """`swiglu` on the gate and linear columns already apart."""
     gate = gate.clamp(max=limit)
     linear = linear.clamp(min=-limit, max=limit)
     return gate * torch.sigmoid(alpha * gate) * (linear + 1)
@@ -503,41 +507,86 @@ def swiglu(h: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
 _eager_grouped_mm = torch.compiler.disable(F.grouped_mm) if hasattr(F, "grouped_mm") else None
 
 
+# Rows per expert group are padded to a multiple of this on CPU: oneDNN JIT-compiles a GEMM kernel per shape
+# (≈ 2.6 ms on an AMX Xeon, ten times the 256-wide GEMM itself) and the group sizes change every step, so unpadded
+# groups recompile nearly every GEMM of every step; padded ones reuse a handful of shapes. Other devices: 1.
+GROUP_ROWS_MULTIPLE = {"cpu": 32}
+
+
 def grouped_experts(t: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, w1: torch.Tensor,
-                    b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+                    b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, alpha: float, limit: float,
+                    group_rows_multiple: int | None = None) -> torch.Tensor:
     """The experts of dense weights (training) as two grouped GEMMs: the (token, expert) rows sorted by expert,
     each projection one `F.grouped_mm` call over all experts (no Python loop, one autograd node each).
 
     t [N, D], experts/weights [N, k] (−1: dropped for capacity), w1 [E, 2I, D], b1 [E, 2I], w2 [E, D, I],
-    b2 [E, D] → [N, D] fp32. Under autocast the GEMMs run in its dtype (grouped_mm has no autocast rule)."""
+    b2 [E, D] → [N, D] fp32. Under autocast the GEMMs run in its dtype (grouped_mm has no autocast rule).
+    Each expert's group is padded with zero rows to a multiple of `group_rows_multiple` (default
+    `GROUP_ROWS_MULTIPLE` for the device); padding rows are computed and discarded, never added."""
     N, k = experts.shape
     E = w1.shape[0]
+    P = GROUP_ROWS_MULTIPLE.get(t.device.type, 1) if group_rows_multiple is None else group_rows_multiple
     dtype = torch.get_autocast_dtype(t.device.type) if torch.is_autocast_enabled(t.device.type) else t.dtype
-    # Every shape below is fixed by N and k, none by the routing (no nonzero/bincount), so that torch.compile
-    # traces a block whole ([train] compile): dropped assignments sort last as a virtual expert E, past the
-    # last group, and add an exact zero.
+    # Every shape below is fixed by N, k, E and P, none by the routing (no nonzero/bincount), so that
+    # torch.compile traces a block whole ([train] compile): dropped assignments sort last as a virtual expert
+    # E, past the last group, and no padded position points at them.
     flat = experts.reshape(-1)  # (N·k,) token-major
-    dropped = flat < 0
-    key = torch.where(dropped, E, flat)
+    key = torch.where(flat < 0, E, flat)
     rows = torch.argsort(key, stable=True)  # (N·k,) the assignments grouped by expert, dropped ones last
-    which = key.index_select(0, rows)  # (N·k,) their experts, ascending (E: dropped)
-    offs = torch.searchsorted(which, torch.arange(E, device=t.device), right=True).to(torch.int32)  # group ends
-    kept = which < E
-    which = which.clamp(max=E - 1)  # a dropped row's bias lookup stays in range (its output is discarded)
-    token = rows // k
-    # index_select, not t[token]: its backward (index_add) is deterministic, advanced indexing's (an
-    # accumulating index_put) is not on multi-threaded CPUs, and a token appears in k rows
+    ends = torch.searchsorted(key.index_select(0, rows), torch.arange(E, device=t.device), right=True)
+    counts = torch.diff(ends, prepend=ends.new_zeros(1))  # (E,) rows of each expert
+    padded_ends = torch.cumsum((counts + P - 1) // P * P, 0)  # (E,) group ends after padding
+    padded_starts = padded_ends - (counts + P - 1) // P * P
+    L = N * k + E * (P - 1)  # room for every group padded, whatever the routing
+    pos = torch.arange(L, device=t.device)
+    group = torch.searchsorted(padded_ends, pos, right=True).clamp(max=E - 1)  # (L,) the expert of a position
+    rank = pos - padded_starts.index_select(0, group)
+    valid = (pos < padded_ends[-1]) & (rank < counts.index_select(0, group))  # a real assignment sits here
+    src = torch.where(valid, ends.index_select(0, group) - counts.index_select(0, group) + rank, 0)
+    assignment = torch.where(valid, rows.index_select(0, src), N * k)  # (L,) flat (token, slot); N·k: none
+    position = torch.full((N * k + 1,), L, dtype=pos.dtype, device=t.device).index_copy(0, assignment, pos)[:-1]
+    offs = padded_ends.to(torch.int32)
+    gmm = F.grouped_mm if dtype == torch.bfloat16 else _eager_grouped_mm
+    # Rows move between token order and group order by gathers both ways (`permute_rows`), never by index_add,
+    # and the biases enter as a one-hot GEMM: index_add's parallel form on CPU (inductor's) is an atomic add
+    # per element, which cost more than the GEMMs themselves.
+    onehot = torch.where(valid[:, None], F.one_hot(group, E), 0).to(dtype)  # (L, E); padding rows: none
+    x = permute_rows(t.to(dtype)[:, None].expand(N, k, t.shape[1]).reshape(N * k, -1), assignment, position)
+    # w1's interleaved gate/linear rows as two halves (a reshape, whose backward is one too): the activation
+    # then reads contiguous columns, where the stride-2 slices kept inductor's kernels from vectorizing
+    I = w1.shape[1] // 2
+    w1 = w1.view(E, I, 2, -1).transpose(1, 2).reshape(E, 2 * I, -1)
+    b1 = b1.view(E, I, 2).transpose(1, 2).reshape(E, 2 * I)
+    h = gmm(x, w1.to(dtype).transpose(1, 2), offs=offs) + onehot @ b1.to(dtype)  # (L, 2I): gate | linear
     # grouped_mm leaves the rows past the last group undefined, forward and backward: `torch.where` (not × 0)
     # keeps them out of every value and gradient (x's, the biases', the weights')
-    keep = kept[:, None]
-    gmm = F.grouped_mm if dtype == torch.bfloat16 else _eager_grouped_mm
-    x = torch.where(keep, t.index_select(0, token).to(dtype), 0)  # (N·k, D)
-    h = gmm(x, w1.to(dtype).transpose(1, 2), offs=offs) + b1.index_select(0, which).to(dtype)  # (N·k, 2I)
-    h = swiglu(torch.where(keep, h, 0), alpha, limit)  # (N·k, I)
-    y = gmm(h.to(dtype), w2.to(dtype).transpose(1, 2), offs=offs) + b2.index_select(0, which).to(dtype)
-    y = torch.where(keep, y.float(), 0.0) * weights.reshape(-1).index_select(0, rows)[:, None]  # before the ×
-    out = torch.zeros(N, w2.shape[1], dtype=torch.float32, device=t.device)
-    return out.index_add(0, token, y)
+    keep = valid[:, None]
+    h = torch.where(keep, h, 0)
+    h = swiglu_halves(h[:, :I], h[:, I:], alpha, limit)  # (L, I)
+    y = gmm(h.to(dtype), w2.to(dtype).transpose(1, 2), offs=offs) + onehot @ b2.to(dtype)
+    y = permute_rows(torch.where(keep, y.float(), 0.0), position, assignment)  # (N·k, D), dropped: 0
+    return (y.view(N, k, -1) * weights[..., None]).sum(dim=1)
+
+
+class _PermuteRows(torch.autograd.Function):
+    """out[m] = src[index[m]], where each row of src is read at most once (a partial permutation; an index
+    equal to len(src) reads a zero row). The backward is a gather too, grad_src[s] = grad[inverse[s]]
+    (len(out): none), where index_select's own backward would be an index_add."""
+
+    @staticmethod
+    def forward(ctx, src, index, inverse):
+        ctx.save_for_backward(inverse)
+        return torch.cat([src, src.new_zeros(1, *src.shape[1:])]).index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return torch.cat([grad, grad.new_zeros(1, *grad.shape[1:])]).index_select(0, inverse), None, None
+
+
+def permute_rows(src: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """src.index_select(0, index) for a partial permutation whose inverse is known (see `_PermuteRows`)."""
+    return _PermuteRows.apply(src, index, inverse)
 
 
 class _MXFP4Linear(torch.autograd.Function):
