@@ -114,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--new-train", default="{}", help="JSON [train] fields for the new side only (e.g. checkpointing)")
+    p.add_argument("--old-train", default="{}", help="JSON [train] fields for the old side (one change at a time: "
+                   "the same options on both sides when the baseline has them)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ... (both sides)")
     p.add_argument("--baseline-dir", type=Path, default=None,
                    help="a folder holding the baseline as gptoss_old (from --export-baseline) instead of git")
@@ -126,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT / "src"))  # the new side is this tree, not whatever `pip install -e` points at
     with tempfile.TemporaryDirectory() as tmp:
         import_baseline(args.baseline_dir or export_baseline(args.baseline, Path(tmp) / "baseline"))
-        old = Side("gptoss_old", args, {}, Path(tmp))
+        old = Side("gptoss_old", args, json.loads(args.old_train), Path(tmp))
         new = Side("gptoss", args, json.loads(args.new_train), Path(tmp))
         print(f"old: {sys.modules['gptoss_old'].__file__}\nnew: {sys.modules['gptoss'].__file__}", flush=True)
         for _ in range(args.warmup):
@@ -143,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     p_value = paired_t([math.log(x) for x in ratios])
     print(f"\nsmall preset, batch {args.batch} × {args.seq} tokens, bf16 autocast, {args.device}, "
           f"{args.threads} thread(s), {args.pairs} alternating pairs after {args.warmup} warm-up steps; "
-          f"baseline {args.baseline_dir or args.baseline}; new-side [train] options {args.new_train}")
+          f"baseline {args.baseline_dir or args.baseline}; [train] options old {args.old_train}, new {args.new_train}")
     print(f"old step {statistics.median(old.times):.3f} s ({min(old.times):.3f}–{max(old.times):.3f}), new "
           f"{statistics.median(new.times):.3f} s ({min(new.times):.3f}–{max(new.times):.3f}); old/new median "
           f"{statistics.median(ratios):.2f}× (range {min(ratios):.2f}–{max(ratios):.2f}×), paired t-test on log "
