@@ -507,12 +507,6 @@ def swiglu_halves(gate: torch.Tensor, linear: torch.Tensor, alpha: float, limit:
 _eager_grouped_mm = torch.compiler.disable(F.grouped_mm) if hasattr(F, "grouped_mm") else None
 
 
-# Rows per expert group are padded to a multiple of this on CPU: oneDNN JIT-compiles a GEMM kernel per shape
-# (≈ 2.6 ms on an AMX Xeon, ten times the 256-wide GEMM itself) and the group sizes change every step, so unpadded
-# groups recompile nearly every GEMM of every step; padded ones reuse a handful of shapes. Other devices: 1.
-GROUP_ROWS_MULTIPLE = {"cpu": 32}
-
-
 def grouped_experts(t: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, w1: torch.Tensor,
                     b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, alpha: float, limit: float,
                     group_rows_multiple: int | None = None) -> torch.Tensor:
@@ -521,11 +515,12 @@ def grouped_experts(t: torch.Tensor, experts: torch.Tensor, weights: torch.Tenso
 
     t [N, D], experts/weights [N, k] (−1: dropped for capacity), w1 [E, 2I, D], b1 [E, 2I], w2 [E, D, I],
     b2 [E, D] → [N, D] fp32. Under autocast the GEMMs run in its dtype (grouped_mm has no autocast rule).
-    Each expert's group is padded with zero rows to a multiple of `group_rows_multiple` (default
-    `GROUP_ROWS_MULTIPLE` for the device); padding rows are computed and discarded, never added."""
+    Each expert's group is padded with zero rows to a multiple of `group_rows_multiple` (default ROW_BUCKET on
+    CPU, 1 elsewhere): oneDNN builds a GEMM per row count (≈ 2.6 ms on an AMX Xeon, ten times a 256-wide expert
+    GEMM) and the groups change size every step. Padding rows are computed and discarded, never added."""
     N, k = experts.shape
     E = w1.shape[0]
-    P = GROUP_ROWS_MULTIPLE.get(t.device.type, 1) if group_rows_multiple is None else group_rows_multiple
+    P = group_rows_multiple or (ROW_BUCKET if t.device.type == "cpu" else 1)
     dtype = torch.get_autocast_dtype(t.device.type) if torch.is_autocast_enabled(t.device.type) else t.dtype
     # Every shape below is fixed by N, k, E and P, none by the routing (no nonzero/bincount), so that
     # torch.compile traces a block whole ([train] compile): dropped assignments sort last as a virtual expert
