@@ -5,9 +5,10 @@
 llama.cpp's `convert_hf_to_gguf.py` reads the tokenizer from a `tokenizer.json`, which our checkpoints
 (generated, or the real ones without their tokenizer files) do not carry. This writes one from our shipped
 o200k_harmony with transformers' TikTokenConverter (what `convert_tiktoken_to_fast` runs), drops the added
-tokens it numbers at or past the model's vocabulary (the converter would reject them), and runs the converter on a staging folder of symlinks
-to the checkpoint, `--outtype bf16` (experts stay MXFP4, as in the real GGUFs). Nothing of llama.cpp is in
-this repository: pass the folder of its sources (e.g. the one vendored in the `llama_cpp_python` sdist).
+tokens it numbers at or past the model's vocabulary (the converter would reject them), and runs the converter
+on a staging folder of symlinks to the checkpoint, `--outtype bf16` (experts stay MXFP4, as in the real GGUFs).
+Nothing of llama.cpp is in this repository: pass the folder of its sources (e.g. the one vendored in the
+`llama_cpp_python` sdist).
 """
 
 from __future__ import annotations

@@ -530,14 +530,15 @@ def grouped_experts(t: torch.Tensor, experts: torch.Tensor, weights: torch.Tenso
     rows = torch.argsort(key, stable=True)  # (N·k,) the assignments grouped by expert, dropped ones last
     ends = torch.searchsorted(key.index_select(0, rows), torch.arange(E, device=t.device), right=True)
     counts = torch.diff(ends, prepend=ends.new_zeros(1))  # (E,) rows of each expert
-    padded_ends = torch.cumsum((counts + P - 1) // P * P, 0)  # (E,) group ends after padding
-    padded_starts = padded_ends - (counts + P - 1) // P * P
+    padded = (counts + P - 1) // P * P
+    padded_ends = torch.cumsum(padded, 0)  # (E,) group ends after padding
     L = N * k + E * (P - 1)  # room for every group padded, whatever the routing
     pos = torch.arange(L, device=t.device)
     group = torch.searchsorted(padded_ends, pos, right=True).clamp(max=E - 1)  # (L,) the expert of a position
-    rank = pos - padded_starts.index_select(0, group)
-    valid = (pos < padded_ends[-1]) & (rank < counts.index_select(0, group))  # a real assignment sits here
-    src = torch.where(valid, ends.index_select(0, group) - counts.index_select(0, group) + rank, 0)
+    rank = pos - (padded_ends - padded).index_select(0, group)
+    count = counts.index_select(0, group)
+    valid = (pos < padded_ends[-1]) & (rank < count)  # a real assignment sits here
+    src = torch.where(valid, ends.index_select(0, group) - count + rank, 0)
     assignment = torch.where(valid, rows.index_select(0, src), N * k)  # (L,) flat (token, slot); N·k: none
     position = torch.full((N * k + 1,), L, dtype=pos.dtype, device=t.device).index_copy(0, assignment, pos)[:-1]
     offs = padded_ends.to(torch.int32)

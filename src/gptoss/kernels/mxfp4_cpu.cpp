@@ -113,6 +113,10 @@ inline uint16_t float_to_bf16_rne(float f) {  // c10::BFloat16's rounding: neare
   return static_cast<uint16_t>((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
 }
 
+// Row e of an [E, N] bias of bias_dtype (null stays null).
+inline const void* expert_bias(const void* bias, int64_t bias_dtype, int64_t e, int64_t N) {
+  return bias ? static_cast<const uint8_t*>(bias) + e * N * (bias_dtype == kBF16 ? 2 : 4) : nullptr;
+}
 inline float round_to(float f, int64_t dtype) { return dtype == kBF16 ? bf16_to_float(float_to_bf16_rne(f)) : f; }
 
 inline void store_float(void* p, int64_t dtype, int64_t i, float f) {
@@ -260,9 +264,18 @@ inline void dot_rows(const Decoder& d, const uint8_t* blocks, const uint8_t* sca
 #endif
 
 #ifdef GPTOSS_AVX512BF16
-// bf16 activations (the model's bf16 mode) on AVX-512 BF16: a block's 16 bytes widen to 16-bit lanes, the
-// low and the high nibbles index the block scale's 16-word table (vpermw: value · 2^(s-127) as bf16, exact),
-// and two vdpbf16ps multiply the 32 bf16 weights by the activations, exactly, summing pairs in fp32.
+// One block's 32 weights as exact bf16 words: the 16 bytes widen to 16-bit lanes, and the low (even) and the
+// high (odd) nibbles index the block scale's 16-word table (vpermw: value · 2^(s-127) as bf16, exact; it reads
+// only an index's low 4 bits). dot_rows_bf16 and the AMX tiles both decode this way.
+inline void decode_bf16_words(const uint8_t* block, uint8_t scale, __m256i& even, __m256i& odd) {
+  const __m256i bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block)));
+  const __m256i table = _mm256_load_si256(reinterpret_cast<const __m256i*>(kTables.scaled_words[scale]));
+  even = _mm256_permutexvar_epi16(bytes, table);
+  odd = _mm256_permutexvar_epi16(_mm256_srli_epi16(bytes, 4), table);
+}
+
+// bf16 activations (the model's bf16 mode) on AVX-512 BF16: each block decoded by decode_bf16_words, and two
+// vdpbf16ps multiply the 32 bf16 weights by the activations, exactly, summing pairs in fp32.
 template <int R>
 inline void dot_rows_bf16(const uint8_t* blocks, const uint8_t* scales, int64_t groups,
                           const uint16_t* const* x, float* sums) {
@@ -273,10 +286,8 @@ inline void dot_rows_bf16(const uint8_t* blocks, const uint8_t* scales, int64_t 
   for (int r = 0; r < R; ++r)
     for (int a = 0; a < 2 * U; ++a) acc[r][a] = _mm256_setzero_ps();
   auto step = [&](int64_t g, int a) {
-    const __m256i bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blocks + g * kBytes)));
-    const __m256i table = _mm256_load_si256(reinterpret_cast<const __m256i*>(kTables.scaled_words[scales[g]]));
-    const __m256i even = _mm256_permutexvar_epi16(bytes, table);  // vpermw reads only the index's low 4 bits
-    const __m256i odd = _mm256_permutexvar_epi16(_mm256_srli_epi16(bytes, 4), table);
+    __m256i even, odd;
+    decode_bf16_words(blocks + g * kBytes, scales[g], even, odd);
     for (int r = 0; r < R; ++r) {
       const __m256i* xg = reinterpret_cast<const __m256i*>(x[r] + g * kBlock);
       acc[r][a] = _mm256_dpbf16_ps(acc[r][a], (__m256bh)even, (__m256bh)_mm256_loadu_si256(xg));
@@ -492,11 +503,10 @@ void amx_pass(const uint8_t* blocks, const uint8_t* scales, const void* bias, in
         // 16 weight rows are 16 streams, more than the hardware prefetcher follows: 2 lines ahead by hand
         // (2 threads, 32 experts x 8 rows of a 20b mlp1: 46 -> 27 ms; 4 lines ahead 32 ms).
         if ((g & 3) == 0) _mm_prefetch(reinterpret_cast<const char*>(blocks + (b + 8) * kBytes), _MM_HINT_T0);
-        const __m256i bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blocks + b * kBytes)));
-        const __m256i table = _mm256_load_si256(reinterpret_cast<const __m256i*>(kTables.scaled_words[scales[b]]));
-        _mm256_store_si256(reinterpret_cast<__m256i*>(a + i * 32), _mm256_permutexvar_epi16(bytes, table));
-        _mm256_store_si256(reinterpret_cast<__m256i*>(a + i * 32 + 16),
-                           _mm256_permutexvar_epi16(_mm256_srli_epi16(bytes, 4), table));
+        __m256i even, odd;
+        decode_bf16_words(blocks + b * kBytes, scales[b], even, odd);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(a + i * 32), even);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(a + i * 32 + 16), odd);
       }
       _tile_loadd(6, a, 64);
       [&]<int... J>(std::integer_sequence<int, J...>) {
@@ -553,7 +563,7 @@ void linear_amx(const uint16_t* x, int64_t K, const uint8_t* blocks, const uint8
   parallel_tasks(static_cast<int64_t>(passes.size()) * tasks_per_pass, false, [&](int64_t i) {
     const Pass& p = passes[i / tasks_per_pass];
     const int64_t n0 = (i % tasks_per_pass) * kAmxRowsPerTask, n1 = std::min(N, n0 + kAmxRowsPerTask);
-    const void* b = bias ? static_cast<const uint8_t*>(bias) + p.expert * N * (bias_dtype == kBF16 ? 2 : 4) : nullptr;
+    const void* b = expert_bias(bias, bias_dtype, p.expert, N);
     kAmxPassFns[(p.rows + kAmxTokens - 1) / kAmxTokens - 1](blocks + p.expert * N * G * kBytes, scales + p.expert * N * G,
                                                             b, bias_dtype, n0, n1, G, packed.data() + p.packed, p.rows, p.out);
   });
@@ -615,7 +625,7 @@ void linear(const void* x, int64_t x_dtype, int64_t M, int64_t K, const uint8_t*
         p.x[r] = bf16 ? static_cast<const void*>(xs16.data() + slot * K) : xs.data() + slot * K;
         p.out[r] = out + m * N;
       }
-      p.bias = bias ? static_cast<const uint8_t*>(bias) + e * N * (bias_dtype == kBF16 ? 2 : 4) : nullptr;
+      p.bias = expert_bias(bias, bias_dtype, e, N);
       passes.push_back(p);
     }
   }
