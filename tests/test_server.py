@@ -50,6 +50,7 @@ M = "tiny-random"
 USER = [{"role": "user", "content": "Hi"}]
 CALL_ARGS = '{"city": "Paris"}'
 WEATHER_RESULT = '{"temperature": 21, "sky": "sunny"}'
+UNDECLARED_QUESTION = "What time is it in Paris?"
 SCRIPT = [  # (Harmony messages after the system message, completion): what the scripted model learns
     ([h.Message.developer(h.DeveloperContent(None, [WEATHER_DEF])), h.Message.user(QUESTION)],
      "<|channel|>analysis<|message|>Check the weather tool.<|end|><|start|>assistant<|channel|>commentary "
@@ -61,6 +62,9 @@ SCRIPT = [  # (Harmony messages after the system message, completion): what the 
     ([h.Message.developer(h.DeveloperContent(None, [WEATHER_DEF])), h.Message.user("What is 2+2?")],
      # a final answer ended with <|end|>, then another one: the server must stop after the first (issue 19)
      "<|channel|>final<|message|>2 + 2 = 4<|end|><|start|>assistant<|channel|>final<|message|>2 + 2 = 4<|return|>"),
+    ([h.Message.developer(h.DeveloperContent(None, [WEATHER_DEF])), h.Message.user(UNDECLARED_QUESTION)],
+     # a call to a function the request did not declare
+     f"<|channel|>commentary to=functions.get_time <|constrain|>json<|message|>{CALL_ARGS}<|call|>"),
     ([h.Message.user("Malformed?")],  # a message on a channel Harmony does not declare, then the answer
      "<|channel|>Too big.<|end|><|start|>assistant<|channel|>final<|message|>I don't know.<|return|>"),
     ([h.Message.user("Hello")],  # the chat page's test (test_server_page.py)
@@ -294,6 +298,36 @@ def test_chat_function_tool_round_trip(scripted_server, stream):
     assert (second["content"], second["finish"], second["calls"]) == ("It is sunny and 21 °C in Paris.", "stop", [])
     if stream:
         assert second["chunks"] > 5  # token by token, not one lump
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_call_to_an_undeclared_function_is_returned_as_is(scripted_server, stream):
+    """The model calls get_time, which the request did not declare: the client gets the call (not an empty
+    reply), as vLLM returns it, and can answer it with an error in its next request, which is accepted."""
+    client = scripted_server.client()
+    messages = [{"role": "user", "content": UNDECLARED_QUESTION}]
+    first = chat(client, stream, model="tiny-scripted", messages=messages, tools=[WEATHER], temperature=0,
+                 max_tokens=60)
+    [(call_id, name, arguments)] = first["calls"]
+    assert (name, json.loads(arguments), first["finish"]) == ("get_time", {"city": "Paris"}, "tool_calls")
+    messages += [{"role": "assistant", "content": None,
+                  "tool_calls": [{"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}]},
+                 {"role": "tool", "tool_call_id": call_id, "content": "error: no function named get_time"}]
+    second = chat(client, stream, model="tiny-scripted", messages=messages, tools=[WEATHER], temperature=0,
+                  max_tokens=5)
+    assert second["finish"] in ("stop", "length", "tool_calls")
+
+
+def test_which_calls_the_server_returns():
+    from gptoss.server.generation import _kind
+
+    declared = frozenset({"get_weather"})
+    assert _kind("commentary", "functions.get_weather", declared) == ("tool_call", "get_weather")
+    assert _kind("commentary", "functions.get_time", declared) == ("tool_call", "get_time")  # returned as is
+    assert _kind("commentary", "functions.get_time", frozenset()) == ("dropped", "get_time")  # no call allowed
+    assert _kind("commentary", "functions.get time", declared) == ("dropped", "get time")  # not a name OpenAI allows
+    assert _kind("commentary", "browser.search", declared) == ("dropped", "browser.search")  # not a function
+    assert _kind("analysis", None, declared) == ("reasoning", None)
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -18,6 +18,7 @@ from ..engine import Engine, Finish, TokenStream
 from ..generate import SamplingParams
 from ..tokenizer import Tokenizer
 from .errors import APIError
+from .translate import TOOL_NAME
 
 log = logging.getLogger("gptoss.server")
 
@@ -47,13 +48,19 @@ SHOWN_CHANNELS = (None, "final", "commentary")  # content; "analysis" is reasoni
 
 
 def _kind(channel: str | None, recipient: str | None, tools: frozenset[str]) -> tuple[str, str | None]:
-    """A message's kind and, for a call, its function. A call to anything but a declared function ("functions.X"
-    with X in `tools`) is "dropped": never returned as a call (nor as content: its text is arguments). So is a
-    message on a channel Harmony does not declare (malformed output, e.g. `<|channel|>Too big.<|end|>` read as
-    channel "Too"): `gptoss chat` does not show it either (ChatSession yields it under its channel's name)."""
+    """A message's kind and, for a call, its function. `tools`: the functions the request lets the model call
+    (none with tool_choice "none"). A call to a function ("functions.X") of a request that lets it call some is
+    returned as a call even when X was not declared (as vLLM returns it): dropped, the client would get an empty
+    reply and no way to tell the model so; returned, it can answer the call with an error, as `gptoss chat`
+    does, and its next request carries the call back (translate accepts any name OpenAI allows). Any other
+    call (to no function, a name OpenAI does not allow, or when no call is allowed) is "dropped": never returned
+    as a call (nor as content: its text is arguments). So is a message on a channel Harmony does not declare
+    (malformed output, e.g. `<|channel|>Too big.<|end|>` read as channel "Too"): `gptoss chat` does not show it
+    either (ChatSession yields it under its channel's name)."""
     if recipient and recipient not in ("all", "user", "assistant"):
         name = recipient.removeprefix("functions.")
-        return ("tool_call", name) if recipient.startswith("functions.") and name in tools else ("dropped", name)
+        callable_ = recipient.startswith("functions.") and bool(tools) and TOOL_NAME.match(name) is not None
+        return ("tool_call", name) if callable_ else ("dropped", name)
     if channel == "analysis":
         return "reasoning", None
     return ("content" if channel in SHOWN_CHANNELS else "dropped"), None
@@ -155,6 +162,9 @@ class Generation:
             kind, name = _kind(channel, recipient, self.tools)
             piece = Piece(kind, name)
             self._open[index] = piece
+            if kind == "tool_call" and name not in self.tools:
+                log.warning("%s: the model called %r, which the request did not declare; returned as is",
+                            self.stream.request.id, name)
             if kind == "dropped":
                 if name is None:
                     log.warning("%s: dropped a message on channel %r, which Harmony does not declare",
