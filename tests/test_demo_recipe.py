@@ -122,3 +122,43 @@ def test_average_last_exports_the_mean_of_the_saved_steps_weights(run, tmp_path)
     with pytest.raises(SystemExit, match=r"average_last = 3, but \[train\] steps = 2 with save_every = 1 saves 2"):
         recipe.main([str(toml), "--run-dir", str(tmp_path / "never"), "--average-last", "3"])
     assert not (tmp_path / "never").exists()
+
+
+def test_init_from_continues_training_from_an_exported_demo_model(run, tmp_path):
+    """[demo] init_from: the fresh model is overwritten with the export's weights (bf16 tensors widened, MXFP4
+    experts dequantized from the stored blocks and scales), and the run records where it
+    started; an export of another vocabulary or shape is refused with what differs."""
+    from gptoss.demo import data
+    from gptoss.model import Transformer
+    from gptoss.mxfp4 import dequantize
+    from gptoss.train import TrainConfig
+
+    import tomllib
+    raw = tomllib.loads(TOML)
+    raw.pop("demo")
+    cfg = TrainConfig.from_dict(raw, source="test")
+    ids = recipe.vocab_ids(list(data.generate(0, 300, version=11)))
+    cfg.model.overrides["vocab_size"] = int(ids.numel())
+    model = Transformer(cfg.model_config(), device="cpu", dtype=torch.float32).dense_experts(torch.float32)
+    recipe.continue_from(run, ids)(model)
+    stored = load_file(str(run / "model.safetensors"))
+    state = model.state_dict()
+    assert torch.equal(state["block.1.attn.qkv.weight"], stored["block.1.attn.qkv.weight"].float())
+    assert torch.equal(state["unembedding.weight"], stored["unembedding.weight"].float())
+    dense = dequantize(stored["block.0.mlp.mlp2_weight.blocks"], stored["block.0.mlp.mlp2_weight.scales"], torch.float32)
+    assert torch.equal(state["block.0.mlp.mlp2_weight.weight"], dense.reshape(state["block.0.mlp.mlp2_weight.weight"].shape))
+
+    other_ids = recipe.vocab_ids(list(data.generate(0, 30, version=11)))
+    with pytest.raises(SystemExit, match="vocabulary rows are not the data's"):
+        recipe.continue_from(run, other_ids)
+    wide = Transformer(cfg.model_config().replace(hidden_size=64), device="cpu").dense_experts(torch.float32)
+    with pytest.raises(SystemExit, match="another model shape"):
+        recipe.continue_from(run, ids)(wide)
+
+    toml = tmp_path / "continue.toml"
+    toml.write_text(TOML.replace("number_init = true", f'init_from = "{run}"\nshuffle_seed = 7')
+                    .replace("steps = 2", "steps = 1"))
+    assert recipe.main([str(toml), "--run-dir", str(tmp_path / "run"), "--eval-n", "1"]) == 0
+    info = json.loads((tmp_path / "run" / "export" / "training.json").read_text())
+    assert info["init_from"]["path"] == str(run) and info["init_from"]["steps"] == 2
+    assert info["shuffle_seed"] == 7

@@ -28,19 +28,20 @@ def category(r: dict) -> str:
     return next(f"{r['family']}/{c}" for c, kinds in E.CATEGORIES.items() if r["kind"] in kinds)
 
 
-def results(path: Path, out: Path, args: argparse.Namespace) -> list[dict]:
+def results(path: Path, out: Path, args: argparse.Namespace, dtype: str = "bfloat16") -> list[dict]:
     """A model's results on the items: from `out` when present, else from the recipe's own evaluation
-    (MODEL/results.jsonl) when it ran on exactly these items, else evaluated now."""
+    (MODEL/results.jsonl, bf16) when it ran on exactly these items, else evaluated now (activations and
+    non-expert weights in `dtype`, experts MXFP4)."""
     if out.exists():
         return [json.loads(line) for line in out.open()]
     own = path / "results.jsonl"
-    if own.exists():
+    if own.exists() and dtype == "bfloat16":
         rs = [json.loads(line) for line in own.open()]
         items = E.examples_for(args.n, args.heldout_n, args.seed, args.train_seed, args.train_n, args.version)
         if [(r["kind"], r["question"]) for r in rs] == [(ex.kind, ex.question) for _, ex in items]:
             out.write_text(own.read_text())
             return rs
-    model = load(path, dtype=torch.bfloat16)  # as `gptoss chat` loads it
+    model = load(path, dtype=getattr(torch, dtype))  # bf16: as `gptoss chat` loads it
     rs = [asdict(r) for r in E.evaluate(model, args.n, args.seed, "medium", train_seed=args.train_seed,
                                         train_n=args.train_n, heldout_n=args.heldout_n, version=args.version)]
     out.write_text("".join(json.dumps(r) + "\n" for r in rs))
@@ -57,15 +58,20 @@ def main() -> None:
     p.add_argument("--train-seed", type=int, default=0)
     p.add_argument("--train-n", type=int, default=200000)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--dtypes", default="bfloat16,bfloat16", metavar="A,B",
+                   help="each model's activation dtype (bfloat16 or float32; the same model twice compares dtypes)")
     p.add_argument("--seed", type=int, default=E.HELDOUT_SEED,
                    help=f"the items' seed (default {E.HELDOUT_SEED}, the evaluation's; another seed draws a "
                         "validation set from the same families, for choices that must not look at the held-out items)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    a, b = (results(m, args.out / f"{tag}.jsonl", args) for tag, m in zip("AB", args.models))
+    dtypes = args.dtypes.split(",")
+    if len(dtypes) != 2 or not set(dtypes) <= {"bfloat16", "float32"}:
+        raise SystemExit(f"error: --dtypes {args.dtypes!r}: two of bfloat16/float32, comma-separated")
+    a, b = (results(m, args.out / f"{tag}.jsonl", args, d) for tag, m, d in zip("AB", args.models, dtypes))
     assert [(r["kind"], r["question"]) for r in a] == [(r["kind"], r["question"]) for r in b], "different items"
-    print(f"A = {args.models[0]}\nB = {args.models[1]}\n")
+    print(f"A = {args.models[0]} ({dtypes[0]})\nB = {args.models[1]} ({dtypes[1]})\n")
     print(f"| items | n | A | B | only A right | only B right | McNemar p |\n|---|---:|---:|---:|---:|---:|---:|")
     for cat in sorted({category(r) for r in a}) + ["all"]:
         idx = [i for i, r in enumerate(a) if cat == "all" or category(r) == cat]

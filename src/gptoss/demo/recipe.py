@@ -14,8 +14,10 @@
    into src/gptoss/data/demo and record its sha256.
 
 The TOML is a `gptoss train` config plus a [demo] table (data_seed, data_n, data_version, number_init,
-export_dir, eval_n, heldout_eval_n, average_last), which this module reads and removes before handing the rest
-to the trainer. `--run-dir DIR` puts the training run (DIR/train) and the export (DIR/export) outside the repository.
+export_dir, eval_n, heldout_eval_n, average_last, init_from, shuffle_seed), which this module reads and removes
+before handing the rest to the trainer. With [demo] init_from = an exported demo model (its vocabulary subset must be
+the data's), training continues from its weights instead of a fresh initialization (`continue_from`).
+`--run-dir DIR` puts the training run (DIR/train) and the export (DIR/export) outside the repository.
 """
 
 from __future__ import annotations
@@ -179,6 +181,33 @@ def averaged_checkpoint(step_dirs: list[Path], cfg: TrainConfig, out: Path) -> P
     return out
 
 
+def continue_from(path: Path, ids: torch.Tensor):
+    """The `prepare` hook that starts training from an exported demo model's weights (experts dequantized from
+    MXFP4 exactly, the rest widened from bf16 to fp32): the weight-averaging phase of stochastic weight
+    averaging, which starts from a trained solution (Izmailov et al. 2018, §3.2 and Algorithm 1: "w ← pretrained").
+    The export's vocabulary rows must be the data's: a row stands for one token id."""
+    from ..checkpoint import load
+    from ..vocab import VocabSubsetModel
+
+    src = load(path, dtype=torch.float32, dense_experts=True)
+    if not isinstance(src, VocabSubsetModel):
+        raise SystemExit(f"error: [demo] init_from = {path}: not a demo export (no vocab_ids tensor)")
+    if not torch.equal(src.vocab_ids.cpu().to(torch.int32), ids):
+        raise SystemExit(f"error: [demo] init_from = {path}: its {src.vocab_ids.numel()} vocabulary rows are not the "
+                         f"data's {ids.numel()} (another data seed, count or version)")
+    state = src.model.state_dict()
+
+    def prepare(model: torch.nn.Module) -> None:
+        own = model.state_dict()
+        if set(own) != set(state) or any(own[k].shape != state[k].shape for k in own):
+            raise SystemExit(f"error: [demo] init_from = {path}: another model shape than [model] "
+                             f"(e.g. {sorted(set(own) ^ set(state))[:3] or [k for k in own if own[k].shape != state[k].shape][:3]})")
+        with torch.no_grad():
+            for k, t in own.items():
+                t.copy_(state[k])
+    return prepare
+
+
 def ship(src: Path) -> dict[str, str]:
     """Copy an exported model into the package and record its hashes in gptoss/demo/__init__.py."""
     from . import FILES, sha256
@@ -236,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: average_last = {average_last}, but [train] steps = {cfg.train.steps} with "
                          f"save_every = {cfg.train.save_every} saves {saves} steps")
 
+    init_from = cfg.path(demo["init_from"]) if demo.get("init_from") else None
+    shuffle_seed = int(demo.get("shuffle_seed", seed))
     t0 = time.perf_counter()
     examples = list(data.generate(seed, n, version=version))
     ids = vocab_ids(examples)
@@ -244,15 +275,20 @@ def main(argv: list[str] | None = None) -> int:
               " using the data's", file=sys.stderr)
         cfg.model.overrides["vocab_size"] = int(ids.numel())
     cfg.data.shuffle = False  # documents() lays out whole samples; the trainer must keep their order
-    docs = documents(examples, cfg.data.seq_len, cfg.train.steps * cfg.data.batch_size * cfg.train.grad_accum, seed,
-                     version)
+    docs = documents(examples, cfg.data.seq_len, cfg.train.steps * cfg.data.batch_size * cfg.train.grad_accum,
+                     shuffle_seed, version)
     targets = sum(sum(d.targets) for d in docs)
     print(f"data: {n} conversations (seed {seed}, version {version}), {sum(len(d.tokens) for d in docs)} tokens, "
           f"{targets} targets, vocabulary {ids.numel()} rows ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
 
     t1 = time.perf_counter()
     if not args.skip_train:
-        prepare = (lambda m: number_init(m, ids, cfg.train.seed)) if demo.get("number_init", False) else None
+        if init_from is not None:
+            prepare = continue_from(init_from, ids)
+        elif demo.get("number_init", False):
+            prepare = lambda m: number_init(m, ids, cfg.train.seed)  # noqa: E731
+        else:
+            prepare = None
         result = train(cfg, documents=docs, token_map=token_map(ids), progress=True, prepare=prepare)
         step_dir = result.checkpoint
     else:
@@ -272,11 +308,15 @@ def main(argv: list[str] | None = None) -> int:
     if rows:  # the steps' own times: a resumed run's total, not just this invocation's
         train_s = sum(r["time_s"] for r in rows)
     info = {"data_seed": seed, "data_n": n, "data_version": version, "steps": cfg.train.steps,
-            "train_seconds": round(train_s),
+            "train_seconds": round(train_s), "shuffle_seed": shuffle_seed,
             "final_loss": rows[-1]["loss"] if rows else None,
             "loss_last_50": sum(r["loss"] for r in rows[-50:]) / max(1, len(rows[-50:])) if rows else None,
             "averaged_steps": [p.name for p in averaged],
             "vocab_rows": int(ids.numel()), "config": cfg.to_dict(), "torch_threads": torch.get_num_threads()}
+    if init_from is not None:  # what the starting point cost: the whole recipe's training time is the sum
+        before = json.loads((init_from / "training.json").read_text()) if (init_from / "training.json").exists() else {}
+        info["init_from"] = {"path": str(init_from), "steps": before.get("steps"),
+                             "train_seconds": before.get("train_seconds"), "data_seed": before.get("data_seed")}
     export(step_dir, ids, out, info)
     print(f"trained in {train_s:.0f} s (loss {info['final_loss']}), exported to {out}", file=sys.stderr)
 
