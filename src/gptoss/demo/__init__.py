@@ -19,7 +19,7 @@ FILES = ("config.json", "model.safetensors")
 # Written by `python -m gptoss.demo.recipe` when it ships a newly trained model.
 SHA256 = {
     "config.json": "f708893f7e9f65391e6b43d8182d2a576ccc95f7fbfc69e16d9ee76183b7172d",
-    "model.safetensors": "13ebfff6403e93e6f3c6802a6c49fcd230f080405121dd9057c7bed6c38f6241",
+    "model.safetensors": "09e55a8c53f8b17b1d3f96087a7ec8894890c1c42d6f6f258b90b8b65677401d",
 }
 
 
