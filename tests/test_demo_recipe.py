@@ -145,8 +145,9 @@ def test_init_from_continues_training_from_an_exported_demo_model(run, tmp_path)
     state = model.state_dict()
     assert torch.equal(state["block.1.attn.qkv.weight"], stored["block.1.attn.qkv.weight"].float())
     assert torch.equal(state["unembedding.weight"], stored["unembedding.weight"].float())
-    dense = dequantize(stored["block.0.mlp.mlp2_weight.blocks"], stored["block.0.mlp.mlp2_weight.scales"], torch.float32)
-    assert torch.equal(state["block.0.mlp.mlp2_weight.weight"], dense.reshape(state["block.0.mlp.mlp2_weight.weight"].shape))
+    name = "block.0.mlp.mlp2_weight"
+    dense = dequantize(stored[name + ".blocks"], stored[name + ".scales"], torch.float32)
+    assert torch.equal(state[name + ".weight"], dense.reshape(state[name + ".weight"].shape))
 
     other_ids = recipe.vocab_ids(list(data.generate(0, 30, version=11)))
     with pytest.raises(SystemExit, match="vocabulary rows are not the data's"):

@@ -303,15 +303,15 @@ def test_chat_function_tool_round_trip(scripted_server, stream):
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_call_to_an_undeclared_function_is_returned_as_is(scripted_server, stream):
     """The model calls get_time, which the request did not declare: the client gets the call (not an empty
-    reply), as vLLM returns it, and can answer it with an error in its next request, which is accepted."""
+    reply) and can answer it with an error in its next request, which is accepted."""
     client = scripted_server.client()
     messages = [{"role": "user", "content": UNDECLARED_QUESTION}]
     first = chat(client, stream, model="tiny-scripted", messages=messages, tools=[WEATHER], temperature=0,
                  max_tokens=60)
     [(call_id, name, arguments)] = first["calls"]
     assert (name, json.loads(arguments), first["finish"]) == ("get_time", {"city": "Paris"}, "tool_calls")
-    messages += [{"role": "assistant", "content": None,
-                  "tool_calls": [{"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}]},
+    call = {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+    messages += [{"role": "assistant", "content": None, "tool_calls": [call]},
                  {"role": "tool", "tool_call_id": call_id, "content": "error: no function named get_time"}]
     second = chat(client, stream, model="tiny-scripted", messages=messages, tools=[WEATHER], temperature=0,
                   max_tokens=5)

@@ -184,8 +184,8 @@ def averaged_checkpoint(step_dirs: list[Path], cfg: TrainConfig, out: Path) -> P
 def continue_from(path: Path, ids: torch.Tensor):
     """The `prepare` hook that starts training from an exported demo model's weights (experts dequantized from
     MXFP4 exactly, the rest widened from bf16 to fp32): the weight-averaging phase of stochastic weight
-    averaging, which starts from a trained solution (Izmailov et al. 2018, §3.2 and Algorithm 1: "w ← pretrained").
-    The export's vocabulary rows must be the data's: a row stands for one token id."""
+    averaging, which starts from pretrained weights ŵ (Izmailov et al. 2018, Algorithm 1). The export's
+    vocabulary rows must be the data's (a row stands for one token id), its shape the [model] section's."""
     from ..checkpoint import load
     from ..vocab import VocabSubsetModel
 
@@ -199,9 +199,9 @@ def continue_from(path: Path, ids: torch.Tensor):
 
     def prepare(model: torch.nn.Module) -> None:
         own = model.state_dict()
-        if set(own) != set(state) or any(own[k].shape != state[k].shape for k in own):
-            raise SystemExit(f"error: [demo] init_from = {path}: another model shape than [model] "
-                             f"(e.g. {sorted(set(own) ^ set(state))[:3] or [k for k in own if own[k].shape != state[k].shape][:3]})")
+        differ = sorted(set(own) ^ set(state)) or [k for k in own if own[k].shape != state[k].shape]
+        if differ:
+            raise SystemExit(f"error: [demo] init_from = {path}: another model shape than [model] (e.g. {differ[:3]})")
         with torch.no_grad():
             for k, t in own.items():
                 t.copy_(state[k])

@@ -50,9 +50,10 @@ SHOWN_CHANNELS = (None, "final", "commentary")  # content; "analysis" is reasoni
 def _kind(channel: str | None, recipient: str | None, tools: frozenset[str]) -> tuple[str, str | None]:
     """A message's kind and, for a call, its function. `tools`: the functions the request lets the model call
     (none with tool_choice "none"). A call to a function ("functions.X") of a request that lets it call some is
-    returned as a call even when X was not declared (as vLLM returns it): dropped, the client would get an empty
-    reply and no way to tell the model so; returned, it can answer the call with an error, as `gptoss chat`
-    does, and its next request carries the call back (translate accepts any name OpenAI allows). Any other
+    returned as a call even when X was not declared: dropped, the client would get an empty reply and no way to
+    tell the model so; returned, it can answer the call with an error, as `gptoss chat` does and agent
+    frameworks do with a hallucinated tool name, and its next request carries the call back (translate accepts
+    any name OpenAI allows). Any other
     call (to no function, a name OpenAI does not allow, or when no call is allowed) is "dropped": never returned
     as a call (nor as content: its text is arguments). So is a message on a channel Harmony does not declare
     (malformed output, e.g. `<|channel|>Too big.<|end|>` read as channel "Too"): `gptoss chat` does not show it
