@@ -1,10 +1,10 @@
 """The demo model's calculator calls when the calculator is declared in words its training never used.
 
 The training data declares each tool one way (`gptoss.demo.data.TOOL_DEFS`). This asks the held-out-phrasing
-`calc` questions of `gptoss eval demo` (the model's data version, held-out seed 1: the calculator items of its tool category) with
-the calculator declared as in training and in five other ways, one change each, and counts first calls that
-go to the declared name with the declared parameter and an expression worth the expected one, and right final
-answers after the round trip. Greedy, medium effort, as the evaluation asks.
+`calc` questions of `gptoss eval demo` (the model's data version, held-out seed 1: the calculator items of its
+tool category) with the calculator declared as in training and in five other ways, one change each, and counts
+first calls that go to the declared name with the declared parameter and an expression worth the expected one,
+and right final answers after the round trip. Greedy, medium effort, as the evaluation asks.
 
     python experiments/demo/tool_declarations.py [--model DIR] [--n 170]
 """

@@ -198,13 +198,10 @@ def continue_from(path: Path, ids: torch.Tensor):
     state = src.model.state_dict()
 
     def prepare(model: torch.nn.Module) -> None:
-        own = model.state_dict()
-        differ = sorted(set(own) ^ set(state)) or [k for k in own if own[k].shape != state[k].shape]
-        if differ:
-            raise SystemExit(f"error: [demo] init_from = {path}: another model shape than [model] (e.g. {differ[:3]})")
-        with torch.no_grad():
-            for k, t in own.items():
-                t.copy_(state[k])
+        try:
+            model.load_state_dict(state)  # strict: every tensor present, each of its shape (torch names any other)
+        except RuntimeError as e:
+            raise SystemExit(f"error: [demo] init_from = {path}: another model shape than [model]: {e}") from None
     return prepare
 
 
