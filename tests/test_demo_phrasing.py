@@ -719,3 +719,42 @@ def test_version17_replies_use_no_heldout_word_that_training_questions_lack():
     cues = lambda version: {TOK.decode([t]) for t in (_reply_tokens(version) & held) - asked - answered}  # noqa: E731
     assert cues(17) == set()
     assert {" up", " there"} <= cues(11)
+
+
+SEPARATED_THEN_COMMA = re.compile(r"\d,\d{3}, ")  # `5,427, subtract`
+
+
+def test_version18_puts_a_comma_after_a_separated_first_operand_in_words_version11_knows():
+    """Version 18: version 11's family with training frames that put a comma right after the first operand
+    (`Take 5,427, subtract 2829.`), so that a separated number followed by `, ` is not read as the start of a
+    seven-digit one; the rest is version 11's (replies, thoughts, reasoning), the held-out skeletons stay out,
+    and every token the new frames can type is in version 11's vocabulary (a version-11 model can continue on
+    it: `[demo] init_from` requires the same vocabulary rows)."""
+    assert P.training_family(18) is P.TRAIN_V18 and P.question_version(18) == 11
+    assert P.training_family(17) is P.TRAIN_V11 and P.training_family(16) is P.TRAIN_V16
+    assert D.replies(18) == D.replies(11) and D.thoughts(18) == D.thoughts(11) != D.thoughts(17)
+    trained = P.training_skeletons(18)
+    assert P.training_skeletons(11) < trained
+    assert not heldout_skeletons() & trained
+    v11, v18 = (list(D.generate(seed=0, n=20000, version=v)) for v in (11, 18))
+    arithmetic = ("add", "sub", "mul", "calc")
+    def comma(exs: list[D.Example]) -> list[D.Example]:
+        return [ex for ex in exs if ex.kind in arithmetic and SEPARATED_THEN_COMMA.search(ex.question)]
+
+    assert len(comma(v18)) > 5 * len(comma(v11)) and len(comma(v18)) > 60
+    frames = re.compile(r"\d, (?:then )?(?:add|plus|subtract|take away|minus|multiply it by|times) ", re.I)
+    asked = [ex for ex in comma(v18) if frames.search(ex.question)]
+    assert len(asked) > 50
+    for ex in asked:  # the new frames are answered as they read: a is the separated number before the comma
+        a, b = P.numbers(ex.question)[:2]
+        want = {"add": a + b, "sub": a - b, "mul": a * b}.get(ex.kind)
+        assert want is None or ex.answer == str(want), ex.question
+    new = [f for op in OPS for f in P.TRAIN_V18.words[op] if f not in P.TRAIN_V11.words[op]]
+    assert len(new) == 9 and all("{a}," in f for f in new)
+    vocab11 = {TOK.decode([i]) for i in D.build_vocab(v11)}
+    assert typed_tokens(P.TRAIN_V18, new) - {"12", "34", "5"} <= vocab11
+    # the same shares of kinds and efforts as version 11 (only the frames differ)
+    for field in ("kind", "effort"):
+        for value in {getattr(ex, field) for ex in v11}:
+            count = lambda exs: sum(getattr(ex, field) == value for ex in exs)  # noqa: E731
+            assert abs(count(v11) - count(v18)) < 400, (field, value)

@@ -95,6 +95,9 @@ The model had only ever written them, in one kind of reply each, so a held-out q
 a cue for that reply (`add up 9398 and 4883` declined, `Hi there,` answered "there is no earlier answer").
 Runs 24 and 25 on version 17 did worse than their version-11 twins (all held-out items 2636 -> 2560 and
 2611 -> 2524, dangling follow-ups declined less often, in-scope declines not fewer): not used since.
+Version 18 draws version 11's numbers, kinds and reasoning with training frames of its own that put a comma right
+after the first operand (`Take 5,427, subtract 2829.`: gptoss.demo.phrasing.TRAIN_V18), in words version 11's
+data has, so that a model trained on version 11 can continue on it (`[demo] init_from`).
 
 A conversation is a list of message dicts {role, content, channel?, recipient?, content_type?} (the
 format `gptoss.train` reads from JSONL `messages`); `to_document` renders one for training, keeping the
@@ -164,7 +167,7 @@ REPLIES_V17 = {
 
 def replies(version: int) -> dict[str, str]:
     """The fixed final answers of data `version`: declines, the greeting, the no-earlier-answer reply."""
-    return REPLIES_V17 if version >= 17 else REPLIES_V1 if version == 1 else REPLIES_V2
+    return REPLIES_V17 if version == 17 else REPLIES_V1 if version == 1 else REPLIES_V2
 
 
 @dataclass
@@ -520,7 +523,7 @@ SHORT_THOUGHTS_V17 = {
 
 def thoughts(version: int) -> dict[str, dict[str, str]]:
     """The short analyses before data `version`'s fixed replies, by kind and effort."""
-    return SHORT_THOUGHTS_V17 if version >= 17 else SHORT_THOUGHTS
+    return SHORT_THOUGHTS_V17 if version == 17 else SHORT_THOUGHTS
 
 
 def _tool_thought(effort: str, name: str, what: str) -> str:

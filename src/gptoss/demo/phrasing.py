@@ -187,15 +187,28 @@ TRAIN_V16 = replace(TRAIN_V11, words={
     **TRAIN_V11.words,
     "sub": TRAIN_V11.words["sub"] + ("From {a}, take away {b}.", "From {a} take {b} away"),
     "mul": TRAIN_V11.words["mul"] + ("Product of {a} with {b}",)})
+# Data version 18: version 11's family with training frames that put a comma right after the first operand
+# (`Take 5,427, subtract 2829.`), in words version 11's data already has. Run 29 (version 11) declined two
+# held-out `from 5,427, subtract 2829` as too big: a separated number followed by `, ` occurs 11 times in the
+# first 20,000 version-11 training questions, a seven-digit separated number (`5,427,123`: to be declined) 346
+# times, so `5,427,` read as the start of one. Version 16 had such frames but began them with words version 11's
+# vocabulary lacks (`From`, `Product`), so a model trained on version 11 could not continue on it.
+TRAIN_V18 = replace(TRAIN_V11, words={
+    "add": TRAIN_V11.words["add"] + ("Take {a}, add {b}.", "Take {a}, then add {b} to it", "{a}, plus {b}?"),
+    "sub": TRAIN_V11.words["sub"] + ("Take {a}, subtract {b}.", "Take {a}, then take away {b}", "{a}, minus {b}?"),
+    "mul": TRAIN_V11.words["mul"] + ("Take {a}, multiply it by {b}.", "Take {a}, then times {b}", "{a}, times {b}?"),
+    "div": TRAIN_V11.words["div"]})
 FAMILIES = {"train": TRAIN, "heldout": HELDOUT}
 # (first data version, its training family), newest first; earlier versions: TRAIN
 TRAINING_FAMILIES = ((16, TRAIN_V16), (14, TRAIN_V14), (11, TRAIN_V11), (10, TRAIN_V10), (8, TRAIN_V8), (7, TRAIN_V7),
                      (6, TRAIN_V6))
 
 
-# Data versions that ask another version's questions and change only how the model answers (version 17: version
-# 11's questions, the fixed replies worded anew: gptoss.demo.data.REPLIES_V17).
-QUESTIONS_OF = {17: 11}
+# Data versions that ask another version's questions (numbers, shares of kinds, reasoning) and change only how the
+# model answers (version 17: version 11's questions, the fixed replies worded anew: gptoss.demo.data.REPLIES_V17)
+# or only the training frames (version 18: FAMILY_OF).
+QUESTIONS_OF = {17: 11, 18: 11}
+FAMILY_OF = {18: TRAIN_V18}
 
 
 def question_version(version: int) -> int:
@@ -206,7 +219,10 @@ def question_version(version: int) -> int:
 def training_family(version: int) -> Family:
     """The training family as data `version` phrases it (version 6 adds Title Case, 7 inflected operators, 8
     operands in brackets or quotes, 10 follow-up questions, 11 follow-ups with "the answer" and "then", 14 more
-    follow-up frames, 16 version 11's family with operation words beginning a question; 17 version 11's)."""
+    follow-up frames, 16 version 11's family with operation words beginning a question; 17 version 11's; 18
+    version 11's with a comma after the first operand)."""
+    if version in FAMILY_OF:
+        return FAMILY_OF[version]
     version = question_version(version)
     return next((fam for since, fam in TRAINING_FAMILIES if version >= since), TRAIN)
 
