@@ -758,3 +758,25 @@ def test_version18_puts_a_comma_after_a_separated_first_operand_in_words_version
         for value in {getattr(ex, field) for ex in v11}:
             count = lambda exs: sum(getattr(ex, field) == value for ex in exs)  # noqa: E731
             assert abs(count(v11) - count(v18)) < 400, (field, value)
+
+
+def test_version19_adds_version16s_from_and_product_frames_to_version18():
+    """Version 19: version 18 with the frames of version 16 that begin with "From" and "Product", so that no
+    held-out question names its operation with a token training never had; its vocabulary is version 11's and
+    those words' tokens (a version-11 model continues on it with its vocabulary grown)."""
+    assert P.training_family(19) is P.TRAIN_V19 and P.question_version(19) == 11
+    assert untrained_operation_words(18) == untrained_operation_words(11) != set()
+    assert untrained_operation_words(19) == set()
+    trained = P.training_skeletons(19)
+    assert P.training_skeletons(18) < trained and not heldout_skeletons() & trained
+    v11, v19 = (list(D.generate(seed=0, n=20000, version=v)) for v in (11, 19))
+    vocab11, vocab19 = ({TOK.decode([i]) for i in D.build_vocab(exs)} for exs in (v11, v19))
+    frames = [f for op in OPS for f in P.TRAIN_V19.words[op] if f not in P.TRAIN_V18.words[op]]
+    words = {"From", "FROM", "Product", "PRODUCT", "product"}
+    assert typed_tokens(P.TRAIN_V19, frames) - {"12", "34", "5"} - vocab11 == words <= vocab19
+    begins = re.compile(r"^(?:\w+[,!:]? )*?(from [\d,]+,? take|product of [\d,]+ with)", re.I)
+    asked = [ex for ex in v19 if ex.kind in ("sub", "mul") and begins.search(ex.question)]
+    assert len(asked) > 40
+    for ex in asked:
+        a, b = P.numbers(ex.question)[:2]
+        assert ex.answer == str(a - b if ex.kind == "sub" else a * b), ex.question

@@ -126,11 +126,15 @@ def test_average_last_exports_the_mean_of_the_saved_steps_weights(run, tmp_path)
 
 def test_init_from_continues_training_from_an_exported_demo_model(run, tmp_path):
     """[demo] init_from: the fresh model is overwritten with the export's weights (bf16 tensors widened, MXFP4
-    experts dequantized from the stored blocks and scales), and the run records where it
-    started; an export of another vocabulary or shape is refused with what differs."""
+    experts dequantized from the stored blocks and scales), and the run records where it started; data with
+    tokens the export lacks grows its vocabulary (each new token starts as its unknown row: the same logits); an
+    export of another vocabulary or shape is refused with what differs."""
+    from gptoss.checkpoint import load
     from gptoss.demo import data
     from gptoss.model import Transformer
     from gptoss.mxfp4 import dequantize
+    from gptoss.tokenizer import get_tokenizer
+    from gptoss.vocab import VocabSubsetModel
     from gptoss.train import TrainConfig
 
     import tomllib
@@ -155,6 +159,26 @@ def test_init_from_continues_training_from_an_exported_demo_model(run, tmp_path)
     wide = Transformer(cfg.model_config().replace(hidden_size=64), device="cpu").dense_experts(torch.float32)
     with pytest.raises(SystemExit, match="another model shape"):
         recipe.continue_from(run, ids)(wide)
+
+    # a data vocabulary that is the export's and more: its new tokens start as the export's unknown row
+    tok = get_tokenizer()
+    added = [t for w in ("Product", "FROM") for t in tok.encode_ordinary(w) if t not in set(ids.tolist())]
+    assert added
+    grown = torch.tensor(sorted({*ids.tolist(), *added}), dtype=torch.int32)  # -1 (the unknown row) stays first
+    cfg.model.overrides["vocab_size"] = int(grown.numel())
+    big = Transformer(cfg.model_config(), device="cpu", dtype=torch.float32).dense_experts(torch.float32)
+    recipe.continue_from(run, grown)(big)
+    exported = load(run, dtype=torch.float32, dense_experts=True)
+    continued = VocabSubsetModel(big, grown)
+    prompt = torch.tensor([tok.encode_ordinary("Product of 12 and 3? FROM 4")])
+    want, got = exported(prompt), continued(prompt)  # full-vocabulary logits (ids outside a subset: -inf)
+    known = exported.known_ids
+    assert torch.allclose(got[..., known], want[..., known], atol=1e-5)  # the new tokens are read as unknown was
+    rows = [int((grown == t).nonzero()) for t in added]
+    assert torch.equal(big.embedding.weight[rows], big.embedding.weight[[0] * len(rows)])
+    assert torch.equal(big.unembedding.weight[rows], big.unembedding.weight[[0] * len(rows)])
+    with pytest.raises(SystemExit, match="nor a subset"):  # the data lacks tokens the export has
+        recipe.continue_from(run, grown[grown != ids[5]])
 
     toml = tmp_path / "continue.toml"
     toml.write_text(TOML.replace("number_init = true", f'init_from = "{run}"\nshuffle_seed = 7')

@@ -98,6 +98,8 @@ Runs 24 and 25 on version 17 did worse than their version-11 twins (all held-out
 Version 18 draws version 11's numbers, kinds and reasoning with training frames of its own that put a comma right
 after the first operand (`Take 5,427, subtract 2829.`: gptoss.demo.phrasing.TRAIN_V18), in words version 11's
 data has, so that a model trained on version 11 can continue on it (`[demo] init_from`).
+Version 19 is version 18 with version 16's frames that begin with "From" and "Product" (words version 11's
+vocabulary lacks: a model trained on version 11 continues on it with its vocabulary grown).
 
 A conversation is a list of message dicts {role, content, channel?, recipient?, content_type?} (the
 format `gptoss.train` reads from JSONL `messages`); `to_document` renders one for training, keeping the

@@ -198,6 +198,16 @@ TRAIN_V18 = replace(TRAIN_V11, words={
     "sub": TRAIN_V11.words["sub"] + ("Take {a}, subtract {b}.", "Take {a}, then take away {b}", "{a}, minus {b}?"),
     "mul": TRAIN_V11.words["mul"] + ("Take {a}, multiply it by {b}.", "Take {a}, then times {b}", "{a}, times {b}?"),
     "div": TRAIN_V11.words["div"]})
+# Data version 19: version 18's family with version 16's frames that begin with "From" and "Product" (`From {a},
+# take away {b}.`, `Product of {a} with {b}`). Version 11's vocabulary lacks `From`, `FROM`, `Product`, `PRODUCT`
+# and `product` (o200k's tokens for those words beginning a question), so a held-out `Product of 5 and 9717?`
+# reaches a version-11 model as the unknown token + "of 5 and 9717": run 29 added in all 5 of 20 such questions
+# without a prefix (experiments/demo/frame_probe.py). A model trained on version 11 continues on it with its
+# vocabulary grown (`[demo] init_from`: each new token starts as the unknown row).
+TRAIN_V19 = replace(TRAIN_V18, words={
+    **TRAIN_V18.words,
+    "sub": TRAIN_V18.words["sub"] + ("From {a}, take away {b}.", "From {a} take {b} away"),
+    "mul": TRAIN_V18.words["mul"] + ("Product of {a} with {b}",)})
 FAMILIES = {"train": TRAIN, "heldout": HELDOUT}
 # (first data version, its training family), newest first; earlier versions: TRAIN
 TRAINING_FAMILIES = ((16, TRAIN_V16), (14, TRAIN_V14), (11, TRAIN_V11), (10, TRAIN_V10), (8, TRAIN_V8), (7, TRAIN_V7),
@@ -206,9 +216,9 @@ TRAINING_FAMILIES = ((16, TRAIN_V16), (14, TRAIN_V14), (11, TRAIN_V11), (10, TRA
 
 # Data versions that ask another version's questions (numbers, shares of kinds, reasoning) and change only how the
 # model answers (version 17: version 11's questions, the fixed replies worded anew: gptoss.demo.data.REPLIES_V17)
-# or only the training frames (version 18: FAMILY_OF).
-QUESTIONS_OF = {17: 11, 18: 11}
-FAMILY_OF = {18: TRAIN_V18}
+# or only the training frames (versions 18 and 19: FAMILY_OF).
+QUESTIONS_OF = {17: 11, 18: 11, 19: 11}
+FAMILY_OF = {18: TRAIN_V18, 19: TRAIN_V19}
 
 
 def question_version(version: int) -> int:
@@ -220,7 +230,7 @@ def training_family(version: int) -> Family:
     """The training family as data `version` phrases it (version 6 adds Title Case, 7 inflected operators, 8
     operands in brackets or quotes, 10 follow-up questions, 11 follow-ups with "the answer" and "then", 14 more
     follow-up frames, 16 version 11's family with operation words beginning a question; 17 version 11's; 18
-    version 11's with a comma after the first operand)."""
+    version 11's with a comma after the first operand; 19 version 18's with version 16's "From"/"Product" frames)."""
     if version in FAMILY_OF:
         return FAMILY_OF[version]
     version = question_version(version)

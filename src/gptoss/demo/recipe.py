@@ -184,18 +184,30 @@ def averaged_checkpoint(step_dirs: list[Path], cfg: TrainConfig, out: Path) -> P
 def continue_from(path: Path, ids: torch.Tensor):
     """The `prepare` hook that starts training from an exported demo model's weights (experts dequantized from
     MXFP4 exactly, the rest widened from bf16 to fp32): the weight-averaging phase of stochastic weight
-    averaging, which starts from pretrained weights ŵ (Izmailov et al. 2018, Algorithm 1). The export's
-    vocabulary rows must be the data's (a row stands for one token id), its shape the [model] section's."""
+    averaging, which starts from pretrained weights ŵ (Izmailov et al. 2018, Algorithm 1). The export's shape
+    must be the [model] section's. Its vocabulary rows must be the data's, or a subset of them: a token the
+    export does not know gets the embedding and unembedding of its unknown row (row 0), so that the model reads
+    and scores it at first exactly as it did when that token was unknown, and training then tells it apart."""
     from ..checkpoint import load
     from ..vocab import VocabSubsetModel
 
     src = load(path, dtype=torch.float32, dense_experts=True)
     if not isinstance(src, VocabSubsetModel):
         raise SystemExit(f"error: [demo] init_from = {path}: not a demo export (no vocab_ids tensor)")
-    if not torch.equal(src.vocab_ids.cpu().to(torch.int32), ids):
-        raise SystemExit(f"error: [demo] init_from = {path}: its {src.vocab_ids.numel()} vocabulary rows are not the "
-                         f"data's {ids.numel()} (another data seed, count or version)")
+    old = src.vocab_ids.cpu().long()
     state = src.model.state_dict()
+    if not torch.equal(old, ids.long()):
+        row_of = {int(i): r for r, i in enumerate(old.tolist())}
+        lost = set(old[1:].tolist()) - set(ids.tolist())
+        if int(ids[0]) != int(old[0]) or lost:
+            raise SystemExit(f"error: [demo] init_from = {path}: its {old.numel()} vocabulary rows are not the "
+                             f"data's {ids.numel()}, nor a subset of them ({len(lost)} of its tokens are not in the "
+                             "data: another data seed, count or version)")
+        source = torch.tensor([row_of.get(int(i), 0) for i in ids.tolist()])  # new tokens: the unknown row
+        for name in ("embedding.weight", "unembedding.weight"):
+            state[name] = state[name][source].clone()
+        print(f"note: [demo] init_from = {path}: {ids.numel() - old.numel()} tokens new to it start as its unknown "
+              "row", file=sys.stderr)
 
     def prepare(model: torch.nn.Module) -> None:
         try:
