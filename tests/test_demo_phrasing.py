@@ -780,3 +780,31 @@ def test_version19_adds_version16s_from_and_product_frames_to_version18():
     for ex in asked:
         a, b = P.numbers(ex.question)[:2]
         assert ex.answer == str(a - b if ex.kind == "sub" else a * b), ex.question
+
+
+def test_probes_draw_heldout_questions_of_their_shape_with_the_answers_they_read_as():
+    """experiments/demo/comma_probe.py and frame_probe.py: each item is a held-out-family question (no training
+    skeleton) of the probed shape, and its expected answer is what the question asks."""
+    import repo_scripts
+
+    comma, frames = (repo_scripts.load(f"experiments/demo/{name}.py") for name in ("comma_probe", "frame_probe"))
+    trained = P.training_skeletons(11)
+    items = comma.probe_items(15, seed=3)
+    assert [ex.kind for ex in items] == ["sub"] * 15 + ["too_big"] * 15
+    for ex in items:
+        assert P.skeleton(ex.question) not in trained
+        if ex.kind == "sub":  # `From 5,427, subtract 2829.`: the held-out frame, a separated first operand
+            assert SEPARATED_THEN_COMMA.search(ex.question) and re.search(r"from [\d,]+, subtract", ex.question, re.I)
+            a, b = P.numbers(ex.question)[:2]
+            assert a >= 1000 and ex.answer == str(a - b), ex.question
+        else:
+            assert comma.SEPARATED_BIG.search(ex.question) and ex.answer is None
+    per_frame = frames.probe_items(4, seed=3)
+    assert len(per_frame) == 4 * 15
+    for frame, ex in per_frame:
+        assert frame in P.HELDOUT.words[ex.kind] and frames.frame_pattern(frame).search(ex.question)
+        assert P.skeleton(ex.question) not in trained
+        a, b = P.numbers(ex.question)[:2]
+        if "{b}" in frame.split("{a}")[0]:  # `What is {b} subtracted from {a}?`: the numbers in the other order
+            a, b = b, a
+        assert ex.answer == str({"add": a + b, "sub": a - b, "mul": a * b}[ex.kind]), ex.question
