@@ -648,6 +648,16 @@ def untrained_operation_words(version: int) -> set[str]:
     return {t for t in heldout - trained if t.strip().casefold() in P.MEANINGFUL}
 
 
+def assert_from_and_product_frames_answered_as_they_read(examples: list[D.Example]) -> None:
+    """Version 16's frames that begin with "From" and "Product" (> 40 of them) are answered a − b and a × b."""
+    begins = re.compile(r"^(?:\w+[,!:]? )*?(from [\d,]+,? take|product of [\d,]+ with)", re.I)
+    asked = [ex for ex in examples if ex.kind in ("sub", "mul") and begins.search(ex.question)]
+    assert len(asked) > 40
+    for ex in asked:
+        a, b = P.numbers(ex.question)[:2]
+        assert ex.answer == str(a - b if ex.kind == "sub" else a * b), ex.question
+
+
 def test_version_16_types_every_operation_word_a_heldout_question_can_begin_with():
     """Version 16: version 13 with training frames that begin with "product" and "from", so that no held-out
     question names its operation with a token training never had (version 11's family: `Product`, `From` in each
@@ -659,12 +669,7 @@ def test_version_16_types_every_operation_word_a_heldout_question_can_begin_with
     v16 = list(D.generate(seed=0, n=20000, version=16))
     vocab = {TOK.decode([i]) for i in D.build_vocab(v16)}
     assert {"Product", "PRODUCT", "From", "FROM"} <= vocab
-    new = re.compile(r"^(?:\w+[,!:]? )*?(from [\d,]+,? take|product of [\d,]+ with)", re.I)
-    asked = [ex for ex in v16 if ex.kind in ("sub", "mul") and new.search(ex.question)]
-    assert len(asked) > 40
-    for ex in asked:
-        a, b = P.numbers(ex.question)[:2]
-        assert ex.answer == str(a - b if ex.kind == "sub" else a * b), ex.question
+    assert_from_and_product_frames_answered_as_they_read(v16)
     trained = P.training_skeletons(16)
     assert P.training_skeletons(13) < trained
     held = heldout_skeletons()
@@ -774,12 +779,7 @@ def test_version19_adds_version16s_from_and_product_frames_to_version18():
     frames = [f for op in OPS for f in P.TRAIN_V19.words[op] if f not in P.TRAIN_V18.words[op]]
     words = {"From", "FROM", "Product", "PRODUCT", "product"}
     assert typed_tokens(P.TRAIN_V19, frames) - {"12", "34", "5"} - vocab11 == words <= vocab19
-    begins = re.compile(r"^(?:\w+[,!:]? )*?(from [\d,]+,? take|product of [\d,]+ with)", re.I)
-    asked = [ex for ex in v19 if ex.kind in ("sub", "mul") and begins.search(ex.question)]
-    assert len(asked) > 40
-    for ex in asked:
-        a, b = P.numbers(ex.question)[:2]
-        assert ex.answer == str(a - b if ex.kind == "sub" else a * b), ex.question
+    assert_from_and_product_frames_answered_as_they_read(v19)
 
 
 def test_probes_draw_heldout_questions_of_their_shape_with_the_answers_they_read_as():

@@ -49,31 +49,36 @@ def probe_items(n: int, seed: int, version: int = 11) -> list[D.Example]:
     return out
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def arguments(doc: str, n: int, seed: int) -> argparse.Namespace:
+    """The probes' command line: models, --out, --n, --seed, --threads (torch's threads set)."""
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
     p.add_argument("models", nargs="+", type=Path)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--n", type=int, default=200, help="questions of each kind (default 200)")
-    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--n", type=int, default=n, help=f"questions of each kind or frame (default {n})")
+    p.add_argument("--seed", type=int, default=seed)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    items = probe_items(args.n, args.seed)
-    runs = []
-    for i, path in enumerate(args.models):
-        out = args.out / f"{i}.jsonl"
-        if out.exists():
-            rs = [json.loads(line) for line in out.open()]
-        else:
-            from gptoss.engine import Engine
+    return args
 
-            with Engine(load(path, dtype=torch.bfloat16), max_concurrency=16, max_queue=64) as engine:
-                engine.start()
-                rs = [asdict(r) for r in E._run_all(items, lambda ex: E.run_one(ex, engine.complete, "medium", 512,
-                                                                                 "heldout"), 16, True)]
-            out.write_text("".join(json.dumps(r) + "\n" for r in rs))
-        runs.append(rs)
+
+def model_results(models: list[Path], items: list[D.Example], out: Path) -> list[list[dict]]:
+    """Each model's results on the held-out-phrased items (bf16, as `gptoss chat` loads it), from out/<i>.jsonl
+    when present, else evaluated now and written there."""
+    runs = []
+    for i, path in enumerate(models):
+        file = out / f"{i}.jsonl"
+        if not file.exists():
+            rs = E.evaluate_items(load(path, dtype=torch.bfloat16), [("heldout", ex) for ex in items])
+            file.write_text("".join(json.dumps(asdict(r)) + "\n" for r in rs))
+        runs.append([json.loads(line) for line in file.open()])
+    return runs
+
+
+def main() -> None:
+    args = arguments(__doc__, n=200, seed=7)
+    runs = model_results(args.models, probe_items(args.n, args.seed), args.out)
     print("| model | kind | n | right | declined | only first right | only this right | McNemar p |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for path, rs in zip(args.models, runs):

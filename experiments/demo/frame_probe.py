@@ -9,16 +9,10 @@ draws them, rejection-sampled on the frame) and reports each model's right answe
 Each model's results go to DIR/<i>.jsonl (read back when present).
 """
 
-import argparse
-import json
 import random
 import re
-from dataclasses import asdict
-from pathlib import Path
 
-import torch
-
-from gptoss.checkpoint import load
+from comma_probe import arguments, model_results  # experiments/demo/comma_probe.py, beside this script
 from gptoss.demo import data as D
 from gptoss.demo import eval as E
 from gptoss.demo import phrasing as P
@@ -55,31 +49,9 @@ def probe_items(n: int, seed: int, version: int = 11) -> list[tuple[str, D.Examp
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("models", nargs="+", type=Path)
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--n", type=int, default=20, help="questions per frame (default 20)")
-    p.add_argument("--seed", type=int, default=8)
-    p.add_argument("--threads", type=int, default=2)
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
+    args = arguments(__doc__, n=20, seed=8)
     items = probe_items(args.n, args.seed)
-    runs = []
-    for i, path in enumerate(args.models):
-        out = args.out / f"{i}.jsonl"
-        if out.exists():
-            rs = [json.loads(line) for line in out.open()]
-        else:
-            from gptoss.engine import Engine
-
-            with Engine(load(path, dtype=torch.bfloat16), max_concurrency=16, max_queue=64) as engine:
-                engine.start()
-                rs = [asdict(r) for r in E._run_all([ex for _, ex in items],
-                                                    lambda ex: E.run_one(ex, engine.complete, "medium", 512,
-                                                                         "heldout"), 16, True)]
-            out.write_text("".join(json.dumps(r) + "\n" for r in rs))
-        runs.append(rs)
+    runs = model_results(args.models, [ex for _, ex in items], args.out)
     print("right (declined) of", args.n, "per frame\n")
     print("| frame | " + " | ".join(str(m) for m in args.models) + " |")
     print("|---|" + "---:|" * len(args.models))

@@ -305,13 +305,19 @@ def evaluate(model, n: int = 100, seed: int = HELDOUT_SEED, effort: str = "mediu
              train_n: int = TRAIN_N, heldout_n: int = 0, version: int = 1) -> list[Result]:
     """Run the held-out sets through ChatSessions on an Engine; results in held-out order (template family
     first, then held-out phrasing)."""
+    return evaluate_items(model, examples_for(n, heldout_n, seed, train_seed, train_n, version), effort, max_tokens,
+                          concurrency, progress)
+
+
+def evaluate_items(model, items: Sequence[tuple[str, data.Example]], effort: str = "medium", max_tokens: int = 512,
+                   concurrency: int = 16, progress: bool = True) -> list[Result]:
+    """(family, example) pairs through ChatSessions on an Engine; results in the items' order."""
     from ..engine import Engine
 
-    items = examples_for(n, heldout_n, seed, train_seed, train_n, version)
     with Engine(model, max_concurrency=concurrency, max_queue=4 * concurrency) as engine:
         engine.start()
-        return _run_all(items, lambda fx: run_one(fx[1], engine.complete, effort, max_tokens, fx[0]), concurrency,
-                        progress)
+        return _run_all(list(items), lambda fx: run_one(fx[1], engine.complete, effort, max_tokens, fx[0]),
+                        concurrency, progress)
 
 
 def evaluate_remote(endpoint, n: int = 100, seed: int = HELDOUT_SEED, effort: str = "medium", max_tokens: int = 512,
