@@ -782,6 +782,33 @@ def test_version19_adds_version16s_from_and_product_frames_to_version18():
     assert_from_and_product_frames_answered_as_they_read(v19)
 
 
+def test_version20_keeps_version19s_comma_frames_that_do_not_read_like_a_follow_up():
+    """Version 20: version 19 without the comma frames that say "then" or "it" (`Take {a}, then times {b}`), which
+    read like a follow-up on an earlier answer; still a comma after a separated first operand in many questions,
+    no held-out skeleton, every operation word trained, and no token version 19's vocabulary lacks."""
+    assert P.training_family(20) is P.TRAIN_V20 and P.question_version(20) == 11
+    assert D.replies(20) == D.replies(11) and D.thoughts(20) == D.thoughts(11)
+    new = [f for op in OPS for f in P.TRAIN_V20.words[op] if f not in P.TRAIN_V11.words[op]]
+    assert len(new) == 10 and all("{a}," in f or f.startswith("From") or f.startswith("Product") for f in new)
+    assert not any(re.search(r"\b(then|it|that)\b", f, re.I) for f in new)
+    assert all(f in P.TRAIN_V19.words[op] or f not in P.TRAIN_V11.words[op]
+               for op in OPS for f in P.TRAIN_V20.words[op])
+    trained = P.training_skeletons(20)
+    assert P.training_skeletons(11) < trained and not heldout_skeletons() & trained
+    assert untrained_operation_words(20) == set()
+    v19, v20 = (list(D.generate(seed=0, n=20000, version=v)) for v in (19, 20))
+    assert typed_tokens(P.TRAIN_V20, new) - {"12", "34", "5"} <= {TOK.decode([i]) for i in D.build_vocab(v19)}
+    arithmetic = ("add", "sub", "mul", "calc")
+    assert sum(ex.kind in arithmetic and bool(SEPARATED_THEN_COMMA.search(ex.question)) for ex in v20) > 60
+    assert_from_and_product_frames_answered_as_they_read(v20)
+    asked = [ex for ex in v20 if re.search(r"\d, (?:add|plus|subtract|minus|multiply by|times) ", ex.question, re.I)]
+    assert len(asked) > 50
+    for ex in asked:  # a is the number before the comma
+        a, b = P.numbers(ex.question)[:2]
+        want = {"add": a + b, "sub": a - b, "mul": a * b}.get(ex.kind)
+        assert want is None or ex.answer == str(want), ex.question
+
+
 def test_probes_draw_heldout_questions_of_their_shape_with_the_answers_they_read_as():
     """experiments/demo/comma_probe.py and frame_probe.py: each item is a held-out-family question (no training
     skeleton) of the probed shape, and its expected answer is what the question asks."""
