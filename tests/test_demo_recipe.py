@@ -187,3 +187,31 @@ def test_init_from_continues_training_from_an_exported_demo_model(run, tmp_path)
     info = json.loads((tmp_path / "run" / "export" / "training.json").read_text())
     assert info["init_from"]["path"] == str(run) and info["init_from"]["steps"] == 2
     assert info["shuffle_seed"] == 7
+
+
+def test_every_committed_recipe_reads_with_a_defined_data_version_and_known_demo_keys():
+    """experiments/demo/*.toml, as the recipe reads them before an hour of training (read_recipe)."""
+    from pathlib import Path
+
+    from gptoss.demo import data
+
+    tomls = sorted((Path(__file__).resolve().parents[1] / "experiments" / "demo").glob("*.toml"))
+    assert len(tomls) > 30
+    for path in tomls:
+        cfg, demo = recipe.read_recipe(path)
+        assert set(demo) <= set(recipe.DEMO_KEYS) and 1 <= demo.get("data_version", 1) <= data.LATEST_VERSION
+        assert cfg.train.steps > 0, path
+
+
+def test_a_misspelt_demo_key_or_an_undefined_data_version_is_refused_naming_it(tmp_path):
+    from gptoss.demo import data
+
+    path = tmp_path / "r.toml"
+    path.write_text(TOML.replace("data_seed = 0", "data_sed = 0"))
+    with pytest.raises(SystemExit, match=r"\[demo\] data_sed: not a \[demo\] key"):
+        recipe.read_recipe(path)
+    path.write_text(TOML.replace("data_version = 11", f"data_version = {data.LATEST_VERSION + 1}"))
+    with pytest.raises(SystemExit, match=rf"data_version = {data.LATEST_VERSION + 1}: defined versions are 1 to"):
+        recipe.read_recipe(path)
+    with pytest.raises(ValueError, match="data version 0"):
+        next(data.generate(0, 1, version=0))

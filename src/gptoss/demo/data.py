@@ -100,6 +100,8 @@ after the first operand (`Take 5,427, subtract 2829.`: gptoss.demo.phrasing.TRAI
 data has, so that a model trained on version 11 can continue on it (`[demo] init_from`).
 Version 19 is version 18 with version 16's frames that begin with "From" and "Product" (words version 11's
 vocabulary lacks: a model trained on version 11 continues on it with its vocabulary grown).
+Version 20 is version 19 without the comma frames that say "then" or "it" (`Take {a}, then times {b}`), which
+read like a follow-up on an earlier answer.
 
 A conversation is a list of message dicts {role, content, channel?, recipient?, content_type?} (the
 format `gptoss.train` reads from JSONL `messages`); `to_document` renders one for training, keeping the
@@ -938,9 +940,14 @@ def earlier_turns(rng: random.Random, tools: tuple[str, ...], version: int,
     return history, tuple(free)
 
 
+LATEST_VERSION = 20  # the newest data version (see the module docstring); 1 to this are defined
+
+
 def generate(seed: int, n: int, exclude: set[str] | None = None, version: int = 1) -> Iterator[Example]:
     """n examples from `seed`; questions in `exclude` (e.g. the training set's) are skipped, and no
     question repeats within the set (so a held-out set is disjoint from the training questions)."""
+    if not 1 <= version <= LATEST_VERSION:  # an undefined version would quietly draw the newest one's data
+        raise ValueError(f"data version {version}: defined versions are 1 to {LATEST_VERSION}")
     rng = random.Random(seed)
     seen = set(exclude or ())
     count = 0

@@ -15,8 +15,9 @@
 
 The TOML is a `gptoss train` config plus a [demo] table (data_seed, data_n, data_version, number_init,
 export_dir, eval_n, heldout_eval_n, average_last, init_from, shuffle_seed), which this module reads and removes
-before handing the rest to the trainer. With [demo] init_from = an exported demo model (its vocabulary subset must be
-the data's), training continues from its weights instead of a fresh initialization (`continue_from`).
+before handing the rest to the trainer. With [demo] init_from = an exported demo model (its vocabulary rows must be
+a subset of the data's: tokens new to it start as its unknown row), training continues from its weights instead of a
+fresh initialization (`continue_from`).
 `--run-dir DIR` puts the training run (DIR/train) and the export (DIR/export) outside the repository.
 """
 
@@ -217,6 +218,26 @@ def continue_from(path: Path, ids: torch.Tensor):
     return prepare
 
 
+DEMO_KEYS = ("data_seed", "data_n", "data_version", "number_init", "export_dir", "eval_n", "heldout_eval_n",
+             "average_last", "init_from", "shuffle_seed")
+
+
+def read_recipe(path: Path) -> tuple[TrainConfig, dict]:
+    """A recipe TOML as the trainer's config and its [demo] table, checked: a misspelt [demo] key or an undefined
+    data version is an error naming the file, not a silent default."""
+    from ..train import TrainConfig
+
+    raw = tomllib.loads(path.read_text())
+    demo = raw.pop("demo", {})
+    unknown = sorted(set(demo) - set(DEMO_KEYS))
+    if unknown:
+        raise SystemExit(f"error: {path}: [demo] {', '.join(unknown)}: not a [demo] key (known: {', '.join(DEMO_KEYS)})")
+    if not 1 <= int(demo.get("data_version", 1)) <= data.LATEST_VERSION:
+        raise SystemExit(f"error: {path}: [demo] data_version = {demo['data_version']}: defined versions are 1 to "
+                         f"{data.LATEST_VERSION}")
+    return TrainConfig.from_dict(raw, source=str(path), base_dir=path.parent), demo
+
+
 def ship(src: Path) -> dict[str, str]:
     """Copy an exported model into the package and record its hashes in gptoss/demo/__init__.py."""
     from . import FILES, sha256
@@ -247,13 +268,11 @@ def main(argv: list[str] | None = None) -> int:
                                                    "(instead of the TOML's out_dir and export_dir)")
     args = p.parse_args(argv)
 
-    from ..train import TrainConfig, train
+    from ..train import train
     from ..train.loop import latest_checkpoint, saved_steps
 
     path = Path(args.config)
-    raw = tomllib.loads(path.read_text())
-    demo = raw.pop("demo", {})
-    cfg = TrainConfig.from_dict(raw, source=str(path), base_dir=path.parent)
+    cfg, demo = read_recipe(path)
     if args.steps:
         cfg.train.steps = args.steps
     cfg.train.resume = cfg.train.resume or args.resume
