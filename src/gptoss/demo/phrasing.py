@@ -209,10 +209,11 @@ TRAIN_V19 = replace(TRAIN_V18, words={
     "sub": TRAIN_V18.words["sub"] + ("From {a}, take away {b}.", "From {a} take {b} away"),
     "mul": TRAIN_V18.words["mul"] + ("Product of {a} with {b}",)})
 # Data version 20: version 19 without the comma frames that read like a follow-up (`Take {a}, then add {b} to it`,
-# `Take {a}, multiply it by {b}.`, `Take {a}, then times {b}`). Runs 31-34 on versions 18 and 19 declined dangling
-# follow-ups (`what is 76 minus that?` with no earlier answer) less often than run 29 on two validation draws; those
-# frames taught that "then"/"it" after a number in the same message name that number. The comma frames kept say
-# the operation outright.
+# `Take {a}, multiply it by {b}.`, `Take {a}, then times {b}`); the comma frames kept say the operation outright.
+# Made because runs 31-34 on versions 18 and 19 answered held-out follow-ups (`what is 76 minus that?`) worse than
+# run 29 on two validation draws, and those frames use "then"/"it" for a number in the same message. The control
+# said otherwise: run 35, the same phase on version 11, lost as many as run 36 on version 20 (experiments/demo/
+# RESULTS.md, runs 35 and 36).
 _FOLLOWUP_LIKE = ("Take {a}, then add {b} to it", "Take {a}, then take away {b}", "Take {a}, multiply it by {b}.",
                   "Take {a}, then times {b}")
 TRAIN_V20 = replace(TRAIN_V19, words={
