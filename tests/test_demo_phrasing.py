@@ -729,6 +729,17 @@ def test_version17_replies_use_no_heldout_word_that_training_questions_lack():
 SEPARATED_THEN_COMMA = re.compile(r"\d,\d{3}, ")  # `5,427, subtract`
 
 
+def assert_comma_frames_answered_as_they_read(examples: list[D.Example], frames: str) -> None:
+    """The questions a comma frame matching `frames` asks (> 50 of them) are answered with a, the number before
+    the comma, as the first operand."""
+    asked = [ex for ex in examples if re.search(frames, ex.question, re.I)]
+    assert len(asked) > 50
+    for ex in asked:
+        a, b = P.numbers(ex.question)[:2]
+        want = {"add": a + b, "sub": a - b, "mul": a * b}.get(ex.kind)
+        assert want is None or ex.answer == str(want), ex.question
+
+
 def test_version18_puts_a_comma_after_a_separated_first_operand_in_words_version11_knows():
     """Version 18: version 11's family with training frames that put a comma right after the first operand
     (`Take 5,427, subtract 2829.`), so that a separated number followed by `, ` is not read as the start of a
@@ -747,13 +758,9 @@ def test_version18_puts_a_comma_after_a_separated_first_operand_in_words_version
         return [ex for ex in exs if ex.kind in arithmetic and SEPARATED_THEN_COMMA.search(ex.question)]
 
     assert len(comma(v18)) > 5 * len(comma(v11)) and len(comma(v18)) > 60
-    frames = re.compile(r"\d, (?:then )?(?:add|plus|subtract|take away|minus|multiply it by|times) ", re.I)
-    asked = [ex for ex in comma(v18) if frames.search(ex.question)]
-    assert len(asked) > 50
-    for ex in asked:  # the new frames are answered as they read: a is the separated number before the comma
-        a, b = P.numbers(ex.question)[:2]
-        want = {"add": a + b, "sub": a - b, "mul": a * b}.get(ex.kind)
-        assert want is None or ex.answer == str(want), ex.question
+    # the new frames are answered as they read: a is the separated number before the comma
+    assert_comma_frames_answered_as_they_read(
+        comma(v18), r"\d, (?:then )?(?:add|plus|subtract|take away|minus|multiply it by|times) ")
     new = [f for op in OPS for f in P.TRAIN_V18.words[op] if f not in P.TRAIN_V11.words[op]]
     assert len(new) == 9 and all("{a}," in f for f in new)
     vocab11 = {TOK.decode([i]) for i in D.build_vocab(v11)}
@@ -800,12 +807,7 @@ def test_version20_keeps_version19s_comma_frames_that_do_not_read_like_a_follow_
     arithmetic = ("add", "sub", "mul", "calc")
     assert sum(ex.kind in arithmetic and bool(SEPARATED_THEN_COMMA.search(ex.question)) for ex in v20) > 60
     assert_from_and_product_frames_answered_as_they_read(v20)
-    asked = [ex for ex in v20 if re.search(r"\d, (?:add|plus|subtract|minus|multiply by|times) ", ex.question, re.I)]
-    assert len(asked) > 50
-    for ex in asked:  # a is the number before the comma
-        a, b = P.numbers(ex.question)[:2]
-        want = {"add": a + b, "sub": a - b, "mul": a * b}.get(ex.kind)
-        assert want is None or ex.answer == str(want), ex.question
+    assert_comma_frames_answered_as_they_read(v20, r"\d, (?:add|plus|subtract|minus|multiply by|times) ")
 
 
 def test_probes_draw_heldout_questions_of_their_shape_with_the_answers_they_read_as():

@@ -216,10 +216,9 @@ TRAIN_V19 = replace(TRAIN_V18, words={
 # RESULTS.md, runs 35 and 36).
 _FOLLOWUP_LIKE = ("Take {a}, then add {b} to it", "Take {a}, then take away {b}", "Take {a}, multiply it by {b}.",
                   "Take {a}, then times {b}")
-TRAIN_V20 = replace(TRAIN_V19, words={
-    **{op: tuple(f for f in TRAIN_V19.words[op] if f not in _FOLLOWUP_LIKE) for op in TRAIN_V19.words},
-    "add": tuple(f for f in TRAIN_V19.words["add"] if f not in _FOLLOWUP_LIKE) + ("{a}, add {b}",),
-    "mul": tuple(f for f in TRAIN_V19.words["mul"] if f not in _FOLLOWUP_LIKE) + ("Take {a}, multiply by {b}.",)})
+_V20_KEPT = {op: tuple(f for f in frames if f not in _FOLLOWUP_LIKE) for op, frames in TRAIN_V19.words.items()}
+TRAIN_V20 = replace(TRAIN_V19, words={**_V20_KEPT, "add": _V20_KEPT["add"] + ("{a}, add {b}",),
+                                      "mul": _V20_KEPT["mul"] + ("Take {a}, multiply by {b}.",)})
 FAMILIES = {"train": TRAIN, "heldout": HELDOUT}
 # (first data version, its training family), newest first; earlier versions: TRAIN
 TRAINING_FAMILIES = ((16, TRAIN_V16), (14, TRAIN_V14), (11, TRAIN_V11), (10, TRAIN_V10), (8, TRAIN_V8), (7, TRAIN_V7),
