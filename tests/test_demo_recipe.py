@@ -203,7 +203,7 @@ def test_every_committed_recipe_reads_with_a_defined_data_version_and_known_demo
         assert cfg.train.steps > 0, path
 
 
-def test_a_misspelt_demo_key_or_an_undefined_data_version_is_refused_naming_it(tmp_path):
+def test_a_misspelt_demo_key_a_non_integer_count_or_an_undefined_data_version_is_refused_naming_it(tmp_path):
     from gptoss.demo import data
 
     path = tmp_path / "r.toml"
@@ -212,6 +212,12 @@ def test_a_misspelt_demo_key_or_an_undefined_data_version_is_refused_naming_it(t
         recipe.read_recipe(path)
     path.write_text(TOML.replace("data_version = 11", f"data_version = {data.LATEST_VERSION + 1}"))
     with pytest.raises(SystemExit, match=rf"data_version = {data.LATEST_VERSION + 1}: defined versions are 1 to"):
+        recipe.read_recipe(path)
+    path.write_text(TOML.replace("data_version = 11", 'data_version = "eleven"'))
+    with pytest.raises(SystemExit, match=r"\[demo\] data_version = 'eleven': must be an integer"):
+        recipe.read_recipe(path)
+    path.write_text(TOML.replace("data_n = 300", "data_n = 3e5"))
+    with pytest.raises(SystemExit, match=r"\[demo\] data_n = 300000.0: must be an integer"):
         recipe.read_recipe(path)
     with pytest.raises(ValueError, match="data version 0"):
         next(data.generate(0, 1, version=0))

@@ -220,6 +220,7 @@ def continue_from(path: Path, ids: torch.Tensor):
 
 DEMO_KEYS = ("data_seed", "data_n", "data_version", "number_init", "export_dir", "eval_n", "heldout_eval_n",
              "average_last", "init_from", "shuffle_seed")
+INTEGER_KEYS = ("data_seed", "data_n", "data_version", "eval_n", "heldout_eval_n", "average_last", "shuffle_seed")
 
 
 def read_recipe(path: Path) -> tuple[TrainConfig, dict]:
@@ -231,8 +232,12 @@ def read_recipe(path: Path) -> tuple[TrainConfig, dict]:
     demo = raw.pop("demo", {})
     unknown = sorted(set(demo) - set(DEMO_KEYS))
     if unknown:
-        raise SystemExit(f"error: {path}: [demo] {', '.join(unknown)}: not a [demo] key (known: {', '.join(DEMO_KEYS)})")
-    if not 1 <= int(demo.get("data_version", 1)) <= data.LATEST_VERSION:
+        raise SystemExit(f"error: {path}: [demo] {', '.join(unknown)}: not a [demo] key "
+                         f"(known: {', '.join(DEMO_KEYS)})")
+    for key in INTEGER_KEYS:  # else int() fails later with a traceback, or a float is silently truncated
+        if key in demo and (isinstance(demo[key], bool) or not isinstance(demo[key], int)):
+            raise SystemExit(f"error: {path}: [demo] {key} = {demo[key]!r}: must be an integer")
+    if not 1 <= demo.get("data_version", 1) <= data.LATEST_VERSION:
         raise SystemExit(f"error: {path}: [demo] data_version = {demo['data_version']}: defined versions are 1 to "
                          f"{data.LATEST_VERSION}")
     return TrainConfig.from_dict(raw, source=str(path), base_dir=path.parent), demo
