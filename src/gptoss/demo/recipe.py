@@ -150,24 +150,18 @@ def export(step_dir: Path, ids: torch.Tensor, out: Path, info: dict) -> Path:
     return out
 
 
-def averaged_checkpoint(step_dirs: list[Path], cfg: TrainConfig, out: Path) -> Path:
-    """The uniform average of several saved steps' fp32 weights (train_state.safetensors), written as an
-    inference checkpoint (experts re-quantized to MXFP4 from the averaged dense weights) into out/model.
-
-    Stochastic weight averaging with a constant learning rate and one model per cycle (Izmailov et al. 2018,
-    "Averaging Weights Leads to Wider Optima and Better Generalization", Algorithm 1: w_SWA ← (w_SWA·n + w)/(n+1))
-    over the tail of one run (the "latest weight averaging" of Kaddour 2022, "Stop Wasting My Time! Saving Days
-    of ImageNet and BERT Training with Latest Weight Averaging")."""
+def mean_state(step_dirs: list[Path]) -> dict[str, torch.Tensor]:
+    """The uniform mean (fp64) of several saved steps' fp32 weights (train_state.safetensors, without the AdamW
+    moments beside them), keyed as the model's state dict."""
     from safetensors import safe_open
 
     from ..errors import CheckpointError
-    from ..model import Transformer
-    from ..train.loop import STATE_FILE, save_model
+    from ..train.loop import STATE_FILE
 
     total: dict[str, torch.Tensor] = {}
     first: set[str] = set()
     for d in step_dirs:
-        with safe_open(str(d / STATE_FILE), "pt") as f:  # the weights only, not the AdamW moments beside them
+        with safe_open(str(d / STATE_FILE), "pt") as f:
             names = {k for k in f.keys() if k.startswith("model.")}
             first = first or names
             if names != first:
@@ -176,10 +170,105 @@ def averaged_checkpoint(step_dirs: list[Path], cfg: TrainConfig, out: Path) -> P
             for name in names:
                 key, t = name[len("model."):], f.get_tensor(name).double()
                 total[key] = total[key] + t if key in total else t
-    state = {k: (v / len(step_dirs)).float() for k, v in total.items()}
+    return {k: v / len(step_dirs) for k, v in total.items()}
+
+
+def write_state(state: dict[str, torch.Tensor], cfg: TrainConfig, out: Path) -> Path:
+    """fp32 weights as an inference checkpoint in out/model (experts quantized to MXFP4 once, here)."""
+    from ..model import Transformer
+    from ..train.loop import save_model
+
     model = Transformer(cfg.model_config(), device="meta", dtype=torch.float32)
-    save_model(model, out / "model", "original", torch.float32, state)
+    save_model(model, out / "model", "original", torch.float32, {k: v.float() for k, v in state.items()})
     return out
+
+
+def averaged_checkpoint(step_dirs: list[Path], cfg: TrainConfig, out: Path) -> Path:
+    """The uniform average of several saved steps' fp32 weights (train_state.safetensors), written as an
+    inference checkpoint (experts re-quantized to MXFP4 from the averaged dense weights) into out/model.
+
+    Stochastic weight averaging with a constant learning rate and one model per cycle (Izmailov et al. 2018,
+    "Averaging Weights Leads to Wider Optima and Better Generalization", Algorithm 1: w_SWA ← (w_SWA·n + w)/(n+1))
+    over the tail of one run (the "latest weight averaging" of Kaddour 2022, "Stop Wasting My Time! Saving Days
+    of ImageNet and BERT Training with Latest Weight Averaging")."""
+    return write_state(mean_state(step_dirs), cfg, out)
+
+
+def rows_onto(old: torch.Tensor, ids: torch.Tensor, whose: str = "the data's") -> torch.Tensor | None:
+    """For each of the vocabulary ids `ids`, the row of a model with vocabulary `old` that reads it: its own
+    row, or the unknown row 0 for a token new to that model (so that it reads and scores the token exactly as
+    it did when the token was unknown). None when the vocabularies are equal. ValueError when `old` has tokens
+    `ids` lacks, or another unknown row: those weights would be lost."""
+    old, ids = old.cpu().long(), ids.cpu().long()
+    if torch.equal(old, ids):
+        return None
+    lost = set(old[1:].tolist()) - set(ids.tolist())
+    if int(ids[0]) != int(old[0]) or lost:
+        raise ValueError(f"its {old.numel()} vocabulary rows are not {whose} {ids.numel()}, nor a subset of them "
+                         f"({len(lost)} of its tokens are not among them)")
+    row_of = {int(i): r for r, i in enumerate(old.tolist())}
+    return torch.tensor([row_of.get(int(i), 0) for i in ids.tolist()])
+
+
+VOCAB_ROWS = ("embedding.weight", "unembedding.weight")
+
+
+def souped_checkpoint(runs: list[Path], weights: list[float], out: Path) -> tuple[Path, torch.Tensor, dict]:
+    """A weighted mean of several finished recipe runs' weights (a "uniform soup" when the weights are equal:
+    Wortsman et al. 2022, "Model soups: averaging weights of multiple fine-tuned models improves accuracy without
+    increasing inference time", §2), for runs fine-tuned from one start (one's `init_from` chain holds the other).
+
+    Each run is RUN/train (its saved steps) + RUN/export (its training.json and vocab_ids): its weights are the
+    fp32 mean of the steps its export averaged (`averaged_steps`; the last saved step if none), not the bf16/MXFP4
+    export, so the experts are quantized once, from the soup. Vocabularies are mapped onto the last run's
+    (`rows_onto`); model shapes must agree. Returns (out with out/model written, the vocab ids, the runs'
+    training.json records)."""
+    from safetensors import safe_open
+
+    from ..errors import CheckpointError
+    from ..train import TrainConfig
+    from ..train.loop import saved_steps
+
+    if len(runs) != len(weights) or len(runs) < 2:
+        raise ValueError(f"a soup needs two or more runs and one weight each (got {len(runs)} runs, "
+                         f"{len(weights)} weights)")
+    if any(w <= 0 for w in weights):
+        raise ValueError(f"soup weights must be positive: {weights}")
+    infos, idss, states = [], [], []
+    for run in runs:
+        export_dir, train_dir = run / "export", run / "train"
+        for need in (export_dir / "training.json", export_dir / "model.safetensors"):
+            if not need.exists():
+                raise CheckpointError(f"{run}: not a finished recipe run (no {need.relative_to(run)})")
+        info = json.loads((export_dir / "training.json").read_text())
+        with safe_open(str(export_dir / "model.safetensors"), "pt") as f:
+            if "vocab_ids" not in f.keys():
+                raise CheckpointError(f"{export_dir}: not a demo export (no vocab_ids tensor)")
+            idss.append(f.get_tensor("vocab_ids"))
+        names = info.get("averaged_steps") or [saved_steps(train_dir)[-1].name if saved_steps(train_dir) else "?"]
+        missing = [n for n in names if not (train_dir / n).is_dir()]
+        if missing:
+            raise CheckpointError(f"{run}: its export averaged {', '.join(missing)}, not in {train_dir}")
+        states.append(mean_state([train_dir / n for n in names]))
+        infos.append(info)
+    ids = idss[-1]
+    shapes = [{k: tuple(v.shape) for k, v in st.items() if k not in VOCAB_ROWS} for st in states]
+    for run, shape in zip(runs, shapes):
+        if shape != shapes[-1]:
+            raise CheckpointError(f"{run}: another model shape than {runs[-1]} "
+                                  f"(e.g. {sorted(set(shape.items()) ^ set(shapes[-1].items()))[:2]})")
+    total = sum(weights)
+    soup: dict[str, torch.Tensor] = {}
+    for run, old, state, w in zip(runs, idss, states, weights):
+        try:
+            source = rows_onto(old, ids, f"{runs[-1]}'s")
+        except ValueError as e:
+            raise CheckpointError(f"{run}: {e}") from None
+        for k, v in state.items():
+            v = v[source] if source is not None and k in VOCAB_ROWS else v
+            soup[k] = soup[k] + v * (w / total) if k in soup else v * (w / total)
+    cfg = TrainConfig.from_dict(infos[-1]["config"], source=str(runs[-1] / "export" / "training.json"))
+    return write_state(soup, cfg, out), ids, {str(r): i for r, i in zip(runs, infos)}
 
 
 def continue_from(path: Path, ids: torch.Tensor):
@@ -197,15 +286,12 @@ def continue_from(path: Path, ids: torch.Tensor):
         raise SystemExit(f"error: [demo] init_from = {path}: not a demo export (no vocab_ids tensor)")
     old = src.vocab_ids.cpu().long()
     state = src.model.state_dict()
-    if not torch.equal(old, ids.long()):
-        row_of = {int(i): r for r, i in enumerate(old.tolist())}
-        lost = set(old[1:].tolist()) - set(ids.tolist())
-        if int(ids[0]) != int(old[0]) or lost:
-            raise SystemExit(f"error: [demo] init_from = {path}: its {old.numel()} vocabulary rows are not the "
-                             f"data's {ids.numel()}, nor a subset of them ({len(lost)} of its tokens are not in the "
-                             "data: another data seed, count or version)")
-        source = torch.tensor([row_of.get(int(i), 0) for i in ids.tolist()])  # new tokens: the unknown row
-        for name in ("embedding.weight", "unembedding.weight"):
+    try:
+        source = rows_onto(old, ids)
+    except ValueError as e:
+        raise SystemExit(f"error: [demo] init_from = {path}: {e}: another data seed, count or version") from None
+    if source is not None:
+        for name in VOCAB_ROWS:
             state[name] = state[name][source].clone()
         print(f"note: [demo] init_from = {path}: {ids.numel() - old.numel()} tokens new to it start as its unknown "
               "row", file=sys.stderr)
@@ -241,6 +327,35 @@ def read_recipe(path: Path) -> tuple[TrainConfig, dict]:
         raise SystemExit(f"error: {path}: [demo] data_version = {demo['data_version']}: defined versions are 1 to "
                          f"{data.LATEST_VERSION}")
     return TrainConfig.from_dict(raw, source=str(path), base_dir=path.parent), demo
+
+
+def evaluate_export(out: Path, seed: int, n: int, version: int, eval_n: int = 100, heldout_n: int | None = None,
+                    made: str = "") -> str:
+    """`gptoss eval demo` on an export as chat loads it (bf16, MXFP4 experts, greedy, the held-out seed),
+    questions avoiding the data (seed, n, version): the markdown summary into out/EVAL.md (returned) and each
+    item's result into out/results.jsonl (so that experiments/demo/paired.py reuses them)."""
+    from dataclasses import asdict
+
+    from . import eval as E
+    from ..checkpoint import load
+
+    heldout_n = E.HELDOUT_PHRASING_N if heldout_n is None else heldout_n
+    model = load(out, dtype=torch.bfloat16)
+    t2 = time.perf_counter()
+    results = E.evaluate(model, eval_n, E.HELDOUT_SEED, "medium", train_seed=seed, train_n=n, heldout_n=heldout_n,
+                         version=version)
+    header = (f"## gptoss eval demo — {out.name}\n\n`gptoss eval demo --model {out} --n {eval_n} --heldout-n "
+              f"{heldout_n}` (held-out seed {E.HELDOUT_SEED}, reasoning medium, greedy, bf16 + MXFP4 experts; "
+              f"{time.perf_counter() - t2:.0f} s). {made}".rstrip())
+    tf = E.teacher_forced(model, min(eval_n, 20), E.HELDOUT_SEED, train_seed=seed, train_n=n, family="heldout",
+                          version=version)
+    slips = "; ".join(f"`{c!r}` → {want!r} (wrote {got!r})" for c, want, got in tf["errors"][:6])
+    md = E.report(results, header) + (
+        f"\n\nTeacher-forced on {tf['conversations']} held-out-phrasing arithmetic conversations: {tf['all_right']} without a "
+        f"slip, {tf['token_errors']} wrong tokens of {tf['tokens']} the model writes. First slips: {slips}")
+    (out / "EVAL.md").write_text(md + "\n")
+    (out / "results.jsonl").write_text("".join(json.dumps(asdict(r)) + "\n" for r in results))
+    return md
 
 
 def ship(src: Path) -> dict[str, str]:
@@ -354,29 +469,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"trained in {train_s:.0f} s (loss {info['final_loss']}), exported to {out}", file=sys.stderr)
 
     from . import eval as E
-    from ..checkpoint import load
 
-    model = load(out, dtype=torch.bfloat16)  # as `gptoss chat` loads it: MXFP4 experts, bf16 elsewhere
-    t2 = time.perf_counter()
-    eval_n = args.eval_n or int(demo.get("eval_n", 100))
-    heldout_n = args.eval_n or int(demo.get("heldout_eval_n", E.HELDOUT_PHRASING_N))
-    results = E.evaluate(model, eval_n, E.HELDOUT_SEED, "medium", train_seed=seed, train_n=n, heldout_n=heldout_n,
-                         version=version)
-    header = (f"## gptoss eval demo — {out.name}\n\n`gptoss eval demo --model {out} --n {eval_n} --heldout-n "
-              f"{heldout_n}` (held-out seed {E.HELDOUT_SEED}, reasoning medium, greedy, bf16 + MXFP4 experts; "
-              f"{time.perf_counter() - t2:.0f} s). Trained {info['steps']} steps in {train_s / 60:.1f} min of step "
-              f"time, final loss {info['final_loss']}.")
-    tf = E.teacher_forced(model, min(eval_n, 20), E.HELDOUT_SEED, train_seed=seed, train_n=n, family="heldout",
-                          version=version)
-    slips = "; ".join(f"`{c!r}` → {want!r} (wrote {got!r})" for c, want, got in tf["errors"][:6])
-    md = E.report(results, header) + (
-        f"\n\nTeacher-forced on {tf['conversations']} held-out-phrasing arithmetic conversations: {tf['all_right']} without a "
-        f"slip, {tf['token_errors']} wrong tokens of {tf['tokens']} the model writes. First slips: {slips}")
-    (out / "EVAL.md").write_text(md + "\n")
-    # each item's result, so that experiments/demo/paired.py compares this run without evaluating it again
-    from dataclasses import asdict
-    (out / "results.jsonl").write_text("".join(json.dumps(asdict(r)) + "\n" for r in results))
-    print(md)
+    print(evaluate_export(out, seed, n, version, eval_n=args.eval_n or int(demo.get("eval_n", 100)),
+                          heldout_n=args.eval_n or int(demo.get("heldout_eval_n", E.HELDOUT_PHRASING_N)),
+                          made=f"Trained {info['steps']} steps in {train_s / 60:.1f} min of step time, final loss "
+                               f"{info['final_loss']}."))
     if args.ship:
         print(f"shipped: {ship(out)}", file=sys.stderr)
     return 0
