@@ -189,6 +189,68 @@ def test_init_from_continues_training_from_an_exported_demo_model(run, tmp_path)
     assert info["shuffle_seed"] == 7
 
 
+def test_soup_exports_the_weighted_mean_of_runs_mapped_onto_the_last_runs_vocabulary(run, tmp_path):
+    """experiments/demo/soup.py: each run's fp32 weights (its last saved step when its export averaged none),
+    weighted, non-expert tensors in bf16 and experts quantized once from the mean; a run whose vocabulary has
+    tokens the last one lacks (or bad weights) is refused with what is wrong, and a finished run is required."""
+    import shutil
+
+    from gptoss.checkpoint import dense_experts_to_mxfp4
+    from safetensors.torch import save_file
+
+    soup = repo_scripts.load("experiments/demo/soup.py")
+    a = run.parent
+    # run b: run a's last step with other weights and two tokens a lacks (appended ids, rows of their own)
+    b = tmp_path / "b"
+    shutil.copytree(a, b)
+    step = b / "train" / "step-000002" / "train_state.safetensors"
+    state = load_file(str(step))
+    ids_a = load_file(str(a / "export" / "model.safetensors"))["vocab_ids"]
+    new = [i for i in range(100000, 100100) if i not in set(ids_a.tolist())][:2]
+    ids_b = torch.cat([ids_a, torch.tensor(new, dtype=ids_a.dtype)])
+    g = torch.Generator().manual_seed(0)
+    for k, v in list(state.items()):
+        if k.startswith("model."):
+            state[k] = v * 2 + torch.randn(v.shape, generator=g) * 0.01
+    for k in ("model.embedding.weight", "model.unembedding.weight"):
+        state[k] = torch.cat([state[k], torch.randn(2, state[k].shape[1], generator=g)])
+    save_file({k: v.contiguous() for k, v in state.items()}, str(step))
+    save_file({"vocab_ids": ids_b}, str(b / "export" / "model.safetensors"))
+    info = json.loads((b / "export" / "training.json").read_text())
+    info["config"]["model"]["vocab_size"] = int(ids_b.numel())
+    (b / "export" / "training.json").write_text(json.dumps(info))
+
+    out = tmp_path / "soup" / "export"
+    assert soup.main([str(a), str(b), "--out", str(out), "--weights", "1,3"]) == 0
+    got = load_file(str(out / "model.safetensors"))
+    sa = {k[len("model."):]: v for k, v in load_file(str(a / "train" / "step-000002" / "train_state.safetensors")).items()
+          if k.startswith("model.")}
+    sb = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    mean = {k: (sa[k].double() * 0.25 + sb[k].double() * 0.75).float() for k in sa if "embedding" not in k}
+    assert torch.equal(got["vocab_ids"], ids_b)
+    name = "block.1.attn.qkv.weight"
+    assert torch.equal(got[name], mean[name].to(torch.bfloat16))
+    want = dict(dense_experts_to_mxfp4("block.0.mlp.mlp1_weight.weight", mean["block.0.mlp.mlp1_weight.weight"]))
+    assert torch.equal(got["block.0.mlp.mlp1_weight.blocks"], want["block.0.mlp.mlp1_weight.blocks"])
+    emb_a, emb_b = sa["embedding.weight"].double(), sb["embedding.weight"].double()
+    rows = torch.cat([emb_a, emb_a[[0, 0]]])  # run a reads the two tokens it lacks as its unknown row
+    assert torch.equal(got["embedding.weight"], (rows * 0.25 + emb_b * 0.75).float().to(torch.bfloat16))
+    rec = json.loads((out / "training.json").read_text())
+    assert [(p["run"], p["weight"]) for p in rec["soup"]] == [(str(a), 0.25), (str(b), 0.75)]
+    assert rec["vocab_rows"] == ids_b.numel() and rec["data_version"] == info["data_version"]
+
+    with pytest.raises(SystemExit, match=r"b: its \d+ vocabulary rows are not .*run's \d+, nor a subset"):
+        soup.main([str(b), str(a), "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="two or more runs and one weight each"):
+        soup.main([str(a), str(b), "--out", str(tmp_path / "x"), "--weights", "1"])
+    with pytest.raises(SystemExit, match="--weights 1,x: comma-separated numbers"):
+        soup.main([str(a), str(b), "--out", str(tmp_path / "x"), "--weights", "1,x"])
+    with pytest.raises(SystemExit, match="must be positive"):
+        soup.main([str(a), str(b), "--out", str(tmp_path / "x"), "--weights", "1,0"])
+    with pytest.raises(SystemExit, match="not a finished recipe run"):
+        soup.main([str(a), str(tmp_path), "--out", str(tmp_path / "x")])
+
+
 def test_every_committed_recipe_reads_with_a_defined_data_version_and_known_demo_keys():
     """experiments/demo/*.toml, as the recipe reads them before an hour of training (read_recipe)."""
     from pathlib import Path
