@@ -245,7 +245,9 @@ def souped_checkpoint(runs: list[Path], weights: list[float], out: Path) -> tupl
             if "vocab_ids" not in f.keys():
                 raise CheckpointError(f"{export_dir}: not a demo export (no vocab_ids tensor)")
             idss.append(f.get_tensor("vocab_ids"))
-        names = info.get("averaged_steps") or [saved_steps(train_dir)[-1].name if saved_steps(train_dir) else "?"]
+        names = info.get("averaged_steps") or [p.name for p in saved_steps(train_dir)[-1:]]  # else its last step
+        if not names:
+            raise CheckpointError(f"{run}: no saved steps in {train_dir}")
         missing = [n for n in names if not (train_dir / n).is_dir()]
         if missing:
             raise CheckpointError(f"{run}: its export averaged {', '.join(missing)}, not in {train_dir}")
