@@ -63,16 +63,22 @@ def arguments(doc: str, n: int, seed: int) -> argparse.Namespace:
     return args
 
 
-def model_results(models: list[Path], items: list[D.Example], out: Path) -> list[list[dict]]:
-    """Each model's results on the held-out-phrased items (bf16, as `gptoss chat` loads it), from out/<i>.jsonl
-    when present, else evaluated now and written there."""
+def model_results(models: list[Path], items: list[D.Example], out: Path, max_tokens: int = 512) -> list[list[dict]]:
+    """Each model's results on the held-out-phrased items (bf16, as `gptoss chat` loads it; at most max_tokens
+    generated per answer), from out/<i>.jsonl when present and about the same questions, else evaluated now and
+    written there."""
     runs = []
     for i, path in enumerate(models):
         file = out / f"{i}.jsonl"
         if not file.exists():
-            rs = E.evaluate_items(load(path, dtype=torch.bfloat16), [("heldout", ex) for ex in items])
+            rs = E.evaluate_items(load(path, dtype=torch.bfloat16), [("heldout", ex) for ex in items],
+                                  max_tokens=max_tokens)
             file.write_text("".join(json.dumps(asdict(r)) + "\n" for r in rs))
-        runs.append([json.loads(line) for line in file.open()])
+        rs = [json.loads(line) for line in file.open()]
+        if [r["question"] for r in rs] != [ex.question for ex in items]:
+            raise SystemExit(f"error: {file} holds other questions (another --n or --seed): remove it or use "
+                             "another --out")
+        runs.append(rs)
     return runs
 
 

@@ -20,14 +20,12 @@ Each model's results go to DIR/<i>.jsonl (read back when present); the table pai
 """
 
 import argparse
-import json
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from scipy.stats import binomtest
 
-from gptoss.checkpoint import load
+from comma_probe import model_results  # experiments/demo/comma_probe.py, beside this script
 from gptoss.demo import data as D
 from gptoss.demo import eval as E
 
@@ -64,18 +62,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     items = probe_items(args.n, args.seed)
     thoughts = decline_thoughts()
-    runs = []
-    for i, path in enumerate(args.models):
-        file = args.out / f"{i}.jsonl"
-        if not file.exists():
-            rs = E.evaluate_items(load(path, dtype=torch.bfloat16), [("heldout", ex) for ex in items],
-                                  max_tokens=args.max_tokens)
-            file.write_text("".join(json.dumps(asdict(r)) + "\n" for r in rs))
-        rs = [json.loads(line) for line in file.open()]
-        if [r["question"] for r in rs] != [ex.question for ex in items]:
-            raise SystemExit(f"error: {file} holds other questions (another --n or --seed): remove it or use "
-                             "another --out")
-        runs.append([declined(r, thoughts) for r in rs])
+    runs = [[declined(r, thoughts) for r in rs]
+            for rs in model_results(args.models, items, args.out, max_tokens=args.max_tokens)]
     print(f"{len(items)} held-out in-scope questions (seed {args.seed}; "
           + ", ".join(f"{k} {sum(ex.kind == k for ex in items)}" for k in KINDS)
           + f"), first {args.max_tokens} tokens of each answer\n")
