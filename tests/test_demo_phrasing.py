@@ -836,3 +836,44 @@ def test_probes_draw_heldout_questions_of_their_shape_with_the_answers_they_read
         if "{b}" in frame.split("{a}")[0]:  # `What is {b} subtracted from {a}?`: the numbers in the other order
             a, b = b, a
         assert ex.answer == str({"add": a + b, "sub": a - b, "mul": a * b}[ex.kind]), ex.question
+
+
+def test_version21_trains_with_between_operands_result_first_and_answer_second_follow_ups():
+    """Version 21: version 11's family with training frames in the shapes where run 29's lineage declines held-out
+    in-scope questions ("with" between the operands, a question beginning "Result"/"Answer", the earlier answer
+    second in a question frame). The held-out frames stay out (skeletons disjoint, and no new frame is a held-out
+    frame up to case and end punctuation); the new frames are asked often and answered as they read."""
+    assert P.training_family(21) is P.TRAIN_V21 and P.question_version(21) == 11
+    assert D.replies(21) == D.replies(11) and D.thoughts(21) == D.thoughts(11)
+    trained = P.training_skeletons(21)
+    assert P.training_skeletons(11) < trained
+    assert not (heldout_skeletons() | heldout_followup_skeletons()) & trained
+    bare = lambda frames: {f.rstrip("?.!").casefold() for f in frames}  # noqa: E731
+    held = bare(P.HELDOUT.expression) | bare(f for fs in [*P.HELDOUT.words.values(), *P.HELDOUT.followups.values()]
+                                             for f in fs)
+    new = [f for f in P.TRAIN_V21.expression if f not in P.TRAIN_V11.expression]
+    new += [f for op in OPS for f in P.TRAIN_V21.words[op] if f not in P.TRAIN_V11.words[op]]
+    new += [f for op in P.TRAIN_V21.followups for f in P.TRAIN_V21.followups[op] if f not in P.TRAIN_V11.followups[op]]
+    assert len(new) == 13 and not bare(new) & held
+    v21 = list(D.generate(seed=0, n=20000, version=21))
+    mul_with = [ex for ex in v21 if ex.kind == "mul" and re.search(r"\d\)?\]?\"? with ", ex.question, re.I)]
+    result_first = [ex for ex in v21 if ex.kind in ("add", "sub", "mul")
+                    and re.match(r"^(?:\w+[,!:]? )*?(?:the )?(?:result|answer)\b(?! this)", ex.question, re.I)]
+    answer_second = [ex for ex in v21 if ex.kind == "followup"
+                     and re.search(r"(?:how much is|calculate) [\d,]+ minus|away from [\d,]+\W*$", ex.question, re.I)]
+    assert len(mul_with) > 40 and len(result_first) > 100 and len(answer_second) > 15
+    for ex in mul_with:  # "with" joins the operands: a × b whichever comes first
+        a, b = P.numbers(ex.question)[:2]
+        assert ex.answer == str(a * b), ex.question
+    for ex in result_first:  # its own numbers' result, not a reference to an earlier answer
+        a, b = P.numbers(ex.question)[:2]
+        first = next(m for m in ex.messages if m.get("channel") == "analysis")["content"]
+        assert ex.answer == str({"add": a + b, "sub": a - b, "mul": a * b}[ex.kind]), ex.question
+        assert not first.startswith("Previous answer"), ex.question
+    for ex in answer_second:  # the new number first: n − the previous answer
+        r, n = previous_and_new(ex)
+        assert ex.answer == str(n - r), ex.question
+    # the same shares of kinds as version 11 (only the frames differ)
+    v11 = list(D.generate(seed=0, n=20000, version=11))
+    for kind in {ex.kind for ex in v11}:
+        assert abs(sum(ex.kind == kind for ex in v11) - sum(ex.kind == kind for ex in v21)) < 400, kind

@@ -219,6 +219,26 @@ _FOLLOWUP_LIKE = ("Take {a}, then add {b} to it", "Take {a}, then take away {b}"
 _V20_KEPT = {op: tuple(f for f in frames if f not in _FOLLOWUP_LIKE) for op, frames in TRAIN_V19.words.items()}
 TRAIN_V20 = replace(TRAIN_V19, words={**_V20_KEPT, "add": _V20_KEPT["add"] + ("{a}, add {b}",),
                                       "mul": _V20_KEPT["mul"] + ("Take {a}, multiply by {b}.",)})
+# Data version 21: version 11's family with training frames in the three shapes where every model of run 29's
+# lineage declines held-out in-scope questions (experiments/demo/decline_probe.py, 10,000 items: about 7 per
+# model): "with" joining the operands (held out: `Multiply {a} with {b}`, 3.5 % of those declined, the first operand
+# copied wrong), a question that begins with "Result" or "Answer" and means its own result (held out: Title-Case
+# `Result Of {e}`, read as a reference to an earlier answer: in version 11 a capitalised "Result"/"Answer" not
+# after "what is the" only ever pointed back), and a follow-up that puts the earlier answer second inside an
+# ordinary question frame (held out: `What is {n} minus that?`, declined as not arithmetic). The held-out frames
+# stay held out: each new frame differs from them in words, not only in glue (skeletons stay disjoint,
+# tests/test_demo_phrasing.py).
+TRAIN_V21 = replace(
+    TRAIN_V11,
+    expression=TRAIN_V11.expression + ("Result for {e}?", "Answer to {e}?", "Answer: {e}", "The result of {e}?"),
+    words={**TRAIN_V11.words,
+           "add": TRAIN_V11.words["add"] + ("Add {a} with {b}", "Add {a} together with {b}."),
+           "mul": TRAIN_V11.words["mul"] + ("Multiply {a} together with {b}.", "Multiply together {a} with {b}")},
+    followups={**TRAIN_V11.followups,
+               "add": TRAIN_V11.followups["add"] + ("How much is that plus {n}?",),
+               "mul": TRAIN_V11.followups["mul"] + ("Calculate that times {n}",),
+               "sub_from": TRAIN_V11.followups["sub_from"] + ("How much is {n} minus that?",
+                                                             "Calculate {n} minus the answer", "Take it away from {n}.")})
 FAMILIES = {"train": TRAIN, "heldout": HELDOUT}
 # (first data version, its training family), newest first; earlier versions: TRAIN
 TRAINING_FAMILIES = ((16, TRAIN_V16), (14, TRAIN_V14), (11, TRAIN_V11), (10, TRAIN_V10), (8, TRAIN_V8), (7, TRAIN_V7),
@@ -227,9 +247,9 @@ TRAINING_FAMILIES = ((16, TRAIN_V16), (14, TRAIN_V14), (11, TRAIN_V11), (10, TRA
 
 # Data versions that ask another version's questions (numbers, shares of kinds, reasoning) and change only how the
 # model answers (version 17: version 11's questions, the fixed replies worded anew: gptoss.demo.data.REPLIES_V17)
-# or only the training frames (versions 18 to 20: FAMILY_OF).
-QUESTIONS_OF = {17: 11, 18: 11, 19: 11, 20: 11}
-FAMILY_OF = {18: TRAIN_V18, 19: TRAIN_V19, 20: TRAIN_V20}
+# or only the training frames (versions 18 to 21: FAMILY_OF).
+QUESTIONS_OF = {17: 11, 18: 11, 19: 11, 20: 11, 21: 11}
+FAMILY_OF = {18: TRAIN_V18, 19: TRAIN_V19, 20: TRAIN_V20, 21: TRAIN_V21}
 
 
 def question_version(version: int) -> int:
@@ -242,7 +262,8 @@ def training_family(version: int) -> Family:
     operands in brackets or quotes, 10 follow-up questions, 11 follow-ups with "the answer" and "then", 14 more
     follow-up frames, 16 version 11's family with operation words beginning a question; 17 version 11's; 18
     version 11's with a comma after the first operand; 19 version 18's with version 16's "From"/"Product" frames; 20
-    version 19's without the comma frames that read like a follow-up)."""
+    version 19's without the comma frames that read like a follow-up; 21 version 11's with "with" between the
+    operands, "Result"/"Answer" beginning a question, and follow-ups that put the answer second in a question frame)."""
     if version in FAMILY_OF:
         return FAMILY_OF[version]
     version = question_version(version)
