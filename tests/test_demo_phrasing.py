@@ -877,3 +877,19 @@ def test_version21_trains_with_between_operands_result_first_and_answer_second_f
     v11 = list(D.generate(seed=0, n=20000, version=11))
     for kind in {ex.kind for ex in v11}:
         assert abs(sum(ex.kind == kind for ex in v11) - sum(ex.kind == kind for ex in v21)) < 400, kind
+
+
+def test_version22_is_version21_with_version20s_frames():
+    """Version 22: version 21's family with the frames version 20 adds to version 11 (a comma after the first
+    operand, "From"/"Product" first); still no held-out skeleton, and those frames answered as they read."""
+    assert P.training_family(22) is P.TRAIN_V22 and P.question_version(22) == 11
+    for op in OPS:
+        added = [f for f in P.TRAIN_V20.words[op] if f not in P.TRAIN_V11.words[op]]
+        assert P.TRAIN_V22.words[op] == P.TRAIN_V21.words[op] + tuple(added)
+    assert P.TRAIN_V22.expression == P.TRAIN_V21.expression and P.TRAIN_V22.followups == P.TRAIN_V21.followups
+    trained = P.training_skeletons(22)
+    assert P.training_skeletons(21) < trained and P.training_skeletons(20) < trained
+    assert not (heldout_skeletons() | heldout_followup_skeletons()) & trained
+    v22 = list(D.generate(seed=0, n=20000, version=22))
+    assert_from_and_product_frames_answered_as_they_read(v22)
+    assert_comma_frames_answered_as_they_read(v22, r"\d, (?:add|plus|subtract|minus|multiply by|times) ")
