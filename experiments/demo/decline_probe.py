@@ -13,7 +13,9 @@ subtraction, multiplication by one digit, follow-ups on an earlier answer; the e
 evaluation). An answer counts as declined when that beginning holds one of the training data's decline thoughts
 (any effort) or, when it got that far, a final message the evaluation would call a refusal. `--seed 103 --n 170`
 asks exactly the held-out in-scope questions of paired.py's seed-103 validation, whose full evaluations say
-whether the probe finds the same declines (experiments/demo/RESULTS.md).
+whether the probe finds the same declines (experiments/demo/RESULTS.md). A lower bound where the restatement runs
+long: a separated number read as a longer one (`From 8,498, subtract 189` → `8,498,498 = 8 4 9 8 4 9 8` / ...)
+can reach its decline thought after 40 tokens; comma_probe.py (full answers) measures that shape.
 
 Each model's results go to DIR/<i>.jsonl (read back when present); the table pairs every model with the first
 (McNemar's exact test on the items only one of the two declines), and DIR/declined.md lists each declined question.
