@@ -237,8 +237,8 @@ TRAIN_V21 = replace(
     followups={**TRAIN_V11.followups,
                "add": TRAIN_V11.followups["add"] + ("How much is that plus {n}?",),
                "mul": TRAIN_V11.followups["mul"] + ("Calculate that times {n}",),
-               "sub_from": TRAIN_V11.followups["sub_from"] + ("How much is {n} minus that?",
-                                                             "Calculate {n} minus the answer", "Take it away from {n}.")})
+               "sub_from": TRAIN_V11.followups["sub_from"] + (
+                   "How much is {n} minus that?", "Calculate {n} minus the answer", "Take it away from {n}.")})
 # Data version 22: version 21 with version 20's frames (a comma after the first operand, `Take {a}, subtract {b}.`;
 # frames beginning "From" and "Product"). Run 41 (version 21) declined 2 of 10,000 probe items where run 29
 # declined 7, none in the three shapes version 21 trains, but on fresh validation items it still declined the
@@ -270,7 +270,8 @@ def training_family(version: int) -> Family:
     follow-up frames, 16 version 11's family with operation words beginning a question; 17 version 11's; 18
     version 11's with a comma after the first operand; 19 version 18's with version 16's "From"/"Product" frames; 20
     version 19's without the comma frames that read like a follow-up; 21 version 11's with "with" between the
-    operands, "Result"/"Answer" beginning a question, and follow-ups that put the answer second in a question frame; 22 version 21's with version 20's frames)."""
+    operands, "Result"/"Answer" beginning a question, and follow-ups that put the answer second in a question
+    frame; 22 version 21's with version 20's frames)."""
     if version in FAMILY_OF:
         return FAMILY_OF[version]
     version = question_version(version)
