@@ -36,6 +36,12 @@ def heldout_skeletons() -> frozenset[str]:
 
 
 @functools.lru_cache(maxsize=None)
+def drawn(version: int) -> tuple[D.Example, ...]:
+    """The first 20,000 training conversations of data `version` (seed 0), drawn once for the tests that read them."""
+    return tuple(D.generate(seed=0, n=20000, version=version))
+
+
+@functools.lru_cache(maxsize=None)
 def heldout_followup_skeletons() -> frozenset[str]:
     """Skeletons of 3,000 held-out-family follow-ups (seed 0)."""
     rng = random.Random(0)
@@ -666,7 +672,7 @@ def test_version_16_types_every_operation_word_a_heldout_question_can_begin_with
     assert untrained_operation_words(16) == set()
     assert P.training_family(16) is P.TRAIN_V16 and P.training_family(15) is P.TRAIN_V14
     assert P.training_family(13) is P.TRAIN_V11
-    v16 = list(D.generate(seed=0, n=20000, version=16))
+    v16 = drawn(16)
     vocab = {TOK.decode([i]) for i in D.build_vocab(v16)}
     assert {"Product", "PRODUCT", "From", "FROM"} <= vocab
     assert_from_and_product_frames_answered_as_they_read(v16)
@@ -752,7 +758,7 @@ def test_version18_puts_a_comma_after_a_separated_first_operand_in_words_version
     trained = P.training_skeletons(18)
     assert P.training_skeletons(11) < trained
     assert not heldout_skeletons() & trained
-    v11, v18 = (list(D.generate(seed=0, n=20000, version=v)) for v in (11, 18))
+    v11, v18 = (drawn(v) for v in (11, 18))
     arithmetic = ("add", "sub", "mul", "calc")
     def comma(exs: list[D.Example]) -> list[D.Example]:
         return [ex for ex in exs if ex.kind in arithmetic and SEPARATED_THEN_COMMA.search(ex.question)]
@@ -781,7 +787,7 @@ def test_version19_adds_version16s_from_and_product_frames_to_version18():
     assert untrained_operation_words(19) == set()
     trained = P.training_skeletons(19)
     assert P.training_skeletons(18) < trained and not heldout_skeletons() & trained
-    v11, v19 = (list(D.generate(seed=0, n=20000, version=v)) for v in (11, 19))
+    v11, v19 = (drawn(v) for v in (11, 19))
     vocab11, vocab19 = ({TOK.decode([i]) for i in D.build_vocab(exs)} for exs in (v11, v19))
     frames = [f for op in OPS for f in P.TRAIN_V19.words[op] if f not in P.TRAIN_V18.words[op]]
     words = {"From", "FROM", "Product", "PRODUCT", "product"}
@@ -802,7 +808,7 @@ def test_version20_keeps_version19s_comma_frames_that_do_not_read_like_a_follow_
     trained = P.training_skeletons(20)
     assert P.training_skeletons(11) < trained and not heldout_skeletons() & trained
     assert untrained_operation_words(20) == set()
-    v19, v20 = (list(D.generate(seed=0, n=20000, version=v)) for v in (19, 20))
+    v19, v20 = (drawn(v) for v in (19, 20))
     assert typed_tokens(P.TRAIN_V20, new) - {"12", "34", "5"} <= {TOK.decode([i]) for i in D.build_vocab(v19)}
     arithmetic = ("add", "sub", "mul", "calc")
     assert sum(ex.kind in arithmetic and bool(SEPARATED_THEN_COMMA.search(ex.question)) for ex in v20) > 60
@@ -855,7 +861,7 @@ def test_version21_trains_with_between_operands_result_first_and_answer_second_f
     new += [f for op in OPS for f in P.TRAIN_V21.words[op] if f not in P.TRAIN_V11.words[op]]
     new += [f for op in P.TRAIN_V21.followups for f in P.TRAIN_V21.followups[op] if f not in P.TRAIN_V11.followups[op]]
     assert len(new) == 13 and not bare(new) & held
-    v21 = list(D.generate(seed=0, n=20000, version=21))
+    v21 = drawn(21)
     mul_with = [ex for ex in v21 if ex.kind == "mul" and re.search(r"\d\)?\]?\"? with ", ex.question, re.I)]
     result_first = [ex for ex in v21 if ex.kind in ("add", "sub", "mul")
                     and re.match(r"^(?:\w+[,!:]? )*?(?:the )?(?:result|answer)\b(?! this)", ex.question, re.I)]
@@ -874,7 +880,7 @@ def test_version21_trains_with_between_operands_result_first_and_answer_second_f
         r, n = previous_and_new(ex)
         assert ex.answer == str(n - r), ex.question
     # the same shares of kinds as version 11 (only the frames differ)
-    v11 = list(D.generate(seed=0, n=20000, version=11))
+    v11 = drawn(11)
     for kind in {ex.kind for ex in v11}:
         assert abs(sum(ex.kind == kind for ex in v11) - sum(ex.kind == kind for ex in v21)) < 400, kind
 
@@ -890,6 +896,6 @@ def test_version22_is_version21_with_version20s_frames():
     trained = P.training_skeletons(22)
     assert P.training_skeletons(21) < trained and P.training_skeletons(20) < trained
     assert not (heldout_skeletons() | heldout_followup_skeletons()) & trained
-    v22 = list(D.generate(seed=0, n=20000, version=22))
+    v22 = drawn(22)
     assert_from_and_product_frames_answered_as_they_read(v22)
     assert_comma_frames_answered_as_they_read(v22, r"\d, (?:add|plus|subtract|minus|multiply by|times) ")
