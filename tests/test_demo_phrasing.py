@@ -899,3 +899,41 @@ def test_version22_is_version21_with_version20s_frames():
     v22 = drawn(22)
     assert_from_and_product_frames_answered_as_they_read(v22)
     assert_comma_frames_answered_as_they_read(v22, r"\d, (?:add|plus|subtract|minus|multiply by|times) ")
+
+
+def test_version23_trains_a_short_word_before_the_expression_and_more_follow_up_frames():
+    """Version 23: version 22's family with a short word (`Ok`, `Well`, `Next`, `Also`) right before the
+    expression, questions beginning "So ..." with words between "So" and the expression (the held-out `So {e}?`
+    puts it right before), and three follow-up frames. No held-out skeleton or frame; the new frames are asked and
+    answered as they read: the expression's own result, and n minus the previous answer for `... it from {n}`."""
+    assert P.training_family(23) is P.TRAIN_V23 and P.question_version(23) == 11
+    assert D.replies(23) == D.replies(11) and D.thoughts(23) == D.thoughts(11)
+    assert P.TRAIN_V23.words == P.TRAIN_V22.words
+    trained = P.training_skeletons(23)
+    assert P.training_skeletons(22) < trained
+    assert not (heldout_skeletons() | heldout_followup_skeletons()) & trained
+    bare = lambda frames: {f.rstrip("?.!").casefold() for f in frames}  # noqa: E731
+    held = bare(P.HELDOUT.expression) | bare(f for fs in P.HELDOUT.followups.values() for f in fs)
+    new = [f for f in P.TRAIN_V23.expression if f not in P.TRAIN_V22.expression]
+    new_followups = [f for op in P.TRAIN_V23.followups for f in P.TRAIN_V23.followups[op]
+                     if f not in P.TRAIN_V22.followups[op]]
+    assert len(new) == 6 and len(new_followups) == 3 and not bare(new + new_followups) & held
+    assert not any(re.match(r"so\W*\{e\}", f, re.I) for f in new)  # the held-out shape itself stays out
+    v23 = drawn(23)
+    opener = [ex for ex in v23 if ex.kind in ("add", "sub", "mul")
+              and re.match(r"^(?:\w+[,!:]? )*?(?:ok|well|next|also) [\d(\[\"]", ex.question, re.I)]
+    so_first = [ex for ex in v23 if ex.kind in ("add", "sub", "mul") and re.match(r"^so,? (?:what's|how much is) ",
+                                                                                     ex.question, re.I)]
+    it_from = [ex for ex in v23 if ex.kind == "followup" and re.search(r"subtract it from [\d,]+", ex.question, re.I)]
+    assert len(opener) > 100 and len(so_first) > 40 and len(it_from) > 10
+    for ex in opener + so_first:
+        a, b = P.numbers(ex.question)[:2]
+        first = next(m for m in ex.messages if m.get("channel") == "analysis")["content"]
+        assert ex.answer == str({"add": a + b, "sub": a - b, "mul": a * b}[ex.kind]), ex.question
+        assert not first.startswith("Previous answer"), ex.question
+    for ex in it_from:
+        r, n = previous_and_new(ex)
+        assert ex.answer == str(n - r), ex.question
+    v11 = drawn(11)
+    for kind in {ex.kind for ex in v11}:
+        assert abs(sum(ex.kind == kind for ex in v11) - sum(ex.kind == kind for ex in v23)) < 400, kind

@@ -106,6 +106,8 @@ Version 21 asks version 11's questions with training frames of its own in the sh
 declines held-out in-scope questions: "with" between the operands, "Result"/"Answer" beginning a self-contained
 question, follow-ups that put the earlier answer second in a question frame (gptoss.demo.phrasing.TRAIN_V21).
 Version 22 is version 21 with version 20's frames (a comma after the first operand; "From", "Product" first).
+Version 23 is version 22 with a short word or "So ..." right before the expression (`Ok {e}`, `So what's {e}?`)
+and follow-up frames in the shapes run 43 still misread (`Now minus {n}.`, `Then subtract it from {n}.`).
 
 A conversation is a list of message dicts {role, content, channel?, recipient?, content_type?} (the
 format `gptoss.train` reads from JSONL `messages`); `to_document` renders one for training, keeping the
@@ -944,7 +946,7 @@ def earlier_turns(rng: random.Random, tools: tuple[str, ...], version: int,
     return history, tuple(free)
 
 
-LATEST_VERSION = 22  # the newest data version (see the module docstring); 1 to this are defined
+LATEST_VERSION = 23  # the newest data version (see the module docstring); 1 to this are defined
 
 
 def generate(seed: int, n: int, exclude: set[str] | None = None, version: int = 1) -> Iterator[Example]:

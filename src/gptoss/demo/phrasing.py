@@ -246,6 +246,21 @@ TRAIN_V21 = replace(
 TRAIN_V22 = replace(TRAIN_V21, words={
     op: TRAIN_V21.words[op] + tuple(f for f in TRAIN_V20.words[op] if f not in TRAIN_V11.words[op])
     for op in TRAIN_V21.words})
+# Data version 23: version 22 with a short word right before the expression (`Ok {e}`, `Well {e}?`), questions
+# that begin with "So" (`So what's {e}?`), and follow-ups in the shapes run 43 (version 22) still misread. Its
+# last declines were lower-case `so 5313 plus 6686`: in training, "so" at the start of a line is only the
+# analysis channel's closing `so 5313 + 6686 = 11999`, and run 43 restated the first operand twice (`531531 +
+# 6686`) and declined it as too big. The held-out `So {e}?` stays held out (no new frame puts "So" right before
+# the expression). Capital follow-ups `AND NOW MINUS 35` (read as a multiplication) and `NOW SUBTRACT IT FROM 87`
+# (declined) get frames of training's own: `Now minus {n}.`, `Now plus {n}?`, `Then subtract it from {n}.`.
+TRAIN_V23 = replace(
+    TRAIN_V22,
+    expression=TRAIN_V22.expression + ("Ok {e}", "Well {e}?", "Next {e}", "Also {e}?", "So what's {e}?",
+                                       "So, how much is {e}?"),
+    followups={**TRAIN_V22.followups,
+               "add": TRAIN_V22.followups["add"] + ("Now plus {n}?",),
+               "sub": TRAIN_V22.followups["sub"] + ("Now minus {n}.",),
+               "sub_from": TRAIN_V22.followups["sub_from"] + ("Then subtract it from {n}.",)})
 FAMILIES = {"train": TRAIN, "heldout": HELDOUT}
 # (first data version, its training family), newest first; earlier versions: TRAIN
 TRAINING_FAMILIES = ((16, TRAIN_V16), (14, TRAIN_V14), (11, TRAIN_V11), (10, TRAIN_V10), (8, TRAIN_V8), (7, TRAIN_V7),
@@ -254,9 +269,9 @@ TRAINING_FAMILIES = ((16, TRAIN_V16), (14, TRAIN_V14), (11, TRAIN_V11), (10, TRA
 
 # Data versions that ask another version's questions (numbers, shares of kinds, reasoning) and change only how the
 # model answers (version 17: version 11's questions, the fixed replies worded anew: gptoss.demo.data.REPLIES_V17)
-# or only the training frames (versions 18 to 22: FAMILY_OF).
-QUESTIONS_OF = {17: 11, 18: 11, 19: 11, 20: 11, 21: 11, 22: 11}
-FAMILY_OF = {18: TRAIN_V18, 19: TRAIN_V19, 20: TRAIN_V20, 21: TRAIN_V21, 22: TRAIN_V22}
+# or only the training frames (versions 18 to 23: FAMILY_OF).
+QUESTIONS_OF = {17: 11, 18: 11, 19: 11, 20: 11, 21: 11, 22: 11, 23: 11}
+FAMILY_OF = {18: TRAIN_V18, 19: TRAIN_V19, 20: TRAIN_V20, 21: TRAIN_V21, 22: TRAIN_V22, 23: TRAIN_V23}
 
 
 def question_version(version: int) -> int:
@@ -271,7 +286,8 @@ def training_family(version: int) -> Family:
     version 11's with a comma after the first operand; 19 version 18's with version 16's "From"/"Product" frames; 20
     version 19's without the comma frames that read like a follow-up; 21 version 11's with "with" between the
     operands, "Result"/"Answer" beginning a question, and follow-ups that put the answer second in a question
-    frame; 22 version 21's with version 20's frames)."""
+    frame; 22 version 21's with version 20's frames; 23 version 22's with a short word or "So ..." before the
+    expression and more follow-up frames)."""
     if version in FAMILY_OF:
         return FAMILY_OF[version]
     version = question_version(version)
