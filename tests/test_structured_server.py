@@ -177,6 +177,6 @@ def test_max_tokens_cuts_the_answer_length(server):
     assert r.choices[0].finish_reason == "length"
     with pytest.raises(openai.LengthFinishReasonError):
         client.chat.completions.parse(model=M, messages=USER, response_format=Forecast, max_tokens=40, seed=0)
-    r = client.responses.create(model=M, input="Hi", max_output_tokens=40, text={"format": {
+    r = client.responses.create(model=M, input="Hi", max_output_tokens=40, temperature=0, text={"format": {
         "type": "json_schema", "name": "Forecast", "schema": Forecast.model_json_schema(), "strict": True}})
     assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
