@@ -553,6 +553,22 @@ def previous_and_new(ex) -> tuple[int, int]:
     return int(ex.history[-1]["content"].split(" = ")[-1]), P.numbers(ex.question)[-1]
 
 
+def assert_own_result(exs) -> None:
+    """Each question's answer is its own two numbers' result, and its analysis does not begin as a follow-up's."""
+    for ex in exs:
+        a, b = P.numbers(ex.question)[:2]
+        first = next(m for m in ex.messages if m.get("channel") == "analysis")["content"]
+        assert ex.answer == str({"add": a + b, "sub": a - b, "mul": a * b}[ex.kind]), ex.question
+        assert not first.startswith("Previous answer"), ex.question
+
+
+def assert_kind_shares_of_version11(exs) -> None:
+    """The same shares of kinds as version 11's draw (a version that changes only the frames)."""
+    v11 = drawn(11)
+    for kind in {ex.kind for ex in v11}:
+        assert abs(sum(ex.kind == kind for ex in v11) - sum(ex.kind == kind for ex in exs)) < 400, kind
+
+
 def test_version_11_reads_the_answer_and_then_as_follow_ups_and_a_stray_it_as_nothing():
     """Version 11 trains follow-ups worded with "the answer" and "then" (frames of its own; the held-out frames
     with those words stay held out), puts an "it"/"that" that refers to nothing after single questions, which
@@ -871,18 +887,11 @@ def test_version21_trains_with_between_operands_result_first_and_answer_second_f
     for ex in mul_with:  # "with" joins the operands: a × b whichever comes first
         a, b = P.numbers(ex.question)[:2]
         assert ex.answer == str(a * b), ex.question
-    for ex in result_first:  # its own numbers' result, not a reference to an earlier answer
-        a, b = P.numbers(ex.question)[:2]
-        first = next(m for m in ex.messages if m.get("channel") == "analysis")["content"]
-        assert ex.answer == str({"add": a + b, "sub": a - b, "mul": a * b}[ex.kind]), ex.question
-        assert not first.startswith("Previous answer"), ex.question
+    assert_own_result(result_first)  # its own numbers' result, not a reference to an earlier answer
     for ex in answer_second:  # the new number first: n − the previous answer
         r, n = previous_and_new(ex)
         assert ex.answer == str(n - r), ex.question
-    # the same shares of kinds as version 11 (only the frames differ)
-    v11 = drawn(11)
-    for kind in {ex.kind for ex in v11}:
-        assert abs(sum(ex.kind == kind for ex in v11) - sum(ex.kind == kind for ex in v21)) < 400, kind
+    assert_kind_shares_of_version11(v21)
 
 
 def test_version22_is_version21_with_version20s_frames():
@@ -926,14 +935,8 @@ def test_version23_trains_a_short_word_before_the_expression_and_more_follow_up_
                                                                                      ex.question, re.I)]
     it_from = [ex for ex in v23 if ex.kind == "followup" and re.search(r"subtract it from [\d,]+", ex.question, re.I)]
     assert len(opener) > 100 and len(so_first) > 40 and len(it_from) > 10
-    for ex in opener + so_first:
-        a, b = P.numbers(ex.question)[:2]
-        first = next(m for m in ex.messages if m.get("channel") == "analysis")["content"]
-        assert ex.answer == str({"add": a + b, "sub": a - b, "mul": a * b}[ex.kind]), ex.question
-        assert not first.startswith("Previous answer"), ex.question
+    assert_own_result(opener + so_first)
     for ex in it_from:
         r, n = previous_and_new(ex)
         assert ex.answer == str(n - r), ex.question
-    v11 = drawn(11)
-    for kind in {ex.kind for ex in v11}:
-        assert abs(sum(ex.kind == kind for ex in v11) - sum(ex.kind == kind for ex in v23)) < 400, kind
+    assert_kind_shares_of_version11(v23)
