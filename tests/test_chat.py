@@ -78,6 +78,21 @@ def test_session_runs_the_tool_and_feeds_back_its_result():
                                                   "assistant"]
 
 
+@pytest.mark.parametrize("completion, max_tokens, notice", [
+    ("<|channel|>analysis<|message|>1,326 - 1,326<|end|>", 100, "ended its turn without a final message"),
+    ("<|channel|>analysis<|message|>" + "1 2 3 4 5 6 7 8 9 " * 20 + "<|end|>", 30, "limit of 30 tokens"),
+])
+def test_a_turn_without_a_final_answer_says_so(completion, max_tokens, notice):
+    """A turn that ends in the analysis channel (the demo model does that now and then for a follow-up with
+    nothing to follow) or runs out of tokens there prints a notice, not an empty line; a turn with an answer
+    prints none."""
+    session = ChatSession(Scripted([completion, "<|channel|>final<|message|>4<|return|>"]),
+                          SamplingParams(temperature=0, max_tokens=max_tokens), TOK, "low")
+    events = [(e.kind, e.text) for e in session.send("what is 1,326 minus that?")]
+    assert not [k for k, _ in events if k == "final"] and events[-1][0] == "done" and notice in events[-1][1]
+    assert [(e.kind, e.text) for e in session.send("2+2?")][-2:] == [("final", "4"), ("done", "")]
+
+
 def test_unknown_tool_and_bad_arguments_reach_the_model_as_errors():
     assert json.loads(run_tool(BUILTIN_TOOLS["calculator"], '{"expression": "1/0"}'))["error"].startswith("cannot")
     assert "not valid JSON" in json.loads(run_tool(BUILTIN_TOOLS["calculator"], '{"expression": '))["error"]

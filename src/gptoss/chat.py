@@ -142,6 +142,7 @@ class ChatSession:
         # <|endoftext|> is not a Harmony stop, but a model that emits it has nothing more to say
         stops = set(harmony.stop_tokens_for_assistant_actions(self.tok)) | {self.tok.endoftext}
         params = SamplingParams(**{**vars(self.params), "stop_tokens": tuple(stops), "constraint": self.constraint})
+        answered = False  # the user saw an answer (final, or a preamble) this turn
         for _ in range(self.max_tool_rounds + 1):
             parser = harmony.StreamParser(self.tok, role="assistant")
             ended = harmony.FinalAnswerEnded(self.tok)  # a final answer ended with <|end|> ends the turn too
@@ -156,6 +157,7 @@ class ChatSession:
                 tokens.append(token)
                 delta = parser.process(token)
                 if delta is not None and delta.text and not delta.recipient:
+                    answered |= delta.channel != "analysis"
                     yield ChatEvent(delta.channel or "final", delta.text)
                 if ended(tokens):  # what follows would be a second answer (gptoss serve stops there as well)
                     getattr(stream, "close", lambda: None)()  # Engine.complete: cancels the request
@@ -168,7 +170,13 @@ class ChatSession:
                 # a final answer (or max_tokens reached): the turn is over
                 # Harmony: the chain of thought of finished turns is not shown to the model again
                 self.messages = [m for m in self.messages if m.channel != "analysis"]
-                yield ChatEvent("done")
+                if answered:
+                    yield ChatEvent("done")
+                elif len(tokens) >= max_tokens:
+                    yield ChatEvent("done", f"(no answer: the turn reached its limit of {max_tokens} tokens "
+                                            "before a final message)")
+                else:  # e.g. a demo-model turn that stops after its analysis: say so rather than print nothing
+                    yield ChatEvent("done", "(no answer: the model ended its turn without a final message)")
                 return
             name = "python" if python else call.recipient.removeprefix("functions.")
             if not python:  # the arguments as the server would return them (repaired if the JSON is broken)
