@@ -18,8 +18,8 @@ NAME = "gptoss-demo"
 FILES = ("config.json", "model.safetensors")
 # Written by `python -m gptoss.demo.recipe` when it ships a newly trained model.
 SHA256 = {
-    "config.json": "f708893f7e9f65391e6b43d8182d2a576ccc95f7fbfc69e16d9ee76183b7172d",
-    "model.safetensors": "09e55a8c53f8b17b1d3f96087a7ec8894890c1c42d6f6f258b90b8b65677401d",
+    "config.json": "81dad43933c8ec8d945cce5f45bc7eeba9eb5de6212f58337e4f19bf3ddc0866",
+    "model.safetensors": "606c457aad66455300806c9b94c3bb032d2651051f301ec86a646dc8b6d1b81b",
 }
 
 
