@@ -6,8 +6,8 @@ RESULTS.jsonl is an evaluation's per-item output (`gptoss eval demo --out`, or t
 export/results.jsonl) of the model the chat loads (the shipped demo model unless --model). Every single-question
 item asked without tools (arithmetic, refusals; not follow-ups, JSON or tool items, which need history or
 declarations) goes through one `gptoss chat --temperature 0 -q` process, `/reset` between questions; the
-printed answer must equal the engine's final answer. tests/test_demo_model.py checks five items of each family;
-this checks them all.
+printed answer must equal the engine's final answer. tests/test_demo_model.py checks one held-out item of each of
+these five kinds (with the calculator declared); this checks them all.
 """
 
 import argparse
